@@ -1,0 +1,120 @@
+"""Placements: how one mesh dimension lays a global array out over its ranks (pure, no MPI).
+
+``Shard(dim)`` splits tensor dim ``dim`` by the ``torch.chunk`` rule, ``Replicate()`` gives every
+rank the whole array, ``Partial(op)`` says every rank holds a partial value and the global value
+is their reduction by ``op``. Names, equality and repr follow ``torch.distributed.tensor``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Placement", "Shard", "Replicate", "Partial", "REDUCE_OPS"]
+
+#: The reduce ops a ``Partial`` placement (and the functional collectives) accept.
+REDUCE_OPS = ("sum", "avg", "max", "min", "product")
+
+
+class Placement:
+    """Base class of the placement types; instances are immutable and hashable."""
+
+    __slots__ = ()
+
+    def is_shard(self, dim: int | None = None) -> bool:
+        return False
+
+    def is_replicate(self) -> bool:
+        return False
+
+    def is_partial(self) -> bool:
+        return False
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+
+class Shard(Placement):
+    """Shard tensor dimension ``dim`` over the mesh dimension (``torch.chunk`` rule for uneven sizes).
+
+    A negative ``dim`` is normalized against the array's ndim when the placement is used.
+    """
+
+    __slots__ = ("dim",)
+
+    def __init__(self, dim: int):
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            try:
+                import operator
+
+                dim = operator.index(dim)
+            except TypeError:
+                raise TypeError(f"Shard(dim): dim must be an int, got {dim!r} ({type(dim).__name__})") from None
+        object.__setattr__(self, "dim", int(dim))
+
+    def is_shard(self, dim: int | None = None) -> bool:
+        return dim is None or dim == self.dim
+
+    def __eq__(self, other):
+        return type(other) is Shard and other.dim == self.dim
+
+    def __hash__(self):
+        return hash((Shard, self.dim))
+
+    def __repr__(self):
+        return f"Shard(dim={self.dim})"
+
+    def __reduce__(self):
+        return (Shard, (self.dim,))
+
+
+class Replicate(Placement):
+    """Every rank of the mesh dimension holds the whole (current) array."""
+
+    __slots__ = ()
+
+    def is_replicate(self) -> bool:
+        return True
+
+    def __eq__(self, other):
+        return type(other) is Replicate
+
+    def __hash__(self):
+        return hash(Replicate)
+
+    def __repr__(self):
+        return "Replicate()"
+
+    def __reduce__(self):
+        return (Replicate, ())
+
+
+class Partial(Placement):
+    """Every rank holds a partial value; the global value is their reduction by ``reduce_op``.
+
+    ``reduce_op`` is one of ``"sum"``, ``"avg"``, ``"max"``, ``"min"``, ``"product"``.
+    """
+
+    __slots__ = ("reduce_op",)
+
+    def __init__(self, reduce_op: str = "sum"):
+        if not isinstance(reduce_op, str) or reduce_op not in REDUCE_OPS:
+            raise ValueError(
+                f"Partial(reduce_op={reduce_op!r}): unknown reduce op; use one of {', '.join(map(repr, REDUCE_OPS))}"
+            )
+        object.__setattr__(self, "reduce_op", reduce_op)
+
+    def is_partial(self) -> bool:
+        return True
+
+    def __eq__(self, other):
+        return type(other) is Partial and other.reduce_op == self.reduce_op
+
+    def __hash__(self):
+        return hash((Partial, self.reduce_op))
+
+    def __repr__(self):
+        return f"Partial({self.reduce_op})"
+
+    def __reduce__(self):
+        return (Partial, (self.reduce_op,))
