@@ -26,6 +26,7 @@ __all__ = [
     "local_slices",
     "global_shape_from_locals",
     "check_local_shapes",
+    "mesh_coords",
     "Step",
     "redistribute_plan",
 ]
@@ -107,7 +108,7 @@ def local_slices(global_shape, mesh_shape, placements, coordinate) -> tuple:
     return tuple(slice(o, o + s) for s, o in zip(shape, offset))
 
 
-def _coords(mesh_shape):
+def mesh_coords(mesh_shape):
     """All coordinates of a mesh in row-major (flat rank) order."""
     coords = [()]
     for k in mesh_shape:
@@ -134,7 +135,7 @@ def global_shape_from_locals(local_shapes: Sequence, mesh_shape, placements, coo
             sharding.setdefault(p.dim, []).append(m)
     for d, mdims in sharding.items():
         total = 0
-        for sub in _coords([mesh_shape[m] for m in mdims]):
+        for sub in mesh_coords([mesh_shape[m] for m in mdims]):
             c = list(coordinate)
             for m, i in zip(mdims, sub):
                 c[m] = i
@@ -146,7 +147,7 @@ def global_shape_from_locals(local_shapes: Sequence, mesh_shape, placements, coo
 def check_local_shapes(global_shape, local_shapes: Sequence, mesh_shape, placements) -> list:
     """Ranks whose local shape differs from the layout of ``global_shape``: ``[(flat, expected, got)]``."""
     bad = []
-    for flat, coord in enumerate(_coords(mesh_shape)):
+    for flat, coord in enumerate(mesh_coords(mesh_shape)):
         expected, _ = local_shape_and_offset(global_shape, mesh_shape, placements, coord)
         got = tuple(local_shapes[flat])
         if got != expected:

@@ -1,0 +1,26 @@
+"""mpilocal: PyTorch-DTensor-style distributed arrays and ``local_map`` over MPI, without PyTorch.
+
+Each MPI rank holds one shard (a NumPy array on CPU or a CuPy array on its GPU); placements on an
+N-D device mesh say how the shards form the global array. See DESIGN.md and README.md.
+"""
+
+from .debug import CommDebugMode
+from .dtensor import DTensor, distribute_tensor
+from .local_map import local_map
+from .mesh import DeviceMesh, init_device_mesh
+from .placement import Partial, Placement, Replicate, Shard
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeviceMesh",
+    "init_device_mesh",
+    "DTensor",
+    "distribute_tensor",
+    "Shard",
+    "Replicate",
+    "Partial",
+    "Placement",
+    "local_map",
+    "CommDebugMode",
+]

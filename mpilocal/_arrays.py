@@ -1,0 +1,40 @@
+"""What kind of array a value is (NumPy or CuPy), without importing CuPy unless it is loaded."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+__all__ = ["is_array", "is_cupy", "namespace", "kind_name", "require_array"]
+
+
+def is_cupy(x) -> bool:
+    cp = sys.modules.get("cupy")
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def is_array(x) -> bool:
+    return isinstance(x, np.ndarray) or is_cupy(x)
+
+
+def namespace(x):
+    """The module (numpy or cupy) that owns array ``x``."""
+    if isinstance(x, np.ndarray):
+        return np
+    if is_cupy(x):
+        return sys.modules["cupy"]
+    raise TypeError(f"expected a NumPy or CuPy array, got {type(x).__name__}")
+
+
+def kind_name(x) -> str:
+    return "cupy" if is_cupy(x) else "numpy"
+
+
+def require_array(x, caller: str, what: str = "input"):
+    if not (isinstance(x, np.ndarray) or is_cupy(x)):
+        raise TypeError(
+            f"{caller}: {what} must be a NumPy or CuPy array, got {type(x).__name__} ({x!r:.60}); "
+            f"convert it with numpy.asarray(...) first"
+        )
+    return x

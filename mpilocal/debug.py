@@ -1,0 +1,91 @@
+"""CommDebugMode: counts the collectives mpilocal issues, one per logical collective.
+
+Data collectives (array data) and metadata agreements (shape inference, ``run_check``) are kept
+apart, so ``local_map`` on aligned inputs shows 0 collectives even when its outputs' global shapes
+are agreed. The counting itself happens in :mod:`mpilocal.functional`, the one place where
+collectives are issued; this module only keeps the books.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+__all__ = ["CommDebugMode", "COLLECTIVE_NAMES"]
+
+COLLECTIVE_NAMES = (
+    "all_gather_into_tensor",
+    "all_reduce",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+    "broadcast",
+    "scatter",
+)
+
+_ACTIVE: list = []
+
+
+def active() -> bool:
+    return bool(_ACTIVE)
+
+
+def record(name: str, nbytes: int) -> None:
+    for mode in _ACTIVE:
+        mode._counts[name] += 1
+        mode._bytes[name] += nbytes
+
+
+def record_metadata(name: str, nbytes: int) -> None:
+    for mode in _ACTIVE:
+        mode._meta[name] += 1
+        mode._meta_bytes[name] += nbytes
+
+
+class CommDebugMode:
+    """Context manager counting collectives issued while it is active (this rank's view; local).
+
+    ``get_comm_counts()`` → ``{name: count}`` for array-data collectives (names in
+    :data:`COLLECTIVE_NAMES`), ``get_total_counts()`` their sum, ``get_comm_bytes()`` →
+    ``{name: bytes}`` of array data this rank contributed (its send buffer), and
+    ``get_metadata_counts()`` / ``get_metadata_bytes()`` for metadata agreements
+    (``"shape_agreement"``, ``"run_check"``, ``"input_check"``). Contexts may nest; each counts
+    what happened inside it.
+    """
+
+    def __init__(self):
+        self._counts = defaultdict(int)
+        self._bytes = defaultdict(int)
+        self._meta = defaultdict(int)
+        self._meta_bytes = defaultdict(int)
+
+    def __enter__(self):
+        self._counts.clear()
+        self._bytes.clear()
+        self._meta.clear()
+        self._meta_bytes.clear()
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        return False
+
+    def get_total_counts(self) -> int:
+        return sum(self._counts.values())
+
+    def get_comm_counts(self) -> dict:
+        return dict(self._counts)
+
+    def get_comm_bytes(self) -> dict:
+        return dict(self._bytes)
+
+    def get_total_bytes(self) -> int:
+        return sum(self._bytes.values())
+
+    def get_metadata_counts(self) -> dict:
+        return dict(self._meta)
+
+    def get_metadata_bytes(self) -> dict:
+        return dict(self._meta_bytes)
+
+    def __repr__(self):
+        return f"CommDebugMode(comm={dict(self._counts)}, metadata={dict(self._meta)})"

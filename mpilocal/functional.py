@@ -1,0 +1,395 @@
+"""Collectives on local NumPy/CuPy arrays, and the one place where mpilocal issues collectives.
+
+Public (``import mpilocal.functional as funcol``), with PyTorch's names and argument order:
+``all_gather_tensor``, ``all_reduce``, ``reduce_scatter_tensor``, ``all_to_all_single``,
+``broadcast``. ``group`` is a 1-D :class:`DeviceMesh`, a ``(DeviceMesh, mesh_dim)`` pair or an
+mpi4py communicator. Every function here is **collective** over ``group``; results are new arrays of
+the input's kind and the input is never modified.
+
+Everything that talks to other ranks goes through :func:`_issue` (array data) or the metadata
+helpers below, which is where :class:`~mpilocal.debug.CommDebugMode` counts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import zlib
+from collections import deque
+
+import numpy as np
+from mpi4py import MPI
+
+from . import _arrays, debug
+from .layout import chunk_sizes
+from .transport import Group, group_for
+from .transport.select import transport_for
+
+__all__ = ["all_gather_tensor", "all_reduce", "reduce_scatter_tensor", "all_to_all_single", "broadcast"]
+
+_OP_ALIASES = {
+    "sum": "sum", "avg": "avg", "mean": "avg", "max": "max", "min": "min",
+    "product": "product", "prod": "product", "premul_sum": None,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# groups and checks
+# ------------------------------------------------------------------------------------------------
+def resolve_group(group, caller: str) -> Group:
+    """A :class:`Group` from a 1-D DeviceMesh, a (DeviceMesh, mesh_dim) pair or an mpi4py Comm."""
+    from .mesh import DeviceMesh
+
+    if isinstance(group, MPI.Comm):
+        if group == MPI.COMM_NULL:
+            raise ValueError(f"{caller}: group is MPI.COMM_NULL; this rank is not part of that communicator")
+        return group_for(group)
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(
+                f"{caller}: group is a {group.ndim}-D DeviceMesh; pass a 1-D mesh, (mesh, mesh_dim) or mesh['name']"
+            )
+        return group_for(group.get_group(0))
+    if isinstance(group, tuple) and len(group) == 2 and isinstance(group[0], DeviceMesh):
+        return group_for(group[0].get_group(group[1]))
+    raise TypeError(
+        f"{caller}: group must be a 1-D DeviceMesh, a (DeviceMesh, mesh_dim) pair or an mpi4py communicator, "
+        f"got {type(group).__name__}"
+    )
+
+
+def normalize_op(op, caller: str) -> str:
+    name = op.lower() if isinstance(op, str) else None
+    canon = _OP_ALIASES.get(name) if name else None
+    if canon is None:
+        raise ValueError(f"{caller}: reduce op {op!r} is not supported; use one of 'sum', 'avg', 'max', 'min', 'product'")
+    return canon
+
+
+def check_op_dtype(op: str, dtype, caller: str) -> None:
+    kind = np.dtype(dtype).kind
+    if kind == "c" and op in ("max", "min"):
+        raise TypeError(f"{caller}: reduce op {op!r} is undefined for complex dtype {dtype}; use 'sum', 'avg' or 'product'")
+    if op == "avg" and kind in "biu":
+        raise TypeError(
+            f"{caller}: reduce op 'avg' of {dtype} arrays would not be exact; cast to a floating dtype first "
+            f"(or reduce with 'sum' and divide yourself)"
+        )
+    if kind not in "biufc":
+        raise TypeError(f"{caller}: cannot reduce arrays of dtype {dtype}")
+
+
+def _norm_dim(dim, ndim, caller, what="dim"):
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise TypeError(f"{caller}: {what} must be an int, got {dim!r}")
+    if not -ndim <= dim < max(ndim, 1):
+        raise ValueError(f"{caller}: {what} {dim} is out of range for an array of ndim {ndim}")
+    return int(dim) % ndim if ndim else 0
+
+
+def _issue(name: str, nbytes: int) -> None:
+    """Account one logical collective (CommDebugMode). Every array-data collective calls this once."""
+    if debug._ACTIVE:
+        debug.record(name, nbytes)
+
+
+# ------------------------------------------------------------------------------------------------
+# internal collectives with known sizes (used by redistribute and the public functions)
+# ------------------------------------------------------------------------------------------------
+def _leading(x, dim):
+    """``x`` with ``dim`` moved to axis 0, C-contiguous (a view when it already is)."""
+    xp = _arrays.namespace(x)
+    if dim != 0:
+        x = xp.moveaxis(x, dim, 0)
+    return xp.ascontiguousarray(x)
+
+
+def _restore(y, dim):
+    if dim == 0:
+        return y
+    xp = _arrays.namespace(y)
+    return xp.ascontiguousarray(xp.moveaxis(y, 0, dim))
+
+
+def gather(x, dim: int, g: Group, sizes) -> "array":
+    """All-gather ``x`` along ``dim``; rank r contributes ``sizes[r]`` rows along ``dim``."""
+    xp = _arrays.namespace(x)
+    send = _leading(x, dim)
+    inner = math.prod(send.shape[1:])
+    recv = xp.empty((sum(sizes),) + send.shape[1:], dtype=x.dtype)
+    _issue("all_gather_into_tensor", send.nbytes)
+    transport_for(x, "all_gather").allgatherv(send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], g)
+    return _restore(recv, dim)
+
+
+def reduce(x, op: str, g: Group):
+    """All-reduce ``x`` with ``op`` (``avg`` divides the sum by the group size)."""
+    xp = _arrays.namespace(x)
+    send = xp.ascontiguousarray(x)
+    recv = xp.empty_like(send)
+    _issue("all_reduce", send.nbytes)
+    transport_for(x, "all_reduce").allreduce(send.reshape(-1), recv.reshape(-1), "sum" if op == "avg" else op, g)
+    if op == "avg":
+        recv /= g.size
+    return recv.reshape(x.shape)
+
+
+def reduce_scatter(x, op: str, dim: int, g: Group, sizes):
+    """Reduce ``x`` and give rank r its ``sizes[r]`` rows along ``dim``."""
+    xp = _arrays.namespace(x)
+    send = _leading(x, dim)
+    inner = math.prod(send.shape[1:])
+    recv = xp.empty((sizes[g.rank],) + send.shape[1:], dtype=x.dtype)
+    _issue("reduce_scatter_tensor", send.nbytes)
+    transport_for(x, "reduce_scatter").reduce_scatterv(
+        send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], "sum" if op == "avg" else op, g
+    )
+    if op == "avg":
+        recv /= g.size
+    return _restore(recv, dim)
+
+
+def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_sizes):
+    """Shard(src_dim) -> Shard(dst_dim) within ``g``: send piece p of ``dst_dim`` (``dst_sizes[p]``)
+    to rank p, receive rank p's ``src_sizes[p]`` rows of ``src_dim`` and concatenate them."""
+    xp = _arrays.namespace(x)
+    xa = xp.moveaxis(x, src_dim, 0) if src_dim else x
+    b = dst_dim + 1 if dst_dim < src_dim else dst_dim
+    send = xp.empty(x.size, dtype=x.dtype)
+    per_row = x.size // x.shape[dst_dim] if x.shape[dst_dim] else 0
+    pos, off, send_counts = 0, 0, []
+    for s in dst_sizes:
+        n = s * per_row
+        if n:
+            idx = (slice(None),) * b + (slice(off, off + s),)
+            send[pos:pos + n].reshape(xa[idx].shape)[...] = xa[idx]
+        send_counts.append(n)
+        pos += n
+        off += s
+    mine = dst_sizes[g.rank]
+    rest = list(xa.shape[1:])
+    rest[b - 1] = mine
+    inner = math.prod(rest)
+    recv = xp.empty((sum(src_sizes),) + tuple(rest), dtype=x.dtype)
+    _issue("all_to_all_single", send.nbytes)
+    transport_for(x, "all_to_all").alltoallv(send, send_counts, recv.reshape(-1), [s * inner for s in src_sizes], g)
+    return _restore(recv, src_dim)
+
+
+def bcast(x, root: int, g: Group):
+    """A copy of group rank ``root``'s ``x`` on every rank (``x`` gives shape and dtype elsewhere)."""
+    xp = _arrays.namespace(x)
+    buf = xp.array(x, order="C", copy=True)
+    _issue("broadcast", buf.nbytes)
+    transport_for(x, "broadcast").bcast(buf.reshape(-1), root, g)
+    return buf
+
+
+def scatter(pieces, like, shape, counts, root: int, g: Group):
+    """Scatter: rank r receives ``pieces[r]`` (arrays given on ``root`` only; ``counts[r]`` elements,
+    known everywhere) as an array of ``shape``."""
+    xp = _arrays.namespace(like)
+    recv = xp.empty(shape, dtype=like.dtype)
+    send = None
+    if g.rank == root:
+        send = xp.empty(sum(counts), dtype=like.dtype)
+        pos = 0
+        for p in pieces:
+            send[pos:pos + p.size].reshape(p.shape)[...] = p
+            pos += p.size
+    _issue("scatter", 0 if send is None else send.nbytes)
+    transport_for(like, "scatter").scatterv(send, counts, recv.reshape(-1), root, g)
+    return recv
+
+
+# ------------------------------------------------------------------------------------------------
+# metadata agreement (shapes, dtypes): small int64 vectors over a separate communicator
+# ------------------------------------------------------------------------------------------------
+META_WIDTH = 66  # [ndim, dtype code, shape padded to 64 dims]
+
+
+def meta_vector(shape, dtype) -> np.ndarray:
+    v = np.zeros(META_WIDTH, dtype=np.int64)
+    v[0] = len(shape)
+    v[1] = zlib.crc32(np.dtype(dtype).str.encode()) if dtype is not None else 0
+    v[2:2 + len(shape)] = shape
+    return v
+
+
+def meta_shape(row) -> tuple:
+    return tuple(int(s) for s in row[2:2 + int(row[0])])
+
+
+class MetaFuture:
+    """A pending all-gather of metadata vectors; :meth:`result` completes it (local wait)."""
+
+    __slots__ = ("req", "recv", "done")
+
+    def __init__(self, req, recv):
+        self.req, self.recv, self.done = req, recv, False
+
+    def result(self) -> np.ndarray:
+        if not self.done:
+            self.req.Wait()
+            self.done = True
+        return self.recv
+
+    def test(self) -> bool:
+        if not self.done and self.req.Test():
+            self.done = True
+        return self.done
+
+
+_PENDING: deque = deque()
+
+
+def post_meta_allgather(comm, vec: np.ndarray, what: str) -> MetaFuture:
+    """Start a non-blocking all-gather of ``vec`` over ``comm`` (collective); complete it later."""
+    # retire completed requests from earlier calls so they never pile up (MPI_Test is cheap)
+    while _PENDING and _PENDING[0].test():
+        _PENDING.popleft()
+    recv = np.empty((comm.Get_size(), vec.size), dtype=vec.dtype)
+    if debug._ACTIVE:
+        debug.record_metadata(what, vec.nbytes)
+    fut = MetaFuture(comm.Iallgather(vec, recv), recv)
+    _PENDING.append(fut)
+    return fut
+
+
+def meta_allgather(comm, vec: np.ndarray, what: str) -> np.ndarray:
+    """Blocking all-gather of metadata vectors (collective over ``comm``)."""
+    recv = np.empty((comm.Get_size(), vec.size), dtype=vec.dtype)
+    if debug._ACTIVE:
+        debug.record_metadata(what, vec.nbytes)
+    comm.Allgather(vec, recv)
+    return recv
+
+
+@atexit.register
+def _drain_pending():  # runs before mpi4py's MPI_Finalize (registered later, so earlier in LIFO)
+    while _PENDING:
+        _PENDING.popleft().result()
+
+
+# ------------------------------------------------------------------------------------------------
+# public functional collectives
+# ------------------------------------------------------------------------------------------------
+def all_gather_tensor(x, gather_dim: int, group, tag: str = ""):
+    """Concatenate every rank's ``x`` along ``gather_dim`` in group-rank order. **Collective.**
+
+    Sizes along ``gather_dim`` may differ between ranks (they are agreed as metadata); all other
+    dims and the dtype must match, else ``ValueError`` on every rank.
+    """
+    caller = "all_gather_tensor"
+    _arrays.require_array(x, caller)
+    g = resolve_group(group, caller)
+    dim = _norm_dim(gather_dim, x.ndim, caller, "gather_dim")
+    rows = meta_allgather(g.comm, meta_vector(x.shape, x.dtype), "gather_sizes")
+    _check_same(rows, caller, skip_dim=dim)
+    sizes = [int(r[2 + dim]) for r in rows]
+    return gather(x, dim, g, sizes)
+
+
+def _check_same(rows, caller, skip_dim=None):
+    """Raise the same ValueError on every rank when the gathered metadata rows disagree."""
+    ref = rows[0]
+    for r, row in enumerate(rows):
+        if row[0] != ref[0] or row[1] != ref[1]:
+            raise ValueError(
+                f"{caller}: ranks disagree on ndim/dtype: group rank 0 has shape {meta_shape(ref)} and rank {r} "
+                f"has shape {meta_shape(row)} (or a different dtype); every rank must pass arrays of one dtype and ndim"
+            )
+        a, b = list(meta_shape(ref)), list(meta_shape(row))
+        if skip_dim is not None:
+            a[skip_dim] = b[skip_dim] = 0
+        if a != b:
+            raise ValueError(
+                f"{caller}: group rank 0 has shape {meta_shape(ref)} but rank {r} has {meta_shape(row)}; "
+                f"shapes may differ only along the gather dim"
+            )
+
+
+def all_reduce(x, reduceOp: str, group, tag: str = ""):
+    """Elementwise reduction of every rank's ``x`` (``"sum"``, ``"avg"``, ``"max"``, ``"min"``,
+    ``"product"``). **Collective**; all ranks pass the same shape and dtype."""
+    caller = "all_reduce"
+    _arrays.require_array(x, caller)
+    op = normalize_op(reduceOp, caller)
+    check_op_dtype(op, x.dtype, caller)
+    return reduce(x, op, resolve_group(group, caller))
+
+
+def reduce_scatter_tensor(x, reduceOp: str, scatter_dim: int, group, tag: str = ""):
+    """Reduce every rank's ``x`` and keep this rank's piece along ``scatter_dim`` (``torch.chunk``
+    pieces, so the dim need not divide evenly). **Collective.**"""
+    caller = "reduce_scatter_tensor"
+    _arrays.require_array(x, caller)
+    op = normalize_op(reduceOp, caller)
+    check_op_dtype(op, x.dtype, caller)
+    g = resolve_group(group, caller)
+    dim = _norm_dim(scatter_dim, x.ndim, caller, "scatter_dim")
+    return reduce_scatter(x, op, dim, g, chunk_sizes(x.shape[dim], g.size))
+
+
+def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str = ""):
+    """Split ``x`` along dim 0 by ``input_split_sizes`` (block p to rank p) and concatenate what
+    arrives by ``output_split_sizes``. ``None`` for both: equal splits. ``output_split_sizes=None``
+    with explicit input sizes: the output sizes are agreed as metadata. **Collective.**"""
+    caller = "all_to_all_single"
+    _arrays.require_array(x, caller)
+    g = resolve_group(group, caller)
+    if x.ndim == 0:
+        raise ValueError(f"{caller}: x must have at least one dimension")
+    n0 = x.shape[0]
+    if input_split_sizes is None:
+        if n0 % g.size:
+            raise ValueError(
+                f"{caller}: dim 0 of size {n0} does not split evenly over {g.size} ranks; pass input_split_sizes"
+            )
+        input_split_sizes = [n0 // g.size] * g.size
+    input_split_sizes = _check_splits(input_split_sizes, g.size, caller, "input_split_sizes")
+    if sum(input_split_sizes) != n0:
+        raise ValueError(f"{caller}: input_split_sizes {input_split_sizes} sum to {sum(input_split_sizes)}, not dim 0 = {n0}")
+    if output_split_sizes is None:
+        if input_split_sizes == [n0 // g.size] * g.size and n0 % g.size == 0:
+            output_split_sizes = input_split_sizes
+        else:
+            counts = np.asarray(input_split_sizes, dtype=np.int64)
+            recv = np.empty_like(counts)
+            if debug._ACTIVE:
+                debug.record_metadata("split_agreement", counts.nbytes)
+            g.comm.Alltoall(counts, recv)
+            output_split_sizes = recv.tolist()
+    output_split_sizes = _check_splits(output_split_sizes, g.size, caller, "output_split_sizes")
+    xp = _arrays.namespace(x)
+    send = xp.ascontiguousarray(x)
+    inner = math.prod(x.shape[1:])
+    recv = xp.empty((sum(output_split_sizes),) + x.shape[1:], dtype=x.dtype)
+    _issue("all_to_all_single", send.nbytes)
+    transport_for(x, "all_to_all").alltoallv(
+        send.reshape(-1), [s * inner for s in input_split_sizes], recv.reshape(-1),
+        [s * inner for s in output_split_sizes], g,
+    )
+    return recv
+
+
+def _check_splits(sizes, k, caller, what):
+    try:
+        sizes = [int(s) for s in sizes]
+    except (TypeError, ValueError):
+        raise TypeError(f"{caller}: {what} must be a sequence of ints, got {sizes!r}") from None
+    if len(sizes) != k or any(s < 0 for s in sizes):
+        raise ValueError(f"{caller}: {what} {sizes} must hold {k} non-negative sizes, one per rank of the group")
+    return sizes
+
+
+def broadcast(x, src: int, group, tag: str = ""):
+    """Every rank gets world rank ``src``'s ``x`` (PyTorch's convention: ``src`` is a global rank).
+    **Collective**; other ranks pass an array of the same shape and dtype."""
+    caller = "broadcast"
+    _arrays.require_array(x, caller)
+    g = resolve_group(group, caller)
+    root = MPI.COMM_WORLD.Get_group().Translate_ranks([int(src)], g.comm.Get_group())[0]
+    if root == MPI.UNDEFINED or root < 0:
+        raise ValueError(f"{caller}: src {src} (a world rank) is not in the group; pass a world rank of the group")
+    return bcast(x, root, g)

@@ -1,0 +1,57 @@
+"""GPU discovery and binding: each rank uses one GPU of its node (node-local rank from
+``MPI_Comm_split_type``, never ``world rank % ngpu``). CuPy is imported only when asked for."""
+
+from __future__ import annotations
+
+import os
+
+from mpi4py import MPI
+
+__all__ = ["cupy_or_none", "node_local_rank", "bind_device", "gpu_count"]
+
+_node_comm = None
+_bound = None
+
+
+def cupy_or_none():
+    """The ``cupy`` module, or ``None`` when CuPy is not installed or no GPU works."""
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        return cupy
+    except Exception:
+        return None
+
+
+def node_local_rank() -> tuple[int, int]:
+    """(rank among the processes of this node, processes on this node). Collective on first call."""
+    global _node_comm
+    if _node_comm is None:
+        _node_comm = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED, key=MPI.COMM_WORLD.Get_rank())
+    return _node_comm.Get_rank(), _node_comm.Get_size()
+
+
+def gpu_count() -> int:
+    cp = cupy_or_none()
+    return 0 if cp is None else cp.cuda.runtime.getDeviceCount()
+
+
+def bind_device() -> int:
+    """Make this rank's GPU (node-local rank modulo GPUs on the node) CuPy's current device."""
+    global _bound
+    if _bound is not None:
+        return _bound
+    cp = cupy_or_none()
+    if cp is None:
+        raise RuntimeError(
+            "device_type='cuda' needs CuPy and a GPU: install mpilocal[cuda12] or mpilocal[cuda13] "
+            "(cupy-cuda12x / cupy-cuda13x) on a machine with an NVIDIA GPU, or use device_type='cpu'"
+        )
+    local, _ = node_local_rank()
+    n = cp.cuda.runtime.getDeviceCount()
+    visible = os.environ.get("MPILOCAL_GPU")
+    dev = int(visible) if visible is not None else local % n
+    cp.cuda.Device(dev).use()
+    _bound = dev
+    return dev

@@ -1,0 +1,61 @@
+"""Execute redistribute plans (from :func:`mpilocal.layout.redistribute_plan`) on local shards."""
+
+from __future__ import annotations
+
+from . import _arrays, functional
+from .layout import redistribute_plan
+from .transport import group_for
+
+__all__ = ["redistribute_local", "mesh_groups"]
+
+
+def mesh_groups(mesh):
+    """The transport :class:`Group` of each mesh dim (cached on the mesh)."""
+    groups = mesh.__dict__.get("_groups")
+    if groups is None:
+        groups = mesh._groups = [group_for(c) for c in mesh.get_all_groups()]
+    return groups
+
+
+def redistribute_local(local, mesh, global_shape, src, dst):
+    """The local shard of layout ``dst`` from the local shard ``local`` of layout ``src``.
+
+    **Collective** over the mesh; one logical collective per communicating step.
+    """
+    coord = mesh._coordinate
+    plan = redistribute_plan(tuple(global_shape), mesh.shape, coord, tuple(src), tuple(dst))
+    if not plan:
+        return local
+    groups = mesh_groups(mesh)
+    x = local
+    for step in plan:
+        g = groups[step.mesh_dim]
+        op = step.op
+        if op == "all_gather":
+            x = functional.gather(x, step.tensor_dim, g, step.sizes)
+        elif op == "all_reduce":
+            x = functional.reduce(x, step.reduce_op, g)
+        elif op == "reduce_scatter":
+            x = functional.reduce_scatter(x, step.reduce_op, step.tensor_dim, g, step.sizes)
+        elif op == "all_to_all":
+            x = functional.all_to_all_dims(x, step.tensor_dim, step.dst_dim, g, step.sizes, step.dst_sizes)
+        elif op == "chunk":
+            i = coord[step.mesh_dim]
+            off = sum(step.sizes[:i])
+            idx = (slice(None),) * step.tensor_dim + (slice(off, off + step.sizes[i]),)
+            x = _arrays.namespace(x).ascontiguousarray(x[idx])
+        elif op == "to_partial":
+            x = _to_partial(x, step.reduce_op, coord[step.mesh_dim])
+        else:  # pragma: no cover - the planner emits only the ops above
+            raise RuntimeError(f"redistribute: unknown plan step {step}")
+    return x
+
+
+def _to_partial(x, op, index):
+    """Replicate -> Partial(op) without communication: the reduction over the group gives ``x``."""
+    xp = _arrays.namespace(x)
+    if op in ("avg", "max", "min"):
+        return x.copy()
+    if index == 0:
+        return x.copy()
+    return xp.zeros_like(x) if op == "sum" else xp.ones_like(x)

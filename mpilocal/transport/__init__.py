@@ -1,0 +1,68 @@
+"""The transport seam: one protocol that every way of moving array data implements.
+
+A transport moves *flat, contiguous* 1-D buffers of one dtype within a :class:`Group` (an MPI
+communicator plus per-transport state such as a NCCL communicator). Counts are element counts in
+group-rank order. Shapes, dims, reduce-op semantics (``avg``), accounting and error checking live
+above, in :mod:`mpilocal.functional`; choosing a transport lives in :mod:`mpilocal.transport.select`.
+
+Reduce ops handed to a transport are ``"sum"``, ``"max"``, ``"min"`` and ``"product"``; ``avg`` is
+a sum followed by a division done by the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+__all__ = ["Group", "Transport", "group_for"]
+
+
+class Group:
+    """An MPI communicator as seen by the transports; ``cache`` holds per-transport state."""
+
+    __slots__ = ("comm", "size", "rank", "cache", "__weakref__")
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.size = comm.Get_size()
+        self.rank = comm.Get_rank()
+        self.cache: dict = {}
+
+    def __repr__(self):
+        return f"Group(rank={self.rank}, size={self.size})"
+
+
+_GROUPS: dict = {}
+
+
+def group_for(comm) -> Group:
+    """The (cached) :class:`Group` of an mpi4py communicator."""
+    key = comm.handle
+    g = _GROUPS.get(key)
+    if g is None or g.comm is not comm and g.comm != comm:
+        g = _GROUPS[key] = Group(comm)
+    return g
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Collectives on flat contiguous buffers. Every method is **collective** over ``group``."""
+
+    name: str
+
+    def allgatherv(self, send, recv, counts: Sequence[int], group: Group) -> None:
+        """``recv`` = concatenation of every rank's ``send`` (rank r sends ``counts[r]`` elements)."""
+
+    def allreduce(self, send, recv, op: str, group: Group) -> None:
+        """``recv`` = elementwise ``op`` over every rank's ``send`` (``send`` may be ``recv``)."""
+
+    def reduce_scatterv(self, send, recv, counts: Sequence[int], op: str, group: Group) -> None:
+        """Reduce every rank's ``send`` and give rank r the ``counts[r]`` elements at its offset."""
+
+    def alltoallv(self, send, send_counts: Sequence[int], recv, recv_counts: Sequence[int], group: Group) -> None:
+        """Rank r sends its ``send_counts[p]``-element block p to rank p, in rank order."""
+
+    def bcast(self, buf, root: int, group: Group) -> None:
+        """Give every rank ``root``'s ``buf``."""
+
+    def scatterv(self, send, counts: Sequence[int], recv, root: int, group: Group) -> None:
+        """Rank r receives block r (``counts[r]`` elements) of ``root``'s ``send``."""

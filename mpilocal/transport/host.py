@@ -1,0 +1,109 @@
+"""The host transport: NumPy buffers through MPI's buffer (upper-case) methods, never pickle.
+
+Data movement is done in bytes (``MPI.BYTE``), so any dtype moves; reductions use the MPI datatype
+of the NumPy dtype. Dtypes MPI cannot reduce (``float16``) are widened to ``float32`` for the
+reduction; ``bool`` sums/maxima are logical OR, minima/products logical AND.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+__all__ = ["HostTransport"]
+
+_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "product": MPI.PROD}
+_BOOL_OPS = {"sum": MPI.LOR, "max": MPI.LOR, "min": MPI.LAND, "product": MPI.LAND}
+
+
+def _displs(counts):
+    out, acc = [], 0
+    for c in counts:
+        out.append(acc)
+        acc += c
+    return out
+
+
+def _bytes(counts, itemsize):
+    return [c * itemsize for c in counts]
+
+
+_TYPES: dict = {}
+
+
+def _mpi_type(dtype):
+    t = _TYPES.get(dtype, False)
+    if t is False:
+        t = _TYPES[dtype] = _lookup_type(dtype)
+    return t
+
+
+def _lookup_type(dtype):
+    if dtype == np.float16:  # not every MPI reduces half precision: widen instead
+        return None
+    t = MPI._typedict.get(np.dtype(dtype).char)  # predefined types: MPI defines reductions on them
+    return None if t is None or t == MPI.DATATYPE_NULL else t
+
+
+def _mpi_op(op: str, dtype):
+    if dtype == np.bool_:
+        return _BOOL_OPS[op]
+    return _OPS[op]
+
+
+def _as_bytes(a):
+    return a.view(np.uint8) if a.size else np.empty(0, np.uint8)
+
+
+class HostTransport:
+    """NumPy arrays over MPI (any MPI, CUDA-aware or not)."""
+
+    name = "host"
+
+    def allgatherv(self, send, recv, counts, group):
+        it = send.dtype.itemsize
+        b = _bytes(counts, it)
+        group.comm.Allgatherv([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), (b, _displs(b)), MPI.BYTE])
+
+    def allreduce(self, send, recv, op, group):
+        send, recv, back = self._reducible(send, recv)
+        t = _mpi_type(recv.dtype)
+        group.comm.Allreduce(MPI.IN_PLACE if send is recv else [send, t], [recv, t], _mpi_op(op, recv.dtype))
+        if back is not None:
+            back[...] = recv
+
+    def reduce_scatterv(self, send, recv, counts, op, group):
+        send, recv, back = self._reducible(send, recv)
+        t = _mpi_type(send.dtype)
+        group.comm.Reduce_scatter([send, t], [recv, t], list(counts), _mpi_op(op, send.dtype))
+        if back is not None:
+            back[...] = recv
+
+    def alltoallv(self, send, send_counts, recv, recv_counts, group):
+        it = send.dtype.itemsize
+        sb, rb = _bytes(send_counts, it), _bytes(recv_counts, it)
+        group.comm.Alltoallv([_as_bytes(send), (sb, _displs(sb)), MPI.BYTE],
+                             [_as_bytes(recv), (rb, _displs(rb)), MPI.BYTE])
+
+    def bcast(self, buf, root, group):
+        group.comm.Bcast([_as_bytes(buf), MPI.BYTE], root=root)
+
+    def scatterv(self, send, counts, recv, root, group):
+        it = recv.dtype.itemsize
+        b = _bytes(counts, it)
+        sendspec = [_as_bytes(send), (b, _displs(b)), MPI.BYTE] if group.rank == root else None
+        group.comm.Scatterv(sendspec, [_as_bytes(recv), MPI.BYTE], root=root)
+
+    @staticmethod
+    def _reducible(send, recv):
+        """Widen dtypes MPI cannot reduce; returns (send, recv, original recv to copy back or None)."""
+        if _mpi_type(send.dtype) is not None:
+            return send, recv, None
+        if send.dtype == np.float16:
+            wide = np.float32
+        else:
+            raise TypeError(f"mpilocal: MPI cannot reduce dtype {send.dtype}; cast to a standard type first")
+        same = send is recv
+        w_recv = recv.astype(wide)
+        w_send = w_recv if same else send.astype(wide)
+        return w_send, w_recv, recv
