@@ -241,13 +241,16 @@ class MetaFuture:
 
 
 _PENDING: deque = deque()
+_MAX_PENDING = 8
 
 
 def post_meta_allgather(comm, vec: np.ndarray, what: str) -> MetaFuture:
     """Start a non-blocking all-gather of ``vec`` over ``comm`` (collective); complete it later."""
-    # retire completed requests from earlier calls so they never pile up (MPI_Test is cheap)
-    while _PENDING and _PENDING[0].test():
-        _PENDING.popleft()
+    # Retire earlier requests so they never pile up: MPI progresses every active request on each
+    # call, so many outstanding ones make every MPI call slower. Beyond _MAX_PENDING, wait for the
+    # oldest: every rank posted it calls ago, so the wait is short and cannot deadlock.
+    while _PENDING and (_PENDING[0].test() or len(_PENDING) >= _MAX_PENDING):
+        _PENDING.popleft().result()
     recv = np.empty((comm.Get_size(), vec.size), dtype=vec.dtype)
     if debug._ACTIVE:
         debug.record_metadata(what, vec.nbytes)
