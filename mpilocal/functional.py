@@ -87,10 +87,12 @@ def _norm_dim(dim, ndim, caller, what="dim"):
     return int(dim) % ndim if ndim else 0
 
 
-def _issue(name: str, nbytes: int) -> None:
-    """Account one logical collective (CommDebugMode). Every array-data collective calls this once."""
+def _issue(name: str, send, g: Group, **detail) -> None:
+    """Account one logical collective. Every array-data collective calls this exactly once, just
+    before handing buffers to the transport: ``send`` is this rank's send buffer (or None),
+    ``detail`` names what must agree across ranks (reduce op, root, dims, sizes)."""
     if debug._ACTIVE:
-        debug.record(name, nbytes)
+        debug.record(name, 0 if send is None else send.nbytes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ def gather(x, dim: int, g: Group, sizes) -> "array":
     send = _leading(x, dim)
     inner = math.prod(send.shape[1:])
     recv = xp.empty((sum(sizes),) + send.shape[1:], dtype=x.dtype)
-    _issue("all_gather_into_tensor", send.nbytes)
+    _issue("all_gather_into_tensor", send, g, dim=dim, sizes=tuple(sizes))
     transport_for(x, "all_gather").allgatherv(send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], g)
     return _restore(recv, dim)
 
@@ -127,7 +129,7 @@ def reduce(x, op: str, g: Group):
     xp = _arrays.namespace(x)
     send = xp.ascontiguousarray(x)
     recv = xp.empty_like(send)
-    _issue("all_reduce", send.nbytes)
+    _issue("all_reduce", send, g, op=op)
     transport_for(x, "all_reduce").allreduce(send.reshape(-1), recv.reshape(-1), "sum" if op == "avg" else op, g)
     if op == "avg":
         recv /= g.size
@@ -140,7 +142,7 @@ def reduce_scatter(x, op: str, dim: int, g: Group, sizes):
     send = _leading(x, dim)
     inner = math.prod(send.shape[1:])
     recv = xp.empty((sizes[g.rank],) + send.shape[1:], dtype=x.dtype)
-    _issue("reduce_scatter_tensor", send.nbytes)
+    _issue("reduce_scatter_tensor", send, g, op=op, dim=dim, sizes=tuple(sizes))
     transport_for(x, "reduce_scatter").reduce_scatterv(
         send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], "sum" if op == "avg" else op, g
     )
@@ -171,7 +173,7 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
     rest[b - 1] = mine
     inner = math.prod(rest)
     recv = xp.empty((sum(src_sizes),) + tuple(rest), dtype=x.dtype)
-    _issue("all_to_all_single", send.nbytes)
+    _issue("all_to_all_single", send, g, src_dim=src_dim, dst_dim=dst_dim)
     transport_for(x, "all_to_all").alltoallv(send, send_counts, recv.reshape(-1), [s * inner for s in src_sizes], g)
     return _restore(recv, src_dim)
 
@@ -180,7 +182,7 @@ def bcast(x, root: int, g: Group):
     """A copy of group rank ``root``'s ``x`` on every rank (``x`` gives shape and dtype elsewhere)."""
     xp = _arrays.namespace(x)
     buf = xp.array(x, order="C", copy=True)
-    _issue("broadcast", buf.nbytes)
+    _issue("broadcast", buf, g, root=root)
     transport_for(x, "broadcast").bcast(buf.reshape(-1), root, g)
     return buf
 
@@ -197,7 +199,7 @@ def scatter(pieces, like, shape, counts, root: int, g: Group):
         for p in pieces:
             send[pos:pos + p.size].reshape(p.shape)[...] = p
             pos += p.size
-    _issue("scatter", 0 if send is None else send.nbytes)
+    _issue("scatter", send, g, root=root)
     transport_for(like, "scatter").scatterv(send, counts, recv.reshape(-1), root, g)
     return recv
 
@@ -368,7 +370,7 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str 
     send = xp.ascontiguousarray(x)
     inner = math.prod(x.shape[1:])
     recv = xp.empty((sum(output_split_sizes),) + x.shape[1:], dtype=x.dtype)
-    _issue("all_to_all_single", send.nbytes)
+    _issue("all_to_all_single", send, g, in_splits=tuple(input_split_sizes), out_splits=tuple(output_split_sizes))
     transport_for(x, "all_to_all").alltoallv(
         send.reshape(-1), [s * inner for s in input_split_sizes], recv.reshape(-1),
         [s * inner for s in output_split_sizes], g,
