@@ -212,7 +212,7 @@ class DTensor:
 
     def __repr__(self):
         local = tuple(self._local.shape)
-        shape = self._shape if self._shape is not None else "pending"
+        shape = self.shape  # completes a pending shape agreement (every rank posted it: a local wait)
         return (f"DTensor(shape={shape}, local_shape={local}, dtype={self.dtype}, "
                 f"placements={self._placements}, device_mesh={self._mesh})")
 

@@ -389,12 +389,11 @@ def _check_splits(sizes, k, caller, what):
 
 
 def broadcast(x, src: int, group, tag: str = ""):
-    """Every rank gets world rank ``src``'s ``x`` (PyTorch's convention: ``src`` is a global rank).
-    **Collective**; other ranks pass an array of the same shape and dtype."""
+    """Every rank gets group rank ``src``'s ``x`` (as PyTorch's funcol, ``src`` is a rank within
+    ``group``). **Collective**; other ranks pass an array of the same shape and dtype."""
     caller = "broadcast"
     _arrays.require_array(x, caller)
     g = resolve_group(group, caller)
-    root = MPI.COMM_WORLD.Get_group().Translate_ranks([int(src)], g.comm.Get_group())[0]
-    if root == MPI.UNDEFINED or root < 0:
-        raise ValueError(f"{caller}: src {src} (a world rank) is not in the group; pass a world rank of the group")
-    return bcast(x, root, g)
+    if isinstance(src, bool) or not isinstance(src, (int, np.integer)) or not 0 <= src < g.size:
+        raise ValueError(f"{caller}: src {src!r} is not a rank of the group (0..{g.size - 1}); pass a group rank")
+    return bcast(x, int(src), g)
