@@ -4,7 +4,11 @@ Each MPI rank holds one shard (a NumPy array on CPU or a CuPy array on its GPU);
 N-D device mesh say how the shards form the global array. See DESIGN.md and README.md.
 """
 
-from .debug import CommDebugMode
+from . import failure as _failure
+
+_failure.install()  # first, so its exit handler runs last: abort on uncaught errors, deadlines (see failure.py)
+
+from .debug import CommDebugMode  # noqa: E402
 from .dtensor import DTensor, distribute_tensor
 from .local_map import local_map
 from .mesh import DeviceMesh, init_device_mesh

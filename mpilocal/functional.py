@@ -20,7 +20,7 @@ from collections import deque
 import numpy as np
 from mpi4py import MPI
 
-from . import _arrays, debug
+from . import _arrays, debug, failure
 from .layout import chunk_sizes
 from .transport import Group, group_for
 from .transport.select import transport_for
@@ -87,12 +87,16 @@ def _norm_dim(dim, ndim, caller, what="dim"):
     return int(dim) % ndim if ndim else 0
 
 
-def _issue(name: str, send, g: Group, **detail) -> None:
+def _issue(name: str, send, g: Group, **detail):
     """Account one logical collective. Every array-data collective calls this exactly once, just
     before handing buffers to the transport: ``send`` is this rank's send buffer (or None),
-    ``detail`` names what must agree across ranks (reduce op, root, dims, sizes)."""
+    ``detail`` names what must agree across ranks (reduce op, root, dims, sizes).
+
+    Use as ``with _issue(...): transport call`` — the context marks the collective in flight for
+    the deadline watchdog (mpilocal.failure), which also checks fingerprints under MPILOCAL_DEBUG=1."""
     if debug._ACTIVE:
         debug.record(name, 0 if send is None else send.nbytes)
+    return failure.begin(name, g, send, detail)  # failure handling: in-flight slot / fingerprint
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,8 +123,8 @@ def gather(x, dim: int, g: Group, sizes) -> "array":
     send = _leading(x, dim)
     inner = math.prod(send.shape[1:])
     recv = xp.empty((sum(sizes),) + send.shape[1:], dtype=x.dtype)
-    _issue("all_gather_into_tensor", send, g, dim=dim, sizes=tuple(sizes))
-    transport_for(x, "all_gather").allgatherv(send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], g)
+    with _issue("all_gather_into_tensor", send, g, dim=dim, sizes=tuple(sizes)):
+        transport_for(x, "all_gather").allgatherv(send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], g)
     return _restore(recv, dim)
 
 
@@ -129,8 +133,8 @@ def reduce(x, op: str, g: Group):
     xp = _arrays.namespace(x)
     send = xp.ascontiguousarray(x)
     recv = xp.empty_like(send)
-    _issue("all_reduce", send, g, op=op)
-    transport_for(x, "all_reduce").allreduce(send.reshape(-1), recv.reshape(-1), "sum" if op == "avg" else op, g)
+    with _issue("all_reduce", send, g, op=op):
+        transport_for(x, "all_reduce").allreduce(send.reshape(-1), recv.reshape(-1), "sum" if op == "avg" else op, g)
     if op == "avg":
         recv /= g.size
     return recv.reshape(x.shape)
@@ -142,10 +146,10 @@ def reduce_scatter(x, op: str, dim: int, g: Group, sizes):
     send = _leading(x, dim)
     inner = math.prod(send.shape[1:])
     recv = xp.empty((sizes[g.rank],) + send.shape[1:], dtype=x.dtype)
-    _issue("reduce_scatter_tensor", send, g, op=op, dim=dim, sizes=tuple(sizes))
-    transport_for(x, "reduce_scatter").reduce_scatterv(
-        send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], "sum" if op == "avg" else op, g
-    )
+    with _issue("reduce_scatter_tensor", send, g, op=op, dim=dim, sizes=tuple(sizes)):
+        transport_for(x, "reduce_scatter").reduce_scatterv(
+            send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], "sum" if op == "avg" else op, g
+        )
     if op == "avg":
         recv /= g.size
     return _restore(recv, dim)
@@ -173,8 +177,8 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
     rest[b - 1] = mine
     inner = math.prod(rest)
     recv = xp.empty((sum(src_sizes),) + tuple(rest), dtype=x.dtype)
-    _issue("all_to_all_single", send, g, src_dim=src_dim, dst_dim=dst_dim)
-    transport_for(x, "all_to_all").alltoallv(send, send_counts, recv.reshape(-1), [s * inner for s in src_sizes], g)
+    with _issue("all_to_all_single", send, g, src_dim=src_dim, dst_dim=dst_dim):
+        transport_for(x, "all_to_all").alltoallv(send, send_counts, recv.reshape(-1), [s * inner for s in src_sizes], g)
     return _restore(recv, src_dim)
 
 
@@ -182,8 +186,8 @@ def bcast(x, root: int, g: Group):
     """A copy of group rank ``root``'s ``x`` on every rank (``x`` gives shape and dtype elsewhere)."""
     xp = _arrays.namespace(x)
     buf = xp.array(x, order="C", copy=True)
-    _issue("broadcast", buf, g, root=root)
-    transport_for(x, "broadcast").bcast(buf.reshape(-1), root, g)
+    with _issue("broadcast", buf, g, root=root):
+        transport_for(x, "broadcast").bcast(buf.reshape(-1), root, g)
     return buf
 
 
@@ -199,8 +203,8 @@ def scatter(pieces, like, shape, counts, root: int, g: Group):
         for p in pieces:
             send[pos:pos + p.size].reshape(p.shape)[...] = p
             pos += p.size
-    _issue("scatter", send, g, root=root)
-    transport_for(like, "scatter").scatterv(send, counts, recv.reshape(-1), root, g)
+    with _issue("scatter", send, g, root=root):
+        transport_for(like, "scatter").scatterv(send, counts, recv.reshape(-1), root, g)
     return recv
 
 
@@ -225,14 +229,15 @@ def meta_shape(row) -> tuple:
 class MetaFuture:
     """A pending all-gather of metadata vectors; :meth:`result` completes it (local wait)."""
 
-    __slots__ = ("req", "recv", "done")
+    __slots__ = ("req", "recv", "done", "g")
 
-    def __init__(self, req, recv):
-        self.req, self.recv, self.done = req, recv, False
+    def __init__(self, req, recv, g=None):
+        self.req, self.recv, self.done, self.g = req, recv, False, g
 
     def result(self) -> np.ndarray:
         if not self.done:
-            self.req.Wait()
+            with failure.waiting("metadata all-gather (completing a posted request)", self.g):  # deadline
+                self.req.Wait()
             self.done = True
         return self.recv
 
@@ -256,7 +261,9 @@ def post_meta_allgather(comm, vec: np.ndarray, what: str) -> MetaFuture:
     recv = np.empty((comm.Get_size(), vec.size), dtype=vec.dtype)
     if debug._ACTIVE:
         debug.record_metadata(what, vec.nbytes)
-    fut = MetaFuture(comm.Iallgather(vec, recv), recv)
+    g = group_for(comm)
+    with failure.begin("metadata:" + what, g, vec):  # failure handling: deadline / fingerprint
+        fut = MetaFuture(comm.Iallgather(vec, recv), recv, g)
     _PENDING.append(fut)
     return fut
 
@@ -266,7 +273,8 @@ def meta_allgather(comm, vec: np.ndarray, what: str) -> np.ndarray:
     recv = np.empty((comm.Get_size(), vec.size), dtype=vec.dtype)
     if debug._ACTIVE:
         debug.record_metadata(what, vec.nbytes)
-    comm.Allgather(vec, recv)
+    with failure.begin("metadata:" + what, group_for(comm), vec):  # failure handling: deadline / fingerprint
+        comm.Allgather(vec, recv)
     return recv
 
 
@@ -286,10 +294,14 @@ def all_gather_tensor(x, gather_dim: int, group, tag: str = ""):
     dims and the dtype must match, else ``ValueError`` on every rank.
     """
     caller = "all_gather_tensor"
-    _arrays.require_array(x, caller)
     g = resolve_group(group, caller)
-    dim = _norm_dim(gather_dim, x.ndim, caller, "gather_dim")
-    rows = meta_allgather(g.comm, meta_vector(x.shape, x.dtype), "gather_sizes")
+    try:  # rank-local checks; the verdict is agreed below so that every rank raises (failure.agree)
+        _arrays.require_array(x, caller)
+        dim = _norm_dim(gather_dim, x.ndim, caller, "gather_dim")
+        err = None
+    except (TypeError, ValueError) as e:
+        err = e
+    rows = failure.agree(g, caller, err, None if err else meta_vector(x.shape, x.dtype), "gather_sizes")
     _check_same(rows, caller, skip_dim=dim)
     sizes = [int(r[2 + dim]) for r in rows]
     return gather(x, dim, g, sizes)
@@ -308,9 +320,10 @@ def _check_same(rows, caller, skip_dim=None):
         if skip_dim is not None:
             a[skip_dim] = b[skip_dim] = 0
         if a != b:
+            rule = "shapes may differ only along the gather dim" if skip_dim is not None else \
+                "every rank must pass the same shape"
             raise ValueError(
-                f"{caller}: group rank 0 has shape {meta_shape(ref)} but rank {r} has {meta_shape(row)}; "
-                f"shapes may differ only along the gather dim"
+                f"{caller}: group rank 0 has shape {meta_shape(ref)} but rank {r} has {meta_shape(row)}; {rule}"
             )
 
 
@@ -318,21 +331,32 @@ def all_reduce(x, reduceOp: str, group, tag: str = ""):
     """Elementwise reduction of every rank's ``x`` (``"sum"``, ``"avg"``, ``"max"``, ``"min"``,
     ``"product"``). **Collective**; all ranks pass the same shape and dtype."""
     caller = "all_reduce"
-    _arrays.require_array(x, caller)
-    op = normalize_op(reduceOp, caller)
-    check_op_dtype(op, x.dtype, caller)
-    return reduce(x, op, resolve_group(group, caller))
+    g = resolve_group(group, caller)
+    try:  # rank-local checks; the verdict (and shapes/dtypes) are agreed so every rank raises
+        _arrays.require_array(x, caller)
+        op = normalize_op(reduceOp, caller)
+        check_op_dtype(op, x.dtype, caller)
+        err = None
+    except (TypeError, ValueError) as e:
+        err = e
+    _check_same(failure.agree(g, caller, err, None if err else meta_vector(x.shape, x.dtype)), caller)
+    return reduce(x, op, g)
 
 
 def reduce_scatter_tensor(x, reduceOp: str, scatter_dim: int, group, tag: str = ""):
     """Reduce every rank's ``x`` and keep this rank's piece along ``scatter_dim`` (``torch.chunk``
     pieces, so the dim need not divide evenly). **Collective.**"""
     caller = "reduce_scatter_tensor"
-    _arrays.require_array(x, caller)
-    op = normalize_op(reduceOp, caller)
-    check_op_dtype(op, x.dtype, caller)
     g = resolve_group(group, caller)
-    dim = _norm_dim(scatter_dim, x.ndim, caller, "scatter_dim")
+    try:  # rank-local checks; the verdict (and shapes/dtypes) are agreed so every rank raises
+        _arrays.require_array(x, caller)
+        op = normalize_op(reduceOp, caller)
+        check_op_dtype(op, x.dtype, caller)
+        dim = _norm_dim(scatter_dim, x.ndim, caller, "scatter_dim")
+        err = None
+    except (TypeError, ValueError) as e:
+        err = e
+    _check_same(failure.agree(g, caller, err, None if err else meta_vector(x.shape, x.dtype)), caller)
     return reduce_scatter(x, op, dim, g, chunk_sizes(x.shape[dim], g.size))
 
 
@@ -341,8 +365,37 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str 
     arrives by ``output_split_sizes``. ``None`` for both: equal splits. ``output_split_sizes=None``
     with explicit input sizes: the output sizes are agreed as metadata. **Collective.**"""
     caller = "all_to_all_single"
-    _arrays.require_array(x, caller)
     g = resolve_group(group, caller)
+    try:  # rank-local checks; the verdict (and dtypes/trailing dims) are agreed so every rank raises
+        splits = _a2a_splits(x, output_split_sizes, input_split_sizes, g, caller)
+        err = None
+    except (TypeError, ValueError) as e:
+        err = e
+    _check_same(failure.agree(g, caller, err, None if err else meta_vector(x.shape, x.dtype)), caller, skip_dim=0)
+    input_split_sizes, output_split_sizes = splits
+    if output_split_sizes is None:
+        counts = np.asarray(input_split_sizes, dtype=np.int64)
+        recv = np.empty_like(counts)
+        if debug._ACTIVE:
+            debug.record_metadata("split_agreement", counts.nbytes)
+        with failure.begin("metadata:split_agreement", g, counts):  # failure handling
+            g.comm.Alltoall(counts, recv)
+        output_split_sizes = _check_splits(recv.tolist(), g.size, caller, "output_split_sizes")
+    xp = _arrays.namespace(x)
+    send = xp.ascontiguousarray(x)
+    inner = math.prod(x.shape[1:])
+    recv = xp.empty((sum(output_split_sizes),) + x.shape[1:], dtype=x.dtype)
+    with _issue("all_to_all_single", send, g, in_splits=tuple(input_split_sizes), out_splits=tuple(output_split_sizes)):
+        transport_for(x, "all_to_all").alltoallv(
+            send.reshape(-1), [s * inner for s in input_split_sizes], recv.reshape(-1),
+            [s * inner for s in output_split_sizes], g,
+        )
+    return recv
+
+
+def _a2a_splits(x, output_split_sizes, input_split_sizes, g, caller):
+    """all_to_all_single's local argument checks: (input splits, output splits or None to agree)."""
+    _arrays.require_array(x, caller)
     if x.ndim == 0:
         raise ValueError(f"{caller}: x must have at least one dimension")
     n0 = x.shape[0]
@@ -357,25 +410,9 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str 
         raise ValueError(f"{caller}: input_split_sizes {input_split_sizes} sum to {sum(input_split_sizes)}, not dim 0 = {n0}")
     if output_split_sizes is None:
         if input_split_sizes == [n0 // g.size] * g.size and n0 % g.size == 0:
-            output_split_sizes = input_split_sizes
-        else:
-            counts = np.asarray(input_split_sizes, dtype=np.int64)
-            recv = np.empty_like(counts)
-            if debug._ACTIVE:
-                debug.record_metadata("split_agreement", counts.nbytes)
-            g.comm.Alltoall(counts, recv)
-            output_split_sizes = recv.tolist()
-    output_split_sizes = _check_splits(output_split_sizes, g.size, caller, "output_split_sizes")
-    xp = _arrays.namespace(x)
-    send = xp.ascontiguousarray(x)
-    inner = math.prod(x.shape[1:])
-    recv = xp.empty((sum(output_split_sizes),) + x.shape[1:], dtype=x.dtype)
-    _issue("all_to_all_single", send, g, in_splits=tuple(input_split_sizes), out_splits=tuple(output_split_sizes))
-    transport_for(x, "all_to_all").alltoallv(
-        send.reshape(-1), [s * inner for s in input_split_sizes], recv.reshape(-1),
-        [s * inner for s in output_split_sizes], g,
-    )
-    return recv
+            return input_split_sizes, input_split_sizes
+        return input_split_sizes, None
+    return input_split_sizes, _check_splits(output_split_sizes, g.size, caller, "output_split_sizes")
 
 
 def _check_splits(sizes, k, caller, what):
@@ -392,8 +429,21 @@ def broadcast(x, src: int, group, tag: str = ""):
     """Every rank gets group rank ``src``'s ``x`` (as PyTorch's funcol, ``src`` is a rank within
     ``group``). **Collective**; other ranks pass an array of the same shape and dtype."""
     caller = "broadcast"
-    _arrays.require_array(x, caller)
     g = resolve_group(group, caller)
-    if isinstance(src, bool) or not isinstance(src, (int, np.integer)) or not 0 <= src < g.size:
-        raise ValueError(f"{caller}: src {src!r} is not a rank of the group (0..{g.size - 1}); pass a group rank")
+    try:  # rank-local checks; the verdict (and shapes/dtypes) are agreed so every rank raises
+        _arrays.require_array(x, caller)
+        if isinstance(src, bool) or not isinstance(src, (int, np.integer)) or not 0 <= src < g.size:
+            raise ValueError(f"{caller}: src {src!r} is not a rank of the group (0..{g.size - 1}); pass a group rank")
+        err = None
+    except (TypeError, ValueError) as e:
+        err = e
+    vec = None
+    if err is None:
+        vec = meta_vector(x.shape, x.dtype)
+        vec[-1] = int(src)  # past any real ndim: agree on the source rank too
+    rows = failure.agree(g, caller, err, vec)
+    _check_same(rows, caller)
+    if len(set(rows[:, -1].tolist())) > 1:
+        raise ValueError(f"{caller}: ranks pass different src values {rows[:, -1].tolist()}; every rank must name "
+                         f"the same source rank")
     return bcast(x, int(src), g)

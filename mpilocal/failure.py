@@ -1,0 +1,553 @@
+"""No hangs, no silent corruption: turning MPI failure modes into a prompt, clear, non-zero exit.
+
+The worst failure of an MPI program is a hang: one rank raises while the others wait forever in a
+collective. This module gives mpilocal four defences (see README, "Failures, deadlines and debug
+mode"):
+
+1. **A failing rank ends the job.** :func:`install` (run at ``import mpilocal``; opt out with
+   ``MPILOCAL_ABORT_ON_ERROR=0``) sets ``sys.excepthook`` so an uncaught exception on any rank of a
+   job with more than one rank prints ``[rank R] Traceback ...`` to stderr and calls
+   ``MPI.COMM_WORLD.Abort(1)``. ``python -m mpilocal.run script.py`` also turns ``sys.exit(n != 0)``
+   (and exceptions raised before mpilocal is imported) into ``Abort(n)``.
+2. **Deadlines on waits.** Every collective mpilocal issues (array data and metadata) is recorded
+   in a per-process in-flight slot (operation, per-group sequence number, group, start time) before
+   the blocking call and cleared after it. A daemon watchdog thread, started on the first
+   collective, aborts the job when one has been in flight longer than ``MPILOCAL_TIMEOUT`` seconds
+   (default 600; ``0``/``off`` disables), after printing rank, operation, sequence number, the
+   group's world ranks / mesh and this rank's Python stack. At exit, ``MPI_Finalize`` gets the same
+   deadline (``MPILOCAL_EXIT_TIMEOUT``, default ``MPILOCAL_TIMEOUT``), so a rank that leaves early
+   never waits forever either. Asynchronous transports (NCCL) register their in-flight work with
+   :func:`watch_async` and abort hooks with :func:`register_abort_hook`.
+3. **Collective-mismatch detection** (``MPILOCAL_DEBUG=1``): before each collective the ranks of
+   the group all-gather a fixed-size fingerprint (operation, sequence number, dtype, the shape parts
+   that must agree, reduce op, root, dims/sizes) over a separate control communicator; on mismatch
+   every rank raises ``RuntimeError`` with a diff.
+4. **Rank-divergent input becomes one error on all ranks**: :func:`agree` gathers each rank's
+   verdict on its arguments (plus shape/dtype metadata) and raises the same error everywhere.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+import traceback
+import zlib
+
+import numpy as np
+from mpi4py import MPI
+
+__all__ = [
+    "install", "abort", "timeout", "set_timeout", "debug_enabled", "set_debug", "begin", "agree",
+    "watch_async", "register_abort_hook", "CollectiveMismatchError",
+]
+
+_monotonic = time.monotonic
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name, "").strip().lower()
+    if not v:
+        return default
+    return v not in ("0", "false", "no", "off")
+
+
+def _env_seconds(name: str, default):
+    v = os.environ.get(name, "").strip().lower()
+    if not v:
+        return default
+    if v in ("0", "off", "none", "inf", "never"):
+        return None
+    try:
+        s = float(v)
+    except ValueError:
+        sys.stderr.write(f"mpilocal: ignoring {name}={v!r} (not a number of seconds); using {default}\n")
+        return default
+    return s if s > 0 else None
+
+
+# ------------------------------------------------------------------------------------------------
+# settings
+# ------------------------------------------------------------------------------------------------
+_TIMEOUT = _env_seconds("MPILOCAL_TIMEOUT", 600.0)        # None: no deadline
+_EXIT_TIMEOUT = _env_seconds("MPILOCAL_EXIT_TIMEOUT", _TIMEOUT)
+_DEBUG = _env_flag("MPILOCAL_DEBUG", False)
+_WATCH = _TIMEOUT is not None                              # record in-flight slots at all?
+
+
+def timeout():
+    """The deadline (seconds) for one collective, or None when disabled."""
+    return _TIMEOUT
+
+
+def set_timeout(seconds) -> None:
+    """Set the collective deadline (None or 0: off). Local; call it on every rank."""
+    global _TIMEOUT, _WATCH, _EXIT_TIMEOUT
+    follow = _EXIT_TIMEOUT == _TIMEOUT
+    _TIMEOUT = float(seconds) if seconds else None
+    if follow:
+        _EXIT_TIMEOUT = _TIMEOUT
+    _WATCH = _TIMEOUT is not None
+
+
+def debug_enabled() -> bool:
+    return _DEBUG
+
+
+def set_debug(on: bool) -> None:
+    """Turn collective fingerprinting on/off. **Must be the same on every rank**, switched between
+    collectives (it changes which collectives run)."""
+    global _DEBUG
+    _DEBUG = bool(on)
+
+
+def _rank() -> int:
+    try:
+        return MPI.COMM_WORLD.Get_rank()
+    except Exception:  # pragma: no cover - MPI finalized or not initialized
+        return -1
+
+
+def _size() -> int:
+    try:
+        return MPI.COMM_WORLD.Get_size()
+    except Exception:  # pragma: no cover
+        return 1
+
+
+# ------------------------------------------------------------------------------------------------
+# aborting
+# ------------------------------------------------------------------------------------------------
+_ABORTING = threading.Lock()
+
+
+def _prefix(text: str, rank=None) -> str:
+    r = _rank() if rank is None else rank
+    return "".join(f"[rank {r}] {line}\n" for line in text.rstrip("\n").split("\n"))
+
+
+def abort(code: int = 1, message: str = "") -> None:
+    """Print ``message`` (prefixed with the rank) to stderr and end the whole MPI job with ``code``.
+
+    Never returns. Uses ``MPI_Abort`` (portable across launchers); falls back to ``os._exit``.
+    """
+    if not _ABORTING.acquire(blocking=False):  # another thread is already aborting
+        while True:
+            time.sleep(3600)
+    try:
+        if message:
+            sys.stderr.write(_prefix(message))
+        sys.stderr.flush()
+        sys.stdout.flush()
+    except Exception:
+        pass
+    code = int(code) if isinstance(code, int) and code else 1
+    try:
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.COMM_WORLD.Abort(code)
+    except Exception:
+        pass
+    os._exit(code)
+
+
+def format_exception(exc_type, exc, tb) -> str:
+    return "".join(traceback.format_exception(exc_type, exc, tb))
+
+
+_PREV_HOOK = None
+_INSTALLED = False
+
+
+def _excepthook(exc_type, exc, tb):
+    if _size() > 1 and not issubclass(exc_type, SystemExit):
+        text = format_exception(exc_type, exc, tb)
+        abort(1, text + f"mpilocal: uncaught {exc_type.__name__} on rank {_rank()}; aborting the MPI job "
+                         f"(set MPILOCAL_ABORT_ON_ERROR=0 to let it exit alone)")
+    (_PREV_HOOK or sys.__excepthook__)(exc_type, exc, tb)
+
+
+def install() -> None:
+    """Install the abort-on-uncaught-exception hook and the exit deadline (idempotent).
+
+    Called by ``import mpilocal`` unless ``MPILOCAL_ABORT_ON_ERROR=0``.
+    """
+    global _PREV_HOOK, _INSTALLED
+    if _INSTALLED:
+        return
+    _INSTALLED = True
+    if _env_flag("MPILOCAL_ABORT_ON_ERROR", True):
+        if sys.excepthook is not _excepthook:
+            _PREV_HOOK = sys.excepthook
+            sys.excepthook = _excepthook
+    # atexit is LIFO: registered at the very start of `import mpilocal`, this runs after every
+    # other mpilocal exit handler (e.g. draining pending metadata requests)
+    atexit.register(_at_exit)
+
+
+_EXIT_CODE = None  # set by mpilocal.run when it knows the script's exit status
+
+
+def _at_exit():
+    code = _EXIT_CODE
+    if code not in (None, 0) and _size() > 1:
+        abort(code, f"mpilocal: rank {_rank()} exits with status {code}; aborting the MPI job")
+    # Finalize under a deadline: MPI_Finalize waits for the other ranks, which may be stuck in a
+    # collective this rank will never join (it returned or called sys.exit early).
+    try:
+        import mpi4py
+
+        if not MPI.Is_initialized() or MPI.Is_finalized() or getattr(mpi4py.rc, "finalize", None) is False:
+            return
+    except Exception:
+        return
+    if _EXIT_TIMEOUT is None or _size() == 1:
+        return
+    global _slot
+    _slot = ("MPI_Finalize (program exit)", 0, None, _monotonic(), _EXIT_TIMEOUT)
+    _ensure_watchdog()
+    try:
+        MPI.Finalize()
+    finally:
+        _slot = None
+
+
+# ------------------------------------------------------------------------------------------------
+# in-flight slot and watchdog
+# ------------------------------------------------------------------------------------------------
+# (operation, sequence number, Group or None, start time, deadline or None for _TIMEOUT)
+_slot = None
+_started = False
+_SEQ = "mpilocal.seq"
+_CTL = "mpilocal.ctl"
+
+
+class _Clear:
+    """Context manager returned by :func:`begin`: clears the in-flight slot on exit."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        global _slot
+        _slot = None
+        return False
+
+
+_CLEAR = _Clear()
+
+
+def begin(name: str, g, send=None, detail=None) -> _Clear:
+    """Record collective ``name`` on Group ``g`` as in flight; use as ``with begin(...): transport``.
+
+    Hot path: a sequence-number increment, a tuple and a clock read. Under ``MPILOCAL_DEBUG=1``
+    the ranks first agree on the collective's fingerprint (raises :class:`CollectiveMismatchError`).
+    """
+    global _slot
+    c = g.cache
+    seq = c.get(_SEQ, 0) + 1
+    c[_SEQ] = seq
+    if _DEBUG:
+        check_fingerprint(name, seq, g, send, detail)
+    if _WATCH:
+        _slot = (name, seq, g, _monotonic(), None)
+        if not _started:
+            _ensure_watchdog()
+    return _CLEAR
+
+
+def waiting(name: str, g) -> _Clear:
+    """Record a wait that is not a new collective (completing a posted request)."""
+    global _slot
+    if _WATCH:
+        _slot = (name, g.cache.get(_SEQ, 0), g, _monotonic(), None)
+        if not _started:
+            _ensure_watchdog()
+    return _CLEAR
+
+
+_ASYNC: list = []          # [what, seq, group, t0, done, check_error, abort]
+_ASYNC_LOCK = threading.Lock()
+_ABORT_HOOKS: list = []
+
+
+def register_abort_hook(fn) -> None:
+    """``fn(group_or_None)`` runs (in the watchdog thread) just before a deadline abort, e.g. to
+    ``abort()`` the NCCL communicator of that group so the GPU work stops. Exceptions are ignored."""
+    if fn not in _ABORT_HOOKS:
+        _ABORT_HOOKS.append(fn)
+
+
+def watch_async(name: str, g, done, check_error=None, abort_fn=None) -> None:
+    """Watch asynchronous work (e.g. a NCCL collective enqueued on a stream) until ``done()`` is
+    true. The watchdog polls ``done()`` and ``check_error()`` (returns/raises an error for an
+    asynchronous failure, e.g. ``NcclCommunicator.check_async_error``); on error, or when the work
+    is older than ``MPILOCAL_TIMEOUT``, it calls ``abort_fn()`` (e.g. ``NcclCommunicator.abort``)
+    and the abort hooks, reports rank / operation / sequence number / group, and aborts the job."""
+    if _TIMEOUT is None and check_error is None:
+        return
+    seq = g.cache.get(_SEQ, 0) if g is not None else 0
+    with _ASYNC_LOCK:
+        _ASYNC.append([name, seq, g, _monotonic(), done, check_error, abort_fn])
+    _ensure_watchdog()
+
+
+def _ensure_watchdog():
+    global _started
+    if _started:
+        return
+    _started = True
+    t = threading.Thread(target=_watchdog, name="mpilocal-watchdog", daemon=True)
+    t.start()
+
+
+def _poll_interval():
+    t = _TIMEOUT or 60.0
+    return min(1.0, max(0.02, t / 20))
+
+
+def _watchdog():
+    while True:
+        time.sleep(_poll_interval())
+        try:
+            s = _slot
+            if s is not None:
+                limit = s[4] if s[4] is not None else _TIMEOUT
+                if limit is not None and _monotonic() - s[3] > limit and _slot is s:
+                    _fire(s[0], s[1], s[2], limit, None, None)
+            if _ASYNC:
+                _poll_async()
+        except Exception:  # pragma: no cover - the watchdog must never die
+            pass
+
+
+def _poll_async():
+    now = _monotonic()
+    with _ASYNC_LOCK:
+        items = list(_ASYNC)
+    for it in items:
+        name, seq, g, t0, done, check_error, abort_fn = it
+        try:
+            finished = bool(done())
+        except Exception:
+            finished = False
+        err = None
+        if check_error is not None:
+            try:
+                r = check_error()
+                if r:
+                    err = str(r)
+            except Exception as e:
+                err = f"{type(e).__name__}: {e}"
+        if err is None and finished:
+            with _ASYNC_LOCK:
+                if it in _ASYNC:
+                    _ASYNC.remove(it)
+            continue
+        if err is not None or (_TIMEOUT is not None and now - t0 > _TIMEOUT):
+            _fire(name, seq, g, _TIMEOUT, err, abort_fn)
+
+
+def describe_group(g) -> str:
+    """World ranks of a Group and, when it is a mesh dim communicator, the mesh it belongs to."""
+    if g is None:
+        return "MPI.COMM_WORLD"
+    try:
+        ranks = g.comm.Get_group().Translate_ranks(list(range(g.size)), MPI.COMM_WORLD.Get_group())
+        text = f"group of world ranks {list(ranks)}"
+    except Exception:
+        text = f"group of size {g.size}"
+    try:
+        from . import mesh as _mesh
+
+        for key, val in list(_mesh._COMM_CACHE.items()):
+            if isinstance(val, list):
+                for d, c in enumerate(val):
+                    if c is g.comm or c == g.comm:
+                        arr = np.frombuffer(key[0], dtype=np.int64).reshape(key[1])
+                        return f"{text} (mesh dim {d} of mesh {arr.tolist()})"
+            elif val is g.comm or val == g.comm:
+                if key[0] == "meta":
+                    arr = np.frombuffer(key[1], dtype=np.int64).reshape(key[2])
+                    return f"{text} (metadata communicator of mesh {arr.tolist()})"
+                arr = np.frombuffer(key[0], dtype=np.int64).reshape(key[1])
+                return f"{text} (all of mesh {arr.tolist()})"
+    except Exception:
+        pass
+    return text
+
+
+def _main_stack() -> str:
+    try:
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        if frame is None:
+            return ""
+        return "".join(traceback.format_stack(frame))
+    except Exception:
+        return ""
+
+
+def _fire(name, seq, g, limit, err, abort_fn):
+    if err is not None:
+        head = f"mpilocal: {name}#{seq} on {describe_group(g)} failed asynchronously: {err}"
+    else:
+        head = (f"mpilocal: {name}#{seq} on {describe_group(g)} did not complete within {limit:g} s "
+                f"(MPILOCAL_TIMEOUT); another rank probably raised, exited early, or called a different "
+                f"collective (MPILOCAL_DEBUG=1 checks that). Aborting the MPI job.")
+    stack = _main_stack()
+    msg = head + ("\nthis rank is waiting at:\n" + stack if stack else "")
+    for fn in ([abort_fn] if abort_fn else []) + list(_ABORT_HOOKS):
+        try:
+            fn() if fn is abort_fn else fn(g)
+        except Exception:
+            pass
+    abort(1, msg)
+
+
+# ------------------------------------------------------------------------------------------------
+# control communicators (fingerprints, agreements)
+# ------------------------------------------------------------------------------------------------
+def control_comm(g):
+    """A duplicate of ``g.comm`` for mpilocal's own checks (cached; collective on first use)."""
+    c = g.cache.get(_CTL)
+    if c is None:
+        global _slot
+        prev = _slot
+        if _WATCH:
+            _slot = ("creating the control communicator", g.cache.get(_SEQ, 0), g, _monotonic(), None)
+            _ensure_watchdog()
+        try:
+            c = g.cache[_CTL] = g.comm.Dup()
+        finally:
+            _slot = prev
+    return c
+
+
+def _ctl_allgather(g, buf, what):
+    global _slot
+    ctl = control_comm(g)
+    recv = np.empty((g.size,) + buf.shape, dtype=buf.dtype)
+    prev = _slot
+    if _WATCH:
+        _slot = (what, g.cache.get(_SEQ, 0), g, _monotonic(), None)
+        _ensure_watchdog()
+    try:
+        ctl.Allgather(buf, recv)
+    finally:
+        _slot = prev
+    return recv
+
+
+def _world_rank(g, r):
+    try:
+        return g.comm.Get_group().Translate_ranks([r], MPI.COMM_WORLD.Get_group())[0]
+    except Exception:
+        return r
+
+
+# ------------------------------------------------------------------------------------------------
+# MPILOCAL_DEBUG=1: collective fingerprints
+# ------------------------------------------------------------------------------------------------
+class CollectiveMismatchError(RuntimeError):
+    """Ranks of one group were about to run different collectives (raised on every rank)."""
+
+
+_FP_TEXT = 248
+_FP_BYTES = 8 + _FP_TEXT
+# which part of the send shape must agree across ranks
+_SHAPE_AGREES = {"all_reduce": "all", "broadcast": "all", "reduce_scatter_tensor": "all",
+                 "all_gather_into_tensor": "tail", "all_to_all_single": "none", "scatter": "none"}
+
+
+def fingerprint(name, seq, send, detail) -> tuple[str, str]:
+    """(key that must agree, text to show) of one collective."""
+    parts = []
+    shown = []
+    if send is not None:
+        dt = str(send.dtype)
+        shape = tuple(send.shape)
+        rule = _SHAPE_AGREES.get(name, "none")
+        if rule == "all":
+            parts.append(f"shape={shape}")
+        elif rule == "tail":
+            parts.append(f"shape[1:]={shape[1:]}")
+        parts.append(dt)
+        shown += [f"shape={shape}", dt]
+    det = ", ".join(f"{k}={v}" for k, v in sorted((detail or {}).items()))
+    if det:
+        parts.append(det)
+        shown.append(det)
+    key = f"{name}#{seq}(" + ", ".join(parts) + ")"
+    text = f"{name}#{seq}(" + ", ".join(shown) + ")"
+    return key, text
+
+
+def check_fingerprint(name, seq, g, send=None, detail=None) -> None:
+    """All-gather this collective's fingerprint over ``g``'s control communicator; raise
+    :class:`CollectiveMismatchError` on every rank if they differ. **Collective.**"""
+    if g.size == 1:
+        return
+    key, text = fingerprint(name, seq, send, detail)
+    buf = np.zeros(_FP_BYTES, dtype=np.uint8)
+    buf[:8] = np.frombuffer(np.uint64(zlib.crc32(key.encode()) | (len(key) << 32)).tobytes(), np.uint8)
+    raw = text.encode()[:_FP_TEXT]
+    buf[8:8 + len(raw)] = np.frombuffer(raw, np.uint8)
+    rows = _ctl_allgather(g, buf, f"fingerprint of {name}")
+    hashes = [bytes(r[:8]) for r in rows]
+    if all(h == hashes[0] for h in hashes):
+        return
+    texts = [bytes(r[8:]).rstrip(b"\0").decode(errors="replace") for r in rows]
+    odd = next(i for i, h in enumerate(hashes) if h != hashes[0])
+    w0, wo = _world_rank(g, 0), _world_rank(g, odd)
+    all_lines = "\n".join(f"  rank {_world_rank(g, i)}: {t}" for i, t in enumerate(texts))
+    raise CollectiveMismatchError(
+        f"collective mismatch on {describe_group(g)}: rank {w0} runs {texts[0]} but rank {wo} runs {texts[odd]}; "
+        f"every rank of a group must issue the same collectives in the same order (MPILOCAL_DEBUG=1).\n{all_lines}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# agreeing on argument checks
+# ------------------------------------------------------------------------------------------------
+_META_WIDTH = 66
+_MSG_BYTES = 240
+_EXC_TYPES = {"TypeError": TypeError, "ValueError": ValueError, "NotImplementedError": NotImplementedError,
+              "RuntimeError": RuntimeError, "IndexError": IndexError}
+
+
+def agree(g, caller: str, err, meta=None, what: str = "argument_check"):
+    """Collective over Group ``g``: every rank contributes its verdict on its arguments (``err``: the
+    exception its local checks raised, or None) and optionally a metadata vector ``meta`` (int64,
+    66 entries, as :func:`mpilocal.functional.meta_vector`). If any rank failed, **every** rank
+    raises: its own exception, or one of the same type naming the failing rank and its message.
+    Returns the gathered metadata rows (``(g.size, 66)`` int64) otherwise."""
+    from . import debug
+
+    if g.size == 1 and err is None:
+        return None if meta is None else meta.reshape(1, -1)
+    if g.size == 1:
+        raise err
+    buf = np.zeros(_META_WIDTH + 1 + _MSG_BYTES // 8, dtype=np.int64)
+    if meta is not None:
+        buf[:_META_WIDTH] = meta
+    if err is not None:
+        buf[_META_WIDTH] = 1
+        raw = f"{type(err).__name__}\0{err}".encode()[:_MSG_BYTES]
+        buf[_META_WIDTH + 1:].view(np.uint8)[:len(raw)] = np.frombuffer(raw, np.uint8)
+    if debug._ACTIVE:
+        debug.record_metadata(what, buf.nbytes)
+    rows = _ctl_allgather(g, buf, f"{caller} ({what})")
+    failed = np.flatnonzero(rows[:, _META_WIDTH])
+    if failed.size:
+        if err is not None:
+            raise err
+        r = int(failed[0])
+        raw = rows[r, _META_WIDTH + 1:].copy().view(np.uint8).tobytes().rstrip(b"\0").decode(errors="replace")
+        tname, _, msg = raw.partition("\0")
+        etype = _EXC_TYPES.get(tname, ValueError)
+        raise etype(f"{caller}: rank {_world_rank(g, r)} rejected its arguments ({len(failed)} rank(s) failed "
+                    f"the checks, so every rank raises): {msg}")
+    return rows[:, :_META_WIDTH]
