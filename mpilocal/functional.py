@@ -28,8 +28,7 @@ from .transport.select import transport_for
 __all__ = ["all_gather_tensor", "all_reduce", "reduce_scatter_tensor", "all_to_all_single", "broadcast"]
 
 _OP_ALIASES = {
-    "sum": "sum", "avg": "avg", "mean": "avg", "max": "max", "min": "min",
-    "product": "product", "prod": "product", "premul_sum": None,
+    "sum": "sum", "avg": "avg", "max": "max", "min": "min", "product": "product",
 }
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from . import _arrays
 from .dtensor import DTensor, _on_device, _placements, _wrap
 
@@ -144,6 +146,8 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                 raise TypeError(
                     f"local_map: {func.__name__} returned a DTensor; the local function must return local arrays"
                 )
+            if isinstance(o, np.generic):  # NumPy reductions return scalars; PyTorch's are 0-d tensors
+                o = np.asarray(o)
             if _arrays.is_array(o):
                 if s is None:
                     raise ValueError(
@@ -154,7 +158,8 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
             else:
                 if s is not None:
                     raise ValueError(
-                        f"local_map: non-array output {o!r:.40} expects None placements but received {s!r}"
+                        f"local_map: non-array output of type {type(o).__name__} expects None placements but "
+                        f"received {s!r}; use None for it in out_placements"
                     )
                 wrapped_out.append(o)
         return _unflatten(out_spec, iter(wrapped_out))
