@@ -178,13 +178,7 @@ def chunks(n: int, k: int) -> list[int]:
     return [max(0, min(c, n - i * c)) for i in range(k)]
 
 
-def _abort_on_error(exc_type, exc, tb) -> None:
-    """An exception on one rank would leave the others waiting in a collective: end the whole job."""
-    sys.__excepthook__(exc_type, exc, tb)
-    sys.stderr.flush()
-    COMM.Abort(1)
-
-
 if __name__ == "__main__":
-    sys.excepthook = _abort_on_error
+    # An uncaught exception on one rank would leave the others waiting in a collective; `import
+    # mpilocal` installs a sys.excepthook that aborts the whole job instead (MPILOCAL_ABORT_ON_ERROR).
     sys.exit(main())
