@@ -127,6 +127,8 @@ EOF
             printf 'mpi=%s\nextras=%s\n' "$MPI_KIND" "$extras" >"$STAMP"
         fi
         PY="$VENV/bin/python"
+        # as `source .venv/bin/activate` would: tools and tests that spawn `mpiexec` or `python` find the venv's
+        export VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH"
     fi
 
     if [ -n "${MPILOCAL_MPIEXEC:-}" ]; then
