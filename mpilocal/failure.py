@@ -121,6 +121,12 @@ def _size() -> int:
 # aborting
 # ------------------------------------------------------------------------------------------------
 _ABORTING = threading.Lock()
+_BEFORE_REPORT: list = []
+
+
+def register_before_report(fn) -> None:
+    """``fn()`` runs just before an abort prints its report (e.g. to suspend pytest's capture)."""
+    _BEFORE_REPORT.append(fn)
 
 
 def _prefix(text: str, rank=None) -> str:
@@ -136,6 +142,11 @@ def abort(code: int = 1, message: str = "") -> None:
     if not _ABORTING.acquire(blocking=False):  # another thread is already aborting
         while True:
             time.sleep(3600)
+    for fn in list(_BEFORE_REPORT):  # e.g. pytest: suspend output capture so the report is seen
+        try:
+            fn()
+        except Exception:
+            pass
     try:
         if message:
             sys.stderr.write(_prefix(message))
@@ -269,6 +280,30 @@ def waiting(name: str, g) -> _Clear:
     return _CLEAR
 
 
+class _Restore:
+    __slots__ = ("prev",)
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        global _slot
+        _slot = self.prev
+        return False
+
+
+def in_flight(name: str, g=None) -> _Restore:
+    """``with in_flight("creating ..."):`` puts a blocking MPI call other than a collective on
+    array data (communicator creation, ...) under the deadline; restores the previous slot after."""
+    global _slot
+    r = _Restore()
+    r.prev = _slot
+    if _WATCH:
+        _slot = (name, 0 if g is None else g.cache.get(_SEQ, 0), g, _monotonic(), None)
+        _ensure_watchdog()
+    return r
+
+
 _ASYNC: list = []          # [what, seq, group, t0, done, check_error, abort]
 _ASYNC_LOCK = threading.Lock()
 _ABORT_HOOKS: list = []
@@ -391,10 +426,11 @@ def _main_stack() -> str:
 
 
 def _fire(name, seq, g, limit, err, abort_fn):
+    what = (f"{name}#{seq}" if seq else name) + (f" on {describe_group(g)}" if g is not None else "")
     if err is not None:
-        head = f"mpilocal: {name}#{seq} on {describe_group(g)} failed asynchronously: {err}"
+        head = f"mpilocal: {what} failed asynchronously: {err}"
     else:
-        head = (f"mpilocal: {name}#{seq} on {describe_group(g)} did not complete within {limit:g} s "
+        head = (f"mpilocal: {what} did not complete within {limit:g} s "
                 f"(MPILOCAL_TIMEOUT); another rank probably raised, exited early, or called a different "
                 f"collective (MPILOCAL_DEBUG=1 checks that). Aborting the MPI job.")
     stack = _main_stack()
@@ -530,6 +566,8 @@ def agree(g, caller: str, err, meta=None, what: str = "argument_check"):
         return None if meta is None else meta.reshape(1, -1)
     if g.size == 1:
         raise err
+    if _DEBUG:  # which public function each rank is in
+        check_fingerprint(f"{caller} ({what})", g.cache.get(_SEQ, 0) + 1, g)
     buf = np.zeros(_META_WIDTH + 1 + _MSG_BYTES // 8, dtype=np.int64)
     if meta is not None:
         buf[:_META_WIDTH] = meta

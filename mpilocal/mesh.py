@@ -158,7 +158,10 @@ class DeviceMesh:
         if comm is None:
             ranks = self.mesh.ravel().tolist()
             group = _world().Get_group().Incl(ranks)
-            comm = _world().Create_group(group, tag=7)
+            from .failure import in_flight
+
+            with in_flight(f"creating the communicator of {self!r} (MPI_Comm_create_group)"):  # deadline
+                comm = _world().Create_group(group, tag=7)
             group.Free()
             _COMM_CACHE[key] = comm
         return comm
@@ -169,7 +172,10 @@ class DeviceMesh:
             key = ("meta", self.mesh.tobytes(), self.mesh.shape)
             comm = _COMM_CACHE.get(key)
             if comm is None:
-                comm = _COMM_CACHE[key] = self.get_comm().Dup()
+                from .failure import in_flight
+
+                with in_flight(f"creating the metadata communicator of {self!r} (MPI_Comm_dup)"):  # deadline
+                    comm = _COMM_CACHE[key] = self.get_comm().Dup()
             self._meta_comm = comm
         return self._meta_comm
 

@@ -37,3 +37,55 @@ def assert_close_all(actual, expected, comm=None, **kw) -> None:
 @pytest.fixture
 def world():
     return MPI.COMM_WORLD
+
+
+# ------------------------------------------------------------------------------------------------
+# failure handling (issue 5): a failing or hung rank ends the job, promptly and with its traceback.
+# - Every collective mpilocal issues has a deadline (mpilocal.failure); in tests it defaults to 90 s,
+#   below the per-test pytest-timeout (120 s), unless MPILOCAL_TIMEOUT is set.
+# - A test that fails on some rank prints that rank's failure to stderr at once (prefixed with the
+#   rank), so it is visible even when the job is then aborted.
+# - After every test the ranks meet once more under the deadline: a rank that left a collective
+#   (raised mid-collective) while the others still wait in it makes the job abort with a report
+#   naming the operation instead of hanging into the next test.
+# ------------------------------------------------------------------------------------------------
+import os as _os
+import sys as _sys
+
+import mpilocal.failure as _failure
+
+if not _os.environ.get("MPILOCAL_TIMEOUT"):
+    _failure.set_timeout(90)
+
+_SYNC_COMM = []
+
+
+def _end_of_test_sync(nodeid):
+    if MPI.COMM_WORLD.Get_size() == 1 or _failure.timeout() is None:
+        return
+    from mpilocal.transport import group_for
+
+    if not _SYNC_COMM:
+        _SYNC_COMM.append(group_for(MPI.COMM_WORLD.Dup()))
+    g = _SYNC_COMM[0]
+    with _failure.begin(f"end-of-test sync after {nodeid}", g):
+        g.comm.Barrier()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    yield
+    _end_of_test_sync(item.nodeid)
+
+
+def pytest_configure(config):
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:  # an abort report must reach the terminal, not pytest's capture buffer
+        _failure.register_before_report(lambda: capman.suspend_global_capture(in_=False))
+
+
+def pytest_runtest_logreport(report):
+    if report.failed and MPI.COMM_WORLD.Get_size() > 1:
+        text = f"{report.when} of {report.nodeid} FAILED on this rank:\n{report.longreprtext}"
+        _sys.stderr.write(_failure._prefix(text[-4000:]))
+        _sys.stderr.flush()

@@ -1,0 +1,85 @@
+"""``python -m mpilocal.run script.py [args]`` (or ``-m module [args]``, ``-c code [args]``).
+
+Runs a program the way ``python`` would (``runpy``; ``sys.argv`` and ``sys.path[0]`` as usual), and
+makes sure that one failing rank ends the whole MPI job promptly with a non-zero status:
+
+- an uncaught exception — in the program, in mpilocal, or while importing either — prints
+  ``[rank R] Traceback ...`` and calls ``MPI.COMM_WORLD.Abort(1)``;
+- ``sys.exit(n)`` / ``raise SystemExit(n)`` with ``n`` not 0 (or a message) on any rank calls
+  ``MPI.COMM_WORLD.Abort(n)``; ``sys.exit(0)`` / ``None`` exits normally (``MPI_Finalize`` then
+  waits for the other ranks, bounded by ``MPILOCAL_EXIT_TIMEOUT``).
+
+Plain ``mpiexec -n N python script.py`` that imports mpilocal covers uncaught exceptions raised
+after ``import mpilocal`` (its ``sys.excepthook``); ``sys.exit(n)`` there is bounded only by the
+deadlines (the other ranks' ``MPILOCAL_TIMEOUT`` and this rank's ``MPILOCAL_EXIT_TIMEOUT``).
+Usage: ``mpiexec -n 4 python -m mpilocal.run train.py --epochs 3``.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+USAGE = "usage: python -m mpilocal.run (script.py | -m module | -c code) [args...]"
+
+
+def _abort_exception(exc_type, exc, tb, failure):
+    failure.abort(1, failure.format_exception(exc_type, exc, tb)
+                  + f"mpilocal.run: uncaught {exc_type.__name__}; aborting the MPI job")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
+    try:
+        from . import failure
+    except BaseException:  # mpilocal/mpi4py itself failed to import: no MPI to abort through
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    failure.install()
+    try:
+        if argv[0] == "-m":
+            if len(argv) < 2:
+                print(USAGE, file=sys.stderr)
+                return 2
+            sys.argv = argv[1:]
+            sys.path.insert(0, os.getcwd())
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif argv[0] == "-c":
+            if len(argv) < 2:
+                print(USAGE, file=sys.stderr)
+                return 2
+            sys.argv = ["-c"] + argv[2:]
+            sys.path.insert(0, "")
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+        else:
+            path = argv[0]
+            sys.argv = argv
+            sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+        if code is None or code == 0:
+            return 0
+        if not isinstance(code, int):
+            sys.stderr.write(f"{code}\n")
+            code = 1
+        failure._EXIT_CODE = code
+        if failure._size() > 1:
+            failure.abort(code, f"mpilocal.run: the program called sys.exit({e.code!r}); aborting the MPI job")
+        return code
+    except BaseException:
+        exc_type, exc, tb = sys.exc_info()
+        if failure._size() > 1:
+            _abort_exception(exc_type, exc, tb.tb_next or tb, failure)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
