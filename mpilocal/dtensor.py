@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import _arrays, functional
+from . import _arrays, failure, functional
 from .layout import (check_local_shapes, global_shape_from_locals, local_shape_and_offset, local_slices,
                      mesh_coords, normalize_placements)
 from .mesh import DeviceMesh, init_device_mesh
@@ -65,6 +65,15 @@ def _on_device(x, mesh, caller):
     raise TypeError(f"{caller}: expected a NumPy or CuPy array, got {type(x).__name__}")
 
 
+def _check_group(mesh, x):
+    """The Group over which argument checks are agreed (failure.agreed); None off the mesh."""
+    if mesh is None:
+        mesh = _default_mesh("cuda" if _arrays.is_cupy(x) else "cpu")
+    if not isinstance(mesh, DeviceMesh) or mesh._coordinate is None:
+        return None
+    return group_for(mesh._metadata_comm())
+
+
 def _check_mesh(mesh, caller):
     if mesh is not None and not isinstance(mesh, DeviceMesh):
         raise TypeError(f"{caller}: device_mesh must be a DeviceMesh, got {type(mesh).__name__}")
@@ -98,16 +107,18 @@ class DTensor:
         rank 0 of each Replicate mesh dim, as PyTorch does.
         """
         caller = "DTensor.from_local"
-        _arrays.require_array(local_tensor, caller, "local_tensor")
-        _check_mesh(device_mesh, caller)
-        mesh = device_mesh if device_mesh is not None else _default_mesh(
-            "cuda" if _arrays.is_cupy(local_tensor) else "cpu")
-        local = _on_device(local_tensor, mesh, caller)
-        pl = _placements(placements, mesh, local.ndim, caller)
-        if shape is not None:
-            shape = _check_shape(shape, local.ndim, caller)
-        if stride is not None:
-            stride = _check_shape(stride, local.ndim, caller, "stride")
+        # run_check: the verdict of the local checks is agreed, so every rank raises (failure.agreed)
+        with failure.agreed(_check_group(device_mesh, local_tensor) if run_check else None, caller):
+            _arrays.require_array(local_tensor, caller, "local_tensor")
+            _check_mesh(device_mesh, caller)
+            mesh = device_mesh if device_mesh is not None else _default_mesh(
+                "cuda" if _arrays.is_cupy(local_tensor) else "cpu")
+            local = _on_device(local_tensor, mesh, caller)
+            pl = _placements(placements, mesh, local.ndim, caller)
+            if shape is not None:
+                shape = _check_shape(shape, local.ndim, caller)
+            if stride is not None:
+                stride = _check_shape(stride, local.ndim, caller, "stride")
         if mesh._coordinate is None:
             return DTensor(local, mesh, pl, shape if shape is not None else tuple(local.shape), None, stride)
         if run_check:
@@ -284,25 +295,27 @@ def distribute_tensor(tensor, device_mesh=None, placements=None, *, src_data_ran
     placements are rejected.
     """
     caller = "distribute_tensor"
-    _arrays.require_array(tensor, caller, "tensor")
-    _check_mesh(device_mesh, caller)
-    mesh = device_mesh if device_mesh is not None else _default_mesh("cuda" if _arrays.is_cupy(tensor) else "cpu")
-    x = _on_device(tensor, mesh, caller)
-    pl = _placements(placements, mesh, x.ndim, caller)
-    for p in pl:
-        if p.is_partial():
-            raise ValueError(
-                f"{caller}: placements {list(pl)} contain {p!r}; a global array cannot be distributed as Partial. "
-                f"Distribute it as Replicate()/Shard(d), or build a Partial DTensor with DTensor.from_local"
-            )
-    if src_data_rank is not None:
-        if isinstance(src_data_rank, bool) or not isinstance(src_data_rank, (int, np.integer)):
-            raise TypeError(f"{caller}: src_data_rank must be an int or None, got {src_data_rank!r}")
-        if not 0 <= src_data_rank < min(mesh.shape):
-            raise ValueError(
-                f"{caller}: src_data_rank={src_data_rank} is not a group rank on every mesh dim of a mesh of shape "
-                f"{mesh.shape}; use 0..{min(mesh.shape) - 1} or None"
-            )
+    # with communication ahead, the verdict of the local checks is agreed so every rank raises
+    with failure.agreed(_check_group(device_mesh, tensor) if src_data_rank is not None else None, caller):
+        _arrays.require_array(tensor, caller, "tensor")
+        _check_mesh(device_mesh, caller)
+        mesh = device_mesh if device_mesh is not None else _default_mesh("cuda" if _arrays.is_cupy(tensor) else "cpu")
+        x = _on_device(tensor, mesh, caller)
+        pl = _placements(placements, mesh, x.ndim, caller)
+        for p in pl:
+            if p.is_partial():
+                raise ValueError(
+                    f"{caller}: placements {list(pl)} contain {p!r}; a global array cannot be distributed as Partial. "
+                    f"Distribute it as Replicate()/Shard(d), or build a Partial DTensor with DTensor.from_local"
+                )
+        if src_data_rank is not None:
+            if isinstance(src_data_rank, bool) or not isinstance(src_data_rank, (int, np.integer)):
+                raise TypeError(f"{caller}: src_data_rank must be an int or None, got {src_data_rank!r}")
+            if not 0 <= src_data_rank < min(mesh.shape):
+                raise ValueError(
+                    f"{caller}: src_data_rank={src_data_rank} is not a group rank on every mesh dim of a mesh of "
+                    f"shape {mesh.shape}; use 0..{min(mesh.shape) - 1} or None"
+                )
     shape = tuple(x.shape)
     coord = mesh._coordinate
     if coord is None:

@@ -589,3 +589,24 @@ def agree(g, caller: str, err, meta=None, what: str = "argument_check"):
         raise etype(f"{caller}: rank {_world_rank(g, r)} rejected its arguments ({len(failed)} rank(s) failed "
                     f"the checks, so every rank raises): {msg}")
     return rows[:, :_META_WIDTH]
+
+
+class agreed:
+    """``with agreed(g, caller): <local argument checks>`` — the checks' verdict is agreed over
+    Group ``g`` (:func:`agree`) when the block ends, so a check that fails on some ranks only raises
+    on every rank. ``g=None``: no agreement (a plain block). **Collective** over ``g``."""
+
+    __slots__ = ("g", "caller")
+
+    def __init__(self, g, caller: str):
+        self.g, self.caller = g, caller
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.g is None or (exc_type is not None and not issubclass(exc_type, Exception)):
+            return False
+        agree(self.g, self.caller, exc)  # raises exc itself, or the failing rank's error
+        return False
+

@@ -300,10 +300,25 @@ def all_gather_tensor(x, gather_dim: int, group, tag: str = ""):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    rows = failure.agree(g, caller, err, None if err else meta_vector(x.shape, x.dtype), "gather_sizes")
+    rows = failure.agree(g, caller, err, None if err else _meta_with(x, caller, gather_dim=dim), "gather_sizes")
+    _check_params(rows, caller, gather_dim=dim)
     _check_same(rows, caller, skip_dim=dim)
     sizes = [int(r[2 + dim]) for r in rows]
     return gather(x, dim, g, sizes)
+
+
+def _meta_with(x, caller, **params):
+    """meta_vector of ``x`` with the call's parameters (reduce op, dim, src) hashed into the last
+    entry, past any real ndim, so that :func:`_check_same` also finds ranks that pass different ones."""
+    vec = meta_vector(x.shape, x.dtype)
+    vec[-1] = zlib.crc32(repr(sorted(params.items())).encode())
+    return vec
+
+
+def _check_params(rows, caller, **params):
+    if rows is not None and len(set(rows[:, -1].tolist())) > 1:
+        raise ValueError(f"{caller}: ranks pass different {', '.join(params)} (this rank: "
+                         f"{', '.join(f'{k}={v!r}' for k, v in params.items())}); every rank must pass the same")
 
 
 def _check_same(rows, caller, skip_dim=None):
@@ -338,7 +353,9 @@ def all_reduce(x, reduceOp: str, group, tag: str = ""):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    _check_same(failure.agree(g, caller, err, None if err else meta_vector(x.shape, x.dtype)), caller)
+    rows = failure.agree(g, caller, err, None if err else _meta_with(x, caller, reduceOp=op))
+    _check_params(rows, caller, reduceOp=op)
+    _check_same(rows, caller)
     return reduce(x, op, g)
 
 
@@ -355,7 +372,9 @@ def reduce_scatter_tensor(x, reduceOp: str, scatter_dim: int, group, tag: str = 
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    _check_same(failure.agree(g, caller, err, None if err else meta_vector(x.shape, x.dtype)), caller)
+    rows = failure.agree(g, caller, err, None if err else _meta_with(x, caller, reduceOp=op, scatter_dim=dim))
+    _check_params(rows, caller, reduceOp=op, scatter_dim=dim)
+    _check_same(rows, caller)
     return reduce_scatter(x, op, dim, g, chunk_sizes(x.shape[dim], g.size))
 
 
@@ -436,13 +455,7 @@ def broadcast(x, src: int, group, tag: str = ""):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    vec = None
-    if err is None:
-        vec = meta_vector(x.shape, x.dtype)
-        vec[-1] = int(src)  # past any real ndim: agree on the source rank too
-    rows = failure.agree(g, caller, err, vec)
+    rows = failure.agree(g, caller, err, None if err else _meta_with(x, caller, src=int(src)))
+    _check_params(rows, caller, src=int(src))
     _check_same(rows, caller)
-    if len(set(rows[:, -1].tolist())) > 1:
-        raise ValueError(f"{caller}: ranks pass different src values {rows[:, -1].tolist()}; every rank must name "
-                         f"the same source rank")
     return bcast(x, int(src), g)
