@@ -1,0 +1,364 @@
+"""DTensor construction and attributes: distribute_tensor (src_data_rank), from_local (shape inference,
+run_check), to_local, full_tensor, placements, device_mesh, shape, dtype, ndim, size(), repr."""
+
+import numpy as np
+import pytest
+from conftest import assert_all
+from mpi4py import MPI
+
+from mpilocal import DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
+from mpilocal.layout import chunk_sizes, local_slices
+
+W = MPI.COMM_WORLD.Get_size()
+RANK = MPI.COMM_WORLD.Get_rank()
+
+pytestmark = pytest.mark.mpi
+
+S0, S1, R = Shard(0), Shard(1), Replicate()
+
+
+def make_mesh(kind):
+    if kind == "1d":
+        return init_device_mesh("cpu", (W,), mesh_dim_names=("x",))
+    if kind == "Nx1":
+        return init_device_mesh("cpu", (W, 1), mesh_dim_names=("a", "b"))
+    if kind == "1xN":
+        return init_device_mesh("cpu", (1, W), mesh_dim_names=("a", "b"))
+    if kind == "2x2":
+        return init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b")) if W == 4 else None
+    if kind == "2x2_permuted":
+        return DeviceMesh("cpu", np.array([[3, 1], [2, 0]])) if W == 4 else None
+    raise AssertionError(kind)
+
+
+def mesh_or_skip(kind):
+    mesh = make_mesh(kind)
+    if mesh is None:
+        pytest.skip(f"mesh {kind} does not fit {W} ranks")
+    return mesh
+
+
+def checked(fn, *args, **kwargs):
+    """Call a collective on every rank. Library errors are raised identically on every rank (and the
+    library's watchdog ends a job whose ranks diverge), so no extra agreement round is spent here."""
+    return fn(*args, **kwargs)
+
+
+class Check:
+    """Collects this rank's failed checks; :meth:`done` agrees on the verdict (one collective)."""
+
+    def __init__(self):
+        self.problems = []
+
+    def __call__(self, ok, msg=""):
+        if not ok:
+            self.problems.append(f"rank {RANK}: {msg}")
+
+    def close(self, actual, expected, what="", **kw):
+        try:
+            np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), **kw)
+        except AssertionError as exc:
+            self.problems.append(f"rank {RANK}: {what}: {exc}")
+
+    def done(self):
+        assert_all(not self.problems, "\n".join(self.problems[:6]))
+
+
+def base_array(shape, seed=0, dtype=np.float64):
+    return np.random.default_rng(seed).integers(-50, 50, size=shape).astype(dtype)
+
+
+def rank_data(world_rank, shape, seed=0):
+    """Different data on every rank: the base array plus 1000 * world rank."""
+    return base_array(shape, seed) + 1000.0 * world_rank
+
+
+def my_slice(G, mesh, placements):
+    return G[local_slices(G.shape, mesh.shape, tuple(placements), tuple(mesh.get_coordinate()))]
+
+
+# ------------------------------------------------------------------------------------------------
+# distribute_tensor and src_data_rank
+
+
+PLACEMENTS_1D = [[S0], [S1], [R]]
+PLACEMENTS_2D = [[S0, R], [R, S1], [S0, S0], [S0, S1], [R, R]]
+
+
+@pytest.mark.parametrize("src_data_rank", [0, 1, None], ids=lambda s: f"src{s}")
+@pytest.mark.parametrize("placements", PLACEMENTS_1D, ids=repr)
+def test_distribute_tensor_src_data_rank_1d(src_data_rank, placements):
+    chk = Check()
+    mesh = make_mesh("1d")
+    if src_data_rank is not None and src_data_rank >= W:
+        pytest.skip("src_data_rank=1 needs 2 ranks")
+    shape = (7, 5)
+    mine = rank_data(RANK, shape)
+    dt = checked(distribute_tensor, mine, mesh, placements, src_data_rank=src_data_rank)
+    source = mine if src_data_rank is None else rank_data(src_data_rank, shape)
+    exp = my_slice(source, mesh, placements)
+    chk(dt.to_local().shape == exp.shape, f"{dt.to_local().shape} != {exp.shape}")
+    chk.close(dt.to_local(), exp)
+    chk(tuple(dt.shape) == shape and tuple(dt.placements) == tuple(placements))
+    if src_data_rank is not None:
+        chk.close(checked(dt.full_tensor), source)
+    chk.done()
+
+
+@pytest.mark.parametrize("src_data_rank", [0, 1, None], ids=lambda s: f"src{s}")
+@pytest.mark.parametrize("placements", PLACEMENTS_2D, ids=repr)
+@pytest.mark.parametrize("kind", ["2x2", "2x2_permuted", "Nx1", "1xN"])
+def test_distribute_tensor_src_data_rank_2d(kind, src_data_rank, placements):
+    chk = Check()
+    mesh = mesh_or_skip(kind)
+    if src_data_rank is not None and src_data_rank >= min(mesh.shape):
+        pytest.skip(f"src_data_rank={src_data_rank} is not a group rank on every dim of {mesh.shape}")
+    shape = (7, 6)
+    mine = rank_data(RANK, shape, seed=1)
+    dt = checked(distribute_tensor, mine, mesh, placements, src_data_rank=src_data_rank)
+    if src_data_rank is None:
+        source = mine
+    else:
+        # PyTorch scatters/broadcasts from group rank src_data_rank along every mesh dim in turn,
+        # so the data come from the rank at coordinate (src_data_rank, ..., src_data_rank)
+        source = rank_data(int(mesh.mesh[(src_data_rank,) * mesh.ndim]), shape, seed=1)
+    exp = my_slice(source, mesh, placements)
+    chk(dt.to_local().shape == exp.shape, f"{dt.to_local().shape} != {exp.shape}")
+    chk.close(dt.to_local(), exp)
+    chk.done()
+
+
+def test_distribute_tensor_none_does_not_communicate():
+    chk = Check()
+    from mpilocal import CommDebugMode
+
+    mesh = make_mesh("1d")
+    mine = rank_data(RANK, (6, 3), seed=2)
+    with CommDebugMode() as comm:
+        dt = checked(distribute_tensor, mine, mesh, [S0], src_data_rank=None)
+    chk(comm.get_total_counts() == 0, f"{comm.get_comm_counts()}")
+    chk.close(dt.to_local(), my_slice(mine, mesh, [S0]))
+    chk.done()
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 2), (0, 4), (8,), (2, 3, 4)], ids=str)
+def test_distribute_tensor_shapes(shape):
+    chk = Check()
+    mesh = make_mesh("1d")
+    G = base_array(shape, seed=3)
+    for placements in ([S0], [R], [Shard(-1)]):
+        dt = checked(distribute_tensor, G, mesh, placements)
+        norm = [Shard(len(shape) - 1)] if placements == [Shard(-1)] else placements
+        chk.close(dt.to_local(), my_slice(G, mesh, norm))
+        chk(tuple(dt.shape) == shape)
+        chk.close(checked(dt.full_tensor), G)
+    chk.done()
+
+
+def test_distribute_tensor_default_placements_replicate():
+    chk = Check()
+    mesh = make_mesh("1d")
+    G = base_array((4, 3), seed=4)
+    dt = checked(distribute_tensor, G, mesh)
+    chk(tuple(dt.placements) == (R,))
+    chk.close(dt.to_local(), G)
+    chk.done()
+
+
+def test_distribute_tensor_non_contiguous_input():
+    chk = Check()
+    mesh = make_mesh("1d")
+    G = base_array((6, 9), seed=5).T[:, ::2]  # (9, 3), not C-contiguous
+    dt = checked(distribute_tensor, G, mesh, [S0])
+    chk.close(dt.to_local(), my_slice(np.ascontiguousarray(G), mesh, [S0]))
+    chk.close(checked(dt.full_tensor), G)
+    chk.done()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.int64, np.complex128, np.bool_], ids=lambda d: np.dtype(d).name)
+def test_distribute_tensor_dtypes(dtype):
+    chk = Check()
+    mesh = make_mesh("1d")
+    G = (np.arange(35).reshape(7, 5) % 3).astype(dtype)
+    dt = checked(distribute_tensor, G, mesh, [S1])
+    local = dt.to_local()
+    chk(local.dtype == np.dtype(dtype) and dt.dtype == np.dtype(dtype), f"{local.dtype}")
+    chk(np.array_equal(local, my_slice(G, mesh, [S1])))
+    chk(np.array_equal(checked(dt.full_tensor), G))
+    chk.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# from_local
+
+
+@pytest.mark.parametrize("rows", [7, 3, 1, 0, 8])
+@pytest.mark.parametrize("with_shape", [False, True], ids=["inferred", "shape="])
+def test_from_local_uneven_1d(rows, with_shape):
+    chk = Check()
+    mesh = make_mesh("1d")
+    G = base_array((rows, 4), seed=6)
+    local = np.ascontiguousarray(my_slice(G, mesh, [S0]))
+    assert local.shape[0] == chunk_sizes(rows, W)[RANK]
+    kw = {"shape": G.shape} if with_shape else {}
+    dt = checked(DTensor.from_local, local, mesh, [S0], **kw)
+    chk(tuple(dt.shape) == G.shape, f"global shape {dt.shape} != {G.shape} (local {local.shape})")
+    chk(tuple(dt.size()) == G.shape and dt.size(0) == rows and dt.size(1) == 4)
+    chk.close(dt.to_local(), local)
+    chk.close(checked(dt.full_tensor), G)
+    chk.done()
+
+
+def test_from_local_seven_rows_over_ranks():
+    chk = Check()
+    # the example of the brief: 7 rows over the world gives (7, ...) without shape=
+    mesh = make_mesh("1d")
+    local = np.full((chunk_sizes(7, W)[RANK], 3), float(RANK))
+    dt = checked(DTensor.from_local, local, mesh, [S0])
+    chk(tuple(dt.shape) == (7, 3), f"{dt.shape}")
+    chk.done()
+
+
+def test_from_local_shard_dim1_inferred():
+    chk = Check()
+    mesh = make_mesh("1d")
+    G = base_array((3, 10), seed=7)
+    local = np.ascontiguousarray(my_slice(G, mesh, [S1]))
+    dt = checked(DTensor.from_local, local, mesh, [S1])
+    chk(tuple(dt.shape) == (3, 10), f"{dt.shape}")
+    chk.close(checked(dt.full_tensor), G)
+    chk.done()
+
+
+@pytest.mark.parametrize("placements", [[S0, S1], [S0, S0], [R, S1], [S1, R]], ids=repr)
+@pytest.mark.parametrize("kind", ["2x2", "Nx1", "1xN"])
+@pytest.mark.parametrize("with_shape", [False, True], ids=["inferred", "shape="])
+def test_from_local_2d(kind, placements, with_shape):
+    chk = Check()
+    mesh = mesh_or_skip(kind)
+    G = base_array((7, 5), seed=8)
+    local = np.ascontiguousarray(my_slice(G, mesh, placements))
+    kw = {"shape": G.shape} if with_shape else {}
+    dt = checked(DTensor.from_local, local, mesh, placements, **kw)
+    chk(tuple(dt.shape) == G.shape, f"global shape {dt.shape} != {G.shape}")
+    chk.close(checked(dt.full_tensor), G)
+    chk.done()
+
+
+def test_from_local_replicate_and_partial_shapes():
+    chk = Check()
+    mesh = make_mesh("1d")
+    x = base_array((3, 4), seed=9)
+    dt = checked(DTensor.from_local, x, mesh, [R])
+    chk(tuple(dt.shape) == (3, 4))
+    p = checked(DTensor.from_local, x / W, mesh, [Partial()])
+    chk(tuple(p.shape) == (3, 4) and tuple(p.placements) == (Partial(),))
+    chk.close(checked(p.full_tensor), x)
+    chk.done()
+
+
+@pytest.mark.parametrize("rows", [7, 3])
+def test_from_local_run_check_passes(rows):
+    chk = Check()
+    mesh = make_mesh("1d")
+    G = base_array((rows, 4), seed=10)
+    local = np.ascontiguousarray(my_slice(G, mesh, [S0]))
+    dt = checked(DTensor.from_local, local, mesh, [S0], run_check=True)
+    chk(tuple(dt.shape) == G.shape, f"{dt.shape}")
+    chk.close(dt.to_local(), local)
+    dt = checked(DTensor.from_local, local, mesh, [S0], run_check=True, shape=G.shape)
+    chk(tuple(dt.shape) == G.shape)
+    rep = checked(DTensor.from_local, G.copy(), mesh, [R], run_check=True)
+    chk.close(rep.to_local(), G)
+    chk.done()
+
+
+def test_from_local_run_check_2d():
+    chk = Check()
+    if W != 4:
+        pytest.skip("needs a 2x2 mesh")
+    mesh = make_mesh("2x2")
+    G = base_array((5, 7), seed=11)
+    for placements in ([S0, S1], [S0, S0], [R, S1]):
+        local = np.ascontiguousarray(my_slice(G, mesh, placements))
+        dt = checked(DTensor.from_local, local, mesh, placements, run_check=True)
+        chk(tuple(dt.shape) == G.shape, f"{placements}: {dt.shape}")
+        chk.close(checked(dt.full_tensor), G)
+    chk.done()
+
+
+def test_from_local_does_not_copy_semantics_of_to_local():
+    chk = Check()
+    mesh = make_mesh("1d")
+    x = base_array((2, 3), seed=12)
+    dt = checked(DTensor.from_local, x, mesh, [S0])
+    chk.close(dt.to_local(), x)
+    chk(isinstance(dt.to_local(), np.ndarray))
+    chk.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# attributes and repr
+
+
+def test_attributes():
+    chk = Check()
+    mesh = make_mesh("1d")
+    G = base_array((7, 5), seed=13, dtype=np.float32)
+    dt = checked(distribute_tensor, G, mesh, [S0])
+    chk(dt.device_mesh == mesh)
+    chk(isinstance(dt.placements, tuple) and dt.placements == (S0,))
+    chk(tuple(dt.shape) == (7, 5))
+    chk(dt.dtype == np.float32)
+    chk(dt.ndim == 2)
+    chk(tuple(dt.size()) == (7, 5) and dt.size(0) == 7 and dt.size(1) == 5)
+    chk(isinstance(dt.to_local(), np.ndarray))
+    chk(dt.to_local().shape == (chunk_sizes(7, W)[RANK], 5))
+    chk.done()
+
+
+def test_attributes_2d():
+    chk = Check()
+    mesh = mesh_or_skip("2x2") if W == 4 else make_mesh("Nx1")
+    G = base_array((6, 4, 3), seed=14)
+    dt = checked(distribute_tensor, G, mesh, [S0, Shard(2)])
+    chk(dt.device_mesh == mesh and dt.placements == (S0, Shard(2)))
+    chk(tuple(dt.shape) == (6, 4, 3) and dt.ndim == 3 and dt.size(2) == 3)
+    chk.close(dt.to_local(), my_slice(G, mesh, [S0, Shard(2)]))
+    chk.done()
+
+
+def _repr_ok(r, mesh, placements, gshape, lshape):
+    problems = []
+    if "mesh" not in r.lower():
+        problems.append("no mesh")
+    for p in placements:
+        if repr(p) not in r:
+            problems.append(f"no {p!r}")
+    for what, s in (("global", gshape), ("local", lshape)):
+        if str(tuple(s)) not in r and str(list(s)) not in r:
+            problems.append(f"no {what} shape {tuple(s)}")
+    return problems
+
+
+def test_repr_with_known_shape():
+    chk = Check()
+    mesh = make_mesh("1d")
+    G = base_array((7, 5), seed=15)
+    dt = checked(distribute_tensor, G, mesh, [S1])
+    r = repr(dt)
+    problems = _repr_ok(r, mesh, dt.placements, (7, 5), dt.to_local().shape)
+    chk(not problems, f"{problems} in {r}")
+    chk.done()
+
+
+def test_repr_with_inferred_shape():
+    chk = Check()
+    # DESIGN: __repr__ shows mesh, placements, global and local shape (also before .shape was read)
+    mesh = make_mesh("1d")
+    local = np.zeros((chunk_sizes(7, W)[RANK], 5))
+    dt = checked(DTensor.from_local, local, mesh, [S0])
+    r = repr(dt)
+    problems = _repr_ok(r, mesh, dt.placements, (7, 5), local.shape)
+    chk(not problems, f"{problems} in {r}")
+    chk.done()
