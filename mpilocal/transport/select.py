@@ -12,7 +12,7 @@ import os
 from .. import _arrays
 from .host import HostTransport
 
-__all__ = ["transport_for", "explain", "forced", "VALID"]
+__all__ = ["transport_for", "explain", "forced", "reset", "VALID"]
 
 VALID = ("host", "nccl", "cuda_mpi", "staged")
 _HOST = HostTransport()
@@ -38,6 +38,11 @@ def transport_for(x, op: str):
     if t is None:
         t = _cache[key] = _gpu_choice(op)[0]
     return t
+
+
+def reset() -> None:
+    """Forget cached choices (e.g. after changing ``MPILOCAL_TRANSPORT`` in a running program)."""
+    _cache.clear()
 
 
 def _gpu_choice(op: str):

@@ -1,0 +1,218 @@
+"""The ``cuda_mpi`` transport: CuPy buffers handed straight to a CUDA-aware MPI.
+
+Data movement (all-gather, all-to-all, broadcast, scatter) goes to MPI as device buffers after the
+producing CuPy stream is synchronized (MPI does not know CUDA streams). Reductions never use the MPI
+library's own reduction, which CUDA-aware Open MPI runs on the host (0.3 GB/s measured on 2×H100):
+an all-reduce is a reduce-scatter by point-to-point exchange of blocks, a local elementwise reduction
+on the GPU, and an all-gather of the reduced blocks (the bandwidth-optimal pattern NCCL's ring uses).
+
+This module also holds the GPU helpers that the other device transports share: elementwise
+reductions of stacked blocks on the GPU (:func:`reduce_blocks`) and the block-exchange reduction
+(:class:`ExchangeReduce`) built on a transport's ``alltoallv``/``allgatherv``.
+
+A CuPy buffer never reaches an MPI that is not CUDA-aware: :class:`CudaMpiTransport` refuses to be
+built unless :func:`mpilocal.transport.detect.mpi_cuda_aware` says yes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+from . import detect
+
+__all__ = ["CudaMpiTransport", "ExchangeReduce", "reduce_blocks", "chunk_counts", "displs"]
+
+
+def displs(counts):
+    out, acc = [], 0
+    for c in counts:
+        out.append(acc)
+        acc += c
+    return out
+
+
+def chunk_counts(n: int, k: int) -> list:
+    """Split ``n`` elements into ``k`` near-equal blocks (the first ``n % k`` one larger)."""
+    q, r = divmod(n, k)
+    return [q + (1 if i < r else 0) for i in range(k)]
+
+
+def _ufunc(cp, op: str, dtype):
+    if dtype == np.bool_:
+        return cp.logical_or if op in ("sum", "max") else cp.logical_and
+    return {"sum": cp.add, "product": cp.multiply, "max": cp.maximum, "min": cp.minimum}[op]
+
+
+def reduce_blocks(blocks, op: str, out) -> None:
+    """``out`` = elementwise ``op`` over ``blocks`` (a list of equal-length CuPy arrays), on the GPU,
+    in block order (so every rank that reduces the same blocks gets bit-identical results)."""
+    import cupy as cp
+
+    if not blocks:
+        return
+    f = _ufunc(cp, op, out.dtype)
+    if len(blocks) == 1:
+        if blocks[0] is not out:
+            out[...] = blocks[0]
+        return
+    f(blocks[0], blocks[1], out=out)
+    for b in blocks[2:]:
+        f(out, b, out=out)
+
+
+def _sync_current_stream():
+    import cupy as cp
+
+    cp.cuda.get_current_stream().synchronize()
+
+
+class ExchangeReduce:
+    """All-reduce and reduce-scatter on the GPU from a transport's data movement.
+
+    Reduce-scatter: rank r receives block r of every other rank's ``send`` (one all-to-all) and
+    reduces them with its own block on the GPU. All-reduce: a reduce-scatter into this rank's slice
+    of ``recv`` followed by an in-place all-gather. Subclasses provide ``alltoallv`` and
+    ``allgatherv``.
+    """
+
+    def _exchange(self, send, counts, group):
+        """Blocks ``counts[me]`` long from every rank (own block read in place): a list in rank order.
+        ``send`` holds ``counts[p]`` elements for rank p at offset ``sum(counts[:p])``."""
+        import cupy as cp
+
+        me, k = group.rank, group.size
+        offs = displs(counts)
+        mine = counts[me]
+        tmp = cp.empty(mine * k, dtype=send.dtype)
+        self.alltoallv(send, counts, tmp, [mine] * k, group)  # own block copied too (staged: cheap next to MPI)
+        return [send[offs[me]:offs[me] + mine] if p == me else tmp[p * mine:(p + 1) * mine] for p in range(k)]
+
+    def reduce_scatterv(self, send, recv, counts, op, group):
+        if group.size == 1:
+            recv[...] = send[:counts[0]]
+            return
+        reduce_blocks(self._exchange(send, counts, group), op, recv)
+
+    def allreduce(self, send, recv, op, group):
+        n = recv.size
+        if group.size == 1 or n == 0:
+            if send is not recv:
+                recv[...] = send
+            return
+        counts = chunk_counts(n, group.size)
+        off = displs(counts)[group.rank]
+        mine = recv[off:off + counts[group.rank]]
+        blocks = self._exchange(send, counts, group)
+        if send is recv:  # the own block is read in place: reduce into a temporary first
+            import cupy as cp
+
+            tmp = cp.empty_like(mine)
+            reduce_blocks(blocks, op, tmp)
+            mine[...] = tmp
+        else:
+            reduce_blocks(blocks, op, mine)
+        self.allgatherv_inplace(recv, counts, group)
+
+    def allgatherv_inplace(self, recv, counts, group):
+        """All-gather where this rank's block already sits at its offset in ``recv``."""
+        off = displs(counts)[group.rank]
+        mine = recv[off:off + counts[group.rank]].copy()
+        self.allgatherv(mine, recv, counts, group)
+
+
+def _b(a):
+    """A CuPy array as a flat uint8 view (zero-size arrays give an empty uint8 array)."""
+    import cupy as cp
+
+    return a.view(cp.uint8) if a.size else cp.empty(0, cp.uint8)
+
+
+def _bytes(counts, it):
+    return [c * it for c in counts]
+
+
+class CudaMpiTransport(ExchangeReduce):
+    """CuPy buffers through a CUDA-aware MPI; reductions on the GPU (see the module docstring)."""
+
+    name = "cuda_mpi"
+
+    def __init__(self):
+        aware, why = detect.mpi_cuda_aware()
+        if not aware:
+            raise RuntimeError(
+                f"cuda_mpi transport: the loaded MPI is not CUDA-aware ({why}); handing it a CuPy buffer would "
+                f"crash. Use MPILOCAL_TRANSPORT=nccl or staged, load a CUDA-aware MPI, or set MPILOCAL_CUDA_AWARE=1 "
+                f"if this MPI is CUDA-aware but does not report it"
+            )
+
+    def allgatherv(self, send, recv, counts, group):
+        if not sum(counts):
+            return
+        _sync_current_stream()
+        it = recv.dtype.itemsize
+        b = _bytes(counts, it)
+        group.comm.Allgatherv([_b(send), MPI.BYTE], [_b(recv), (b, displs(b)), MPI.BYTE])
+
+    def allgatherv_inplace(self, recv, counts, group):
+        if not sum(counts):
+            return
+        _sync_current_stream()
+        b = _bytes(counts, recv.dtype.itemsize)
+        group.comm.Allgatherv(MPI.IN_PLACE, [_b(recv), (b, displs(b)), MPI.BYTE])
+
+    def alltoallv(self, send, send_counts, recv, recv_counts, group):
+        it = send.dtype.itemsize
+        _sync_current_stream()
+        comm, me = group.comm, group.rank
+        sd, rd = displs(send_counts), displs(recv_counts)
+        sb, rb = _b(send), _b(recv)
+        reqs = []
+        # point-to-point, so no MPI-side copy of the own block and no zero-size messages
+        for p in range(group.size):
+            if p != me and recv_counts[p]:
+                reqs.append(comm.Irecv([rb[rd[p] * it:(rd[p] + recv_counts[p]) * it], MPI.BYTE], source=p, tag=7301))
+        for p in range(group.size):
+            if p != me and send_counts[p]:
+                reqs.append(comm.Isend([sb[sd[p] * it:(sd[p] + send_counts[p]) * it], MPI.BYTE], dest=p, tag=7301))
+        if send_counts[me]:
+            recv[rd[me]:rd[me] + recv_counts[me]] = send[sd[me]:sd[me] + send_counts[me]]
+        MPI.Request.Waitall(reqs)
+
+    def _exchange(self, send, counts, group):
+        import cupy as cp
+
+        it = send.dtype.itemsize
+        me, k = group.rank, group.size
+        offs = displs(counts)
+        mine = counts[me]
+        tmp = cp.empty(mine * (k - 1), dtype=send.dtype)
+        _sync_current_stream()
+        comm, sb, tb = group.comm, _b(send), _b(tmp)
+        reqs, blocks, j = [], [], 0
+        for p in range(k):
+            if p == me:
+                blocks.append(send[offs[me]:offs[me] + mine])
+                continue
+            if mine:
+                reqs.append(comm.Irecv([tb[j * mine * it:(j + 1) * mine * it], MPI.BYTE], source=p, tag=7302))
+            blocks.append(tmp[j * mine:(j + 1) * mine])
+            j += 1
+        for p in range(k):
+            if p != me and counts[p]:
+                reqs.append(comm.Isend([sb[offs[p] * it:(offs[p] + counts[p]) * it], MPI.BYTE], dest=p, tag=7302))
+        MPI.Request.Waitall(reqs)
+        return blocks
+
+    def bcast(self, buf, root, group):
+        if not buf.size:
+            return
+        _sync_current_stream()
+        group.comm.Bcast([_b(buf), MPI.BYTE], root=root)
+
+    def scatterv(self, send, counts, recv, root, group):
+        _sync_current_stream()
+        it = recv.dtype.itemsize
+        b = _bytes(counts, it)
+        sendspec = [_b(send), (b, displs(b)), MPI.BYTE] if group.rank == root else None
+        group.comm.Scatterv(sendspec, [_b(recv), MPI.BYTE], root=root)

@@ -1,0 +1,223 @@
+"""The ``nccl`` transport: CuPy buffers through ``cupy.cuda.nccl``.
+
+One NCCL communicator per :class:`~mpilocal.transport.Group` (that is, per mesh-dim communicator),
+created on first use and kept in ``group.cache``: rank 0 of the group makes the unique id and
+broadcasts it over the group's MPI communicator, then every rank calls ``ncclCommInitRank``. Every
+operation is enqueued on the *current* CuPy stream, so it is ordered after the kernels that produced
+its input and before those that consume its output, without a host synchronization.
+
+Dtypes: data movement (all-gather, all-to-all, broadcast, scatter) goes as bytes, so every dtype
+moves. Reductions use NCCL's types; those NCCL lacks are handled exactly: ``bool`` as ``uint8`` with
+``max`` (sum/max = logical OR) or ``min`` (product/min = logical AND); complex sums as real pairs;
+complex products by an all-gather and an ordered product on the GPU; ``int16``/``uint16`` widened to
+32 bits (sums and products wrap exactly as in 16 bits once narrowed back).
+
+Uneven all-gathers are grouped broadcasts and uneven reduce-scatters grouped reduces (NCCL's
+collectives need equal counts); all-to-all is grouped send/recv with the own block copied locally.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cuda_mpi import displs, reduce_blocks
+
+__all__ = ["NcclTransport", "nccl_comm"]
+
+
+def _nccl():
+    from cupy.cuda import nccl
+
+    return nccl
+
+
+_DT: dict = {}
+
+
+def _dtype_table():
+    if not _DT:
+        n = _nccl()
+        for np_t, name in ((np.int8, "NCCL_INT8"), (np.uint8, "NCCL_UINT8"), (np.int32, "NCCL_INT32"),
+                           (np.uint32, "NCCL_UINT32"), (np.int64, "NCCL_INT64"), (np.uint64, "NCCL_UINT64"),
+                           (np.float16, "NCCL_FLOAT16"), (np.float32, "NCCL_FLOAT32"),
+                           (np.float64, "NCCL_FLOAT64")):
+            code = getattr(n, name, None)
+            if code is not None:
+                _DT[np.dtype(np_t)] = code
+    return _DT
+
+
+def _op_code(op: str):
+    n = _nccl()
+    return {"sum": n.NCCL_SUM, "product": n.NCCL_PROD, "max": n.NCCL_MAX, "min": n.NCCL_MIN}[op]
+
+
+def nccl_comm(group):
+    """The NCCL communicator of ``group``: created once (collective over the group), then cached."""
+    c = group.cache.get("nccl")
+    if c is None:
+        n = _nccl()
+        uid = n.get_unique_id() if group.rank == 0 else None
+        uid = group.comm.bcast(uid, root=0)
+        c = n.NcclCommunicator(group.size, uid, group.rank)
+        group.cache["nccl"] = c
+    return c
+
+
+def _stream():
+    import cupy as cp
+
+    return cp.cuda.get_current_stream().ptr
+
+
+class NcclTransport:
+    """Collectives of CuPy buffers through NCCL on the current CuPy stream."""
+
+    name = "nccl"
+
+    def __init__(self):
+        _nccl().get_version()  # raises when NCCL does not load
+
+    # -- data movement (bytes) -----------------------------------------------------------------
+    def allgatherv(self, send, recv, counts, group):
+        it = recv.dtype.itemsize
+        total = sum(counts)
+        if not total:
+            return
+        n = _nccl()
+        comm, s = nccl_comm(group), _stream()
+        if all(c == counts[0] for c in counts):
+            comm.allGather(send.data.ptr, recv.data.ptr, counts[0] * it, n.NCCL_UINT8, s)
+            return
+        offs = displs(counts)
+        base = recv.data.ptr
+        n.groupStart()
+        try:
+            for p, c in enumerate(counts):
+                if c:
+                    src = send.data.ptr if p == group.rank else base + offs[p] * it
+                    comm.broadcast(src, base + offs[p] * it, c * it, n.NCCL_UINT8, p, s)
+        finally:
+            n.groupEnd()
+
+    def alltoallv(self, send, send_counts, recv, recv_counts, group):
+        it = send.dtype.itemsize
+        n = _nccl()
+        comm, s = nccl_comm(group), _stream()
+        me = group.rank
+        sd, rd = displs(send_counts), displs(recv_counts)
+        if send_counts[me]:
+            recv[rd[me]:rd[me] + recv_counts[me]] = send[sd[me]:sd[me] + send_counts[me]]
+        sp, rp = send.data.ptr, recv.data.ptr
+        n.groupStart()
+        try:
+            for p in range(group.size):
+                if p == me:
+                    continue
+                if send_counts[p]:
+                    comm.send(sp + sd[p] * it, send_counts[p] * it, n.NCCL_UINT8, p, s)
+                if recv_counts[p]:
+                    comm.recv(rp + rd[p] * it, recv_counts[p] * it, n.NCCL_UINT8, p, s)
+        finally:
+            n.groupEnd()
+
+    def bcast(self, buf, root, group):
+        if not buf.size:
+            return
+        n = _nccl()
+        p = buf.data.ptr
+        nccl_comm(group).broadcast(p, p, buf.nbytes, n.NCCL_UINT8, root, _stream())
+
+    def scatterv(self, send, counts, recv, root, group):
+        it = recv.dtype.itemsize
+        n = _nccl()
+        comm, s = nccl_comm(group), _stream()
+        me = group.rank
+        offs = displs(counts)
+        if me == root and counts[me]:
+            recv[...] = send[offs[me]:offs[me] + counts[me]].reshape(recv.shape)
+        n.groupStart()
+        try:
+            if me == root:
+                for p, c in enumerate(counts):
+                    if p != me and c:
+                        comm.send(send.data.ptr + offs[p] * it, c * it, n.NCCL_UINT8, p, s)
+            elif counts[me]:
+                comm.recv(recv.data.ptr, counts[me] * it, n.NCCL_UINT8, root, s)
+        finally:
+            n.groupEnd()
+
+    # -- reductions ----------------------------------------------------------------------------
+    def _plan(self, dtype, op):
+        """(view dtype or None, NCCL dtype code, NCCL op code, element factor, widen dtype or None)."""
+        dt = np.dtype(dtype)
+        table = _dtype_table()
+        if dt in table:
+            return None, table[dt], _op_code(op), 1, None
+        if dt == np.bool_:
+            return np.uint8, table[np.dtype(np.uint8)], _op_code("max" if op in ("sum", "max") else "min"), 1, None
+        if dt.kind == "c" and op == "sum":
+            real = np.dtype(np.float32 if dt == np.complex64 else np.float64)
+            return real, table[real], _op_code("sum"), 2, None
+        if dt in (np.dtype(np.int16), np.dtype(np.uint16)):
+            wide = np.dtype(np.int32 if dt == np.int16 else np.uint32)
+            return None, table[wide], _op_code(op), 1, wide
+        return "gather", None, None, None, None
+
+    def allreduce(self, send, recv, op, group):
+        if not recv.size:
+            return
+        view, code, opc, factor, wide = self._plan(recv.dtype, op)
+        if view == "gather":
+            return self._gather_reduce(send, recv, op, group)
+        if wide is not None:
+            ws = send.astype(wide)
+            self.allreduce(ws, ws, op, group)
+            recv[...] = ws.astype(recv.dtype)
+            return
+        s_, r_ = (send, recv) if view is None else (send.view(view), recv.view(view))
+        nccl_comm(group).allReduce(s_.data.ptr, r_.data.ptr, recv.size * factor, code, opc, _stream())
+
+    def reduce_scatterv(self, send, recv, counts, op, group):
+        if not sum(counts):
+            return
+        view, code, opc, factor, wide = self._plan(send.dtype, op)
+        if view == "gather":
+            full = send.copy()
+            self._gather_reduce(send, full, op, group)
+            off = displs(counts)[group.rank]
+            recv[...] = full[off:off + counts[group.rank]]
+            return
+        if wide is not None:
+            import cupy as cp
+
+            wr = cp.empty(recv.size, dtype=wide)
+            self.reduce_scatterv(send.astype(wide), wr, counts, op, group)
+            recv[...] = wr.astype(recv.dtype)
+            return
+        s_, r_ = (send, recv) if view is None else (send.view(view), recv.view(view))
+        comm, s = nccl_comm(group), _stream()
+        it = s_.dtype.itemsize
+        if all(c == counts[0] for c in counts):
+            comm.reduceScatter(s_.data.ptr, r_.data.ptr, counts[0] * factor, code, opc, s)
+            return
+        n = _nccl()
+        offs = displs(counts)
+        n.groupStart()
+        try:
+            for p, c in enumerate(counts):
+                if c:
+                    dst = r_.data.ptr if p == group.rank else s_.data.ptr + offs[p] * factor * it  # ignored off-root
+                    comm.reduce(s_.data.ptr + offs[p] * factor * it, dst, c * factor, code, opc, p, s)
+        finally:
+            n.groupEnd()
+
+    def _gather_reduce(self, send, recv, op, group):
+        """Reductions NCCL cannot do (complex products): gather every rank's data, reduce on the GPU
+        in rank order (identical on every rank)."""
+        import cupy as cp
+
+        k, m = group.size, recv.size
+        buf = cp.empty(k * m, dtype=recv.dtype)
+        self.allgatherv(cp.ascontiguousarray(send), buf, [m] * k, group)
+        reduce_blocks([buf[i * m:(i + 1) * m] for i in range(k)], op, recv)
