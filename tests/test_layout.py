@@ -103,7 +103,7 @@ def test_chunk_sizes_known_values():
 
 @property_test
 @given(n=st.integers(0, 200), k=st.integers(1, 17))
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 def test_chunk_sizes_property(n, k):
     sizes = chunk_sizes(n, k)
     expected, offsets = torch_chunk_oracle(n, k)
@@ -208,7 +208,7 @@ def layouts(draw, with_partial=True, min_size=0):
 
 @property_test
 @given(layouts())
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 def test_local_shape_and_offset_property(layout):
     global_shape, mesh_shape, src, _ = layout
     check_local_layout(global_shape, mesh_shape, src)
@@ -220,7 +220,7 @@ def test_local_shape_and_offset_property(layout):
 
 @property_test
 @given(layouts())
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 def test_global_shape_from_locals_round_trip(layout):
     global_shape, mesh_shape, placements, _ = layout
     coords = all_coords(mesh_shape)
@@ -244,7 +244,7 @@ def test_global_shape_from_locals_uneven_not_assumed_even():
 
 @property_test
 @given(layouts())
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 def test_check_local_shapes(layout):
     global_shape, mesh_shape, placements, _ = layout
     coords = all_coords(mesh_shape)
@@ -531,7 +531,7 @@ def test_redistribute_plan_simple_one_d_ops():
 
 @property_test
 @given(layouts())
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_redistribute_plan_property(layout):
     global_shape, mesh_shape, src, dst = layout
     check_plan(global_shape, mesh_shape, src, dst)
@@ -539,7 +539,7 @@ def test_redistribute_plan_property(layout):
 
 @property_test
 @given(layouts(with_partial=False, min_size=0))
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_redistribute_plan_round_trip(layout):
     global_shape, mesh_shape, src, dst = layout
     check_plan(global_shape, mesh_shape, src, dst)
