@@ -11,6 +11,7 @@ _failure.install()  # first, so its exit handler runs last: abort on uncaught er
 from .debug import CommDebugMode  # noqa: E402
 from .dtensor import DTensor, distribute_tensor
 from .local_map import local_map
+from . import autograd  # noqa: E402  (mpilocal.autograd: Tracked, Function; DTensor gradients)
 from .mesh import DeviceMesh, init_device_mesh
 from .placement import Partial, Placement, Replicate, Shard
 

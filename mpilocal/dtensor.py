@@ -14,6 +14,8 @@ from .mesh import DeviceMesh, init_device_mesh
 from .placement import Partial, Replicate, Shard
 from .redistribute import mesh_groups, redistribute_local
 from .transport import group_for
+from .autograd.engine import Leaf
+from .autograd.tracked import Tracked
 
 __all__ = ["DTensor", "distribute_tensor"]
 
@@ -65,6 +67,13 @@ def _on_device(x, mesh, caller):
     raise TypeError(f"{caller}: expected a NumPy or CuPy array, got {type(x).__name__}")
 
 
+def _ops():
+    """mpilocal.autograd.dtensor_ops (imported on first use: only gradient code paths need it)."""
+    from .autograd import dtensor_ops
+
+    return dtensor_ops
+
+
 def _check_group(mesh, x):
     """The Group over which argument checks are agreed (failure.agreed); None off the mesh."""
     if mesh is None:
@@ -84,7 +93,7 @@ class DTensor:
     ``placements`` (one per mesh dim). Build one with :func:`distribute_tensor` or
     :meth:`DTensor.from_local`; ``shape`` is the global shape."""
 
-    __slots__ = ("_local", "_mesh", "_placements", "_shape", "_future", "_stride", "__weakref__")
+    __slots__ = ("_local", "_mesh", "_placements", "_shape", "_future", "_stride", "_ag", "__weakref__")
 
     def __init__(self, local, mesh, placements, shape=None, future=None, stride=None):
         # internal: use DTensor.from_local / distribute_tensor
@@ -94,6 +103,7 @@ class DTensor:
         self._shape = shape
         self._future = future
         self._stride = stride
+        self._ag = None  # autograd: None, or a GradMeta (see mpilocal.autograd.dtensor_ops)
 
     # -- construction --------------------------------------------------------------------------
     @staticmethod
@@ -107,6 +117,9 @@ class DTensor:
         rank 0 of each Replicate mesh dim, as PyTorch does.
         """
         caller = "DTensor.from_local"
+        if type(local_tensor) is Tracked:  # differentiable: backward redistributes the grad to `placements`
+            return _ops().from_local(local_tensor, device_mesh, placements, run_check=run_check, shape=shape,
+                                     stride=stride)
         # run_check: the verdict of the local checks is agreed, so every rank raises (failure.agreed)
         with failure.agreed(_check_group(device_mesh, local_tensor) if run_check else None, caller):
             _arrays.require_array(local_tensor, caller, "local_tensor")
@@ -180,10 +193,72 @@ class DTensor:
     def device_type(self) -> str:
         return self._mesh.device_type
 
+    # -- autograd ------------------------------------------------------------------------------
+    @property
+    def requires_grad(self) -> bool:
+        """Whether gradients flow to this DTensor (a leaf made so, or the result of one)."""
+        return self._ag is not None
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """Make this (leaf) DTensor record gradients into ``.grad``; returns ``self``."""
+        if requires_grad:
+            if self._ag is None:
+                self._ag = _ops().make_leaf(self)
+        elif self._ag is not None:
+            if not self.is_leaf:
+                raise RuntimeError("DTensor.requires_grad_(False): only leaves can stop requiring grad; "
+                                   "use .detach() for a DTensor without gradient history")
+            self._ag = None
+        return self
+
+    @property
+    def is_leaf(self) -> bool:
+        ag = self._ag
+        return ag is None or type(ag.node) is Leaf
+
+    @property
+    def grad_fn(self):
+        """The node that made this DTensor (None for leaves and DTensors without gradient)."""
+        return None if self.is_leaf else self._ag.node
+
+    @property
+    def grad(self):
+        """The accumulated gradient (a DTensor) of a leaf that requires grad, else None. Gradients
+        add up over ``backward`` calls until you set ``grad = None``."""
+        ag = self._ag
+        return None if ag is None else ag.grad
+
+    @grad.setter
+    def grad(self, value):
+        if value is not None and type(value) is not DTensor:
+            raise TypeError(f"DTensor.grad must be a DTensor or None, got {type(value).__name__}")
+        if self._ag is None:
+            if value is None:
+                return
+            raise RuntimeError("DTensor.grad: call requires_grad_() before assigning a gradient")
+        self._ag.grad = value
+
+    def detach(self):
+        """The same shard, mesh and placements without gradient history (shares the local array)."""
+        return DTensor(self._local, self._mesh, self._placements, self._shape, self._future, self._stride)
+
+    def backward(self, gradient=None):
+        """Accumulate the gradient of this DTensor into the ``.grad`` of the leaves it came from.
+        **Collective** over the meshes the graph touches: every rank must call it.
+
+        ``gradient``: a DTensor of this shape on this mesh; ``None`` means ones with this DTensor's
+        placements (``Partial`` taken as ``Replicate``).
+        """
+        _ops().backward(self, gradient)
+
     # -- conversions ---------------------------------------------------------------------------
-    def to_local(self):
-        """This rank's shard (no communication)."""
-        return self._local
+    def to_local(self, *, grad_placements=None):
+        """This rank's shard (no communication). For a DTensor that requires grad it is a
+        :class:`~mpilocal.autograd.Tracked` array whose gradient flows back as a DTensor with
+        ``grad_placements`` (default: this DTensor's placements)."""
+        if self._ag is None:
+            return self._local
+        return _ops().to_local(self, grad_placements)
 
     def redistribute(self, device_mesh=None, placements=None, *, async_op=False):
         """A DTensor with ``placements`` on the same mesh. **Collective** over the mesh.
@@ -211,6 +286,8 @@ class DTensor:
     def _redistribute(self, pl):
         if pl == self._placements:
             return self
+        if self._ag is not None:
+            return _ops().redistribute(self, pl)
         if self._mesh._coordinate is None:
             return DTensor(self._local, self._mesh, pl, self._shape, self._future, self._stride)
         shape = self.shape
@@ -286,14 +363,19 @@ def _run_check(local, mesh, pl, shape):
     return local, shape
 
 
-def distribute_tensor(tensor, device_mesh=None, placements=None, *, src_data_rank=0):
+def distribute_tensor(tensor, device_mesh=None, placements=None, *, src_data_rank=0, requires_grad=False):
     """Distribute a global array over ``device_mesh`` by ``placements``. **Collective** over the mesh.
 
     The data of group rank ``src_data_rank`` (on every mesh dim) is scattered — one ``scatter`` —
     or, when every placement is Replicate, broadcast; ``None`` slices each rank's own copy with no
     communication. Every rank passes an array of the same shape and dtype (checked). ``Partial``
-    placements are rejected.
+    placements are rejected. ``requires_grad=True`` makes the result a leaf that records gradients.
     """
+    out = _distribute_tensor(tensor, device_mesh, placements, src_data_rank)
+    return out.requires_grad_() if requires_grad else out
+
+
+def _distribute_tensor(tensor, device_mesh, placements, src_data_rank):
     caller = "distribute_tensor"
     # with communication ahead, the verdict of the local checks is agreed so every rank raises
     with failure.agreed(_check_group(device_mesh, tensor) if src_data_rank is not None else None, caller):

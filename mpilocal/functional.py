@@ -21,6 +21,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import _arrays, debug, failure
+from .autograd.tracked import Tracked
 from .layout import chunk_sizes
 from .transport import Group, group_for
 from .transport.select import transport_for
@@ -286,6 +287,12 @@ def _drain_pending():  # runs before mpi4py's MPI_Finalize (registered later, so
 # ------------------------------------------------------------------------------------------------
 # public functional collectives
 # ------------------------------------------------------------------------------------------------
+def _autograd():
+    from .autograd import collectives
+
+    return collectives
+
+
 def all_gather_tensor(x, gather_dim: int, group, tag: str = ""):
     """Concatenate every rank's ``x`` along ``gather_dim`` in group-rank order. **Collective.**
 
@@ -293,6 +300,8 @@ def all_gather_tensor(x, gather_dim: int, group, tag: str = ""):
     dims and the dtype must match, else ``ValueError`` on every rank.
     """
     caller = "all_gather_tensor"
+    if type(x) is Tracked:  # differentiable (inside local_map with inputs that require grad)
+        return _autograd().all_gather_tensor(x, gather_dim, group)
     g = resolve_group(group, caller)
     try:  # rank-local checks; the verdict is agreed below so that every rank raises (failure.agree)
         _arrays.require_array(x, caller)
@@ -345,6 +354,8 @@ def all_reduce(x, reduceOp: str, group, tag: str = ""):
     """Elementwise reduction of every rank's ``x`` (``"sum"``, ``"avg"``, ``"max"``, ``"min"``,
     ``"product"``). **Collective**; all ranks pass the same shape and dtype."""
     caller = "all_reduce"
+    if type(x) is Tracked:  # differentiable (inside local_map with inputs that require grad)
+        return _autograd().all_reduce(x, reduceOp, group)
     g = resolve_group(group, caller)
     try:  # rank-local checks; the verdict (and shapes/dtypes) are agreed so every rank raises
         _arrays.require_array(x, caller)
@@ -363,6 +374,8 @@ def reduce_scatter_tensor(x, reduceOp: str, scatter_dim: int, group, tag: str = 
     """Reduce every rank's ``x`` and keep this rank's piece along ``scatter_dim`` (``torch.chunk``
     pieces, so the dim need not divide evenly). **Collective.**"""
     caller = "reduce_scatter_tensor"
+    if type(x) is Tracked:  # differentiable (inside local_map with inputs that require grad)
+        return _autograd().reduce_scatter_tensor(x, reduceOp, scatter_dim, group)
     g = resolve_group(group, caller)
     try:  # rank-local checks; the verdict (and shapes/dtypes) are agreed so every rank raises
         _arrays.require_array(x, caller)
@@ -383,6 +396,8 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str 
     arrives by ``output_split_sizes``. ``None`` for both: equal splits. ``output_split_sizes=None``
     with explicit input sizes: the output sizes are agreed as metadata. **Collective.**"""
     caller = "all_to_all_single"
+    if type(x) is Tracked:  # differentiable (inside local_map with inputs that require grad)
+        return _autograd().all_to_all_single(x, output_split_sizes, input_split_sizes, group)
     g = resolve_group(group, caller)
     try:  # rank-local checks; the verdict (and dtypes/trailing dims) are agreed so every rank raises
         splits = _a2a_splits(x, output_split_sizes, input_split_sizes, g, caller)
@@ -447,6 +462,8 @@ def broadcast(x, src: int, group, tag: str = ""):
     """Every rank gets group rank ``src``'s ``x`` (as PyTorch's funcol, ``src`` is a rank within
     ``group``). **Collective**; other ranks pass an array of the same shape and dtype."""
     caller = "broadcast"
+    if type(x) is Tracked:  # differentiable (inside local_map with inputs that require grad)
+        return _autograd().broadcast(x, src, group)
     g = resolve_group(group, caller)
     try:  # rank-local checks; the verdict (and shapes/dtypes) are agreed so every rank raises
         _arrays.require_array(x, caller)

@@ -13,6 +13,7 @@ import functools
 import numpy as np
 
 from . import _arrays
+from .autograd.tracked import Tracked
 from .dtensor import DTensor, _on_device, _placements, _wrap
 
 __all__ = ["local_map"]
@@ -62,8 +63,15 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
     The returned function is **collective** over the mesh when it redistributes inputs or wraps
     outputs. ``in_placements``: one entry per flattened positional argument (``None`` for
     non-arrays); ``out_placements``: a list of placements for a single output, or a tuple with one
-    entry per flattened output (``None`` for non-array outputs). ``in_grad_placements`` names the
-    placements of the inputs' gradients (used when gradients are computed).
+    entry per flattened output (``None`` for non-array outputs). ``in_grad_placements``: one entry
+    per flattened input naming the placements of its gradient (``None``: its ``in_placements``).
+
+    Gradients: when a DTensor input requires grad, ``func`` receives
+    :class:`~mpilocal.autograd.Tracked` local arrays for such inputs (they record the supported
+    operations, see :mod:`mpilocal.autograd.tracked`), and the outputs carry the graph back to the
+    inputs; ``backward`` then gives each input a gradient with its ``in_grad_placements``
+    (redistributed back to the input's own placements if the input was redistributed). With no
+    input requiring grad, nothing is tracked.
     """
     if func is None:
         return functools.partial(local_map, out_placements=out_placements, in_placements=in_placements,
@@ -86,6 +94,7 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
             )
         mesh = device_mesh
         seen = False
+        track = False
         todo = None
         # 1) validate every input, before any communication
         for i in range(n):
@@ -94,6 +103,8 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                 if mesh is None:
                     mesh = arg._mesh
                 seen = True
+                if arg._ag is not None:
+                    track = True
                 if in_placements is not None:
                     want = in_placements[i]
                     if want is None:
@@ -127,7 +138,12 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
         if todo is not None:
             for i, want in todo:
                 flat[i] = flat[i]._redistribute(want)
-        local_flat = [a._local if type(a) is DTensor else a for a in flat]
+        if track:  # an input requires grad: differentiate through func (mpilocal.autograd)
+            from .autograd import dtensor_ops
+
+            local_flat = dtensor_ops.local_inputs(flat, in_grad_placements, n)
+        else:
+            local_flat = [a._local if type(a) is DTensor else a for a in flat]
         local_args = local_flat if spec is None else _unflatten(spec, iter(local_flat))
         out = func(*local_args, **kwargs)
         if not seen:
@@ -155,6 +171,14 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                     )
                 o = _on_device(o, mesh, "local_map")
                 wrapped_out.append(_wrap(o, mesh, _placements(s, mesh, o.ndim, "local_map")))
+            elif type(o) is Tracked:
+                if s is None:
+                    raise ValueError(
+                        f"local_map: array output expects placements but out_placements gives None for it"
+                    )
+                from .autograd import dtensor_ops
+
+                wrapped_out.append(dtensor_ops.wrap_output(o, mesh, s))
             else:
                 if s is not None:
                     raise ValueError(
