@@ -20,10 +20,10 @@ def is_array(x) -> bool:
 
 def namespace(x):
     """The module (numpy or cupy) that owns array ``x``."""
+    if is_cupy(x):  # first: lets a NumPy-backed CuPy stand-in (tests/fake_cupy) pass for CuPy
+        return sys.modules["cupy"]
     if isinstance(x, np.ndarray):
         return np
-    if is_cupy(x):
-        return sys.modules["cupy"]
     raise TypeError(f"expected a NumPy or CuPy array, got {type(x).__name__}")
 
 

@@ -89,3 +89,91 @@ def pytest_runtest_logreport(report):
         text = f"{report.when} of {report.nodeid} FAILED on this rank:\n{report.longreprtext}"
         _sys.stderr.write(_failure._prefix(text[-4000:]))
         _sys.stderr.flush()
+
+
+# ------------------------------------------------------------------------------------------------
+# device switch: MPILOCAL_TEST_DEVICE=cpu (default) runs the suite on NumPy shards; =cuda on CuPy
+# shards, each rank bound to one GPU of its node. Without CuPy or a GPU, cuda runs skip every test
+# with the reason. Tests build inputs with NumPy and hand them through ``to_device``; results come
+# back through ``to_host``; meshes use ``DEVICE``.
+# ------------------------------------------------------------------------------------------------
+import os as _os
+
+DEVICE = _os.environ.get("MPILOCAL_TEST_DEVICE", "cpu").strip().lower() or "cpu"
+if DEVICE not in ("cpu", "cuda"):
+    raise RuntimeError(f"MPILOCAL_TEST_DEVICE={DEVICE!r}: use cpu or cuda")
+GPU_SKIP_REASON = None
+cupy = None
+if DEVICE == "cuda":
+    from mpilocal import gpu as _gpu
+
+    cupy = _gpu.cupy_or_none()
+    if cupy is None:
+        GPU_SKIP_REASON = "MPILOCAL_TEST_DEVICE=cuda but CuPy or a working GPU is missing on this machine"
+    else:
+        _gpu.bind_device()  # collective over the world, once, before any test
+xp = cupy if (DEVICE == "cuda" and cupy is not None) else np
+
+
+def to_device(a):
+    """A NumPy array as an array of the test device's kind (CuPy under MPILOCAL_TEST_DEVICE=cuda)."""
+    if DEVICE == "cuda" and cupy is not None and isinstance(a, np.ndarray):
+        return cupy.asarray(a)
+    return a
+
+
+def to_host(a):
+    """Any array as a NumPy array (CuPy arrays are copied to the host)."""
+    if isinstance(a, np.ndarray) or a is None:
+        return a
+    if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
+        return a.get()
+    return a
+
+
+def on_device(a) -> bool:
+    """Whether ``a`` is an array of the test device's kind."""
+    if DEVICE == "cuda":
+        return cupy is not None and isinstance(a, cupy.ndarray)
+    return isinstance(a, np.ndarray)
+
+
+class DeviceFunctional:
+    """``mpilocal.functional`` seen from the tests under MPILOCAL_TEST_DEVICE=cuda: NumPy array
+    arguments go to the GPU, results must come back as CuPy arrays (else TypeError) and are returned
+    as NumPy arrays, so the NumPy oracles of the tests apply unchanged."""
+
+    def __init__(self, mod):
+        self._mod = mod
+
+    def __getattr__(self, name):
+        f = getattr(self._mod, name)
+        if not callable(f) or name.startswith("_") or isinstance(f, type):
+            return f
+
+        def call(*args, **kwargs):
+            args = [to_device(a) for a in args]
+            kwargs = {k: to_device(v) for k, v in kwargs.items()}
+            out = f(*args, **kwargs)
+            if out is not None and not on_device(out):
+                raise TypeError(f"{name} returned {type(out).__name__} for CuPy input, not a CuPy array")
+            return to_host(out)
+
+        return call
+
+
+@pytest.fixture
+def device_type():
+    return DEVICE
+
+
+@pytest.fixture(name="xp")
+def _xp_fixture():
+    return xp
+
+
+def pytest_collection_modifyitems(config, items):
+    if GPU_SKIP_REASON:
+        skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
+        for item in items:
+            item.add_marker(skip)

@@ -9,10 +9,13 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import assert_all
+from conftest import DEVICE, DeviceFunctional, assert_all
 from mpi4py import MPI
 
 import mpilocal.functional as funcol
+
+if DEVICE == "cuda":  # CuPy shards: inputs go to the GPU, results must come back as CuPy arrays
+    funcol = DeviceFunctional(funcol)
 from mpilocal import init_device_mesh
 
 W = MPI.COMM_WORLD.Get_size()
@@ -35,17 +38,17 @@ def _reversed_world():
 def make_group(kind):
     """(group argument, world ranks of this rank's group in group-rank order)."""
     if kind == "mesh":
-        return init_device_mesh("cpu", (W,)), list(range(W))
+        return init_device_mesh(DEVICE, (W,)), list(range(W))
     full = np.arange(W).reshape(shape2d())
     i, j = (int(v) for v in np.argwhere(full == RANK)[0])
     if kind == "mesh_dim1":
-        mesh = init_device_mesh("cpu", shape2d(), mesh_dim_names=("dp", "tp"))
+        mesh = init_device_mesh(DEVICE, shape2d(), mesh_dim_names=("dp", "tp"))
         return (mesh, 1), full[i, :].tolist()
     if kind == "mesh_dim0":
-        mesh = init_device_mesh("cpu", shape2d(), mesh_dim_names=("dp", "tp"))
+        mesh = init_device_mesh(DEVICE, shape2d(), mesh_dim_names=("dp", "tp"))
         return (mesh, 0), full[:, j].tolist()
     if kind == "submesh":
-        mesh = init_device_mesh("cpu", shape2d(), mesh_dim_names=("dp", "tp"))
+        mesh = init_device_mesh(DEVICE, shape2d(), mesh_dim_names=("dp", "tp"))
         return mesh["dp"], full[:, j].tolist()
     if kind == "comm":
         return MPI.COMM_WORLD, list(range(W))
