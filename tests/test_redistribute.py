@@ -9,7 +9,7 @@ their reduction is the global array. After redistributing, ``to_local()`` must b
 
 import numpy as np
 import pytest
-from conftest import assert_all, assert_close_all
+from conftest import DEVICE, assert_all, assert_close_all, on_device, to_device, to_host
 from mpi4py import MPI
 
 from mpilocal import CommDebugMode, DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
@@ -32,17 +32,17 @@ PARTIAL_ERRORS = (ValueError, NotImplementedError, RuntimeError)
 def make_mesh(kind):
     """A mesh of the given kind, or None when it does not fit the world size."""
     if kind == "1d":
-        return init_device_mesh("cpu", (W,))
+        return init_device_mesh(DEVICE, (W,))
     if kind == "1xN":
-        return init_device_mesh("cpu", (1, W), mesh_dim_names=("a", "b"))
+        return init_device_mesh(DEVICE, (1, W), mesh_dim_names=("a", "b"))
     if kind == "Nx1":
-        return init_device_mesh("cpu", (W, 1), mesh_dim_names=("a", "b"))
+        return init_device_mesh(DEVICE, (W, 1), mesh_dim_names=("a", "b"))
     if kind == "2x2":
-        return init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b")) if W == 4 else None
+        return init_device_mesh(DEVICE, (2, 2), mesh_dim_names=("a", "b")) if W == 4 else None
     if kind == "2x2_array":
-        return DeviceMesh("cpu", np.arange(4).reshape(2, 2)) if W == 4 else None
+        return DeviceMesh(DEVICE, np.arange(4).reshape(2, 2)) if W == 4 else None
     if kind == "2x2_permuted":
-        return DeviceMesh("cpu", np.array([[3, 1], [2, 0]])) if W == 4 else None
+        return DeviceMesh(DEVICE, np.array([[3, 1], [2, 0]])) if W == 4 else None
     raise AssertionError(kind)
 
 
@@ -106,8 +106,9 @@ def check_dtensor(chk, dt, G, mesh, placements, full=True, what=""):
     """to_local() is the layout's slice of G, full_tensor() is G, metadata are right."""
     what = what or f"{list(placements)}"
     local = dt.to_local()
+    chk(on_device(local), f"{what}: to_local() is {type(local).__name__}, not a {DEVICE} array")
+    local = to_host(local)
     exp = expected_local(G, mesh, placements)
-    chk(isinstance(local, np.ndarray), f"{what}: to_local() is {type(local).__name__}")
     chk(tuple(dt.placements) == tuple(placements), f"{what}: placements {dt.placements}")
     chk(tuple(dt.shape) == G.shape, f"{what}: global shape {dt.shape} != {G.shape}")
     chk(local.shape == exp.shape, f"{what}: local shape {local.shape} != {exp.shape} at {mesh.get_coordinate()}")
@@ -115,7 +116,7 @@ def check_dtensor(chk, dt, G, mesh, placements, full=True, what=""):
     if local.shape == exp.shape:
         chk.close(local, exp, f"{what}: to_local()", **tol(G.dtype))
     if full:
-        whole = checked(dt.full_tensor)
+        whole = to_host(checked(dt.full_tensor))
         chk(whole.shape == G.shape and whole.dtype == G.dtype, f"{what}: full_tensor {whole.shape} {whole.dtype}")
         chk.close(whole, G, f"{what}: full_tensor()", **tol(G.dtype))
 
@@ -127,7 +128,7 @@ def redistribute_and_check(chk, G, mesh, src, dst):
     out = checked(dt.redistribute, mesh, list(dst))
     check_dtensor(chk, out, G, mesh, dst, what=what)
     # the source is untouched
-    chk.close(dt.to_local(), expected_local(G, mesh, src), what + " (source after)", **tol(G.dtype))
+    chk.close(to_host(dt.to_local()), expected_local(G, mesh, src), what + " (source after)", **tol(G.dtype))
 
 
 def _flat(coord, dims, mesh_shape):
@@ -298,7 +299,7 @@ def test_partial_to_same_partial_is_noop():
         out = checked(dt.redistribute, mesh, [Partial()])
     chk = Check()
     chk(comm.get_total_counts() == 0, f"{comm.get_comm_counts()}")
-    chk(tuple(out.placements) == (Partial(),) and np.array_equal(out.to_local(), local), "changed")
+    chk(tuple(out.placements) == (Partial(),) and np.array_equal(to_host(out.to_local()), local), "changed")
     chk.done()
 
 
@@ -501,7 +502,7 @@ def subset_ranks(kind):
 @pytest.mark.parametrize("kind", ["first", "reversed_without_0"])
 def test_subset_mesh_only_members_call(kind):
     ranks = subset_ranks(kind)
-    mesh = DeviceMesh("cpu", ranks)  # every world rank constructs it, as in PyTorch
+    mesh = DeviceMesh(DEVICE, ranks)  # every world rank constructs it, as in PyTorch
     on = RANK in ranks
     chk = Check()
     chk((mesh.get_coordinate() is None) == (not on), f"coordinate {mesh.get_coordinate()}")
@@ -520,23 +521,23 @@ def test_subset_mesh_only_members_call(kind):
 def test_subset_mesh_everyone_calls(kind):
     # SPMD style (as in PyTorch): every rank runs the same code; off-mesh ranks take no part
     ranks = subset_ranks(kind)
-    mesh = DeviceMesh("cpu", ranks)
+    mesh = DeviceMesh(DEVICE, ranks)
     on = RANK in ranks
     G = global_array((7, 5), np.float64, seed=21)
     dt = checked(distribute_tensor, G, mesh, [S0])
     out = checked(dt.redistribute, mesh, [S1])
     if on:
-        ok = np.array_equal(out.to_local(), expected_local(G, mesh, (S1,)))
+        ok = np.array_equal(to_host(out.to_local()), expected_local(G, mesh, (S1,)))
     else:
-        ok = mesh.get_coordinate() is None and out.to_local().size == 0
+        ok = mesh.get_coordinate() is None and to_host(out.to_local()).size == 0
     ok = ok and tuple(out.shape) == G.shape and tuple(out.placements) == (S1,)
-    assert_all(ok, f"rank {RANK} (on mesh: {on}): local {out.to_local().shape}")
+    assert_all(ok, f"rank {RANK} (on mesh: {on}): local {to_host(out.to_local()).shape}")
 
 
 @pytest.mark.mpi(min_size=3)
 def test_subset_mesh_partial():
     ranks = subset_ranks("first")
-    mesh = DeviceMesh("cpu", ranks)
+    mesh = DeviceMesh(DEVICE, ranks)
     G = global_array((5, 4), np.float64, seed=22)
     err = ""
     if RANK in ranks:
@@ -544,7 +545,7 @@ def test_subset_mesh_partial():
             local = partial_local(G, mesh, (Partial(),), "sum")
             dt = DTensor.from_local(local, mesh, [Partial()], shape=G.shape)
             out = dt.redistribute(mesh, [S0])
-            if not np.array_equal(out.to_local(), expected_local(G, mesh, (S0,))):
+            if not np.array_equal(to_host(out.to_local()), expected_local(G, mesh, (S0,))):
                 err = f"rank {RANK}: wrong values"
         except Exception as exc:  # noqa: BLE001
             err = f"rank {RANK}: {type(exc).__name__}: {exc}"
