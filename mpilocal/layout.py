@@ -241,7 +241,8 @@ def redistribute_plan(global_shape: tuple, mesh_shape: tuple, coordinate: tuple,
         else:
             steps.append(Step("to_partial", i, reduce_op=t.reduce_op))
         cur[i] = t
-    return tuple(steps)
+    # on a mesh dim of size 1 every step is the identity: communicate nothing there
+    return tuple(s for s in steps if mesh_shape[s.mesh_dim] > 1)
 
 
 def _all_to_all_valid(cur, dst, i, a, b) -> bool:
