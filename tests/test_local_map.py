@@ -343,11 +343,13 @@ def test_local_map_redistribute():
     with comm_mode:
         Y_dt = local_mm_allreduce_forward(device_mesh, X_dt, W_dt)
 
-    # 2 for input redistribution and 1 for output
+    # 2 for input redistribution and 1 for output; on one rank the redistributions are identities
+    # (a mesh dim of size 1 communicates nothing), so only the function's all_reduce remains
     counts = comm_mode.get_comm_counts()
-    assert_all(comm_mode.get_total_counts() == 3, f"counts {counts}")
+    n_a2a = 2 if WORLD_SIZE > 1 else 0
+    assert_all(comm_mode.get_total_counts() == n_a2a + 1, f"counts {counts}")
     # S(0) -> S(1) and S(1) -> S(0) are one all_to_all each; the function's all_reduce is the third
-    assert_all(counts.get("all_to_all_single", 0) == 2 and counts.get("all_reduce", 0) == 1, f"{counts}")
+    assert_all(counts.get("all_to_all_single", 0) == n_a2a and counts.get("all_reduce", 0) == 1, f"{counts}")
     assert_all(all_placements(Y_dt, lambda p: p.is_replicate()), f"{Y_dt.placements}")
     assert_close_all(Y_dt.to_local(), Y)
     # the inputs themselves are untouched
