@@ -403,9 +403,9 @@ def _distribute_tensor(tensor, device_mesh, placements, src_data_rank):
     if coord is None:
         xp = _arrays.namespace(x)
         return DTensor(xp.empty((0,) * x.ndim, dtype=x.dtype), mesh, pl, shape)
-    if src_data_rank is None:
+    if src_data_rank is None or mesh.mesh.size == 1:  # each rank slices its own copy: no communication
         xp = _arrays.namespace(x)
-        return DTensor(xp.ascontiguousarray(x[local_slices(shape, mesh.shape, pl, coord)]), mesh, pl, shape)
+        return DTensor(xp.array(x[local_slices(shape, mesh.shape, pl, coord)], order="C", copy=True), mesh, pl, shape)
     comm = mesh._metadata_comm()
     rows = functional.meta_allgather(comm, functional.meta_vector(shape, x.dtype), "input_check")
     root_coord = (int(src_data_rank),) * mesh.ndim
