@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 import mpilocal
 import mpilocal.functional as funcol
-from conftest import assert_all, assert_close_all
+from conftest import DEVICE, on_device, to_device, to_host, assert_all, assert_close_all
 from mpilocal import (
     CommDebugMode,
     DTensor,
@@ -57,7 +57,7 @@ def check_counts(mode, expected, what=""):
 
 @pytest.fixture
 def mesh():
-    return init_device_mesh("cpu", (WORLD_SIZE,))
+    return init_device_mesh(DEVICE, (WORLD_SIZE,))
 
 
 def test_importable_from_debug_module():
@@ -118,28 +118,28 @@ def test_redistribute_counts_1d(mesh, src, dst, expected):
         out = dt.redistribute(mesh, dst)
     check_counts(mode, expected, f"{src} -> {dst}")
     assert_all(tuple(out.placements) == tuple(dst), f"{out.placements}")
-    assert_close_all(out.full_tensor(), x)
+    assert_close_all(to_host(out.full_tensor()), x)
 
 
 @pytest.mark.mpi(min_size=4)
 def test_redistribute_counts_2d():
     if WORLD_SIZE != 4:
         pytest.skip("needs a 2x2 mesh")
-    mesh = init_device_mesh("cpu", (2, 2))
+    mesh = init_device_mesh(DEVICE, (2, 2))
     x = np.arange(8.0 * 6).reshape(8, 6)
     dt = distribute_tensor(x, mesh, [Shard(0), Shard(1)])
     # one logical collective per mesh dim that changes
     with CommDebugMode() as mode:
         r = dt.redistribute(mesh, [Replicate(), Replicate()])
     check_counts(mode, {"all_gather_into_tensor": 2}, "S0,S1 -> R,R")
-    assert_close_all(r.to_local(), x)
+    assert_close_all(to_host(r.to_local()), x)
     with CommDebugMode() as mode:
         s = dt.redistribute(mesh, [Shard(0), Replicate()])
     check_counts(mode, {"all_gather_into_tensor": 1}, "S0,S1 -> S0,R")
     with CommDebugMode() as mode:
         s = r.redistribute(mesh, [Shard(1), Shard(0)])
     check_counts(mode, {}, "R,R -> S1,S0")
-    assert_close_all(s.full_tensor(), x)
+    assert_close_all(to_host(s.full_tensor()), x)
 
 
 # --------------------------------------------------------------------------- distribute_tensor
@@ -156,7 +156,7 @@ def test_distribute_tensor_counts(mesh, placements, expected):
     with CommDebugMode() as mode:
         dt = distribute_tensor(x, mesh, placements)
     check_counts(mode, expected, f"distribute_tensor {placements}")
-    assert_close_all(dt.full_tensor(), x)
+    assert_close_all(to_host(dt.full_tensor()), x)
 
 
 @pytest.mark.mpi
@@ -166,8 +166,8 @@ def test_distribute_tensor_src_data_rank_none_no_comm(mesh):
         dt = distribute_tensor(x, mesh, [Shard(0)], src_data_rank=None)
         dr = distribute_tensor(x, mesh, [Replicate()], src_data_rank=None)
     check_counts(mode, {}, "src_data_rank=None")
-    assert_close_all(dt.full_tensor(), x)
-    assert_close_all(dr.to_local(), x)
+    assert_close_all(to_host(dt.full_tensor()), x)
+    assert_close_all(to_host(dr.to_local()), x)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -177,7 +177,7 @@ def test_distribute_tensor_uses_src_data_rank(mesh):
     with CommDebugMode() as mode:
         dt = distribute_tensor(x, mesh, [Shard(0)], src_data_rank=src)
     check_counts(mode, {"scatter": 1}, "scatter from last rank")
-    assert_close_all(dt.to_local(), np.full((2, 2), float(src)))
+    assert_close_all(to_host(dt.to_local()), np.full((2, 2), float(src)))
 
 
 # --------------------------------------------------------------------------- functional collectives
@@ -325,7 +325,7 @@ def test_local_map_aligned_inputs_count_zero(mesh):
     with CommDebugMode() as mode:
         y = f(xd, wd)
     check_counts(mode, {}, "aligned local_map")
-    assert_close_all(y.full_tensor(), x @ w)
+    assert_close_all(to_host(y.full_tensor()), x @ w)
 
 
 # --------------------------------------------------------------------------- contexts

@@ -3,7 +3,7 @@ run_check), to_local, full_tensor, placements, device_mesh, shape, dtype, ndim, 
 
 import numpy as np
 import pytest
-from conftest import assert_all
+from conftest import DEVICE, on_device, to_device, to_host, assert_all
 from mpi4py import MPI
 
 from mpilocal import DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
@@ -19,15 +19,15 @@ S0, S1, R = Shard(0), Shard(1), Replicate()
 
 def make_mesh(kind):
     if kind == "1d":
-        return init_device_mesh("cpu", (W,), mesh_dim_names=("x",))
+        return init_device_mesh(DEVICE, (W,), mesh_dim_names=("x",))
     if kind == "Nx1":
-        return init_device_mesh("cpu", (W, 1), mesh_dim_names=("a", "b"))
+        return init_device_mesh(DEVICE, (W, 1), mesh_dim_names=("a", "b"))
     if kind == "1xN":
-        return init_device_mesh("cpu", (1, W), mesh_dim_names=("a", "b"))
+        return init_device_mesh(DEVICE, (1, W), mesh_dim_names=("a", "b"))
     if kind == "2x2":
-        return init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b")) if W == 4 else None
+        return init_device_mesh(DEVICE, (2, 2), mesh_dim_names=("a", "b")) if W == 4 else None
     if kind == "2x2_permuted":
-        return DeviceMesh("cpu", np.array([[3, 1], [2, 0]])) if W == 4 else None
+        return DeviceMesh(DEVICE, np.array([[3, 1], [2, 0]])) if W == 4 else None
     raise AssertionError(kind)
 
 
@@ -97,8 +97,8 @@ def test_distribute_tensor_src_data_rank_1d(src_data_rank, placements):
     dt = checked(distribute_tensor, mine, mesh, placements, src_data_rank=src_data_rank)
     source = mine if src_data_rank is None else rank_data(src_data_rank, shape)
     exp = my_slice(source, mesh, placements)
-    chk(dt.to_local().shape == exp.shape, f"{dt.to_local().shape} != {exp.shape}")
-    chk.close(dt.to_local(), exp)
+    chk(to_host(dt.to_local()).shape == exp.shape, f"{to_host(dt.to_local()).shape} != {exp.shape}")
+    chk.close(to_host(dt.to_local()), exp)
     chk(tuple(dt.shape) == shape and tuple(dt.placements) == tuple(placements))
     if src_data_rank is not None:
         chk.close(checked(dt.full_tensor), source)
@@ -123,8 +123,8 @@ def test_distribute_tensor_src_data_rank_2d(kind, src_data_rank, placements):
         # so the data come from the rank at coordinate (src_data_rank, ..., src_data_rank)
         source = rank_data(int(mesh.mesh[(src_data_rank,) * mesh.ndim]), shape, seed=1)
     exp = my_slice(source, mesh, placements)
-    chk(dt.to_local().shape == exp.shape, f"{dt.to_local().shape} != {exp.shape}")
-    chk.close(dt.to_local(), exp)
+    chk(to_host(dt.to_local()).shape == exp.shape, f"{to_host(dt.to_local()).shape} != {exp.shape}")
+    chk.close(to_host(dt.to_local()), exp)
     chk.done()
 
 
@@ -137,7 +137,7 @@ def test_distribute_tensor_none_does_not_communicate():
     with CommDebugMode() as comm:
         dt = checked(distribute_tensor, mine, mesh, [S0], src_data_rank=None)
     chk(comm.get_total_counts() == 0, f"{comm.get_comm_counts()}")
-    chk.close(dt.to_local(), my_slice(mine, mesh, [S0]))
+    chk.close(to_host(dt.to_local()), my_slice(mine, mesh, [S0]))
     chk.done()
 
 
@@ -149,7 +149,7 @@ def test_distribute_tensor_shapes(shape):
     for placements in ([S0], [R], [Shard(-1)]):
         dt = checked(distribute_tensor, G, mesh, placements)
         norm = [Shard(len(shape) - 1)] if placements == [Shard(-1)] else placements
-        chk.close(dt.to_local(), my_slice(G, mesh, norm))
+        chk.close(to_host(dt.to_local()), my_slice(G, mesh, norm))
         chk(tuple(dt.shape) == shape)
         chk.close(checked(dt.full_tensor), G)
     chk.done()
@@ -161,7 +161,7 @@ def test_distribute_tensor_default_placements_replicate():
     G = base_array((4, 3), seed=4)
     dt = checked(distribute_tensor, G, mesh)
     chk(tuple(dt.placements) == (R,))
-    chk.close(dt.to_local(), G)
+    chk.close(to_host(dt.to_local()), G)
     chk.done()
 
 
@@ -170,7 +170,7 @@ def test_distribute_tensor_non_contiguous_input():
     mesh = make_mesh("1d")
     G = base_array((6, 9), seed=5).T[:, ::2]  # (9, 3), not C-contiguous
     dt = checked(distribute_tensor, G, mesh, [S0])
-    chk.close(dt.to_local(), my_slice(np.ascontiguousarray(G), mesh, [S0]))
+    chk.close(to_host(dt.to_local()), my_slice(np.ascontiguousarray(G), mesh, [S0]))
     chk.close(checked(dt.full_tensor), G)
     chk.done()
 
@@ -181,7 +181,7 @@ def test_distribute_tensor_dtypes(dtype):
     mesh = make_mesh("1d")
     G = (np.arange(35).reshape(7, 5) % 3).astype(dtype)
     dt = checked(distribute_tensor, G, mesh, [S1])
-    local = dt.to_local()
+    local = to_host(dt.to_local())
     chk(local.dtype == np.dtype(dtype) and dt.dtype == np.dtype(dtype), f"{local.dtype}")
     chk(np.array_equal(local, my_slice(G, mesh, [S1])))
     chk(np.array_equal(checked(dt.full_tensor), G))
@@ -204,7 +204,7 @@ def test_from_local_uneven_1d(rows, with_shape):
     dt = checked(DTensor.from_local, local, mesh, [S0], **kw)
     chk(tuple(dt.shape) == G.shape, f"global shape {dt.shape} != {G.shape} (local {local.shape})")
     chk(tuple(dt.size()) == G.shape and dt.size(0) == rows and dt.size(1) == 4)
-    chk.close(dt.to_local(), local)
+    chk.close(to_host(dt.to_local()), local)
     chk.close(checked(dt.full_tensor), G)
     chk.done()
 
@@ -265,11 +265,11 @@ def test_from_local_run_check_passes(rows):
     local = np.ascontiguousarray(my_slice(G, mesh, [S0]))
     dt = checked(DTensor.from_local, local, mesh, [S0], run_check=True)
     chk(tuple(dt.shape) == G.shape, f"{dt.shape}")
-    chk.close(dt.to_local(), local)
+    chk.close(to_host(dt.to_local()), local)
     dt = checked(DTensor.from_local, local, mesh, [S0], run_check=True, shape=G.shape)
     chk(tuple(dt.shape) == G.shape)
     rep = checked(DTensor.from_local, G.copy(), mesh, [R], run_check=True)
-    chk.close(rep.to_local(), G)
+    chk.close(to_host(rep.to_local()), G)
     chk.done()
 
 
@@ -292,8 +292,8 @@ def test_from_local_does_not_copy_semantics_of_to_local():
     mesh = make_mesh("1d")
     x = base_array((2, 3), seed=12)
     dt = checked(DTensor.from_local, x, mesh, [S0])
-    chk.close(dt.to_local(), x)
-    chk(isinstance(dt.to_local(), np.ndarray))
+    chk.close(to_host(dt.to_local()), x)
+    chk(on_device(dt.to_local()))
     chk.done()
 
 
@@ -312,8 +312,8 @@ def test_attributes():
     chk(dt.dtype == np.float32)
     chk(dt.ndim == 2)
     chk(tuple(dt.size()) == (7, 5) and dt.size(0) == 7 and dt.size(1) == 5)
-    chk(isinstance(dt.to_local(), np.ndarray))
-    chk(dt.to_local().shape == (chunk_sizes(7, W)[RANK], 5))
+    chk(on_device(dt.to_local()))
+    chk(to_host(dt.to_local()).shape == (chunk_sizes(7, W)[RANK], 5))
     chk.done()
 
 
@@ -324,7 +324,7 @@ def test_attributes_2d():
     dt = checked(distribute_tensor, G, mesh, [S0, Shard(2)])
     chk(dt.device_mesh == mesh and dt.placements == (S0, Shard(2)))
     chk(tuple(dt.shape) == (6, 4, 3) and dt.ndim == 3 and dt.size(2) == 3)
-    chk.close(dt.to_local(), my_slice(G, mesh, [S0, Shard(2)]))
+    chk.close(to_host(dt.to_local()), my_slice(G, mesh, [S0, Shard(2)]))
     chk.done()
 
 
@@ -347,7 +347,7 @@ def test_repr_with_known_shape():
     G = base_array((7, 5), seed=15)
     dt = checked(distribute_tensor, G, mesh, [S1])
     r = repr(dt)
-    problems = _repr_ok(r, mesh, dt.placements, (7, 5), dt.to_local().shape)
+    problems = _repr_ok(r, mesh, dt.placements, (7, 5), to_host(dt.to_local()).shape)
     chk(not problems, f"{problems} in {r}")
     chk.done()
 

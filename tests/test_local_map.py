@@ -44,7 +44,8 @@ import pytest
 from mpi4py import MPI
 
 import mpilocal.functional as funcol
-from conftest import assert_all, assert_close_all
+from mpilocal import _arrays
+from conftest import DEVICE, on_device, to_device, to_host, assert_all, assert_close_all
 from mpilocal import (
     CommDebugMode,
     DeviceMesh,
@@ -78,22 +79,23 @@ def chunk_sizes(n, k):
 
 
 def equal_allgather_forward(device_mesh, X, Y):
-    eq = np.array([np.array_equal(X, Y)])
+    xp = _arrays.namespace(X)  # NumPy or CuPy shards (MPILOCAL_TEST_DEVICE)
+    eq = xp.asarray([bool(X.shape == Y.shape and (X == Y).all())])
     eq_gather = funcol.all_gather_tensor(eq, 0, device_mesh)
-    return bool(np.all(eq_gather))
+    return bool(eq_gather.all())
 
 
 def mm_all_gather_forward(device_mesh, A, B):
-    local_mm_result = np.matmul(A, B)
+    local_mm_result = A @ B
     return funcol.all_gather_tensor(local_mm_result, 0, device_mesh)
 
 
 def mm_forward(A, B):  # no device mesh needed since we don't do collective
-    return np.matmul(A, B)
+    return A @ B
 
 
 def mm_allreduce_forward(device_mesh, A, B):
-    partial_sum_tensor = np.matmul(A, B)
+    partial_sum_tensor = A @ B
     return funcol.all_reduce(partial_sum_tensor, "sum", device_mesh)
 
 
@@ -102,12 +104,12 @@ def mm_allreduce_forward(device_mesh, A, B):
     in_placements=(None, col_wise, row_wise),
 )
 def mm_allreduce_forward_decorated(device_mesh, A, B):
-    partial_sum_tensor = np.matmul(A, B)
+    partial_sum_tensor = A @ B
     return funcol.all_reduce(partial_sum_tensor, "sum", device_mesh)
 
 
 def mul_forward(X, scalar):  # no device mesh needed since we don't do collective
-    return np.multiply(X, scalar)
+    return X * scalar
 
 
 def raises_all(exc, match, fn, *args):
@@ -129,7 +131,7 @@ def all_placements(dt, pred):
 # simple correctness check
 @pytest.mark.mpi
 def test_local_map_correctness():
-    device_mesh = init_device_mesh("cpu", mesh_shape=(WORLD_SIZE,))
+    device_mesh = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE,))
     comm_mode = CommDebugMode()
 
     # Y = X @ W
@@ -157,7 +159,7 @@ def test_local_map_correctness():
     assert_all(isinstance(Y_dt, DTensor), f"got {type(Y_dt)}")
     assert_all(all_placements(Y_dt, lambda p: p.is_replicate()), f"{Y_dt.placements}")
     # check output value
-    assert_close_all(Y_dt.to_local(), Y)
+    assert_close_all(to_host(Y_dt.to_local()), Y)
 
     # Test 2: use the local_map decorator
     with comm_mode:
@@ -165,7 +167,7 @@ def test_local_map_correctness():
 
     assert_all(comm_mode.get_total_counts() == 1, f"counts {comm_mode.get_comm_counts()}")
     assert_all(all_placements(Y_dt, lambda p: p.is_replicate()), f"{Y_dt.placements}")
-    assert_close_all(Y_dt.to_local(), Y)
+    assert_close_all(to_host(Y_dt.to_local()), Y)
     # the decorated form picks the mesh of the first DTensor argument
     assert_all(Y_dt.device_mesh == device_mesh, f"{Y_dt.device_mesh}")
 
@@ -174,7 +176,7 @@ def test_local_map_correctness():
 @pytest.mark.mpi
 def test_local_map_out_placements():
     # Test 1: wrap out into DTensor w/ `out_placements`
-    device_mesh = init_device_mesh("cpu", mesh_shape=(WORLD_SIZE,))
+    device_mesh = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE,))
     comm_mode = CommDebugMode()
 
     # X.equal(Y)
@@ -218,7 +220,7 @@ def test_local_map_out_placements():
 # check for `in_placements` handling
 @pytest.mark.mpi
 def test_local_map_in_placements():
-    device_mesh = init_device_mesh("cpu", mesh_shape=(WORLD_SIZE,))
+    device_mesh = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE,))
     comm_mode = CommDebugMode()
 
     # Y = X @ W
@@ -243,7 +245,7 @@ def test_local_map_in_placements():
     assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
     assert_all(all_placements(Y_dt, lambda p: p.is_shard(dim=0)), f"{Y_dt.placements}")
     assert_all(tuple(Y_dt.shape) == Y.shape, f"{Y_dt.shape}")
-    assert_close_all(Y_dt.full_tensor(), Y)
+    assert_close_all(to_host(Y_dt.full_tensor()), Y)
 
     # Test 2: `in_placements=None`
     local_mm_forward = local_map(
@@ -256,7 +258,7 @@ def test_local_map_in_placements():
 
     assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
     assert_all(all_placements(Y_dt, lambda p: p.is_shard(dim=0)), f"{Y_dt.placements}")
-    assert_close_all(Y_dt.full_tensor(), Y)
+    assert_close_all(to_host(Y_dt.full_tensor()), Y)
 
     # Test 3: `None` placements for non-Tensor input argument
     # Y = X * 2.0
@@ -272,7 +274,7 @@ def test_local_map_in_placements():
 
     assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
     assert_all(all_placements(Y_dt, lambda p: p.is_shard(dim=0)), f"{Y_dt.placements}")
-    assert_close_all(Y_dt.full_tensor(), Y)
+    assert_close_all(to_host(Y_dt.full_tensor()), Y)
 
     # Test 4: `None` placements for Tensor input argument
     local_mm_forward = local_map(
@@ -282,12 +284,12 @@ def test_local_map_in_placements():
         device_mesh=device_mesh,
     )
     with comm_mode:
-        Y_dt_local = local_mm_forward(X_dt.to_local(), W_dt.to_local())
+        Y_dt_local = local_mm_forward(to_host(X_dt.to_local()), to_host(W_dt.to_local()))
 
     assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
-    assert_all(isinstance(Y_dt_local, np.ndarray), f"got {type(Y_dt_local)}")
+    assert_all(on_device(Y_dt_local), f"got {type(Y_dt_local)}")
     assert_close_all(
-        DTensor.from_local(Y_dt_local, device_mesh, row_wise).full_tensor(),
+        to_host(DTensor.from_local(Y_dt_local, device_mesh, row_wise).full_tensor()),
         np.matmul(X, W),
     )
 
@@ -299,12 +301,12 @@ def test_local_map_in_placements():
         device_mesh=device_mesh,
     )
     with comm_mode:
-        Y_dt_local = local_mm_forward(X_dt.to_local(), W_dt.to_local())
+        Y_dt_local = local_mm_forward(to_host(X_dt.to_local()), to_host(W_dt.to_local()))
 
     assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
-    assert_all(isinstance(Y_dt_local, np.ndarray), f"got {type(Y_dt_local)}")
+    assert_all(on_device(Y_dt_local), f"got {type(Y_dt_local)}")
     assert_close_all(
-        DTensor.from_local(Y_dt_local, device_mesh, row_wise).full_tensor(),
+        to_host(DTensor.from_local(Y_dt_local, device_mesh, row_wise).full_tensor()),
         np.matmul(X, W),
     )
 
@@ -321,7 +323,7 @@ def test_local_map_in_placements():
 # check for `redistribute_inputs` handling
 @pytest.mark.mpi
 def test_local_map_redistribute():
-    device_mesh = init_device_mesh("cpu", mesh_shape=(WORLD_SIZE,))
+    device_mesh = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE,))
     comm_mode = CommDebugMode()
 
     # Y = X @ W
@@ -351,7 +353,7 @@ def test_local_map_redistribute():
     # S(0) -> S(1) and S(1) -> S(0) are one all_to_all each; the function's all_reduce is the third
     assert_all(counts.get("all_to_all_single", 0) == n_a2a and counts.get("all_reduce", 0) == 1, f"{counts}")
     assert_all(all_placements(Y_dt, lambda p: p.is_replicate()), f"{Y_dt.placements}")
-    assert_close_all(Y_dt.to_local(), Y)
+    assert_close_all(to_host(Y_dt.to_local()), Y)
     # the inputs themselves are untouched
     assert_all(tuple(X_dt.placements) == (Shard(0),) and tuple(W_dt.placements) == (Shard(1),))
 
@@ -369,7 +371,7 @@ def test_local_map_redistribute():
 @pytest.mark.mpi
 def test_local_map_uneven_sharding():
     """local_map handles uneven sharding where local shards have different sizes across ranks."""
-    device_mesh = init_device_mesh("cpu", mesh_shape=(WORLD_SIZE,))
+    device_mesh = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE,))
 
     uneven_size = WORLD_SIZE * 2 + 1  # e.g., 5 for world_size=2
     X = randn(10, uneven_size, 4)
@@ -379,7 +381,7 @@ def test_local_map_uneven_sharding():
     X_dt = distribute_tensor(X, device_mesh, row_wise)
     W_dt = distribute_tensor(W, device_mesh, replicate)
 
-    local_x_size = X_dt.to_local().shape[0]
+    local_x_size = to_host(X_dt.to_local()).shape[0]
     expected_sizes = chunk_sizes(uneven_size, WORLD_SIZE)  # torch.chunk rule
     assert_all(local_x_size == expected_sizes[RANK], f"local rows {local_x_size}, expected {expected_sizes}")
 
@@ -393,7 +395,7 @@ def test_local_map_uneven_sharding():
     Y_dt = local_mm_forward(X_dt, W_dt)
 
     assert_all(tuple(Y_dt.shape) == Y.shape, f"{Y_dt.shape} vs {Y.shape}")
-    full = Y_dt.full_tensor()
+    full = to_host(Y_dt.full_tensor())
     assert_all(full.shape == Y.shape, f"{full.shape} vs {Y.shape}")
     assert_close_all(full, Y)
     assert_all(all_placements(Y_dt, lambda p: p.is_shard(dim=0)), f"{Y_dt.placements}")
@@ -404,8 +406,8 @@ def test_multi_mesh_inputs():
     """The function can be applied to DTensors that live on different device meshes (4 ranks)."""
     if WORLD_SIZE != 4:
         pytest.skip("PyTorch's TestLocalMap4GPU runs at world size 4")
-    mesh_full = init_device_mesh("cpu", mesh_shape=(WORLD_SIZE,))
-    mesh_2d = init_device_mesh("cpu", mesh_shape=(WORLD_SIZE // 2, 2))
+    mesh_full = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE,))
+    mesh_2d = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE // 2, 2))
     comm_mode = CommDebugMode()
 
     X = randn(12, 8, 32)
@@ -431,7 +433,7 @@ def test_multi_mesh_inputs():
 
     assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
     # output local shape should be (8, 4)
-    assert_all(Y_dt.to_local().shape == (8, 4), f"{Y_dt.to_local().shape}")
+    assert_all(to_host(Y_dt.to_local()).shape == (8, 4), f"{to_host(Y_dt.to_local()).shape}")
     # output lives in mesh_2d
     assert_all(Y_dt.device_mesh == mesh_2d, f"{Y_dt.device_mesh}")
     assert_all(tuple(Y_dt.placements) == (Replicate(), Shard(1)), f"{Y_dt.placements}")
@@ -444,8 +446,8 @@ def test_multi_mesh_inputs_any_size(k):
     """Multi-mesh inputs at every world size: X on a 1-D mesh, W on an (N, 1) mesh, output on the
     2-D mesh; the contraction dim k is sharded the same way on both (unevenly at 3 ranks for k=10).
     """
-    mesh_full = init_device_mesh("cpu", mesh_shape=(WORLD_SIZE,))
-    mesh_2d = init_device_mesh("cpu", mesh_shape=(WORLD_SIZE, 1))
+    mesh_full = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE,))
+    mesh_2d = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE, 1))
     comm_mode = CommDebugMode()
 
     X = randn(14, 6, k)
@@ -464,9 +466,9 @@ def test_multi_mesh_inputs_any_size(k):
 
     assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
     assert_all(Y_dt.device_mesh == mesh_2d, f"{Y_dt.device_mesh}")
-    assert_all(Y_dt.to_local().shape == (6, 5), f"{Y_dt.to_local().shape}")
+    assert_all(to_host(Y_dt.to_local()).shape == (6, 5), f"{to_host(Y_dt.to_local()).shape}")
     assert_all(tuple(Y_dt.shape) == (6, 5), f"{Y_dt.shape}")
-    assert_close_all(Y_dt.full_tensor(), X @ W)
+    assert_close_all(to_host(Y_dt.full_tensor()), X @ W)
 
 
 @pytest.mark.mpi(min_size=4)
@@ -474,7 +476,7 @@ def test_local_map_uneven_sharding_2d_mesh():
     """Uneven sharding on a 2x2 mesh where both dims are unevenly sharded (4 ranks)."""
     if WORLD_SIZE != 4:
         pytest.skip("PyTorch's TestLocalMap4GPU runs at world size 4")
-    device_mesh = init_device_mesh("cpu", mesh_shape=(2, 2))
+    device_mesh = init_device_mesh(DEVICE, mesh_shape=(2, 2))
 
     X = randn(16, 9, 5)
     scalar = 2.0
@@ -491,7 +493,7 @@ def test_local_map_uneven_sharding_2d_mesh():
 
     Y_dt = local_mul_forward(X_dt, scalar)
 
-    full = Y_dt.full_tensor()
+    full = to_host(Y_dt.full_tensor())
     assert_all(full.shape == Y.shape, f"{full.shape} vs {Y.shape}")
     assert_close_all(full, Y)
 
@@ -501,7 +503,7 @@ def test_local_map_uneven_sharding_2d_mesh():
 def test_local_map_uneven_sharding_2d_mesh_any_size(mesh_shape):
     """The 2-D uneven test at every world size, on the degenerate meshes (N, 1) and (1, N)."""
     shape = (WORLD_SIZE, 1) if mesh_shape == "(N, 1)" else (1, WORLD_SIZE)
-    device_mesh = init_device_mesh("cpu", mesh_shape=shape)
+    device_mesh = init_device_mesh(DEVICE, mesh_shape=shape)
 
     X = randn(17, 9, 5)
     scalar = 2.0
@@ -510,7 +512,7 @@ def test_local_map_uneven_sharding_2d_mesh_any_size(mesh_shape):
     X_dt = distribute_tensor(X, device_mesh, [Shard(0), Shard(1)])
     rows = chunk_sizes(9, shape[0])[device_mesh.get_coordinate()[0]]
     cols = chunk_sizes(5, shape[1])[device_mesh.get_coordinate()[1]]
-    assert_all(X_dt.to_local().shape == (rows, cols), f"{X_dt.to_local().shape} vs {(rows, cols)}")
+    assert_all(to_host(X_dt.to_local()).shape == (rows, cols), f"{to_host(X_dt.to_local()).shape} vs {(rows, cols)}")
 
     local_mul_forward = local_map(
         mul_forward,
@@ -522,7 +524,7 @@ def test_local_map_uneven_sharding_2d_mesh_any_size(mesh_shape):
     Y_dt = local_mul_forward(X_dt, scalar)
 
     assert_all(tuple(Y_dt.shape) == Y.shape, f"{Y_dt.shape} vs {Y.shape}")
-    full = Y_dt.full_tensor()
+    full = to_host(Y_dt.full_tensor())
     assert_all(full.shape == Y.shape, f"{full.shape} vs {Y.shape}")
     assert_close_all(full, Y)
 
@@ -530,10 +532,10 @@ def test_local_map_uneven_sharding_2d_mesh_any_size(mesh_shape):
 @pytest.mark.mpi
 def test_local_map_explicit_device_mesh_object():
     """``DeviceMesh(...)`` built by hand works like ``init_device_mesh`` (PyTorch's DeviceMesh import)."""
-    device_mesh = DeviceMesh("cpu", np.arange(WORLD_SIZE))
+    device_mesh = DeviceMesh(DEVICE, np.arange(WORLD_SIZE))
     X = randn(18, 7, 3)
     X_dt = distribute_tensor(X, device_mesh, row_wise)
     f = local_map(lambda x: x + 1.0, out_placements=row_wise, in_placements=(row_wise,))
     Y_dt = f(X_dt)
     assert_all(Y_dt.device_mesh == device_mesh)
-    assert_close_all(Y_dt.full_tensor(), X + 1.0)
+    assert_close_all(to_host(Y_dt.full_tensor()), X + 1.0)
