@@ -559,11 +559,11 @@ def agree(g, caller: str, err, meta=None, what: str = "argument_check"):
     exception its local checks raised, or None) and optionally a metadata vector ``meta`` (int64,
     66 entries, as :func:`mpilocal.functional.meta_vector`). If any rank failed, **every** rank
     raises: its own exception, or one of the same type naming the failing rank and its message.
-    Returns the gathered metadata rows (``(g.size, 66)`` int64) otherwise."""
+    Returns the gathered metadata rows (``(g.size, 66)`` int64) otherwise (None for one rank)."""
     from . import debug
 
     if g.size == 1 and err is None:
-        return None if meta is None else meta.reshape(1, -1)
+        return None
     if g.size == 1:
         raise err
     if _DEBUG:  # which public function each rank is in
