@@ -133,8 +133,8 @@ def pow(a, b):  # noqa: A001 - the array API's name
             ga = _unbroadcast(g * rb * ra ** (rb - 1), sa)
         if n[1]:
             xp = _xp(out)
-            pos = ra > 0
-            gb = _unbroadcast(g * out * xp.log(xp.where(pos, ra, 1)), sb)
+            base = xp.asarray(ra)  # may be a Python scalar (2.0 ** x)
+            gb = _unbroadcast(g * out * xp.log(xp.where(base > 0, base, 1)), sb)
         return ga, gb
 
     return _record("Pow", out, (a, b), bw)
@@ -202,7 +202,8 @@ def maximum(a, b):
 def where(cond, a, b):
     cond = _raw(cond)
     ra, rb = _raw(a), _raw(b)
-    xp = _xp(cond)
+    xp = next((_xp(v) for v in (cond, ra, rb) if _arrays.is_array(v)), np)
+    cond = xp.asarray(cond)
     sa, sb = _shape(ra), _shape(rb)
     out = xp.where(cond, ra, rb)
     return _record("Where", out, (a, b), lambda g, n: (
@@ -329,11 +330,17 @@ def getitem(a, idx):
         if _is_basic_index(idx) or (getattr(idx, "dtype", None) is not None and idx.dtype == bool):
             z[idx] = g  # basic (and boolean) indexing selects each element at most once
         elif xp is np:
-            np.add.at(z, idx, g)
+            np.add.at(z, idx, g)  # advanced indexing may select an element twice: accumulate
         else:
-            import cupyx
+            fix = lambda i: xp.asarray(i) if isinstance(i, list) else i  # noqa: E731
+            ix = tuple(map(fix, idx)) if isinstance(idx, tuple) else fix(idx)
+            at = getattr(xp.add, "at", None)
+            if at is not None:
+                at(z, ix, g)
+            else:
+                import cupyx
 
-            cupyx.scatter_add(z, idx, g)
+                cupyx.scatter_add(z, ix, g)
         return (z,)
 
     return _record("Index", out, (a,), bw)
