@@ -82,14 +82,25 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
     if in_placements is not None and not isinstance(in_placements, (tuple, list)):
         raise TypeError(f"local_map: in_placements must be a tuple with one entry per input, got {in_placements!r}")
     out_specs = out_placements if isinstance(out_placements, tuple) else (out_placements,)
+    # placements as tuples once, so the per-call check is a tuple comparison (normalization of
+    # negative shard dims is cached per (entry, ndim) below)
+    in_specs = None if in_placements is None else tuple(None if p is None else tuple(p) for p in in_placements)
+    out_specs = tuple(None if p is None else tuple(p) for p in out_specs)
+    norm_cache: dict = {}
+
+    def norm(key, spec, mesh, ndim):
+        got = norm_cache.get((key, mesh.ndim, ndim))
+        if got is None:
+            got = norm_cache[(key, mesh.ndim, ndim)] = _placements(spec, mesh, ndim, "local_map")
+        return got
 
     @functools.wraps(func)
     def wrapped(*args, **kwargs):
         flat, spec = _flat(args)
         n = len(flat)
-        if in_placements is not None and len(in_placements) != n:
+        if in_specs is not None and len(in_specs) != n:
             raise ValueError(
-                f"local_map: in_placements has {len(in_placements)} entries but {func.__name__} got {n} flattened "
+                f"local_map: in_placements has {len(in_specs)} entries but {func.__name__} got {n} flattened "
                 f"positional inputs; give one entry per input (None for non-arrays)"
             )
         mesh = device_mesh
@@ -105,14 +116,15 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                 seen = True
                 if arg._ag is not None:
                     track = True
-                if in_placements is not None:
-                    want = in_placements[i]
+                if in_specs is not None:
+                    want = in_specs[i]
                     if want is None:
                         raise ValueError(
                             f"local_map: DTensor input {i} expects placements but received None in in_placements; "
                             f"give its placements, e.g. [Shard(0)]"
                         )
-                    want = _placements(want, arg._mesh, arg.ndim, "local_map")
+                    if arg._placements != want:
+                        want = norm(i, want, arg._mesh, arg._local.ndim)
                     if arg._placements != want:
                         if not redistribute_inputs:
                             raise ValueError(
@@ -129,7 +141,7 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                         if todo is None:
                             todo = []
                         todo.append((i, want))
-            elif in_placements is not None and in_placements[i] is not None and not _arrays.is_array(arg):
+            elif in_specs is not None and in_specs[i] is not None and not _arrays.is_array(arg):
                 raise ValueError(
                     f"local_map: non-array input {i} ({type(arg).__name__}) expects None placements but received "
                     f"{in_placements[i]!r}; use None for it in in_placements"
@@ -149,6 +161,9 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
         if not seen:
             return out
         # 3) wrap outputs
+        if type(out) is np.ndarray and len(out_specs) == 1 and out_specs[0] is not None \
+                and mesh.device_type == "cpu":  # fast path: one NumPy output
+            return _wrap(out, mesh, norm(-1, out_specs[0], mesh, out.ndim))
         out_leaves = []
         out_spec = _flatten(out, out_leaves)
         if len(out_leaves) != len(out_specs):
@@ -170,7 +185,7 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                         f"local_map: array output expects placements but out_placements gives None for it"
                     )
                 o = _on_device(o, mesh, "local_map")
-                wrapped_out.append(_wrap(o, mesh, _placements(s, mesh, o.ndim, "local_map")))
+                wrapped_out.append(_wrap(o, mesh, norm(-1 - len(wrapped_out), s, mesh, o.ndim)))
             elif type(o) is Tracked:
                 if s is None:
                     raise ValueError(
