@@ -730,3 +730,24 @@ def test_no_grad_inputs_are_not_tracked():
         Yg = local_map(f, out_placements=[Shard(0)], in_placements=([Shard(0)],))(Xg)
     assert_all(kinds[-1] is Tracked and Yg.requires_grad and mode.get_total_counts() == 1)
     assert_close_all(host(Yg.detach().to_local()), host(Y.to_local()))
+
+
+def test_argument_errors():
+    mesh = init_device_mesh(DEVICE, (W,))
+    X = distribute_tensor(rand(96, 2 * W, 3), mesh, [Shard(0)], requires_grad=True)
+    f = local_map(lambda a: a * 2.0, out_placements=[Shard(0)], in_placements=([Shard(0)],),
+                  in_grad_placements=([Shard(0)], [Replicate()]))
+    with pytest.raises(ValueError, match="in_grad_placements must have one entry per flattened input"):
+        f(X)
+    Y = local_map(lambda a: a * 2.0, out_placements=[Shard(0)], in_placements=([Shard(0)],))(X)
+    with pytest.raises(TypeError, match="gradient must be a DTensor"):
+        Y.backward(xp.ones((2, 3)))
+    with pytest.raises(ValueError, match="must match the output"):
+        Y.backward(distribute_tensor(rand(97, 2 * W, 4), mesh, [Shard(0)]))
+    with pytest.raises(TypeError, match="DTensor.grad must be a DTensor"):
+        X.grad = xp.ones((2, 3))
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        tensor(rand(98, 2)).backward()
+    t = tensor(rand(99, 2, 2), requires_grad=True)
+    with pytest.raises(ValueError, match="gradient has shape"):
+        (t * 2.0).backward(xp.ones(3))
