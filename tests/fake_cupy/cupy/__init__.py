@@ -24,6 +24,9 @@ class ndarray(_np.ndarray):
     def data(self):
         return _Data(self.ctypes.data if self.size else 0)
 
+    def set(self, a):
+        self[...] = a
+
     def get(self):
         return _np.array(self).view(_np.ndarray)
 
@@ -43,6 +46,10 @@ def _wrap(x):
 
 def _unwrap(x):
     return x.view(_np.ndarray) if isinstance(x, ndarray) else x
+
+
+def get_default_memory_pool():
+    return cuda._Pool()
 
 
 def asnumpy(x):
