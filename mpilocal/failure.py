@@ -41,7 +41,7 @@ from mpi4py import MPI
 
 __all__ = [
     "install", "abort", "timeout", "set_timeout", "debug_enabled", "set_debug", "begin", "agree",
-    "watch_async", "register_abort_hook", "CollectiveMismatchError",
+    "watch_async", "watch_cuda", "register_abort_hook", "CollectiveMismatchError",
 ]
 
 _monotonic = time.monotonic
@@ -204,24 +204,37 @@ def _at_exit():
     code = _EXIT_CODE
     if code not in (None, 0) and _size() > 1:
         abort(code, f"mpilocal: rank {_rank()} exits with status {code}; aborting the MPI job")
-    # Finalize under a deadline: MPI_Finalize waits for the other ranks, which may be stuck in a
-    # collective this rank will never join (it returned or called sys.exit early).
+    # MPI_Finalize waits for the other ranks, which may be stuck in a collective this rank will never
+    # join (it returned or called sys.exit early). So first meet them in a non-blocking barrier,
+    # polled under a deadline; past it, leave without MPI_Finalize (os._exit: the launcher then
+    # ends the job — MPI_Abort is not safe once finalization may have begun).
+    global _slot
+    _slot = None
     try:
         import mpi4py
 
         if not MPI.Is_initialized() or MPI.Is_finalized() or getattr(mpi4py.rc, "finalize", None) is False:
             return
+        if _EXIT_TIMEOUT is None or _size() == 1:
+            return
+        req = MPI.COMM_WORLD.Ibarrier()
     except Exception:
         return
-    if _EXIT_TIMEOUT is None or _size() == 1:
-        return
-    global _slot
-    _slot = ("MPI_Finalize (program exit)", 0, None, _monotonic(), _EXIT_TIMEOUT)
-    _ensure_watchdog()
-    try:
-        MPI.Finalize()
-    finally:
-        _slot = None
+    t0 = _monotonic()
+    pause = 0.0005
+    while not req.Test():
+        if _monotonic() - t0 > _EXIT_TIMEOUT:
+            try:
+                sys.stderr.write(_prefix(
+                    f"mpilocal: rank {_rank()} is exiting, but other ranks did not reach program exit within "
+                    f"{_EXIT_TIMEOUT:g} s (MPILOCAL_EXIT_TIMEOUT); they are probably waiting in a collective this "
+                    f"rank left. Ending the job."))
+                sys.stderr.flush()
+                sys.stdout.flush()
+            finally:
+                os._exit(1)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,6 +341,36 @@ def watch_async(name: str, g, done, check_error=None, abort_fn=None) -> None:
     with _ASYNC_LOCK:
         _ASYNC.append([name, seq, g, _monotonic(), done, check_error, abort_fn])
     _ensure_watchdog()
+
+
+def watch_cuda(name: str, g, stream=None, comm=None) -> None:
+    """Watch GPU work just enqueued on ``stream`` (default: the current CuPy stream) for collective
+    ``name`` on Group ``g``: records a CUDA event and hands it to :func:`watch_async`, with
+    ``comm.check_async_error`` / ``comm.abort`` when ``comm`` (e.g. a ``cupy.cuda.nccl``
+    ``NcclCommunicator``) is given. Call it right after enqueuing a NCCL collective."""
+    if _TIMEOUT is None and comm is None:
+        return
+    import cupy as cp
+
+    dev = cp.cuda.Device()
+    ev = cp.cuda.Event(block=False, disable_timing=True, interprocess=False)
+    ev.record(stream if stream is not None else cp.cuda.get_current_stream())
+
+    def done():
+        with dev:  # the watchdog thread has its own current device
+            return ev.done
+
+    check = getattr(comm, "check_async_error", None)
+
+    def check_error():
+        if check is None:
+            return None
+        with dev:
+            check()  # raises NcclError on an asynchronous failure
+        return None
+
+    abort_fn = getattr(comm, "abort", None)
+    watch_async(name, g, done, check_error if check is not None else None, abort_fn)
 
 
 def _ensure_watchdog():
