@@ -18,8 +18,11 @@ step() { local t=$1; shift; echo "=== $(date -u +%T) [$t s] $*"; timeout -k 5 "$
 
 if [ "$MODE" = suite ]; then
   nvidia-smi -L
-  step 40 $MPIRUN python3 -m mpilocal info --all
-  aware; step 40 $MPIRUN python3 -m mpilocal info
+  if [ -z "$SKIP_INFO" ]; then
+    step 40 $MPIRUN python3 -m mpilocal info --all | tee $OUT/info-sysmpi.txt
+    aware; step 40 $MPIRUN python3 -m mpilocal info | tee $OUT/info-cuda-aware.txt
+  fi
+  aware
   step ${SMOKE_TIMEOUT:-80} $MPIRUN python3 scripts/gpu_smoke.py ${TRANSPORTS//,/ }  # all three under the CUDA-aware MPI
   for T in ${TRANSPORTS//,/ }; do
     if [ "$T" = cuda_mpi ]; then aware; else sysmpi; fi

@@ -6,6 +6,8 @@ import os, sys
 import numpy as np
 from mpi4py import MPI
 import cupy as cp
+from mpilocal import gpu
+gpu.bind_device()
 from mpilocal.transport import group_for
 from mpilocal.transport import gpu_select
 comm = MPI.COMM_WORLD

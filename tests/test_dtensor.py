@@ -56,7 +56,7 @@ class Check:
 
     def close(self, actual, expected, what="", **kw):
         try:
-            np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), **kw)
+            np.testing.assert_allclose(np.asarray(to_host(actual)), np.asarray(to_host(expected)), **kw)
         except AssertionError as exc:
             self.problems.append(f"rank {RANK}: {what}: {exc}")
 
@@ -101,7 +101,7 @@ def test_distribute_tensor_src_data_rank_1d(src_data_rank, placements):
     chk.close(to_host(dt.to_local()), exp)
     chk(tuple(dt.shape) == shape and tuple(dt.placements) == tuple(placements))
     if src_data_rank is not None:
-        chk.close(checked(dt.full_tensor), source)
+        chk.close(to_host(checked(dt.full_tensor)), source)
     chk.done()
 
 
@@ -151,7 +151,7 @@ def test_distribute_tensor_shapes(shape):
         norm = [Shard(len(shape) - 1)] if placements == [Shard(-1)] else placements
         chk.close(to_host(dt.to_local()), my_slice(G, mesh, norm))
         chk(tuple(dt.shape) == shape)
-        chk.close(checked(dt.full_tensor), G)
+        chk.close(to_host(checked(dt.full_tensor)), G)
     chk.done()
 
 
@@ -171,7 +171,7 @@ def test_distribute_tensor_non_contiguous_input():
     G = base_array((6, 9), seed=5).T[:, ::2]  # (9, 3), not C-contiguous
     dt = checked(distribute_tensor, G, mesh, [S0])
     chk.close(to_host(dt.to_local()), my_slice(np.ascontiguousarray(G), mesh, [S0]))
-    chk.close(checked(dt.full_tensor), G)
+    chk.close(to_host(checked(dt.full_tensor)), G)
     chk.done()
 
 
@@ -184,7 +184,7 @@ def test_distribute_tensor_dtypes(dtype):
     local = to_host(dt.to_local())
     chk(local.dtype == np.dtype(dtype) and dt.dtype == np.dtype(dtype), f"{local.dtype}")
     chk(np.array_equal(local, my_slice(G, mesh, [S1])))
-    chk(np.array_equal(checked(dt.full_tensor), G))
+    chk(np.array_equal(to_host(checked(dt.full_tensor)), G))
     chk.done()
 
 
@@ -205,7 +205,7 @@ def test_from_local_uneven_1d(rows, with_shape):
     chk(tuple(dt.shape) == G.shape, f"global shape {dt.shape} != {G.shape} (local {local.shape})")
     chk(tuple(dt.size()) == G.shape and dt.size(0) == rows and dt.size(1) == 4)
     chk.close(to_host(dt.to_local()), local)
-    chk.close(checked(dt.full_tensor), G)
+    chk.close(to_host(checked(dt.full_tensor)), G)
     chk.done()
 
 
@@ -226,7 +226,7 @@ def test_from_local_shard_dim1_inferred():
     local = np.ascontiguousarray(my_slice(G, mesh, [S1]))
     dt = checked(DTensor.from_local, local, mesh, [S1])
     chk(tuple(dt.shape) == (3, 10), f"{dt.shape}")
-    chk.close(checked(dt.full_tensor), G)
+    chk.close(to_host(checked(dt.full_tensor)), G)
     chk.done()
 
 
@@ -241,7 +241,7 @@ def test_from_local_2d(kind, placements, with_shape):
     kw = {"shape": G.shape} if with_shape else {}
     dt = checked(DTensor.from_local, local, mesh, placements, **kw)
     chk(tuple(dt.shape) == G.shape, f"global shape {dt.shape} != {G.shape}")
-    chk.close(checked(dt.full_tensor), G)
+    chk.close(to_host(checked(dt.full_tensor)), G)
     chk.done()
 
 
@@ -253,7 +253,7 @@ def test_from_local_replicate_and_partial_shapes():
     chk(tuple(dt.shape) == (3, 4))
     p = checked(DTensor.from_local, x / W, mesh, [Partial()])
     chk(tuple(p.shape) == (3, 4) and tuple(p.placements) == (Partial(),))
-    chk.close(checked(p.full_tensor), x)
+    chk.close(to_host(checked(p.full_tensor)), x)
     chk.done()
 
 
@@ -283,7 +283,7 @@ def test_from_local_run_check_2d():
         local = np.ascontiguousarray(my_slice(G, mesh, placements))
         dt = checked(DTensor.from_local, local, mesh, placements, run_check=True)
         chk(tuple(dt.shape) == G.shape, f"{placements}: {dt.shape}")
-        chk.close(checked(dt.full_tensor), G)
+        chk.close(to_host(checked(dt.full_tensor)), G)
     chk.done()
 
 

@@ -284,7 +284,7 @@ def test_local_map_in_placements():
         device_mesh=device_mesh,
     )
     with comm_mode:
-        Y_dt_local = local_mm_forward(to_host(X_dt.to_local()), to_host(W_dt.to_local()))
+        Y_dt_local = local_mm_forward(X_dt.to_local(), W_dt.to_local())
 
     assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
     assert_all(on_device(Y_dt_local), f"got {type(Y_dt_local)}")
@@ -301,7 +301,7 @@ def test_local_map_in_placements():
         device_mesh=device_mesh,
     )
     with comm_mode:
-        Y_dt_local = local_mm_forward(to_host(X_dt.to_local()), to_host(W_dt.to_local()))
+        Y_dt_local = local_mm_forward(X_dt.to_local(), W_dt.to_local())
 
     assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
     assert_all(on_device(Y_dt_local), f"got {type(Y_dt_local)}")

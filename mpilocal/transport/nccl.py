@@ -56,7 +56,18 @@ def nccl_comm(group):
     """The NCCL communicator of ``group``: created once (collective over the group), then cached."""
     c = group.cache.get("nccl")
     if c is None:
+        import platform
+
+        import cupy as cp
+
         n = _nccl()
+        where = group.comm.allgather((platform.node(), cp.cuda.Device().id))
+        if len(set(where)) != len(where):
+            raise RuntimeError(
+                f"nccl transport: ranks of this group share a GPU ({where}); NCCL needs one GPU per rank. "
+                f"Build a device_type='cuda' mesh (it binds each rank to a GPU of its node) or call "
+                f"mpilocal.gpu.bind_device() on every rank first"
+            )
         uid = n.get_unique_id() if group.rank == 0 else None
         uid = group.comm.bcast(uid, root=0)
         c = n.NcclCommunicator(group.size, uid, group.rank)
