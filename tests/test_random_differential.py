@@ -28,7 +28,7 @@ WORLD = MPI.COMM_WORLD
 RANK = WORLD.Get_rank()
 N = WORLD.Get_size()
 SEED = int(os.environ.get("MPILOCAL_DIFF_SEED", "20261126"))
-CASES = int(os.environ.get("MPILOCAL_DIFF_CASES", "250"))
+CASES = int(os.environ.get("MPILOCAL_DIFF_CASES", "400"))
 DTYPES = (np.float64, np.float32, np.int64, np.int32, np.complex128, np.float16)
 
 
