@@ -164,7 +164,11 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
     send = xp.empty(x.size, dtype=x.dtype)
     per_row = x.size // x.shape[dst_dim] if x.shape[dst_dim] else 0
     pos, off, send_counts = 0, 0, []
-    for s in dst_sizes:
+    if _arrays.is_cupy(xa) and xa.flags.c_contiguous:  # GPU: each piece is one strided 2-D memcpy
+        from .transport.cuda_mpi import pack_pieces
+
+        send_counts = pack_pieces(xa, b, dst_sizes, send)
+    for s in dst_sizes if not send_counts else ():
         n = s * per_row
         if n:
             idx = (slice(None),) * b + (slice(off, off + s),)

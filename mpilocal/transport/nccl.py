@@ -115,16 +115,11 @@ class NcclTransport:
         it = send.dtype.itemsize
         n = _nccl()
         comm, s = nccl_comm(group), _stream()
-        me = group.rank
         sd, rd = displs(send_counts), displs(recv_counts)
-        if send_counts[me]:
-            recv[rd[me]:rd[me] + recv_counts[me]] = send[sd[me]:sd[me] + send_counts[me]]
         sp, rp = send.data.ptr, recv.data.ptr
         n.groupStart()
-        try:
+        try:  # the own block too: NCCL copies it inside the grouped kernel, overlapped with the peers'
             for p in range(group.size):
-                if p == me:
-                    continue
                 if send_counts[p]:
                     comm.send(sp + sd[p] * it, send_counts[p] * it, n.NCCL_UINT8, p, s)
                 if recv_counts[p]:
