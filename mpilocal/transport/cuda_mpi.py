@@ -176,10 +176,14 @@ class CudaMpiTransport(ExchangeReduce):
     def allgatherv(self, send, recv, counts, group):
         if not sum(counts):
             return
-        _sync_current_stream()
         it = recv.dtype.itemsize
-        b = _bytes(counts, it)
-        group.comm.Allgatherv([_b(send), MPI.BYTE], [_b(recv), (b, displs(b)), MPI.BYTE])
+        if all(c == counts[0] for c in counts):  # the plain collective: MPI's own (fastest) algorithm
+            _sync_current_stream()
+            group.comm.Allgather([_b(send), MPI.BYTE], [_b(recv), MPI.BYTE])
+            return
+        off = displs(counts)[group.rank]
+        recv[off:off + counts[group.rank]] = send  # own block on the GPU, then an in-place Allgatherv
+        self.allgatherv_inplace(recv, counts, group)
 
     def allgatherv_inplace(self, recv, counts, group):
         if not sum(counts):
