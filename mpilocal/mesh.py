@@ -108,29 +108,24 @@ class DeviceMesh:
 
     def get_local_rank(self, mesh_dim=None) -> int:
         """This rank's index along ``mesh_dim`` (may be omitted for a 1-D mesh)."""
-        if mesh_dim is None:
-            if self.ndim != 1:
-                raise ValueError(
-                    f"DeviceMesh.get_local_rank: mesh is {self.ndim}-D; pass mesh_dim (an index or one of "
-                    f"{self.mesh_dim_names})"
-                )
-            mesh_dim = 0
-        d = self._dim_index(mesh_dim, "get_local_rank")
-        self._require_member("get_local_rank")
-        return self._coordinate[d]
+        return self._coordinate[self._member_dim(mesh_dim, "get_local_rank")]
 
     def get_group(self, mesh_dim=None):
         """The mpi4py communicator along ``mesh_dim`` (may be omitted for a 1-D mesh)."""
+        return self._dim_comms[self._member_dim(mesh_dim, "get_group")]
+
+    def _member_dim(self, mesh_dim, caller) -> int:
+        """The index of ``mesh_dim`` (None: the only dim of a 1-D mesh), for a rank in the mesh."""
         if mesh_dim is None:
             if self.ndim != 1:
                 raise ValueError(
-                    f"DeviceMesh.get_group: mesh is {self.ndim}-D; pass mesh_dim (an index or one of "
-                    f"{self.mesh_dim_names}) or use get_all_groups()"
+                    f"DeviceMesh.{caller}: mesh is {self.ndim}-D; pass mesh_dim (an index or one of "
+                    f"{self.mesh_dim_names})"
                 )
             mesh_dim = 0
-        d = self._dim_index(mesh_dim, "get_group")
-        self._require_member("get_group")
-        return self._dim_comms[d]
+        d = self._dim_index(mesh_dim, caller)
+        self._require_member(caller)
+        return d
 
     def get_all_groups(self) -> list:
         self._require_member("get_all_groups")
