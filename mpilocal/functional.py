@@ -373,6 +373,8 @@ def all_gather_tensor(x, gather_dim: int, group, tag: str = ""):
     except (TypeError, ValueError) as e:
         err = e
     rows = failure.agree(g, caller, err, None if err else _meta_with(x, caller, gather_dim=dim), "gather_sizes")
+    if rows is None and g.size > 1:  # argument agreement is off (MPILOCAL_CHECK_ARGS=0): sizes still needed
+        rows = meta_allgather(g.comm, _meta_with(x, caller, gather_dim=dim), "gather_sizes")
     _check_params(rows, caller, gather_dim=dim)
     _check_same(rows, caller, skip_dim=dim)
     sizes = [int(r[2 + dim]) for r in rows] if rows is not None else [x.shape[dim]]
