@@ -8,6 +8,12 @@ and enqueues the host-to-device copies of its result on a second stream. So the 
 work on pieces j+1 (down) and j-1 (up) while MPI moves piece j. Pinned buffers are allocated once
 and grow as needed.
 
+Groups whose ranks share one node (the usual case for staging) skip MPI's data path: each rank copies
+its data into its segment of a node-shared host window (``MPI_Win_allocate_shared``, registered with
+CUDA so the copies run at pinned speed), the ranks meet at a barrier, and each copies what it needs
+from the others' segments straight to its GPU. Groups across nodes use the pipelined MPI path above.
+``MPILOCAL_STAGED_SHM=0`` turns the window off.
+
 Reductions run on the GPU (all-to-all of blocks + elementwise reduction + all-gather, as in
 :mod:`cuda_mpi`): MPI only moves bytes, the host never adds numbers.
 """
@@ -55,6 +61,51 @@ class _Pinned:
         return self.arr
 
 
+_SHM = os.environ.get("MPILOCAL_STAGED_SHM", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+class _NodeWindow:
+    """A node-shared host window over a group's communicator: ``k`` equal segments, registered
+    (pinned) with CUDA, grown collectively when a call needs more."""
+
+    def __init__(self, comm, cp):
+        self.comm, self.cp = comm, cp
+        self.win = None
+        self.seg = 0
+        self.ptrs = []  # segment base address per group rank
+        self.registered = []
+
+    def ensure(self, nbytes: int) -> None:
+        """Collective; ``nbytes`` (the segment size needed) must be the same on every rank."""
+        if nbytes <= self.seg:
+            return
+        self.free()
+        seg = max(nbytes, 2 * self.seg, 1 << 20)
+        seg = (seg + 4095) // 4096 * 4096
+        win = MPI.Win.Allocate_shared(seg, 1, comm=self.comm)
+        ptrs = []
+        for r in range(self.comm.Get_size()):
+            buf, _ = win.Shared_query(r)
+            ptrs.append(np.frombuffer(buf, np.uint8).ctypes.data)
+        self.win, self.seg, self.ptrs = win, seg, ptrs
+        rt = self.cp.cuda.runtime
+        for r, ptr in enumerate(ptrs):  # register every segment in this process's CUDA context
+            rt.hostRegister(ptr, seg, 0)
+            self.registered.append(ptr)
+
+    def free(self):
+        rt = self.cp.cuda.runtime
+        for ptr in self.registered:
+            try:
+                rt.hostUnregister(ptr)
+            except Exception:
+                pass
+        self.registered = []
+        if self.win is not None:
+            self.win.Free()
+        self.win, self.seg, self.ptrs = None, 0, []
+
+
 class StagedTransport(ExchangeReduce):
     """CuPy buffers through pinned host buffers and the host MPI, chunked and overlapped."""
 
@@ -67,6 +118,40 @@ class StagedTransport(ExchangeReduce):
         self._hs = _Pinned()
         self._hr = _Pinned()
         self._up = {}
+
+    def _window(self, group):
+        """The node window of ``group`` or None (group spans nodes, disabled, or setup failed).
+        Collective on first use for a group."""
+        w = group.cache.get("staged_win", False)
+        if w is False:
+            w = None
+            if _SHM:
+                node = group.comm.Split_type(MPI.COMM_TYPE_SHARED, key=group.rank)
+                if node.Get_size() == group.size:
+                    w = _NodeWindow(group.comm, self._cp)
+                node.Free()
+            group.cache["staged_win"] = w
+        return w
+
+    def _ensure(self, w, group, nbytes):
+        """Grow ``w`` to ``nbytes`` per segment (``nbytes`` equal on every rank; collective when it
+        grows). If that fails on any rank, every rank drops to the MPI path for this group."""
+        if nbytes <= w.seg:
+            return True
+        try:
+            w.ensure(nbytes)
+            ok = 1
+        except Exception:
+            ok = 0
+        if group.comm.allreduce(ok, op=MPI.MIN):
+            return True
+        w.free()
+        group.cache["staged_win"] = None
+        return False
+
+    def _copy(self, dst, src, n, kind, stream):
+        if n:
+            self._cp.cuda.runtime.memcpyAsync(dst, src, n, kind, stream)
 
     def _up_stream(self):
         dev = self._cp.cuda.Device().id
@@ -119,6 +204,20 @@ class StagedTransport(ExchangeReduce):
             return
         d = displs(b)
         me = group.rank
+        w = self._window(group)
+        if w is not None and self._ensure(w, group, max(b)):
+            rt, cur = self._cp.cuda.runtime, self._cp.cuda.get_current_stream()
+            self._copy(w.ptrs[me], send.data.ptr, b[me], rt.memcpyDeviceToHost, cur.ptr)
+            cur.synchronize()
+            group.comm.Barrier()  # every segment written
+            for p in range(group.size):
+                if p == me:
+                    self._copy(recv.data.ptr + d[p], send.data.ptr, b[p], rt.memcpyDeviceToDevice, cur.ptr)
+                else:
+                    self._copy(recv.data.ptr + d[p], w.ptrs[p], b[p], rt.memcpyHostToDevice, cur.ptr)
+            cur.synchronize()
+            group.comm.Barrier()  # every segment read: the next call may overwrite
+            return
         k = _pieces(max(b))
         pieces = [[_split(bp, k, j) for j in range(k)] for bp in b]
         src_ranges = [[pieces[me][j]] for j in range(k)]
@@ -138,6 +237,29 @@ class StagedTransport(ExchangeReduce):
         sb = [c * it for c in send_counts]
         rb = [c * it for c in recv_counts]
         sd, rd = displs(sb), displs(rb)
+        w = self._window(group)
+        if w is not None:
+            me, k = group.rank, group.size
+            info = np.array([sum(sb)] + sd, np.int64)
+            allinfo = np.empty((k, k + 1), np.int64)
+            group.comm.Allgather(info, allinfo)  # every rank's send size and block offsets
+            if not allinfo[:, 0].any():
+                return
+            if self._ensure(w, group, int(allinfo[:, 0].max())):
+                rt, cur = self._cp.cuda.runtime, self._cp.cuda.get_current_stream()
+                sp = send.data.ptr if send.size else 0
+                rp = recv.data.ptr if recv.size else 0
+                self._copy(w.ptrs[me], sp, sum(sb), rt.memcpyDeviceToHost, cur.ptr)
+                cur.synchronize()
+                group.comm.Barrier()
+                for p in range(k):
+                    if p == me:
+                        self._copy(rp + rd[p], sp + sd[me], rb[p], rt.memcpyDeviceToDevice, cur.ptr)
+                    else:
+                        self._copy(rp + rd[p], w.ptrs[p] + int(allinfo[p, 1 + me]), rb[p], rt.memcpyHostToDevice, cur.ptr)
+                cur.synchronize()
+                group.comm.Barrier()
+                return
         # every rank must cut into the same number of steps: agree on the largest block
         big = np.array([max(sb + rb + [0])], np.int64)
         group.comm.Allreduce(MPI.IN_PLACE, big, op=MPI.MAX)
@@ -161,6 +283,18 @@ class StagedTransport(ExchangeReduce):
     def bcast(self, buf, root, group):
         n = buf.nbytes
         if not n:
+            return
+        w = self._window(group)
+        if w is not None and self._ensure(w, group, n):
+            rt, cur = self._cp.cuda.runtime, self._cp.cuda.get_current_stream()
+            if group.rank == root:
+                self._copy(w.ptrs[root], buf.data.ptr, n, rt.memcpyDeviceToHost, cur.ptr)
+                cur.synchronize()
+            group.comm.Barrier()
+            if group.rank != root:
+                self._copy(buf.data.ptr, w.ptrs[root], n, rt.memcpyHostToDevice, cur.ptr)
+                cur.synchronize()
+            group.comm.Barrier()
             return
         k = _pieces(n)
         pcs = [_split(n, k, j) for j in range(k)]

@@ -17,3 +17,11 @@ memcpyDeviceToDevice = 3
 def memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream):
     for r in range(height):
         ctypes.memmove(dst + r * dpitch, src + r * spitch, width)
+
+
+def hostRegister(ptr, size, flags):
+    pass
+
+
+def hostUnregister(ptr):
+    pass
