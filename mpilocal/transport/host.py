@@ -24,6 +24,14 @@ def _displs(counts):
     return out
 
 
+def _equal(counts) -> bool:
+    first = counts[0]
+    for c in counts:
+        if c != first:
+            return False
+    return True
+
+
 def _bytes(counts, itemsize):
     return [c * itemsize for c in counts]
 
@@ -60,9 +68,14 @@ class HostTransport:
 
     name = "host"
 
+    # Equal counts use the plain collective: MPI libraries tune MPI_Allgather & co. far better than
+    # their v-variants (MPICH 5: Allgatherv of 1 MiB takes twice as long as Allgather).
+
     def allgatherv(self, send, recv, counts, group):
-        it = send.dtype.itemsize
-        b = _bytes(counts, it)
+        if _equal(counts):
+            group.comm.Allgather([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE])
+            return
+        b = _bytes(counts, send.dtype.itemsize)
         group.comm.Allgatherv([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), (b, _displs(b)), MPI.BYTE])
 
     def allreduce(self, send, recv, op, group):
@@ -75,11 +88,17 @@ class HostTransport:
     def reduce_scatterv(self, send, recv, counts, op, group):
         send, recv, back = self._reducible(send, recv)
         t = _mpi_type(send.dtype)
-        group.comm.Reduce_scatter([send, t], [recv, t], list(counts), _mpi_op(op, send.dtype))
+        if _equal(counts):
+            group.comm.Reduce_scatter_block([send, t], [recv, t], _mpi_op(op, send.dtype))
+        else:
+            group.comm.Reduce_scatter([send, t], [recv, t], list(counts), _mpi_op(op, send.dtype))
         if back is not None:
             back[...] = recv
 
     def alltoallv(self, send, send_counts, recv, recv_counts, group):
+        if _equal(send_counts) and _equal(recv_counts):
+            group.comm.Alltoall([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE])
+            return
         it = send.dtype.itemsize
         sb, rb = _bytes(send_counts, it), _bytes(recv_counts, it)
         group.comm.Alltoallv([_as_bytes(send), (sb, _displs(sb)), MPI.BYTE],
@@ -89,8 +108,11 @@ class HostTransport:
         group.comm.Bcast([_as_bytes(buf), MPI.BYTE], root=root)
 
     def scatterv(self, send, counts, recv, root, group):
-        it = recv.dtype.itemsize
-        b = _bytes(counts, it)
+        if _equal(counts):
+            sendspec = [_as_bytes(send), MPI.BYTE] if group.rank == root else None
+            group.comm.Scatter(sendspec, [_as_bytes(recv), MPI.BYTE], root=root)
+            return
+        b = _bytes(counts, recv.dtype.itemsize)
         sendspec = [_as_bytes(send), (b, _displs(b)), MPI.BYTE] if group.rank == root else None
         group.comm.Scatterv(sendspec, [_as_bytes(recv), MPI.BYTE], root=root)
 
