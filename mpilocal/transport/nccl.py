@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import failure
 from .cuda_mpi import displs, reduce_blocks
 
 __all__ = ["NcclTransport", "nccl_comm"]
@@ -81,6 +82,29 @@ def _stream():
     return cp.cuda.get_current_stream().ptr
 
 
+def _abort_group_comm(g):
+    """Deadline abort hook (mpilocal.failure): stop this group's NCCL work so the stream is released."""
+    c = g.cache.get("nccl") if g is not None else None
+    if c is not None:
+        c.abort()
+
+
+def _watched(method):
+    """Hand the NCCL work a transport method just enqueued to the deadline watchdog
+    (:func:`mpilocal.failure.watch_cuda`): it polls ``check_async_error`` and, past
+    ``MPILOCAL_TIMEOUT``, aborts the communicator and the job, naming the operation."""
+    name = method.__name__
+
+    def run(self, *args):
+        group = args[-1]
+        out = method(self, *args)
+        failure.watch_cuda(name, group, None, group.cache.get("nccl"))
+        return out
+
+    run.__name__, run.__doc__ = name, method.__doc__
+    return run
+
+
 class NcclTransport:
     """Collectives of CuPy buffers through NCCL on the current CuPy stream."""
 
@@ -88,8 +112,10 @@ class NcclTransport:
 
     def __init__(self):
         _nccl().get_version()  # raises when NCCL does not load
+        failure.register_abort_hook(_abort_group_comm)
 
     # -- data movement (bytes) -----------------------------------------------------------------
+    @_watched
     def allgatherv(self, send, recv, counts, group):
         it = recv.dtype.itemsize
         total = sum(counts)
@@ -111,6 +137,7 @@ class NcclTransport:
         finally:
             n.groupEnd()
 
+    @_watched
     def alltoallv(self, send, send_counts, recv, recv_counts, group):
         it = send.dtype.itemsize
         n = _nccl()
@@ -127,6 +154,7 @@ class NcclTransport:
         finally:
             n.groupEnd()
 
+    @_watched
     def bcast(self, buf, root, group):
         if not buf.size:
             return
@@ -134,6 +162,7 @@ class NcclTransport:
         p = buf.data.ptr
         nccl_comm(group).broadcast(p, p, buf.nbytes, n.NCCL_UINT8, root, _stream())
 
+    @_watched
     def scatterv(self, send, counts, recv, root, group):
         it = recv.dtype.itemsize
         n = _nccl()
@@ -170,6 +199,7 @@ class NcclTransport:
             return None, table[wide], _op_code(op), 1, wide
         return "gather", None, None, None, None
 
+    @_watched
     def allreduce(self, send, recv, op, group):
         if not recv.size:
             return
@@ -184,6 +214,7 @@ class NcclTransport:
         s_, r_ = (send, recv) if view is None else (send.view(view), recv.view(view))
         nccl_comm(group).allReduce(s_.data.ptr, r_.data.ptr, recv.size * factor, code, opc, _stream())
 
+    @_watched
     def reduce_scatterv(self, send, recv, counts, op, group):
         if not sum(counts):
             return
