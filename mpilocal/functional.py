@@ -20,7 +20,7 @@ from collections import deque
 import numpy as np
 from mpi4py import MPI
 
-from . import _arrays, debug, failure
+from . import _arrays, _pool, debug, failure
 from .autograd.tracked import Tracked
 from .layout import chunk_sizes
 from .transport import Group, group_for
@@ -102,27 +102,41 @@ def _issue(name: str, send, g: Group, **detail):
 # ------------------------------------------------------------------------------------------------
 # internal collectives with known sizes (used by redistribute and the public functions)
 # ------------------------------------------------------------------------------------------------
+def _empty(like, shape, dtype=None):
+    """An output buffer of ``like``'s kind: NumPy ones from the recycling pool (warm pages for
+    large results), CuPy ones from CuPy's own memory pool."""
+    if type(like) is np.ndarray:
+        return _pool.empty(shape, like.dtype if dtype is None else dtype)
+    return _arrays.namespace(like).empty(shape, dtype=like.dtype if dtype is None else dtype)
+
+
+def _contiguous(x):
+    """``x`` itself when C-contiguous, else a C-contiguous copy (in a pooled buffer for NumPy)."""
+    if x.flags.c_contiguous:
+        return x
+    out = _empty(x, x.shape)
+    out[...] = x
+    return out
+
+
 def _leading(x, dim):
     """``x`` with ``dim`` moved to axis 0, C-contiguous (a view when it already is)."""
-    xp = _arrays.namespace(x)
     if dim != 0:
-        x = xp.moveaxis(x, dim, 0)
-    return xp.ascontiguousarray(x)
+        x = _arrays.namespace(x).moveaxis(x, dim, 0)
+    return _contiguous(x)
 
 
 def _restore(y, dim):
     if dim == 0:
         return y
-    xp = _arrays.namespace(y)
-    return xp.ascontiguousarray(xp.moveaxis(y, 0, dim))
+    return _contiguous(_arrays.namespace(y).moveaxis(y, 0, dim))
 
 
 def gather(x, dim: int, g: Group, sizes) -> "array":
     """All-gather ``x`` along ``dim``; rank r contributes ``sizes[r]`` rows along ``dim``."""
-    xp = _arrays.namespace(x)
     send = _leading(x, dim)
     inner = math.prod(send.shape[1:])
-    recv = xp.empty((sum(sizes),) + send.shape[1:], dtype=x.dtype)
+    recv = _empty(x, (sum(sizes),) + send.shape[1:])
     with _issue("all_gather_into_tensor", send, g, dim=dim, sizes=tuple(sizes)):
         transport_for(x, "all_gather").allgatherv(send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], g)
     return _restore(recv, dim)
@@ -130,9 +144,8 @@ def gather(x, dim: int, g: Group, sizes) -> "array":
 
 def reduce(x, op: str, g: Group):
     """All-reduce ``x`` with ``op`` (``avg`` divides the sum by the group size)."""
-    xp = _arrays.namespace(x)
-    send = xp.ascontiguousarray(x)
-    recv = xp.empty_like(send)
+    send = _contiguous(x)
+    recv = _empty(x, send.shape)
     with _issue("all_reduce", send, g, op=op):
         transport_for(x, "all_reduce").allreduce(send.reshape(-1), recv.reshape(-1), "sum" if op == "avg" else op, g)
     if op == "avg":
@@ -142,10 +155,9 @@ def reduce(x, op: str, g: Group):
 
 def reduce_scatter(x, op: str, dim: int, g: Group, sizes):
     """Reduce ``x`` and give rank r its ``sizes[r]`` rows along ``dim``."""
-    xp = _arrays.namespace(x)
     send = _leading(x, dim)
     inner = math.prod(send.shape[1:])
-    recv = xp.empty((sizes[g.rank],) + send.shape[1:], dtype=x.dtype)
+    recv = _empty(x, (sizes[g.rank],) + send.shape[1:])
     with _issue("reduce_scatter_tensor", send, g, op=op, dim=dim, sizes=tuple(sizes)):
         transport_for(x, "reduce_scatter").reduce_scatterv(
             send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], "sum" if op == "avg" else op, g
@@ -161,7 +173,7 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
     xp = _arrays.namespace(x)
     xa = xp.moveaxis(x, src_dim, 0) if src_dim else x
     b = dst_dim + 1 if dst_dim < src_dim else dst_dim
-    send = xp.empty(x.size, dtype=x.dtype)
+    send = _empty(x, (x.size,))
     per_row = x.size // x.shape[dst_dim] if x.shape[dst_dim] else 0
     pos, off, send_counts = 0, 0, []
     if _arrays.is_cupy(xa) and xa.flags.c_contiguous:  # GPU: each piece is one strided 2-D memcpy
@@ -180,7 +192,7 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
     rest = list(xa.shape[1:])
     rest[b - 1] = mine
     inner = math.prod(rest)
-    recv = xp.empty((sum(src_sizes),) + tuple(rest), dtype=x.dtype)
+    recv = _empty(x, (sum(src_sizes),) + tuple(rest))
     with _issue("all_to_all_single", send, g, src_dim=src_dim, dst_dim=dst_dim):
         transport_for(x, "all_to_all").alltoallv(send, send_counts, recv.reshape(-1), [s * inner for s in src_sizes], g)
     return _restore(recv, src_dim)
@@ -188,8 +200,8 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
 
 def bcast(x, root: int, g: Group):
     """A copy of group rank ``root``'s ``x`` on every rank (``x`` gives shape and dtype elsewhere)."""
-    xp = _arrays.namespace(x)
-    buf = xp.array(x, order="C", copy=True)
+    buf = _empty(x, x.shape)
+    buf[...] = x
     with _issue("broadcast", buf, g, root=root):
         transport_for(x, "broadcast").bcast(buf.reshape(-1), root, g)
     return buf
@@ -198,11 +210,10 @@ def bcast(x, root: int, g: Group):
 def scatter(pieces, like, shape, counts, root: int, g: Group):
     """Scatter: rank r receives ``pieces[r]`` (arrays given on ``root`` only; ``counts[r]`` elements,
     known everywhere) as an array of ``shape``."""
-    xp = _arrays.namespace(like)
-    recv = xp.empty(shape, dtype=like.dtype)
+    recv = _empty(like, shape)
     send = None
     if g.rank == root:
-        send = xp.empty(sum(counts), dtype=like.dtype)
+        send = _empty(like, (sum(counts),))
         pos = 0
         for p in pieces:
             send[pos:pos + p.size].reshape(p.shape)[...] = p
@@ -486,10 +497,9 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str 
         with failure.begin("metadata:split_agreement", g, counts):  # failure handling
             g.comm.Alltoall(counts, recv)
         output_split_sizes = _check_splits(recv.tolist(), g.size, caller, "output_split_sizes")
-    xp = _arrays.namespace(x)
-    send = xp.ascontiguousarray(x)
+    send = _contiguous(x)
     inner = math.prod(x.shape[1:])
-    recv = xp.empty((sum(output_split_sizes),) + x.shape[1:], dtype=x.dtype)
+    recv = _empty(x, (sum(output_split_sizes),) + x.shape[1:])
     with _issue("all_to_all_single", send, g, in_splits=tuple(input_split_sizes), out_splits=tuple(output_split_sizes)):
         transport_for(x, "all_to_all").alltoallv(
             send.reshape(-1), [s * inner for s in input_split_sizes], recv.reshape(-1),
