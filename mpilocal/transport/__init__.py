@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
-__all__ = ["Group", "Transport", "group_for"]
+__all__ = ["Group", "Transport", "group_for", "displs", "equal_counts"]
 
 
 class Group:
@@ -32,6 +32,24 @@ class Group:
 
 
 _GROUPS: dict = {}
+
+
+def displs(counts) -> list:
+    """Offsets of blocks of ``counts`` elements laid end to end."""
+    out, acc = [], 0
+    for c in counts:
+        out.append(acc)
+        acc += c
+    return out
+
+
+def equal_counts(counts) -> bool:
+    """Whether every count is the same (then the plain, better-tuned collective applies)."""
+    first = counts[0]
+    for c in counts:
+        if c != first:
+            return False
+    return True
 
 
 def group_for(comm) -> Group:

@@ -19,17 +19,9 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from . import detect
+from . import detect, displs
 
 __all__ = ["CudaMpiTransport", "ExchangeReduce", "reduce_blocks", "chunk_counts", "displs", "pack_pieces"]
-
-
-def displs(counts):
-    out, acc = [], 0
-    for c in counts:
-        out.append(acc)
-        acc += c
-    return out
 
 
 def chunk_counts(n: int, k: int) -> list:

@@ -10,26 +10,12 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from . import displs, equal_counts
+
 __all__ = ["HostTransport"]
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "product": MPI.PROD}
 _BOOL_OPS = {"sum": MPI.LOR, "max": MPI.LOR, "min": MPI.LAND, "product": MPI.LAND}
-
-
-def _displs(counts):
-    out, acc = [], 0
-    for c in counts:
-        out.append(acc)
-        acc += c
-    return out
-
-
-def _equal(counts) -> bool:
-    first = counts[0]
-    for c in counts:
-        if c != first:
-            return False
-    return True
 
 
 def _bytes(counts, itemsize):
@@ -72,11 +58,11 @@ class HostTransport:
     # their v-variants (MPICH 5: Allgatherv of 1 MiB takes twice as long as Allgather).
 
     def allgatherv(self, send, recv, counts, group):
-        if _equal(counts):
+        if equal_counts(counts):
             group.comm.Allgather([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE])
             return
         b = _bytes(counts, send.dtype.itemsize)
-        group.comm.Allgatherv([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), (b, _displs(b)), MPI.BYTE])
+        group.comm.Allgatherv([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), (b, displs(b)), MPI.BYTE])
 
     def allreduce(self, send, recv, op, group):
         send, recv, back = self._reducible(send, recv)
@@ -88,7 +74,7 @@ class HostTransport:
     def reduce_scatterv(self, send, recv, counts, op, group):
         send, recv, back = self._reducible(send, recv)
         t = _mpi_type(send.dtype)
-        if _equal(counts):
+        if equal_counts(counts):
             group.comm.Reduce_scatter_block([send, t], [recv, t], _mpi_op(op, send.dtype))
         else:
             group.comm.Reduce_scatter([send, t], [recv, t], list(counts), _mpi_op(op, send.dtype))
@@ -96,24 +82,24 @@ class HostTransport:
             back[...] = recv
 
     def alltoallv(self, send, send_counts, recv, recv_counts, group):
-        if _equal(send_counts) and _equal(recv_counts):
+        if equal_counts(send_counts) and equal_counts(recv_counts):
             group.comm.Alltoall([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE])
             return
         it = send.dtype.itemsize
         sb, rb = _bytes(send_counts, it), _bytes(recv_counts, it)
-        group.comm.Alltoallv([_as_bytes(send), (sb, _displs(sb)), MPI.BYTE],
-                             [_as_bytes(recv), (rb, _displs(rb)), MPI.BYTE])
+        group.comm.Alltoallv([_as_bytes(send), (sb, displs(sb)), MPI.BYTE],
+                             [_as_bytes(recv), (rb, displs(rb)), MPI.BYTE])
 
     def bcast(self, buf, root, group):
         group.comm.Bcast([_as_bytes(buf), MPI.BYTE], root=root)
 
     def scatterv(self, send, counts, recv, root, group):
-        if _equal(counts):
+        if equal_counts(counts):
             sendspec = [_as_bytes(send), MPI.BYTE] if group.rank == root else None
             group.comm.Scatter(sendspec, [_as_bytes(recv), MPI.BYTE], root=root)
             return
         b = _bytes(counts, recv.dtype.itemsize)
-        sendspec = [_as_bytes(send), (b, _displs(b)), MPI.BYTE] if group.rank == root else None
+        sendspec = [_as_bytes(send), (b, displs(b)), MPI.BYTE] if group.rank == root else None
         group.comm.Scatterv(sendspec, [_as_bytes(recv), MPI.BYTE], root=root)
 
     @staticmethod
