@@ -177,3 +177,30 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
         for item in items:
             item.add_marker(skip)
+
+
+class Check:
+    """Collects this rank's failed checks in a test; :meth:`done` agrees on the verdict (one
+    collective per test instead of one per assertion)."""
+
+    def __init__(self):
+        self.problems = []
+
+    def __call__(self, ok, msg=""):
+        if not ok:
+            self.problems.append(f"rank {MPI.COMM_WORLD.Get_rank()}: {msg}")
+
+    def close(self, actual, expected, what="", **kw):
+        try:
+            np.testing.assert_allclose(np.asarray(to_host(actual)), np.asarray(to_host(expected)), **kw)
+        except AssertionError as exc:
+            self.problems.append(f"rank {MPI.COMM_WORLD.Get_rank()}: {what}: {exc}")
+
+    def done(self):
+        assert_all(not self.problems, "\n".join(self.problems[:6]))
+
+
+def checked(fn, *args, **kwargs):
+    """Call a collective on every rank. Library errors are raised identically on every rank (and the
+    library's watchdog ends a job whose ranks diverge), so no extra agreement round is spent here."""
+    return fn(*args, **kwargs)

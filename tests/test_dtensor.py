@@ -3,7 +3,7 @@ run_check), to_local, full_tensor, placements, device_mesh, shape, dtype, ndim, 
 
 import numpy as np
 import pytest
-from conftest import DEVICE, on_device, to_device, to_host, assert_all
+from conftest import Check, checked, DEVICE, on_device, to_device, to_host, assert_all
 from mpi4py import MPI
 
 from mpilocal import DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
@@ -37,31 +37,6 @@ def mesh_or_skip(kind):
         pytest.skip(f"mesh {kind} does not fit {W} ranks")
     return mesh
 
-
-def checked(fn, *args, **kwargs):
-    """Call a collective on every rank. Library errors are raised identically on every rank (and the
-    library's watchdog ends a job whose ranks diverge), so no extra agreement round is spent here."""
-    return fn(*args, **kwargs)
-
-
-class Check:
-    """Collects this rank's failed checks; :meth:`done` agrees on the verdict (one collective)."""
-
-    def __init__(self):
-        self.problems = []
-
-    def __call__(self, ok, msg=""):
-        if not ok:
-            self.problems.append(f"rank {RANK}: {msg}")
-
-    def close(self, actual, expected, what="", **kw):
-        try:
-            np.testing.assert_allclose(np.asarray(to_host(actual)), np.asarray(to_host(expected)), **kw)
-        except AssertionError as exc:
-            self.problems.append(f"rank {RANK}: {what}: {exc}")
-
-    def done(self):
-        assert_all(not self.problems, "\n".join(self.problems[:6]))
 
 
 def base_array(shape, seed=0, dtype=np.float64):

@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import DEVICE, DeviceFunctional, assert_all
+from conftest import Check, checked, DEVICE, DeviceFunctional, assert_all
 from mpi4py import MPI
 
 import mpilocal.functional as funcol
@@ -56,31 +56,6 @@ def make_group(kind):
         return _reversed_world(), list(range(W - 1, -1, -1))
     raise AssertionError(kind)
 
-
-def checked(fn, *args, **kwargs):
-    """Call a collective on every rank. Library errors are raised identically on every rank (and the
-    library's watchdog ends a job whose ranks diverge), so no extra agreement round is spent here."""
-    return fn(*args, **kwargs)
-
-
-class Check:
-    """Collects this rank's failed checks; :meth:`done` agrees on the verdict (one collective)."""
-
-    def __init__(self):
-        self.problems = []
-
-    def __call__(self, ok, msg):
-        if not ok:
-            self.problems.append(f"rank {RANK}: {msg}")
-
-    def close(self, actual, expected, what="", **kw):
-        try:
-            np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), **kw)
-        except AssertionError as exc:
-            self.problems.append(f"rank {RANK}: {what}: {exc}")
-
-    def done(self):
-        assert_all(not self.problems, "\n".join(self.problems[:6]))
 
 
 def rank_input(world_rank, shape, dtype, op=None, seed=0):
