@@ -324,8 +324,9 @@ def _check_shape(shape, ndim, caller, what="shape"):
 def _wrap(local, mesh, pl, shape=None, stride=None):
     """A DTensor around ``local``; without ``shape``, sharded dims are agreed non-blockingly."""
     if shape is None:
-        for p in pl:
-            if type(p) is Shard:
+        mesh_shape = mesh.mesh.shape
+        for i, p in enumerate(pl):
+            if type(p) is Shard and mesh_shape[i] > 1:  # a mesh dim of size 1 shards nothing
                 fut = functional.post_meta_allgather(
                     mesh._metadata_comm(), functional.meta_vector(local.shape, None), "shape_agreement")
                 return DTensor(local, mesh, pl, None, fut, stride)
