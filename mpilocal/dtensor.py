@@ -327,8 +327,7 @@ def _wrap(local, mesh, pl, shape=None, stride=None):
         mesh_shape = mesh.mesh.shape
         for i, p in enumerate(pl):
             if type(p) is Shard and mesh_shape[i] > 1:  # a mesh dim of size 1 shards nothing
-                fut = functional.post_meta_allgather(
-                    mesh._metadata_comm(), functional.meta_vector(local.shape, None), "shape_agreement")
+                fut = functional.post_shape_agreement(mesh, local.shape)
                 return DTensor(local, mesh, pl, None, fut, stride)
         shape = tuple(local.shape)
     return DTensor(local, mesh, pl, shape, None, stride)

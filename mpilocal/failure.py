@@ -542,17 +542,17 @@ _FP_TEXT = 248
 _FP_BYTES = 8 + _FP_TEXT
 # which part of the send shape must agree across ranks
 _SHAPE_AGREES = {"all_reduce": "all", "broadcast": "all", "reduce_scatter_tensor": "all",
-                 "all_gather_into_tensor": "tail", "all_to_all_single": "none", "scatter": "none"}
+                 "all_gather_into_tensor": "tail", "all_to_all_single": "none", "scatter": "root"}
 
 
 def fingerprint(name, seq, send, detail) -> tuple[str, str]:
     """(key that must agree, text to show) of one collective."""
     parts = []
     shown = []
-    if send is not None:
+    rule = _SHAPE_AGREES.get(name, "none")
+    if send is not None and rule != "root":  # "root": only the root has a send buffer (scatter)
         dt = str(send.dtype)
         shape = tuple(send.shape)
-        rule = _SHAPE_AGREES.get(name, "none")
         if rule == "all":
             parts.append(f"shape={shape}")
         elif rule == "tail":

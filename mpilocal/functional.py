@@ -218,7 +218,7 @@ def scatter(pieces, like, shape, counts, root: int, g: Group):
         for p in pieces:
             send[pos:pos + p.size].reshape(p.shape)[...] = p
             pos += p.size
-    with _issue("scatter", send, g, root=root):
+    with _issue("scatter", send, g, root=root, dtype=str(like.dtype), counts=tuple(counts)):
         transport_for(like, "scatter").scatterv(send, counts, recv.reshape(-1), root, g)
     return recv
 
@@ -288,13 +288,20 @@ class _MetaRing:
         self.next = 0
         _RINGS.append(self)
 
-    def post(self, vec) -> MetaFuture:
+    def post(self, vec=None, shape=None) -> MetaFuture:
+        """Start slot ``j``'s all-gather of ``vec`` (or of a shape-only metadata vector of ``shape``)."""
         j = self.next
         self.next = (j + 1) % self.K
         prev = self.owner[j]
         if prev is not None:
             prev.result()
-        self.send[j] = vec
+        row = self.send[j]
+        if vec is not None:
+            row[:] = vec
+        else:  # meta_vector(shape, None) written in place
+            n = len(shape)
+            row[0] = n
+            row[2:2 + n] = shape
         req = self.reqs[j]
         req.Start()
         fut = self.owner[j] = MetaFuture(req, None, self.g, self, j)
@@ -305,6 +312,22 @@ _RINGS: list = []
 _NO_RING = False
 _PENDING: deque = deque()
 _MAX_PENDING = 8
+
+
+def post_shape_agreement(mesh, shape) -> MetaFuture:
+    """Start the agreement of a local ``shape`` over ``mesh`` (collective; the local_map hot path:
+    the mesh's persistent-collective ring, without building a metadata vector)."""
+    ring = mesh.__dict__.get("_meta_ring")
+    if ring is None:
+        comm = mesh._metadata_comm()
+        ring = group_for(comm).cache.get("meta_ring")
+        if ring is None or _NO_RING:
+            return post_meta_allgather(comm, meta_vector(shape, None), "shape_agreement")
+        mesh._meta_ring = ring
+    if debug._ACTIVE:
+        debug.record_metadata("shape_agreement", META_WIDTH * 8)
+    with failure.begin("metadata:shape_agreement", ring.g, None):  # failure handling: deadline / fingerprint
+        return ring.post(shape=shape)
 
 
 def post_meta_allgather(comm, vec: np.ndarray, what: str) -> MetaFuture:
@@ -500,7 +523,8 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str 
     send = _contiguous(x)
     inner = math.prod(x.shape[1:])
     recv = _empty(x, (sum(output_split_sizes),) + x.shape[1:])
-    with _issue("all_to_all_single", send, g, in_splits=tuple(input_split_sizes), out_splits=tuple(output_split_sizes)):
+    # split sizes differ from rank to rank by design: the fingerprint holds dtype and trailing dims
+    with _issue("all_to_all_single", send, g, trailing=x.shape[1:]):
         transport_for(x, "all_to_all").alltoallv(
             send.reshape(-1), [s * inner for s in input_split_sizes], recv.reshape(-1),
             [s * inner for s in output_split_sizes], g,
