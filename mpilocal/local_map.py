@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _arrays
 from .autograd.tracked import Tracked
+from .placement import Placement
 from .dtensor import DTensor, _on_device, _placements, _wrap
 
 __all__ = ["local_map"]
@@ -56,6 +57,21 @@ def _flat(args):
     return list(args), None
 
 
+def _spec(p, what):
+    """One entry of in_/out_placements as a tuple (None stays None), with a clear error otherwise."""
+    if p is None:
+        return None
+    if isinstance(p, Placement):
+        raise TypeError(
+            f"local_map: each entry of {what} is a sequence of placements (one per mesh dim), got the single "
+            f"placement {p!r}; write [{p!r}]"
+        )
+    try:
+        return tuple(p)
+    except TypeError:
+        raise TypeError(f"local_map: entries of {what} must be sequences of placements or None, got {p!r}") from None
+
+
 def local_map(func=None, out_placements=None, in_placements=None, in_grad_placements=None, device_mesh=None,
               *, redistribute_inputs=False):
     """Lift ``func`` on local arrays to a function on DTensors. Usable as ``@local_map(...)``.
@@ -84,8 +100,8 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
     out_specs = out_placements if isinstance(out_placements, tuple) else (out_placements,)
     # placements as tuples once, so the per-call check is a tuple comparison (normalization of
     # negative shard dims is cached per (entry, ndim) below)
-    in_specs = None if in_placements is None else tuple(None if p is None else tuple(p) for p in in_placements)
-    out_specs = tuple(None if p is None else tuple(p) for p in out_specs)
+    in_specs = None if in_placements is None else tuple(_spec(p, "in_placements") for p in in_placements)
+    out_specs = tuple(_spec(p, "out_placements") for p in out_specs)
     norm_cache: dict = {}
 
     def norm(key, spec, mesh, ndim):

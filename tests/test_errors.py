@@ -337,3 +337,12 @@ def test_local_map_errors_identical_on_all_ranks(mesh):
     err = raises_everywhere(ValueError, "expects placements", f, x, w)
     msgs = WORLD.allgather(str(err))
     assert_all(len(set(msgs)) == 1, f"messages differ across ranks: {msgs}")
+
+
+@pytest.mark.mpi
+def test_local_map_single_placement_instead_of_sequence():
+    # a common slip: in_placements=(Shard(0),) for one input on a 1-D mesh means [Shard(0)]
+    for kw in ({"out_placements": [Shard(0)], "in_placements": (Shard(0),)},
+               {"out_placements": Shard(0)}):
+        err = raises_everywhere(TypeError, re.escape("write [Shard(dim=0)]"), local_map, lambda a: a, **kw)
+        assert_all("sequence of placements" in str(err), str(err))
