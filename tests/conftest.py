@@ -204,3 +204,32 @@ def checked(fn, *args, **kwargs):
     """Call a collective on every rank. Library errors are raised identically on every rank (and the
     library's watchdog ends a job whose ranks diverge), so no extra agreement round is spent here."""
     return fn(*args, **kwargs)
+
+
+def make_mesh(kind):
+    """A test mesh of the given kind on DEVICE, or None when it does not fit the world size:
+    "1d", "1xN", "Nx1", and at 4 ranks "2x2", "2x2_array" (DeviceMesh of an array) and
+    "2x2_permuted" (ranks in a permuted order)."""
+    from mpilocal import DeviceMesh, init_device_mesh
+
+    w = MPI.COMM_WORLD.Get_size()
+    if kind == "1d":
+        return init_device_mesh(DEVICE, (w,))
+    if kind == "1xN":
+        return init_device_mesh(DEVICE, (1, w), mesh_dim_names=("a", "b"))
+    if kind == "Nx1":
+        return init_device_mesh(DEVICE, (w, 1), mesh_dim_names=("a", "b"))
+    if kind == "2x2":
+        return init_device_mesh(DEVICE, (2, 2), mesh_dim_names=("a", "b")) if w == 4 else None
+    if kind == "2x2_array":
+        return DeviceMesh(DEVICE, np.arange(4).reshape(2, 2)) if w == 4 else None
+    if kind == "2x2_permuted":
+        return DeviceMesh(DEVICE, np.array([[3, 1], [2, 0]])) if w == 4 else None
+    raise AssertionError(kind)
+
+
+def mesh_or_skip(kind):
+    mesh = make_mesh(kind)
+    if mesh is None:
+        pytest.skip(f"mesh {kind} does not fit {MPI.COMM_WORLD.Get_size()} ranks")
+    return mesh

@@ -3,7 +3,7 @@ run_check), to_local, full_tensor, placements, device_mesh, shape, dtype, ndim, 
 
 import numpy as np
 import pytest
-from conftest import Check, checked, DEVICE, on_device, to_device, to_host, assert_all
+from conftest import make_mesh, mesh_or_skip, Check, checked, DEVICE, on_device, to_device, to_host, assert_all
 from mpi4py import MPI
 
 from mpilocal import DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
@@ -16,26 +16,6 @@ pytestmark = pytest.mark.mpi
 
 S0, S1, R = Shard(0), Shard(1), Replicate()
 
-
-def make_mesh(kind):
-    if kind == "1d":
-        return init_device_mesh(DEVICE, (W,), mesh_dim_names=("x",))
-    if kind == "Nx1":
-        return init_device_mesh(DEVICE, (W, 1), mesh_dim_names=("a", "b"))
-    if kind == "1xN":
-        return init_device_mesh(DEVICE, (1, W), mesh_dim_names=("a", "b"))
-    if kind == "2x2":
-        return init_device_mesh(DEVICE, (2, 2), mesh_dim_names=("a", "b")) if W == 4 else None
-    if kind == "2x2_permuted":
-        return DeviceMesh(DEVICE, np.array([[3, 1], [2, 0]])) if W == 4 else None
-    raise AssertionError(kind)
-
-
-def mesh_or_skip(kind):
-    mesh = make_mesh(kind)
-    if mesh is None:
-        pytest.skip(f"mesh {kind} does not fit {W} ranks")
-    return mesh
 
 
 

@@ -9,7 +9,7 @@ their reduction is the global array. After redistributing, ``to_local()`` must b
 
 import numpy as np
 import pytest
-from conftest import Check, checked, DEVICE, assert_all, assert_close_all, on_device, to_device, to_host
+from conftest import make_mesh, mesh_or_skip, Check, checked, DEVICE, assert_all, assert_close_all, on_device, to_device, to_host
 from mpi4py import MPI
 
 from mpilocal import CommDebugMode, DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
@@ -28,29 +28,6 @@ PARTIAL_ERRORS = (ValueError, NotImplementedError, RuntimeError)
 # ------------------------------------------------------------------------------------------------
 # helpers
 
-
-def make_mesh(kind):
-    """A mesh of the given kind, or None when it does not fit the world size."""
-    if kind == "1d":
-        return init_device_mesh(DEVICE, (W,))
-    if kind == "1xN":
-        return init_device_mesh(DEVICE, (1, W), mesh_dim_names=("a", "b"))
-    if kind == "Nx1":
-        return init_device_mesh(DEVICE, (W, 1), mesh_dim_names=("a", "b"))
-    if kind == "2x2":
-        return init_device_mesh(DEVICE, (2, 2), mesh_dim_names=("a", "b")) if W == 4 else None
-    if kind == "2x2_array":
-        return DeviceMesh(DEVICE, np.arange(4).reshape(2, 2)) if W == 4 else None
-    if kind == "2x2_permuted":
-        return DeviceMesh(DEVICE, np.array([[3, 1], [2, 0]])) if W == 4 else None
-    raise AssertionError(kind)
-
-
-def mesh_or_skip(kind):
-    mesh = make_mesh(kind)
-    if mesh is None:
-        pytest.skip(f"mesh {kind} does not fit {W} ranks")
-    return mesh
 
 
 
