@@ -84,3 +84,9 @@ class Transport(Protocol):
 
     def scatterv(self, send, counts: Sequence[int], recv, root: int, group: Group) -> None:
         """Rank r receives block r (``counts[r]`` elements) of ``root``'s ``send``."""
+
+    def sendrecv(self, sends, recvs, group: Group) -> None:
+        """Point-to-point messages, all posted together and complete on return (NCCL: enqueued on
+        the current stream). ``sends``/``recvs``: lists of ``(peer group rank, flat contiguous
+        buffer)``, never this rank itself; the k-th message from rank a to rank b matches the k-th
+        receive from a posted by b. Used by :mod:`mpilocal.neighbors` (halo exchange, permute)."""

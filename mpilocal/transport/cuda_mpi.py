@@ -227,6 +227,12 @@ class CudaMpiTransport(ExchangeReduce):
         MPI.Request.Waitall(reqs)
         return blocks
 
+    def sendrecv(self, sends, recvs, group):
+        from .host import p2p
+
+        _sync_current_stream()
+        p2p(group.comm, [(p, _b(b)) for p, b in sends], [(p, _b(b)) for p, b in recvs])
+
     def bcast(self, buf, root, group):
         if not buf.size:
             return

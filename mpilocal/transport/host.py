@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from . import displs, equal_counts
 
-__all__ = ["HostTransport"]
+__all__ = ["HostTransport", "p2p"]
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "product": MPI.PROD}
 _BOOL_OPS = {"sum": MPI.LOR, "max": MPI.LOR, "min": MPI.LAND, "product": MPI.LAND}
@@ -47,6 +47,28 @@ def _mpi_op(op: str, dtype):
 
 def _as_bytes(a):
     return a.view(np.uint8) if a.size else np.empty(0, np.uint8)
+
+
+_P2P_TAG = 7400
+
+
+def p2p(comm, sends, recvs):
+    """Byte buffers (``[(peer, uint8 buffer)]``, host or, for a CUDA-aware MPI, device) to and from
+    peers: one ``MPI_Sendrecv`` for a single pair, else ``Irecv``/``Isend`` + ``Waitall``. The k-th
+    message between two ranks carries tag ``7400 + k``, so messages match in list order."""
+    if len(sends) == 1 and len(recvs) == 1:
+        (dst, sb), (src, rb) = sends[0], recvs[0]
+        comm.Sendrecv([sb, MPI.BYTE], dst, _P2P_TAG, [rb, MPI.BYTE], src, _P2P_TAG)
+        return
+    reqs, nth = [], {}
+    for p, b in recvs:
+        k = nth[p] = nth.get(p, -1) + 1
+        reqs.append(comm.Irecv([b, MPI.BYTE], source=p, tag=_P2P_TAG + k))
+    nth = {}
+    for p, b in sends:
+        k = nth[p] = nth.get(p, -1) + 1
+        reqs.append(comm.Isend([b, MPI.BYTE], dest=p, tag=_P2P_TAG + k))
+    MPI.Request.Waitall(reqs)
 
 
 class HostTransport:
@@ -101,6 +123,9 @@ class HostTransport:
         b = _bytes(counts, recv.dtype.itemsize)
         sendspec = [_as_bytes(send), (b, displs(b)), MPI.BYTE] if group.rank == root else None
         group.comm.Scatterv(sendspec, [_as_bytes(recv), MPI.BYTE], root=root)
+
+    def sendrecv(self, sends, recvs, group):
+        p2p(group.comm, [(p, _as_bytes(b)) for p, b in sends], [(p, _as_bytes(b)) for p, b in recvs])
 
     @staticmethod
     def _reducible(send, recv):

@@ -155,6 +155,21 @@ class NcclTransport:
             n.groupEnd()
 
     @_watched
+    def sendrecv(self, sends, recvs, group):
+        n = _nccl()
+        comm, s = nccl_comm(group), _stream()
+        n.groupStart()
+        try:  # grouped: NCCL matches the sends and receives between two ranks in posting order
+            for p, b in sends:
+                if b.nbytes:
+                    comm.send(b.data.ptr, b.nbytes, n.NCCL_UINT8, p, s)
+            for p, b in recvs:
+                if b.nbytes:
+                    comm.recv(b.data.ptr, b.nbytes, n.NCCL_UINT8, p, s)
+        finally:
+            n.groupEnd()
+
+    @_watched
     def bcast(self, buf, root, group):
         if not buf.size:
             return
