@@ -146,6 +146,9 @@ EOF
     # Open MPI refuses more ranks than cores and running as root unless told; MPICH needs neither.
     if "${MPIEXEC[0]}" --version 2>/dev/null | grep -qiE 'open ?mpi|openrte'; then
         export OMPI_MCA_rmaps_base_oversubscribe="${OMPI_MCA_rmaps_base_oversubscribe:-1}"
+        # waiting ranks yield the core instead of busy-polling: more ranks than cores (laptops, CI) would
+        # otherwise crawl
+        export OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}"
         export PRTE_MCA_rmaps_default_mapping_policy="${PRTE_MCA_rmaps_default_mapping_policy:-:oversubscribe}"
         if [ "$(id -u)" = 0 ]; then
             export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -166,22 +169,25 @@ bounded() {
     fi
 }
 
-# the worst pytest summary line printed by any rank in log $1, e.g. "120 passed, 3 skipped"
+# the pytest summary line of log $1, e.g. "120 passed, 3 skipped". Only rank 0 prints one: tests/conftest.py
+# merges every rank's outcomes into it (each test counted once, as its worst outcome on any rank).
+# Prints the line, then the counts of failed, passed, skipped and errors, one per line.
 pytest_summary() {
     "$PY" - "$1" <<'EOF'
 import re, sys
-best = {}
-kinds = ("failed", "passed", "skipped", "xfailed", "xpassed", "error", "errors", "deselected")
+kinds = ("failed", "passed", "skipped", "xfailed", "xpassed", "errors", "deselected", "warnings")
+part = r"\d+ (?:" + "|".join(kinds) + r"|error|warning)"
+found = None
 for line in open(sys.argv[1], errors="replace"):
-    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
-    if not re.search(r"\bin [0-9.]+s\b", line):
-        continue
-    for n, k in re.findall(r"(\d+) (" + "|".join(kinds) + r")\b", line):
-        k = "errors" if k == "error" else k
-        best[k] = max(best.get(k, 0), int(n))
-print(", ".join(f"{best[k]} {k}" for k in kinds if k in best) or "no pytest summary line")
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip().strip("=").strip()
+    if re.fullmatch(rf"(?:{part})(?:, {part})* in [0-9.]+s(?: \([0-9:]+\))?|no tests ran in [0-9.]+s", line):
+        found = line  # the last one wins (there should be exactly one)
+counts = {}
+for n, k in re.findall(r"(\d+) (\w+)", found or ""):
+    counts[{"error": "errors", "warning": "warnings"}.get(k, k)] = int(n)
+print(re.sub(r" in [0-9.]+s.*", "", found) if found else "no pytest summary line")
 for k in ("failed", "passed", "skipped", "errors"):
-    print(best.get(k, 0))
+    print(counts.get(k, 0))
 EOF
 }
 
@@ -212,9 +218,20 @@ cmd_test() {
     logdir="$(mktemp -d "${TMPDIR:-/tmp}/mpilocal-test.XXXXXX")"
     local summary=() status=0 n rc t0 secs line
     local tot_passed=0 tot_failed=0 tot_skipped=0
+    # tests/ unless the arguments after -- name test files or directories themselves
+    local paths=(tests/) a prev=""
+    for a in ${pytest_extra[@]+"${pytest_extra[@]}"}; do
+        case "$prev" in -k|-m|-p|-o|-c|-W|-r|--deselect|--ignore|--ignore-glob|--rootdir|--tb|--maxfail|--color|--durations|--confcutdir|--basetemp|--junit-xml|--junitxml|--timeout) prev=""; continue ;; esac
+        prev="$a"
+        case "$a" in -*) continue ;; esac
+        if [ -e "${a%%::*}" ]; then paths=(); break; fi
+    done
+    # colours when a person watches (Open MPI gives ranks a pseudo-terminal, MPICH does not), none in logs
+    local color=no
+    [ -t 1 ] && color=yes
     for n in "${ranks[@]}"; do
-        local cmd=("${MPIEXEC[@]}" -n "$n" "$PY" -m pytest --with-mpi -p no:cacheprovider -q
-                   "--timeout=$PER_TEST_TIMEOUT" --timeout-method=thread tests/ ${pytest_extra[@]+"${pytest_extra[@]}"})
+        local cmd=("${MPIEXEC[@]}" -n "$n" "$PY" -m pytest --with-mpi -p no:cacheprovider -q "--color=$color"
+                   "--timeout=$PER_TEST_TIMEOUT" --timeout-method=thread ${paths[@]+"${paths[@]}"} ${pytest_extra[@]+"${pytest_extra[@]}"})
         say "=== $n rank(s): ${cmd[*]}"
         t0=$SECONDS
         set +e
@@ -245,8 +262,8 @@ cmd_test() {
     printf '%s\n' "${summary[@]}"
     [ "$status" = 0 ] || echo "stopped at the first failing rank count; logs in $logdir"
     [ "$status" = 0 ] && rm -rf "$logdir"
-    echo "(tests counted once per rank count, as the worst rank saw them; errors count as failed)"
-    echo "total: $tot_passed passed, $tot_failed failed, $tot_skipped skipped"
+    echo "(each test counted once per rank count, as its worst outcome on any rank; errors count as failed)"
+    echo "total over ${#summary[@]} rank count(s): $tot_passed passed, $tot_failed failed, $tot_skipped skipped"
     return "$status"
 }
 

@@ -233,3 +233,156 @@ def mesh_or_skip(kind):
     if mesh is None:
         pytest.skip(f"mesh {kind} does not fit {MPI.COMM_WORLD.Get_size()} ranks")
     return mesh
+
+
+# ------------------------------------------------------------------------------------------------
+# test output (issue 9): one quiet, correct report per job, however many ranks.
+# - Rank 0 alone prints the progress, the one-line MPI header and the summary. The other ranks print
+#   only what rank 0 cannot see: their failures (at once, to stderr, by pytest_runtest_logreport
+#   above), collection errors and pytest internal errors, prefixed with the rank.
+# - At the end every rank sends rank 0 its outcome per test; rank 0's summary counts each test once,
+#   as its worst outcome on any rank: a test that failed on rank 2 only is reported failed, with rank
+#   2's traceback, and the exit status is non-zero. A "failures by rank" section names the ranks.
+# - Skip reasons on request: pytest's -rs (rank 0's reasons).
+# - pytest-mpi's per-rank "MPI Information" section is replaced by the header line.
+# - If the job is aborted (deadline, failing rank), each rank names the test it was running.
+# ------------------------------------------------------------------------------------------------
+_BAD_CATEGORIES = ("failed", "error")
+_WORST_FIRST = ("error", "failed", "xpassed", "passed", "xfailed", "skipped")
+
+
+def _worst(categories):
+    return min(categories, key=lambda c: _WORST_FIRST.index(c) if c in _WORST_FIRST else len(_WORST_FIRST))
+
+
+class _RankReport:
+    def __init__(self, config):
+        import sys
+
+        self.config = config
+        self.rank = MPI.COMM_WORLD.Get_rank()
+        self.size = MPI.COMM_WORLD.Get_size()
+        self.reporter = config.pluginmanager.getplugin("terminalreporter")
+        self.outcomes = {}  # nodeid -> [(category, serialized report of a failure, or None)]
+        self.current = None
+        self.comm = MPI.COMM_WORLD.Dup() if self.size > 1 else None
+        self.stderr = sys.stderr
+        for plugin in config.pluginmanager.get_plugins():  # pytest-mpi's per-rank MPI Information
+            if type(plugin).__name__ == "MPIPlugin" and hasattr(plugin, "_is_testing_mpi"):
+                plugin._is_testing_mpi = False
+        if self.reporter is not None and self.rank != 0:
+            from _pytest.config import create_terminal_writer
+
+            self.reporter._tw = create_terminal_writer(config, open(_os.devnull, "w"))
+        _failure.register_before_report(self._name_current_test)
+
+    def _name_current_test(self):
+        if self.current:
+            self.stderr.write(_failure._prefix(f"pytest was running {self.current}", self.rank))
+            self.stderr.flush()
+
+    def _to_stderr(self, text):
+        self.stderr.write(_failure._prefix(text, self.rank))
+        self.stderr.flush()
+
+    def header(self):
+        if self.reporter is None or self.rank != 0:
+            return
+        lib = MPI.Get_library_version().strip().splitlines()[0].split(",")[0].replace("Version:", "")
+        lib = " ".join(lib.split())  # "MPICH 5.0.2", "Open MPI v4.1.4"
+        ver = ".".join(map(str, MPI.Get_version()))
+        self.reporter.write_line(f"mpilocal tests: {self.size} rank(s), {lib} (MPI {ver}), {DEVICE}; "
+                                 "rank 0 reports for all ranks")
+
+    # -- recording ---------------------------------------------------------------------------------
+    def _record(self, report, category):
+        data = None
+        if report.failed and self.rank != 0:
+            data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        self.outcomes.setdefault(report.nodeid, []).append((category, data))
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        self.current = nodeid
+
+    def pytest_runtest_logreport(self, report):
+        category = self.config.hook.pytest_report_teststatus(report=report, config=self.config)[0]
+        if category or report.failed:
+            self._record(report, category or ("failed" if report.when == "call" else "error"))
+
+    def pytest_collectreport(self, report):
+        if report.failed:
+            self._record(report, "error")
+            if self.rank != 0:
+                self._to_stderr(f"collecting {report.nodeid or 'tests'} FAILED on this rank:\n"
+                                f"{report.longreprtext[-4000:]}")
+
+    def pytest_internalerror(self, excrepr, excinfo):
+        if self.rank != 0:
+            self._to_stderr("INTERNALERROR> " + str(excrepr).replace("\n", "\nINTERNALERROR> "))
+
+    # -- merging at the end --------------------------------------------------------------------------
+    def pytest_sessionfinish(self, session, exitstatus):
+        self.current = None
+        if self.comm is None:
+            return
+        from mpilocal.transport import group_for
+
+        sent = {k: v for k, v in self.outcomes.items() if any(c in _BAD_CATEGORIES for c, _ in v)}
+        worst = {k: _worst([c for c, _ in v]) for k, v in self.outcomes.items()}
+        with _failure.begin("end-of-session report gather", group_for(self.comm)):
+            everything = self.comm.gather((sent, worst) if self.rank else None, root=0)
+        if self.rank != 0 or self.reporter is None:
+            return
+        self.failed_on = {}  # nodeid -> ranks where it failed or errored
+        for nodeid, entries in self.outcomes.items():
+            if any(c in _BAD_CATEGORIES for c, _ in entries):
+                self.failed_on[nodeid] = [0]
+        self.differs = {}  # nodeid -> {category: ranks}, for tests whose outcome differs between ranks
+        mine = {k: _worst([c for c, _ in v]) for k, v in self.outcomes.items()}
+        for r, (_, worst) in enumerate(everything[1:], start=1):
+            for nodeid in set(worst) | set(mine):
+                a, b = mine.get(nodeid, "not run"), worst.get(nodeid, "not run")
+                if a != b and not (a == "passed" and b == "skipped"):  # rank-0-only tests skip elsewhere
+                    d = self.differs.setdefault(nodeid, {a: [0]})
+                    d.setdefault(b, []).append(r)
+        stats = self.reporter.stats
+        added = False
+        for r, (theirs, _) in enumerate(everything[1:], start=1):
+            for nodeid, entries in theirs.items():
+                mine = self.failed_on.setdefault(nodeid, [])
+                mine.append(r)
+                if len(mine) > 1:  # rank 0 or a lower rank already reported it
+                    continue
+                for key in ("passed", "skipped", "xfailed", "xpassed"):  # count the test once
+                    if key in stats:
+                        stats[key] = [x for x in stats[key] if getattr(x, "nodeid", None) != nodeid]
+                for category, data in entries:
+                    if data is None:
+                        continue
+                    rep = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
+                    rep.sections.append(("mpilocal", f"this report comes from rank {r}; rank 0 "
+                                                     f"did not fail {nodeid}"))
+                    stats.setdefault(category, []).append(rep)
+                    added = True
+        if added:
+            if hasattr(self.reporter, "_set_main_color"):
+                self.reporter._set_main_color()
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter):
+        failed_on, differs = getattr(self, "failed_on", None), getattr(self, "differs", None)
+        if self.rank != 0 or not (failed_on or differs):
+            return
+        terminalreporter.section("outcomes by rank", sep="-", yellow=True)
+        for nodeid, ranks in sorted(failed_on.items()):
+            terminalreporter.write_line(f"failed: {nodeid}: rank(s) {', '.join(map(str, sorted(ranks)))}")
+        for nodeid, d in sorted(differs.items()):
+            how = "; ".join(f"{c} on rank(s) {', '.join(map(str, sorted(rs)))}" for c, rs in d.items())
+            terminalreporter.write_line(f"differs: {nodeid}: {how}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    plugin = _RankReport(session.config)
+    session.config.pluginmanager.register(plugin, "mpilocal-rank-report")
+    plugin.header()
