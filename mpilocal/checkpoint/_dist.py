@@ -1,0 +1,568 @@
+"""Collective checkpoints: ``save``, ``async_save``, ``load`` (names and semantics of
+``torch.distributed.checkpoint``). The format and every MPI-free step live in ``_format.py``; the
+protocol is described in ``docs/checkpoint.md``.
+
+Every step that can fail on some ranks only ends in an *agreement* (:func:`_agree`): one small
+all-gather of this rank's error length (plus a few ints), and, when some rank failed, a broadcast of
+the first failing rank's message, so that every rank raises the same exception.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import threading
+import time
+import zlib
+
+import numpy as np
+from mpi4py import MPI
+
+from .. import functional as funcol
+from ..dtensor import DTensor
+from ..layout import local_shape_and_offset, normalize_placements
+from ..placement import Partial, Replicate, Shard
+from . import _format as F
+from ._format import CheckpointError
+
+__all__ = ["save", "async_save", "load", "AsyncSaveFuture"]
+
+_COMM = []
+
+
+def _cupy():
+    return sys.modules.get("cupy")
+
+
+def _is_cupy(x) -> bool:
+    cp = _cupy()
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (DTensor, np.ndarray, np.generic)) or _is_cupy(x)
+
+
+def _comm(process_group, caller):
+    """The communicator of the checkpoint's agreements: ``process_group``, or a duplicate of
+    ``MPI.COMM_WORLD`` made once (collective on first use), so that they never match user messages."""
+    if process_group is None:
+        if not _COMM:
+            _COMM.append(MPI.COMM_WORLD.Dup())
+        return _COMM[0]
+    if not isinstance(process_group, MPI.Comm) or process_group == MPI.COMM_NULL:
+        raise TypeError(f"{caller}: process_group must be an mpi4py communicator (or None for all ranks), "
+                        f"got {process_group!r}")
+    return process_group
+
+
+# -- agreement --------------------------------------------------------------------------------------
+_TYPES = {t.__name__: t for t in (ValueError, TypeError, RuntimeError, NotImplementedError, CheckpointError,
+                                  KeyError, MemoryError)}
+
+
+def _encode(err) -> bytes:
+    code = err.errno if isinstance(err, OSError) and err.errno else 0
+    name = type(err).__name__
+    if isinstance(err, OSError):
+        name = "OSError"
+    text = str(err) if not isinstance(err, OSError) or not err.strerror else (
+        f"{err.strerror}" + (f": {err.filename}" if err.filename else ""))
+    return f"{name}\0{code}\0{text}".encode("utf-8", "replace")
+
+
+def _decode(b: bytes, rank: int, nbad: int):
+    name, code, text = b.decode("utf-8", "replace").split("\0", 2)
+    where = f" [raised on rank {rank} of the checkpoint's communicator" + (
+        f" and {nbad - 1} more]" if nbad > 1 else "]")
+    if name == "OSError":
+        return OSError(int(code), text + where) if int(code) else OSError(text + where)
+    t = _TYPES.get(name)
+    return t(text + where) if t is not None else RuntimeError(f"{name}: {text}{where}")
+
+
+def _agree(comm, err, ints=(), what="checkpoint"):
+    """Collective: rows of every rank's ``ints`` (an (n, k) int64 array); raises on every rank the
+    first failing rank's error when any rank passes ``err``."""
+    msg = _encode(err) if err is not None else b""
+    vec = np.array([[len(msg)] + [int(i) for i in ints]], dtype=np.int64)
+    rows = vec if comm.Get_size() == 1 else np.asarray(funcol.all_gather_tensor(vec, 0, comm))
+    bad = [r for r in range(rows.shape[0]) if rows[r, 0] > 0]
+    if not bad:
+        return rows[:, 1:]
+    r = bad[0]
+    buf = np.frombuffer(msg, dtype=np.uint8).copy() if r == comm.Get_rank() else np.empty(int(rows[r, 0]), np.uint8)
+    if comm.Get_size() > 1:
+        buf = np.asarray(funcol.broadcast(buf, r, comm))
+    exc = _decode(buf.tobytes(), r, len(bad))
+    raise exc from err
+
+
+def _allgather_bytes(comm, b: bytes) -> list:
+    n = comm.Get_size()
+    if n == 1:
+        return [b]
+    lens = np.asarray(funcol.all_gather_tensor(np.array([len(b)], np.int64), 0, comm))
+    buf = np.zeros((1, int(lens.max()) if lens.size else 0), np.uint8)
+    buf[0, :len(b)] = np.frombuffer(b, np.uint8)
+    allb = np.asarray(funcol.all_gather_tensor(buf, 0, comm))
+    return [allb[r, :int(lens[r])].tobytes() for r in range(n)]
+
+
+def _bcast_bytes(comm, b: bytes, root: int) -> bytes:
+    if comm.Get_size() == 1:
+        return b
+    n = np.asarray(funcol.broadcast(np.array([len(b)], np.int64), root, comm))
+    buf = np.frombuffer(b, np.uint8).copy() if comm.Get_rank() == root else np.empty(int(n[0]), np.uint8)
+    return np.asarray(funcol.broadcast(buf, root, comm)).tobytes()
+
+
+def _pl_str(p) -> str:
+    if type(p) is Shard:
+        return f"Shard({p.dim})"
+    if type(p) is Partial:
+        return f"Partial({p.reduce_op})"
+    return "Replicate()"
+
+
+# -- save -------------------------------------------------------------------------------------------
+class _Item:
+    __slots__ = ("key", "kind", "value", "meta", "writes")
+
+    def __init__(self, key, kind, value, meta):
+        self.key, self.kind, self.value, self.meta, self.writes = key, kind, value, meta, []
+
+
+def _to_host(x, pinned: bool):
+    """A host NumPy copy of a local array; CuPy arrays go through pinned host memory when ``pinned``."""
+    if _is_cupy(x):
+        cp = _cupy()
+        x = cp.ascontiguousarray(x)
+        if pinned:
+            try:
+                import cupyx
+
+                out = cupyx.empty_pinned(x.shape, x.dtype)
+                x.get(out=out)
+                return out
+            except (ImportError, AttributeError, TypeError):
+                pass
+        return x.get()
+    if pinned:
+        return np.array(x, order="C", copy=True)
+    return x if x.flags.c_contiguous else np.array(x, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+
+
+class _PendingSave:
+    """A save between its collective start (plan, reductions, host copies) and its commit."""
+
+    def __init__(self, comm, path, items):
+        self.comm, self.path, self.items = comm, path, items
+        self.rank = comm.Get_rank()
+        self.tmp = F.tmp_dir(path)
+        self.chunks, self.error, self.file = [], None, None
+        self.committed = False
+
+    def write(self):
+        """This rank's data file: every chunk it owns appended, then fsync. Errors are kept for the commit."""
+        if self.error is not None:
+            return
+        try:
+            todo = [(it, off, arr) for it in self.items for off, arr in it.writes]
+            if todo:
+                f = F.DataFile(self.tmp, f"data_{self.rank:05d}.bin")
+                try:
+                    for it, off, arr in todo:
+                        for a, b in F.row_blocks(arr.shape, arr.dtype.itemsize):
+                            part = arr if a is None else arr[a:b]
+                            o = list(off) if a is None else [off[0] + a] + list(off[1:])
+                            pos, n, crc = f.append(part)
+                            self.chunks.append({"key": it.key, "offsets": o, "shape": list(part.shape), "file": f.name,
+                                                "offset": pos, "length": n, "crc32": crc})
+                finally:
+                    f.close(sync=self.error is None)
+        except BaseException as e:  # noqa: BLE001 - every failure is agreed and re-raised at the commit
+            self.error = e
+        finally:
+            for it in self.items:
+                it.writes = []  # release the host copies
+
+    def commit(self):
+        """Collective: agree on the writes, gather the chunk lists, rank 0 writes the manifest and
+        renames the directory into place, agree on that."""
+        comm, rank = self.comm, self.rank
+        if self.error is not None and isinstance(self.error, OSError) and self.error.errno == errno.ENOSPC:
+            self.error = OSError(errno.ENOSPC, f"save({self.path!r}) ran out of space writing its data file in "
+                                 f"{self.tmp} ({self.error}); the previous checkpoint at the path is untouched. "
+                                 f"Free space or save elsewhere")
+        try:
+            _agree(comm, self.error)
+        except BaseException:
+            if rank == 0:
+                _quiet_remove(self.tmp)
+            raise
+        mine = {"chunks": self.chunks, "entries": {it.key: it.meta for it in self.items if it.meta is not None}}
+        parts = _allgather_bytes(comm, json.dumps(mine, allow_nan=True).encode())
+        err = None
+        if rank == 0:
+            try:
+                self._write_manifest([json.loads(p) for p in parts])
+                self._swap()
+            except BaseException as e:  # noqa: BLE001 - agreed below
+                err = e
+                _quiet_remove(self.tmp)
+        _agree(comm, err)
+        self.committed = True
+
+    def _write_manifest(self, parts):
+        entries = {}
+        for it in self.items:  # the order of the state_dict
+            meta = next((p["entries"][it.key] for p in parts if it.key in p["entries"]), None)
+            if meta is None:
+                raise RuntimeError(f"save: no rank described {it.key!r} (internal error)")
+            entries[it.key] = dict(meta)
+            if meta["kind"] == "array":
+                entries[it.key]["chunks"] = []
+        files = set()
+        for p in parts:
+            for ch in p["chunks"]:
+                key = ch.pop("key")
+                entries[key]["chunks"].append(ch)
+                files.add(ch["file"])
+        for e in entries.values():
+            if e["kind"] == "array":
+                e["chunks"].sort(key=lambda c: c["offsets"])
+        m = {"format": F.FORMAT, "version": F.VERSION, "world_size": self.comm.Get_size(),
+             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "files": sorted(files), "entries": entries}
+        text = json.dumps(m, allow_nan=True, indent=1).encode()
+        p = os.path.join(self.tmp, F.MANIFEST)
+        with open(p, "wb") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        F.fsync_dir(self.tmp)
+
+    def _swap(self):
+        """The commit: PATH -> .ckpt-old, tmp -> PATH, fsync the parent, delete the old one."""
+        path, old = self.path, F.old_dir(self.path)
+        parent = os.path.dirname(path)
+        if os.path.lexists(path):
+            os.rename(path, old)
+        os.rename(self.tmp, path)
+        F.fsync_dir(parent)
+        F.remove_tree(old)
+        if _commit_hook is not None:
+            _commit_hook(path)
+
+
+_commit_hook = None  # tests: called on rank 0 after a commit
+
+
+def _quiet_remove(d):
+    try:
+        F.remove_tree(d)
+    except OSError:
+        pass
+
+
+def _prepare(path: str, caller: str):
+    """Rank 0, before any rank writes: check the target, clear leftovers of crashed saves, make tmp."""
+    old, tmp = F.old_dir(path), F.tmp_dir(path)
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise FileExistsError(errno.EEXIST, f"{caller}: {path} exists and is a file, not a checkpoint; "
+                                  f"remove it or choose another checkpoint_id")
+        if not os.path.isfile(os.path.join(path, F.MANIFEST)) and os.listdir(path):
+            raise FileExistsError(errno.EEXIST, f"{caller}: {path} is a non-empty directory that is not a "
+                                  f"checkpoint; refusing to replace it (remove it or choose another checkpoint_id)")
+        F.remove_tree(old)   # a committed PATH exists: an old one is a leftover of a crash after the renames
+    # else: an old one may be the only complete checkpoint (crash between the renames): kept until commit
+    F.remove_tree(tmp)       # never committed
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(errno.ENOENT, f"{caller}: the parent directory of {path} does not exist; create it")
+    os.mkdir(tmp)
+    F.fsync_dir(parent)
+
+
+def _plan_save(comm, state_dict, checkpoint_id, caller, copy: bool) -> _PendingSave:
+    rank = comm.Get_rank()
+    err, items, sig = None, [], b""
+    path = None
+    try:
+        if checkpoint_id is None:
+            raise ValueError(f"{caller}: pass checkpoint_id=PATH (the checkpoint directory)")
+        path = F._norm(checkpoint_id)
+        for key, _c, _i, v in F.flatten(state_dict, _is_array, caller):
+            if isinstance(v, DTensor):
+                mesh = v.device_mesh
+                pl = normalize_placements(v.placements, mesh.ndim, v.ndim, caller=caller)
+                meta = {"kind": "array", "dtype": F.dtype_str(v.dtype, key, caller), "shape": None,
+                        "mesh_shape": list(mesh.shape), "placements": [_pl_str(p) for p in pl],
+                        "device": mesh.device_type}
+                items.append(_Item(key, "dtensor", v, meta))
+            elif _is_array(v):
+                a = np.asarray(v) if isinstance(v, np.generic) else v
+                meta = {"kind": "array", "dtype": F.dtype_str(a.dtype, key, caller), "shape": list(a.shape),
+                        "mesh_shape": None, "placements": None, "device": "cuda" if _is_cupy(a) else "cpu"}
+                items.append(_Item(key, "array", a, meta))
+            else:
+                items.append(_Item(key, "value", F.json_value(v, key, caller), {"kind": "value", "value": v}))
+        sig = json.dumps([(it.key, it.kind, it.meta.get("mesh_shape"), it.meta.get("placements"),
+                           it.meta.get("dtype")) for it in items]).encode()
+        if rank == 0:
+            _prepare(path, caller)
+    except BaseException as e:  # noqa: BLE001 - agreed below
+        err = e
+    rows = _agree(comm, err, [zlib.crc32(sig), len(sig)])
+    differ = [r for r in range(rows.shape[0]) if tuple(rows[r]) != tuple(rows[0])]
+    if differ:
+        if rank == 0:
+            _quiet_remove(F.tmp_dir(path))
+        raise ValueError(
+            f"{caller}: the state_dict differs between ranks {differ} and rank 0 (keys, kinds, dtypes, meshes or "
+            f"placements); every rank must pass a state_dict with the same structure")
+    # collective part: Partial -> Replicate (same order on every rank), then host copies of what this rank writes
+    late = None  # a rank-local failure from here on is agreed at the commit
+    for it in items:
+        if it.kind == "dtensor":
+            dt = it.value
+            mesh = dt.device_mesh
+            coord = mesh.get_coordinate()
+            if any(p.is_partial() for p in dt.placements):
+                dt = dt.redistribute(mesh, [Replicate() if p.is_partial() else p for p in dt.placements])
+            if coord is None:
+                it.meta = None
+                continue
+            shape = tuple(int(s) for s in dt.shape)
+            pl = dt.placements
+            first = all(c == 0 for c, p in zip(coord, pl) if not p.is_shard())
+            if all(c == 0 for c in coord):
+                it.meta["shape"] = list(shape)
+            else:
+                it.meta = None  # the rank at the mesh's origin describes the entry
+            if first:
+                lshape, off = local_shape_and_offset(shape, mesh.shape, pl, coord)
+                local = dt.to_local()
+                if tuple(local.shape) != tuple(lshape):
+                    late = late or ValueError(
+                        f"{caller}: {it.key!r}: the local shard has shape {tuple(local.shape)} but global shape "
+                        f"{shape} with placements {list(pl)} gives it {lshape}; build the DTensor with a consistent shape=")
+                elif local.size:
+                    it.writes.append((off, _to_host(local, copy)))
+        elif rank != 0:
+            it.meta = None
+        elif it.kind == "array":
+            if it.value.size:
+                it.writes.append(((0,) * it.value.ndim, _to_host(it.value, copy)))
+    pending = _PendingSave(comm, path, items)
+    pending.error = late
+    return pending
+
+
+def save(state_dict, *, checkpoint_id, process_group=None):
+    """Write ``state_dict`` to the directory ``checkpoint_id``. **Collective** over ``process_group``
+    (default: all ranks).
+
+    ``state_dict``: nested dicts/lists of DTensors (any mesh and placements; ``Partial`` is reduced
+    first), NumPy/CuPy arrays and NumPy scalars (replicated: written once, by rank 0) and JSON values.
+    Each shard is written once, by the first rank of its replica group, into that rank's data file.
+    The checkpoint replaces an existing one at ``checkpoint_id`` only at the commit (atomic rename).
+
+    Raises (on every rank): ``TypeError`` for values that cannot be stored (objects, object dtypes,
+    tuples), ``ValueError`` for state_dicts that differ between ranks, ``FileExistsError`` when
+    ``checkpoint_id`` is something else than a checkpoint, ``OSError`` (e.g. ``ENOSPC``) when a write
+    fails — the previous checkpoint at ``checkpoint_id`` then survives.
+    """
+    comm = _comm(process_group, "save")
+    pending = _plan_save(comm, state_dict, checkpoint_id, "save", copy=False)
+    pending.write()
+    pending.commit()
+
+
+class AsyncSaveFuture:
+    """The result of :func:`async_save`. ``result()`` is **collective** over the save's ranks: it
+    waits for this rank's background writes, agrees on their outcome and commits the checkpoint (on
+    the calling thread), raising the same error on every rank when a write failed."""
+
+    def __init__(self, pending: _PendingSave, thread: threading.Thread):
+        self._pending, self._thread = pending, thread
+        self._done = False
+        self._exc = None
+
+    def done(self) -> bool:
+        """Whether this rank's background writes have finished (local; the commit is in ``result()``)."""
+        return not self._thread.is_alive()
+
+    def result(self, timeout=None):
+        if not self._done:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"async_save: the background writes did not finish within {timeout} s")
+            self._done = True
+            try:
+                self._pending.commit()
+            except BaseException as e:
+                self._exc = e
+                raise
+            finally:
+                if _PENDING and _PENDING[-1] is self:
+                    _PENDING.pop()
+        if self._exc is not None:
+            raise self._exc
+        return None
+
+
+_PENDING = []
+
+
+def async_save(state_dict, *, checkpoint_id, process_group=None) -> AsyncSaveFuture:
+    """Like :func:`save`, but returns once the arrays are copied to host memory (CuPy: into pinned
+    buffers); the data files are written by a background thread. **Collective**, and so is the
+    returned future's ``result()``, which commits the checkpoint: every rank must call it (before
+    the next save at the latest). The background thread issues no MPI calls, so the program's own
+    collectives may run meanwhile. A previous async save still pending is committed first."""
+    while _PENDING:
+        _PENDING[-1].result()
+    comm = _comm(process_group, "async_save")
+    pending = _plan_save(comm, state_dict, checkpoint_id, "async_save", copy=True)
+    t = threading.Thread(target=pending.write, name="mpilocal-async-save", daemon=True)
+    fut = AsyncSaveFuture(pending, t)
+    _PENDING.append(fut)
+    t.start()
+    return fut
+
+
+# -- load -------------------------------------------------------------------------------------------
+def _fill_partial(local, pl, coord, xp):
+    """A Partial target holds the value once: at coordinate 0 of every Partial mesh dim (sum/avg: zeros,
+    product: ones elsewhere; max/min: the value everywhere)."""
+    for i, p in enumerate(pl):
+        if type(p) is Partial and coord[i] != 0:
+            if p.reduce_op == "sum":
+                local[...] = 0
+            elif p.reduce_op == "product":
+                local[...] = 1
+    return local
+
+
+def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
+    """Fill ``state_dict`` in place from the checkpoint ``checkpoint_id``. **Collective** over
+    ``process_group`` (default: all ranks).
+
+    Each DTensor of the template keeps its own mesh, placements and device kind (any number of
+    ranks): every rank reads only the chunks overlapping its target shard, by positioned reads, and
+    the DTensor is replaced by a new one holding the loaded shard. Arrays and values are replaced.
+    A template key missing from the checkpoint is an error unless ``strict=False`` (the entry is left
+    as is); extra keys in the checkpoint are ignored. Nothing in ``state_dict`` changes on failure.
+
+    Raises (on every rank): :class:`CheckpointError` (no checkpoint at the path, another format
+    version, a damaged chunk — crc32 mismatch or truncated file, naming key and file —, missing
+    keys), ``ValueError`` (shape or dtype differ from the template), ``TypeError`` (an array where
+    the template has a value or the reverse).
+    """
+    caller = "load"
+    comm = _comm(process_group, caller)
+    rank = comm.Get_rank()
+    # 1. rank 0 finds the committed checkpoint and reads the manifest; everyone gets the same bytes
+    err, text, where = None, b"", ""
+    if rank == 0:
+        try:
+            if checkpoint_id is None:
+                raise ValueError(f"{caller}: pass checkpoint_id=PATH (the checkpoint directory)")
+            d, note = F.resolve(checkpoint_id)
+            where = d
+            with open(os.path.join(d, F.MANIFEST), "rb") as fh:
+                text = fh.read()
+            F.parse_manifest(text, os.path.join(d, F.MANIFEST))
+            if note:
+                print(f"mpilocal.checkpoint.load: {note}", file=sys.stderr, flush=True)
+        except BaseException as e:  # noqa: BLE001 - agreed
+            err = e
+    _agree(comm, err)
+    blob = _bcast_bytes(comm, json.dumps({"dir": where}).encode() + b"\n" + text, 0)
+    head, text = blob.split(b"\n", 1)
+    directory = json.loads(head)["dir"]
+    manifest = F.parse_manifest(text, os.path.join(directory, F.MANIFEST))
+    entries = manifest["entries"]
+    # 2. plan against the template (same verdict on every rank: the manifest and structure are shared)
+    plan, err = [], None
+    try:
+        leaves = F.flatten(state_dict, _is_array, caller)
+        missing = [k for k, *_ in leaves if k not in entries]
+        if missing and strict:
+            raise CheckpointError(
+                f"{caller}: checkpoint {directory} lacks {len(missing)} key(s) of the state_dict: {missing[:10]}; "
+                f"pass strict=False to leave them as they are")
+        problems = []
+        for key, cont, idx, v in leaves:
+            e = entries.get(key)
+            if e is None:
+                continue
+            is_arr = _is_array(v)
+            if (e["kind"] == "value") == is_arr:
+                raise TypeError(f"{caller}: {key!r} is {'an array' if is_arr else 'a value'} in the state_dict but "
+                                f"{'a value' if is_arr else 'an array'} in checkpoint {directory}")
+            if not is_arr:
+                plan.append((key, cont, idx, v, e))
+                continue
+            dt = v.dtype if not isinstance(v, np.generic) else np.asarray(v).dtype
+            sdt = np.dtype(e["dtype"])
+            shape = tuple(v.shape)
+            if tuple(e["shape"]) != shape or sdt.newbyteorder("=") != np.dtype(dt).newbyteorder("="):
+                problems.append(f"{key!r}: checkpoint has shape {tuple(e['shape'])} {sdt.str}, the state_dict "
+                                f"{shape} {np.dtype(dt).str}")
+            plan.append((key, cont, idx, v, e))
+        if problems:
+            raise ValueError(f"{caller}: {len(problems)} array(s) of the state_dict differ from checkpoint "
+                             f"{directory}: " + "; ".join(problems[:8]) + ". Make the template's shapes and dtypes "
+                             f"match (python -m mpilocal.checkpoint ls PATH lists them)")
+    except BaseException as e:  # noqa: BLE001 - agreed
+        err = e
+    _agree(comm, err)
+    # 3. read what this rank needs
+    results, err = [], None
+    files = F.Files(directory)
+    try:
+        for key, cont, idx, v, e in plan:
+            if e["kind"] == "value":
+                results.append((cont, idx, e["value"]))
+            elif isinstance(v, DTensor):
+                results.append((cont, idx, _load_dtensor(files, key, e, v)))
+            else:
+                shape = tuple(e["shape"])
+                a = F.read_box(files, key, e, (0,) * len(shape), shape)
+                a = a.astype(np.asarray(v).dtype, copy=False)
+                if isinstance(v, np.generic):
+                    a = a[()]
+                elif _is_cupy(v):
+                    a = _cupy().asarray(a)
+                results.append((cont, idx, a))
+    except BaseException as ex:  # noqa: BLE001 - agreed
+        err = ex
+    finally:
+        files.close()
+    _agree(comm, err)
+    for cont, idx, val in results:
+        cont[idx] = val
+
+
+def _load_dtensor(files, key, e, v: DTensor) -> DTensor:
+    mesh, pl = v.device_mesh, v.placements
+    shape = tuple(int(s) for s in v.shape)
+    coord = mesh.get_coordinate()
+    cuda = mesh.device_type == "cuda" or _is_cupy(v.to_local())
+    if coord is None:
+        xp = _cupy() if cuda else np
+        return DTensor.from_local(xp.empty((0,) * len(shape), dtype=v.dtype), mesh, pl, shape=shape)
+    lshape, off = local_shape_and_offset(shape, mesh.shape, pl, coord)
+    host = np.empty(lshape, dtype=np.dtype(e["dtype"]))
+    if host.size:
+        F.read_box(files, key, e, off, lshape, out=host)
+    host = host.astype(v.dtype, copy=False)
+    _fill_partial(host, pl, coord, np)
+    local = _cupy().asarray(host) if cuda else host
+    return DTensor.from_local(local, mesh, pl, shape=shape)
