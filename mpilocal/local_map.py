@@ -1,26 +1,34 @@
 """local_map: run a function written for local arrays on DTensors (PyTorch's semantics).
 
-Every check (placement counts, None/non-None entries, mismatches without ``redistribute_inputs``)
-runs before any collective, so a bad call raises the same error on every rank and communicates
+Every check (placement counts, None/non-None entries, meshes, mismatches without
+``redistribute_inputs``) runs before any collective and depends only on what every rank holds (the
+call's arguments, the meshes), so a bad call raises the same error on every rank and communicates
 nothing. On aligned inputs the only communication is the non-blocking agreement of the outputs'
 global shapes (metadata, posted now and completed when a shape is first needed).
+
+Under ``MPILOCAL_DEBUG=1`` every value that local_map labels ``Replicate`` (its outputs, and the
+gradients it gives its inputs) is checked to be equal across its replicas (see
+:func:`_check_replicas`).
 """
 
 from __future__ import annotations
 
 import functools
+import zlib
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, failure
+from .autograd import tracked as _tracked
 from .autograd.tracked import Tracked
-from .placement import Placement
+from .mesh import DeviceMesh
+from .placement import Placement, Shard
 from .dtensor import DTensor, _on_device, _placements, _wrap
 
 __all__ = ["local_map"]
 
 
-# -- pytree-lite: lists, tuples (incl. namedtuples) and dicts ----------------------------------------
+# -- pytree-lite: lists, tuples (incl. namedtuples) and dicts, as PyTorch's pytree ---------------------
 def _flatten(obj, out):
     t = type(obj)
     if t is list or t is tuple:
@@ -57,6 +65,22 @@ def _flat(args):
     return list(args), None
 
 
+def _describe_flattening(args) -> str:
+    """Which flattened inputs each positional argument became (for the count-mismatch error)."""
+    parts, start = [], 0
+    for j, a in enumerate(args):
+        leaves = []
+        _flatten(a, leaves)
+        n = len(leaves)
+        if _flatten(a, []) is None:
+            parts.append(f"argument {j} ({type(a).__name__}) -> input {start}")
+        else:
+            span = f"inputs {start}..{start + n - 1}" if n else "no inputs"
+            parts.append(f"argument {j} (a {type(a).__name__} of {n} leaves) -> {span}")
+        start += n
+    return "; ".join(parts)
+
+
 def _spec(p, what):
     """One entry of in_/out_placements as a tuple (None stays None), with a clear error otherwise."""
     if p is None:
@@ -72,22 +96,152 @@ def _spec(p, what):
         raise TypeError(f"local_map: entries of {what} must be sequences of placements or None, got {p!r}") from None
 
 
+def _same_ranks(a: DeviceMesh, b: DeviceMesh) -> bool:
+    """Whether mesh ``a`` is ``b`` or a reshape of it: the same device type and world ranks in the
+    same row-major order (PyTorch's multi-mesh local_map test: a 1-D mesh over a 2-D mesh's ranks)."""
+    return a is b or a == b or (a.device_type == b.device_type and a.mesh.size == b.mesh.size
+                                and np.array_equal(a.mesh.ravel(), b.mesh.ravel()))
+
+
+def _input_name(func, spec, i) -> str:
+    """``input i`` plus the parameter's name when the inputs were not flattened."""
+    if spec is None:
+        try:
+            import inspect
+
+            params = [p for p in inspect.signature(func).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if i < len(params):
+                return f"input {i} ({params[i].name!r})"
+        except (TypeError, ValueError):
+            pass
+    return f"input {i}"
+
+
+# -- MPILOCAL_DEBUG=1: values labelled Replicate must be equal on their replicas ------------------------
+def _checksum(a) -> int:
+    """A checksum of ``a``'s values (shape and dtype included) that is equal for equal arrays:
+    NaNs of any payload hash alike, and -0.0 like 0.0."""
+    if _arrays.is_cupy(a):
+        a = a.get()
+    a = np.asarray(a)
+    if a.dtype.kind in "fc":
+        a = np.where(np.isnan(a), np.array(np.nan, dtype=a.dtype), a + a.dtype.type(0))
+    elif a.dtype.kind in "OV":  # object pointers and struct padding say nothing about the values
+        a = np.zeros(0, dtype=np.uint8)
+    head = f"{a.shape}{a.dtype.str}".encode()
+    return zlib.crc32(np.ascontiguousarray(a).tobytes(), zlib.crc32(head))
+
+
+def _replica_dims(mesh, pl):
+    return [d for d, p in enumerate(pl) if p.is_replicate() and mesh.shape[d] > 1]
+
+
+def _check_replicas(mesh, items) -> None:
+    """``items``: (label, local array, placements, fix). All-gather one checksum per item over the
+    mesh (one small metadata all-gather) and raise the same RuntimeError on every rank if an item
+    differs between the ranks of a mesh dim where it is labelled Replicate. **Collective** over the
+    mesh; call it on every rank with the same items (they come from the static placements)."""
+    vec = np.array([_checksum(a) for _, a, _, _ in items], dtype=np.int64)
+    from . import functional
+
+    rows = functional.meta_allgather(mesh._metadata_comm(), vec, "replicate_check")
+    sums = rows.reshape(mesh.shape + (len(items),))
+    ranks = mesh.mesh
+    names = mesh.mesh_dim_names
+    for k, (label, _, pl, fix) in enumerate(items):
+        for d in _replica_dims(mesh, pl):
+            lines = np.moveaxis(sums[..., k], d, -1).reshape(-1, mesh.shape[d])
+            wranks = np.moveaxis(ranks, d, -1).reshape(-1, mesh.shape[d])
+            bad = []
+            for line, wr in zip(lines, wranks):
+                if (line == line[0]).all():
+                    continue
+                groups = {}
+                for c, r in zip(line.tolist(), wr.tolist()):
+                    groups.setdefault(c, []).append(r)
+                bad.append(" vs ".join(str(g) for g in groups.values()))
+            if bad:
+                split = "; ".join(bad)
+                dim = f"mesh dim {d}" + (f" ({names[d]!r})" if names else "")
+                raise RuntimeError(
+                    f"local_map: {label} is labelled Replicate() on {dim} but its replicas differ: world ranks "
+                    f"{split} hold different values (MPILOCAL_DEBUG=1 compares a checksum of every value labelled "
+                    f"Replicate). A Replicate value must be the same on every rank of that mesh dim. {fix}"
+                )
+
+
+_OUT_FIX = ("If each rank holds a partial result (e.g. a sum over a dim sharded on that mesh dim), declare it "
+            "Partial() in out_placements (then .redistribute() to Replicate() sums it); if it is a per-rank "
+            "value, declare it Shard(...)")
+_GRAD_FIX = ("Its gradient is labelled by in_grad_placements (default: the input's own placements, as in "
+             "PyTorch), but the local function's gradient differs between those ranks: it is a partial sum (e.g. "
+             "a weight replicated over 'dp' used with data sharded over 'dp'). Pass in_grad_placements with "
+             "Partial() on that mesh dim for this input, so that the gradient is summed over it")
+
+
+def _check_grads_of(node, mesh, label):
+    """Wrap a ToLocal node's backward so the gradient it labels is checked (MPILOCAL_DEBUG=1)."""
+    inner = node.backward
+
+    def backward(gs):
+        res = inner(gs)
+        g = res[0]
+        if type(g) is DTensor and _replica_dims(mesh, g._placements):
+            _check_replicas(mesh, [(f"the gradient of {label}", g._local, g._placements, _GRAD_FIX)])
+        return res
+
+    node.backward = backward
+
+
+def _off_mesh_output(o, mesh, spec):
+    """An output on a rank outside the mesh: wrapped as from_local does there, with no communication."""
+    if type(o) is Tracked:
+        from .autograd import dtensor_ops
+
+        return dtensor_ops.from_local(o, mesh, spec)
+    return DTensor.from_local(_on_device(o, mesh, "local_map"), mesh, spec)
+
+
 def local_map(func=None, out_placements=None, in_placements=None, in_grad_placements=None, device_mesh=None,
               *, redistribute_inputs=False):
     """Lift ``func`` on local arrays to a function on DTensors. Usable as ``@local_map(...)``.
 
     The returned function is **collective** over the mesh when it redistributes inputs or wraps
-    outputs. ``in_placements``: one entry per flattened positional argument (``None`` for
-    non-arrays); ``out_placements``: a list of placements for a single output, or a tuple with one
-    entry per flattened output (``None`` for non-array outputs). ``in_grad_placements``: one entry
-    per flattened input naming the placements of its gradient (``None``: its ``in_placements``).
+    outputs.
+
+    Inputs: positional arguments are flattened as PyTorch's ``local_map`` does (its pytree): a list,
+    tuple, namedtuple or dict argument contributes one input per leaf, and ``func`` receives the
+    same containers rebuilt with local arrays. ``in_placements``: one entry per flattened input
+    (``None`` for non-arrays), e.g. ``f([A, B], x)`` needs three entries. ``out_placements``: a list
+    of placements for a single output, or a tuple with one entry per flattened output (``None`` for
+    non-array outputs). A 0-d output cannot be ``Shard``: declare it ``Replicate()`` or ``Partial()``.
+
+    Mesh: ``device_mesh``, or the first DTensor input's mesh. Every DTensor input must be on that
+    mesh or on a reshape of it (the same ranks in the same order, e.g. a 1-D mesh over the ranks of
+    a 2-D one, as in PyTorch's multi-mesh test); else ``ValueError`` on every rank. On ranks outside
+    the mesh nothing is communicated: ``func`` runs on their (empty) local arrays and the outputs are
+    wrapped as ``DTensor.from_local`` wraps there.
+
+    Aliasing: an input passed with its own placements reaches ``func`` as its local array itself
+    (as ``to_local()``: writing into it changes the input). An input that ``redistribute_inputs``
+    moves reaches ``func`` as a new array, never a view of the input (as PyTorch, which clones), so
+    a ``func`` that works in place cannot make a ``Replicate`` input's replicas differ.
 
     Gradients: when a DTensor input requires grad, ``func`` receives
     :class:`~mpilocal.autograd.Tracked` local arrays for such inputs (they record the supported
     operations, see :mod:`mpilocal.autograd.tracked`), and the outputs carry the graph back to the
     inputs; ``backward`` then gives each input a gradient with its ``in_grad_placements``
     (redistributed back to the input's own placements if the input was redistributed). With no
-    input requiring grad, nothing is tracked.
+    input requiring grad, nothing is tracked. ``in_grad_placements``: one entry per flattened
+    input; ``None`` (the default, as in PyTorch) labels each gradient with the input's forward
+    placements. **Beware** on a mesh dim over which the input is ``Replicate`` but the gradient is
+    a partial sum (a weight replicated over ``dp`` used with data sharded over ``dp``): the default
+    labels that partial gradient ``Replicate``, its copies drift apart, and nothing fails. Give
+    ``Partial()`` for that mesh dim in ``in_grad_placements``. ``MPILOCAL_DEBUG=1`` catches it: every
+    value local_map labels ``Replicate`` (outputs and these gradients) is compared across its
+    replicas by checksum, and a difference raises ``RuntimeError`` on every rank naming the value
+    and the ranks that differ.
     """
     if func is None:
         return functools.partial(local_map, out_placements=out_placements, in_placements=in_placements,
@@ -95,6 +249,8 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                                  redistribute_inputs=redistribute_inputs)
     if not callable(func):
         raise TypeError(f"local_map: func must be callable, got {type(func).__name__}")
+    if device_mesh is not None and not isinstance(device_mesh, DeviceMesh):
+        raise TypeError(f"local_map: device_mesh must be a DeviceMesh or None, got {type(device_mesh).__name__}")
     if in_placements is not None and not isinstance(in_placements, (tuple, list)):
         raise TypeError(f"local_map: in_placements must be a tuple with one entry per input, got {in_placements!r}")
     out_specs = out_placements if isinstance(out_placements, tuple) else (out_placements,)
@@ -110,14 +266,26 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
             got = norm_cache[(key, mesh.ndim, ndim)] = _placements(spec, mesh, ndim, "local_map")
         return got
 
+    def norm_out(k, spec, mesh, ndim):
+        if ndim == 0 and any(type(p) is Shard for p in spec):
+            raise ValueError(
+                f"local_map: output {k} of {func.__name__} is 0-d (a scalar) but out_placements declares it "
+                f"{list(spec)}; a 0-d array has no dim to shard. Declare it [Replicate()] (the same value on every "
+                f"rank) or [Partial()] (a per-rank part of a sum), one entry per mesh dim"
+            )
+        return norm(-1 - k, spec, mesh, ndim)
+
     @functools.wraps(func)
     def wrapped(*args, **kwargs):
         flat, spec = _flat(args)
         n = len(flat)
         if in_specs is not None and len(in_specs) != n:
+            how = "" if spec is None else (
+                f" (positional arguments are flattened as in PyTorch's local_map: a list, tuple or dict argument "
+                f"gives one input per element; here {_describe_flattening(args)})")
             raise ValueError(
                 f"local_map: in_placements has {len(in_specs)} entries but {func.__name__} got {n} flattened "
-                f"positional inputs; give one entry per input (None for non-arrays)"
+                f"positional inputs{how}; give one entry per flattened input (None for non-arrays)"
             )
         mesh = device_mesh
         seen = False
@@ -127,8 +295,17 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
         for i in range(n):
             arg = flat[i]
             if type(arg) is DTensor:
+                am = arg._mesh
                 if mesh is None:
-                    mesh = arg._mesh
+                    mesh = am
+                elif am is not mesh and not _same_ranks(am, mesh):
+                    src = "device_mesh" if device_mesh is not None else "the mesh of the first DTensor input"
+                    raise ValueError(
+                        f"local_map: {_input_name(func, spec, i)} is on {am} but {func.__name__} runs on {mesh} "
+                        f"({src}); every DTensor input must be on that mesh, or on a reshape of it (the same ranks "
+                        f"in the same order). Move it there first (full_tensor() + distribute_tensor(..., mesh, ...)), "
+                        f"or pass device_mesh= to local_map"
+                    )
                 seen = True
                 if arg._ag is not None:
                     track = True
@@ -140,7 +317,7 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                             f"give its placements, e.g. [Shard(0)]"
                         )
                     if arg._placements != want:
-                        want = norm(i, want, arg._mesh, arg._local.ndim)
+                        want = norm(i, want, am, arg._local.ndim)
                     if arg._placements != want:
                         if not redistribute_inputs:
                             raise ValueError(
@@ -165,21 +342,43 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
         # 2) redistribute (collective), then run on local arrays
         if todo is not None:
             for i, want in todo:
-                flat[i] = flat[i]._redistribute(want)
+                old = flat[i]
+                new = old._redistribute(want)
+                loc = new._local
+                if new is not old and loc is not None and _arrays.is_array(loc) and \
+                        _arrays.namespace(loc).may_share_memory(loc, old._local):
+                    # never hand func a view of the input (a Replicate -> Shard slice): writing into it
+                    # would change the input on this rank alone (PyTorch clones here too)
+                    copy = DTensor(loc.copy(), new._mesh, new._placements, new._shape, new._future, new._stride)
+                    copy._ag = new._ag  # the same place in the graph (the redistribute's output)
+                    new = copy
+                flat[i] = new
+        on_mesh = seen and mesh._coordinate is not None
         if track:  # an input requires grad: differentiate through func (mpilocal.autograd)
             from .autograd import dtensor_ops
 
             local_flat = dtensor_ops.local_inputs(flat, in_grad_placements, n)
+            if on_mesh and failure.debug_enabled():
+                for i, (a, la) in enumerate(zip(flat, local_flat)):
+                    if type(la) is Tracked and la._node is not None and type(a) is DTensor:
+                        _check_grads_of(la._node, mesh, _input_name(func, spec, i))
+            local_args = local_flat if spec is None else _unflatten(spec, iter(local_flat))
+            _tracked.LOCAL_MAP_DEPTH += 1
+            try:
+                out = func(*local_args, **kwargs)
+            finally:
+                _tracked.LOCAL_MAP_DEPTH -= 1
         else:
             local_flat = [a._local if type(a) is DTensor else a for a in flat]
-        local_args = local_flat if spec is None else _unflatten(spec, iter(local_flat))
-        out = func(*local_args, **kwargs)
+            local_args = local_flat if spec is None else _unflatten(spec, iter(local_flat))
+            out = func(*local_args, **kwargs)
         if not seen:
             return out
+        debug = on_mesh and failure.debug_enabled()
         # 3) wrap outputs
         if type(out) is np.ndarray and len(out_specs) == 1 and out_specs[0] is not None \
-                and mesh.device_type == "cpu":  # fast path: one NumPy output
-            return _wrap(out, mesh, norm(-1, out_specs[0], mesh, out.ndim))
+                and mesh.device_type == "cpu" and on_mesh and not debug:  # fast path: one NumPy output
+            return _wrap(out, mesh, norm_out(0, out_specs[0], mesh, out.ndim))
         out_leaves = []
         out_spec = _flatten(out, out_leaves)
         if len(out_leaves) != len(out_specs):
@@ -188,35 +387,43 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                 f"{len(out_specs)} out_placements but {func.__name__} returned {len(out_leaves)} values"
             )
         wrapped_out = []
-        for o, s in zip(out_leaves, out_specs):
+        checks = [] if debug else None
+        for k, (o, s) in enumerate(zip(out_leaves, out_specs)):
             if type(o) is DTensor:
                 raise TypeError(
                     f"local_map: {func.__name__} returned a DTensor; the local function must return local arrays"
                 )
             if isinstance(o, np.generic):  # NumPy reductions return scalars; PyTorch's are 0-d tensors
                 o = np.asarray(o)
-            if _arrays.is_array(o):
+            is_tracked = type(o) is Tracked
+            if is_tracked or _arrays.is_array(o):
                 if s is None:
                     raise ValueError(
-                        f"local_map: array output expects placements but out_placements gives None for it"
+                        f"local_map: array output {k} expects placements but out_placements gives None for it"
                     )
-                o = _on_device(o, mesh, "local_map")
-                wrapped_out.append(_wrap(o, mesh, norm(-1 - len(wrapped_out), s, mesh, o.ndim)))
-            elif type(o) is Tracked:
-                if s is None:
-                    raise ValueError(
-                        f"local_map: array output expects placements but out_placements gives None for it"
-                    )
-                from .autograd import dtensor_ops
+                data = o.data if is_tracked else o
+                pl = norm_out(k, s, mesh, data.ndim)
+                if not on_mesh:
+                    wrapped_out.append(_off_mesh_output(o, mesh, pl))
+                    continue
+                if is_tracked:
+                    from .autograd import dtensor_ops
 
-                wrapped_out.append(dtensor_ops.wrap_output(o, mesh, s))
+                    d = dtensor_ops.wrap_output(o, mesh, pl)
+                else:
+                    d = _wrap(_on_device(o, mesh, "local_map"), mesh, pl)
+                wrapped_out.append(d)
+                if debug and _replica_dims(mesh, pl):
+                    checks.append((f"output {k} of {func.__name__}", d._local, pl, _OUT_FIX))
             else:
                 if s is not None:
                     raise ValueError(
-                        f"local_map: non-array output of type {type(o).__name__} expects None placements but "
+                        f"local_map: non-array output {k} of type {type(o).__name__} expects None placements but "
                         f"received {s!r}; use None for it in out_placements"
                     )
                 wrapped_out.append(o)
+        if checks:
+            _check_replicas(mesh, checks)
         return _unflatten(out_spec, iter(wrapped_out))
 
     return wrapped

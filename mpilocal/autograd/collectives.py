@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _arrays, debug, functional
+from .. import _arrays, functional
 from ..layout import chunk_sizes
 from .tracked import _record
 
@@ -79,13 +79,10 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group):
         outs = [int(s) for s in output_split_sizes]
     elif ins == [n0 // k] * k and n0 % k == 0:
         outs = ins
-    else:  # the forward agreed them; the backward needs them here (one small metadata all-to-all)
-        counts = np.asarray(ins, dtype=np.int64)
-        recv = np.empty_like(counts)
-        if debug._ACTIVE:
-            debug.record_metadata("split_agreement", counts.nbytes)
-        g.comm.Alltoall(counts, recv)
-        outs = recv.tolist()
+    else:  # the forward agreed them; the backward needs them here: one small metadata all-gather of
+        # every rank's input splits (through functional's accounted path: deadline, fingerprint, count)
+        rows = functional.meta_allgather(g.comm, np.asarray(ins, dtype=np.int64), "split_agreement")
+        outs = [int(r) for r in rows[:, g.rank]]
     return _record("AllToAll", out, (x,), lambda gr, n: (functional.all_to_all_single(gr, ins, outs, group),))
 
 

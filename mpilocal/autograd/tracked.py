@@ -23,6 +23,9 @@ from .engine import Leaf, Node, run_backward
 
 __all__ = ["Tracked", "tensor", "SUPPORTED"]
 
+#: > 0 while local_map runs its function on Tracked inputs (error messages say where Tracked came from)
+LOCAL_MAP_DEPTH = 0
+
 SUPPORTED = ("matmul", "exp", "log", "tanh", "maximum", "where", "sum", "mean", "concat", "concatenate",
              "stack", "add", "subtract", "multiply", "divide", "negative", "pow", "reshape", "permute_dims",
              "transpose", "matrix_transpose", "astype")
@@ -450,8 +453,9 @@ class Tracked:
 
     def __array__(self, *a, **k):
         raise TypeError(
-            "a Tracked array cannot be converted to a plain array implicitly (its gradient would be lost "
-            "silently); use .detach() for the values, or a supported operation / mpilocal.autograd.Function"
+            f"a Tracked array cannot be converted to a plain array implicitly (its gradient would be lost "
+            f"silently). {_origin()} Use .detach() for the values (it shares memory and records nothing), or a "
+            f"supported operation / mpilocal.autograd.Function"
         )
 
     def __array_namespace__(self, api_version=None):
@@ -479,10 +483,22 @@ class Tracked:
         return getitem(self, idx)
 
     def __setitem__(self, idx, value):
-        raise NotImplementedError(
-            "Tracked.__setitem__: in-place assignment is not differentiable here; build the result with "
-            "where/concat/stack, or use a mpilocal.autograd.Function"
-        )
+        raise NotImplementedError(f"Tracked.__setitem__: {_inplace_advice()}")
+
+    def _inplace(self, op, other):
+        # a leaf, or the view of a DTensor's shard (to_local / a local_map input): writing a new array
+        # into the name would leave the data unchanged while the code reads as an update. Raise.
+        node = self._node
+        if node is not None and (type(node) is Leaf or node.name == "ToLocal"):
+            raise NotImplementedError(f"Tracked in-place {op}: {_inplace_advice()}")
+        return _INPLACE[op](self, other)  # an intermediate result: out of place, the name is rebound
+
+    __iadd__ = lambda self, o: self._inplace("+=", o)  # noqa: E731
+    __isub__ = lambda self, o: self._inplace("-=", o)  # noqa: E731
+    __imul__ = lambda self, o: self._inplace("*=", o)  # noqa: E731
+    __itruediv__ = lambda self, o: self._inplace("/=", o)  # noqa: E731
+    __ipow__ = lambda self, o: self._inplace("**=", o)  # noqa: E731
+    __imatmul__ = lambda self, o: self._inplace("@=", o)  # noqa: E731
 
     __add__ = lambda self, o: add(self, o)  # noqa: E731
     __radd__ = lambda self, o: add(o, self)  # noqa: E731
@@ -539,15 +555,36 @@ def tensor(data, requires_grad=False):
     return Tracked(data, requires_grad=requires_grad)
 
 
-def _unsupported(what):
-    return NotImplementedError(
-        f"{what} is not differentiable in mpilocal.autograd (a tracked array reached it because a local_map "
-        f"input requires grad). Supported: operators + - * / @ **, unary -, indexing, .T, .sum/.mean, reshape, "
-        f"transpose, astype and {', '.join(SUPPORTED)}. Use .detach() where no gradient is needed, or write "
-        f"a mpilocal.autograd.Function with forward/backward for it"
+def _origin() -> str:
+    """Where the Tracked array an error is about came from (inside local_map or not)."""
+    if LOCAL_MAP_DEPTH > 0:
+        return "It is Tracked because a local_map input requires grad."
+    return ("It is Tracked because it comes from a DTensor that requires grad (to_local() and full_tensor() of "
+            "such a DTensor return Tracked arrays, which record operations for backward) or from "
+            "mpilocal.autograd.tensor(..., requires_grad=True).")
+
+
+def _inplace_advice() -> str:
+    return (
+        f"in-place writes into a Tracked array are not recorded for gradients. {_origin()} To change the values "
+        f"without a gradient (an optimizer step such as W.to_local()[...] -= lr * g), write into the plain "
+        f"array: W.detach().to_local()[...] -= ... or x.detach()[...] = ... (.detach() shares memory, so the "
+        f"DTensor changes). To compute a new value with a gradient, build it with where/concat/stack or a "
+        f"mpilocal.autograd.Function"
     )
 
 
+def _unsupported(what):
+    return NotImplementedError(
+        f"{what} is not differentiable in mpilocal.autograd and received a Tracked array. {_origin()} "
+        f"Supported: operators + - * / @ **, unary -, indexing, .T, .sum/.mean, reshape, transpose, astype and "
+        f"{', '.join(SUPPORTED)}. For plain values use .detach() (it shares memory and records nothing; e.g. "
+        f"numpy.allclose(x.detach(), y), or DTensor.detach().full_tensor()); for a gradient through {what}, "
+        f"write a mpilocal.autograd.Function with forward/backward"
+    )
+
+
+_INPLACE = {"+=": add, "-=": subtract, "*=": multiply, "/=": divide, "**=": pow, "@=": matmul}
 _COMPARE = {"less", "less_equal", "greater", "greater_equal", "equal", "not_equal", "isnan", "isfinite",
             "isinf", "sign", "logical_not", "logical_and", "logical_or"}
 _UFUNCS = {"add": add, "subtract": subtract, "multiply": multiply, "true_divide": divide, "divide": divide,
