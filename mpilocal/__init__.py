@@ -14,6 +14,7 @@ from .local_map import local_map
 from . import autograd  # noqa: E402  (mpilocal.autograd: Tracked, Function; DTensor gradients)
 from .mesh import DeviceMesh, init_device_mesh
 from .placement import Partial, Placement, Replicate, Shard
+from .neighbors import stencil  # noqa: E402  (local_map with halos)
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,5 @@ __all__ = [
     "Placement",
     "local_map",
     "CommDebugMode",
+    "stencil",
 ]

@@ -582,3 +582,7 @@ def broadcast(x, src: int, group, tag: str = ""):
     _check_params(rows, caller, src=int(src))
     _check_same(rows, caller)
     return bcast(x, int(src), g)
+
+
+# neighbour collectives (halo exchange, permute, send_recv, shift) live in mpilocal.neighbors
+from .neighbors import halo_exchange, permute, send_recv, shift  # noqa: E402,F401

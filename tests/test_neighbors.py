@@ -1,0 +1,445 @@
+"""Neighbour collectives (halo exchange, permute, shift, send_recv, stencil) against NumPy oracles.
+
+Oracles are independent of mpilocal's layout code: shard offsets follow torch.chunk (DTensors) or
+the MPI block split ``N//p + (r < N%p)`` (local arrays), written out here; halos are ``np.pad`` of
+the full array (``wrap`` / ``constant``) or a clamped slice (``"none"``); permutations follow JAX's
+``ppermute`` (zeros where nothing arrives); gradients are central finite differences of the NumPy
+oracle's loss.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import DEVICE, Check, DeviceFunctional, assert_all, to_device, to_host
+from mpi4py import MPI
+
+import mpilocal
+import mpilocal.functional as funcol
+from mpilocal import CommDebugMode, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh, local_map
+
+W = MPI.COMM_WORLD.Get_size()
+RANK = MPI.COMM_WORLD.Get_rank()
+pytestmark = pytest.mark.mpi
+fc = DeviceFunctional(funcol) if DEVICE == "cuda" else funcol
+
+BOUNDARIES = ["periodic", "none", 0.0, -2.5, float("nan")]
+
+
+def chunk(n, k, i):
+    """torch.chunk: (offset, size) of piece i."""
+    c = -(-n // k) if k else 0
+    o = min(c * i, n)
+    return o, max(min(c, n - o), 0)
+
+
+def block(n, k, i):
+    """The MPI block split: rank i holds n//k + (i < n%k) rows."""
+    sizes = [n // k + (j < n % k) for j in range(k)]
+    return sum(sizes[:i]), sizes[i]
+
+
+def oracle(full, d, o, n, w, b):
+    """Rank's halo-padded piece along dim d of the full array (np.pad / slicing)."""
+    N = full.shape[d]
+    if b == "none":
+        idx = [slice(None)] * full.ndim
+        idx[d] = slice(max(o - w, 0), min(o + n + w, N))
+        return full[tuple(idx)]
+    pad = [(0, 0)] * full.ndim
+    pad[d] = (w, w)
+    ext = np.pad(full, pad, mode="wrap") if b == "periodic" else np.pad(full, pad, mode="constant", constant_values=b)
+    idx = [slice(None)] * full.ndim
+    idx[d] = slice(o, o + n + 2 * w)
+    return ext[tuple(idx)]
+
+
+def data(shape, dtype=np.float64, seed=0, nans=True):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(shape) * 10
+    if np.dtype(dtype).kind == "f" and nans and a.size > 3:
+        a.flat[1] = np.nan
+        a.flat[-2] = np.inf
+    return a.astype(dtype)
+
+
+def mesh1d():
+    return init_device_mesh(DEVICE, (W,))
+
+
+# ------------------------------------------------------------------------------------------------
+# halo exchange on DTensors (torch.chunk shards), 1-D mesh
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+@pytest.mark.parametrize("width", [0, 1, 2, 3])
+@pytest.mark.parametrize("n_rows", ["uneven", "even"])
+@pytest.mark.parametrize("d", [0, 1])
+def test_halo_dtensor_1d(boundary, width, n_rows, d):
+    mesh = mesh1d()
+    N = 4 * W - 1 if n_rows == "uneven" else 3 * W  # every torch.chunk shard holds >= 3 rows
+    shape = (N, 5) if d == 0 else (4, N)
+    full = data(shape)
+    pl = [Shard(d)]
+    X = distribute_tensor(to_device(full), mesh, pl)
+    got = to_host(funcol.halo_exchange(X, 0, d, width, boundary))
+    o, n = chunk(N, W, RANK)
+    ck = Check()
+    ck.close(got, oracle(full, d, o, n, width, boundary), f"halo d={d} w={width} b={boundary}")
+    ck(got.dtype == full.dtype, f"dtype {got.dtype}")
+    ck.done()
+
+
+@pytest.mark.parametrize("boundary", ["periodic", "none", 7])
+def test_halo_int_dtype_and_names(boundary):
+    mesh = init_device_mesh(DEVICE, (W,), mesh_dim_names=("x",))
+    full = np.arange(3 * W * 2, dtype=np.int16).reshape(3 * W, 2) - 20
+    X = distribute_tensor(to_device(full), mesh, [Shard(0)])
+    got = to_host(funcol.halo_exchange(X, "x", 0, 2, boundary))
+    o, n = chunk(3 * W, W, RANK)
+    exp = oracle(full, 0, o, n, 2, boundary)
+    assert_all(got.dtype == np.int16 and np.array_equal(got, exp), f"{got} vs {exp}")
+
+
+# ------------------------------------------------------------------------------------------------
+# local arrays (block split, so ragged), every group kind
+# ------------------------------------------------------------------------------------------------
+def _group(kind):
+    if kind == "mesh":
+        return mesh1d(), list(range(W))
+    if kind == "mesh_dim":
+        m = init_device_mesh(DEVICE, (1, W))
+        return (m, 1), list(range(W))
+    if kind == "comm":
+        return MPI.COMM_WORLD, list(range(W))
+    if kind == "comm_reversed":
+        return MPI.COMM_WORLD.Split(0, W - 1 - RANK), list(range(W - 1, -1, -1))
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+@pytest.mark.parametrize("kind", ["mesh", "mesh_dim", "comm", "comm_reversed"])
+def test_halo_local_arrays_block_split(boundary, kind):
+    group, order = _group(kind)
+    gr = order.index(RANK)
+    N = 3 * W + 2  # block split: the first two ranks hold one row more
+    full = data((2, N, 3), seed=3)
+    o, n = block(N, W, gr)
+    local = np.ascontiguousarray(full[:, o:o + n])
+    ck = Check()
+    for w in (0, 1, 3):
+        got = fc.halo_exchange(local, group, 1, w, boundary)
+        ck.close(got, oracle(full, 1, o, n, w, boundary), f"{kind} w={w} b={boundary}")
+    ck.done()
+
+
+def test_halo_non_contiguous_input():
+    mesh = mesh1d()
+    N = 3 * W
+    full = data((6, N), seed=4)
+    o, n = chunk(N, W, RANK)
+    local = to_device(np.asfortranarray(full[:, o:o + n]))
+    got = to_host(funcol.halo_exchange(local, mesh, 1, 2, "periodic"))
+    assert_all(np.allclose(got, oracle(full, 1, o, n, 2, "periodic"), equal_nan=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# two sharded dims, with corners
+# ------------------------------------------------------------------------------------------------
+def _mesh2d():
+    return init_device_mesh(DEVICE, (2, 2) if W == 4 else (W, 1), mesh_dim_names=("a", "b"))
+
+
+@pytest.mark.parametrize("bnds", [("periodic", "periodic"), (0.0, 0.0), ("none", "none"), ("periodic", 3.0),
+                                  ("none", "periodic")])
+@pytest.mark.parametrize("widths", [(1, 1), (2, 1), (0, 2)])
+def test_halo_2d_corners(bnds, widths):
+    mesh = _mesh2d()
+    k0, k1 = mesh.shape
+    full = data((3 * k0 + 1, 3 * k1 + 2), seed=5)
+    X = distribute_tensor(to_device(full), mesh, [Shard(0), Shard(1)])
+    got = to_host(funcol.halo_exchange(X, (0, 1), (0, 1), widths, bnds))
+    c = mesh.get_coordinate()
+    o0, n0 = chunk(full.shape[0], k0, c[0])
+    o1, n1 = chunk(full.shape[1], k1, c[1])
+    exp = oracle(oracle(full, 0, o0, n0, widths[0], bnds[0]), 1, o1, n1, widths[1], bnds[1])
+    ck = Check()
+    ck.close(got, exp, f"2-D halo {widths} {bnds}")
+    ck.done()
+
+
+def test_halo_2d_transposed_mesh_dims():
+    """Tensor dim 0 sharded over mesh dim 1 and tensor dim 1 over mesh dim 0."""
+    mesh = _mesh2d()
+    k0, k1 = mesh.shape
+    full = data((3 * k1, 3 * k0 + 1), seed=6)
+    X = distribute_tensor(to_device(full), mesh, [Shard(1), Shard(0)])
+    got = to_host(funcol.halo_exchange(X, ["b", "a"], [0, 1], 1, "periodic"))
+    c = mesh.get_coordinate()
+    o0, n0 = chunk(full.shape[0], k1, c[1])
+    o1, n1 = chunk(full.shape[1], k0, c[0])
+    exp = oracle(oracle(full, 0, o0, n0, 1, "periodic"), 1, o1, n1, 1, "periodic")
+    assert_all(np.allclose(got, exp, equal_nan=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# errors: the same on every rank
+# ------------------------------------------------------------------------------------------------
+def test_halo_shard_narrower_than_width_raises_everywhere():
+    mesh = mesh1d()
+    X = distribute_tensor(to_device(np.arange(2.0 * W)), mesh, [Shard(0)])  # 2 rows per shard
+    with pytest.raises(ValueError, match="fewer than the halo\\s+width 3"):
+        funcol.halo_exchange(X, 0, 0, 3, "periodic")
+    if W > 1:  # a ragged local layout where one rank holds a single row: agreed, every rank raises
+        local = to_device(np.ones((1 if RANK == W - 1 else 4, 2)))
+        with pytest.raises(ValueError, match="group rank %d holds 1 row" % (W - 1)):
+            funcol.halo_exchange(local, mesh, 0, 2, 0.0)
+
+
+def test_halo_argument_errors():
+    mesh = mesh1d()
+    X = distribute_tensor(to_device(np.arange(4.0 * W).reshape(2 * W, 2)), mesh, [Shard(0)])
+    with pytest.raises(ValueError, match="not Shard\\(1\\)"):
+        funcol.halo_exchange(X, 0, 1, 1)
+    with pytest.raises(ValueError, match="boundary 'reflect'"):
+        funcol.halo_exchange(X, 0, 0, 1, "reflect")
+    with pytest.raises(ValueError, match="width must be a non-negative int"):
+        funcol.halo_exchange(X, 0, 0, -1)
+    m2 = _mesh2d()
+    Y = distribute_tensor(to_device(np.ones((4 * W, 3))), m2, [Shard(0), Shard(0)])
+    with pytest.raises(NotImplementedError, match="sharded over mesh dims \\[0, 1\\]"):
+        funcol.halo_exchange(Y, 0, 0, 1)
+    if W > 1:  # ranks passing different widths: agreed, the same ValueError everywhere
+        with pytest.raises(ValueError, match="ranks pass different"):
+            funcol.halo_exchange(to_device(np.ones((3, 2))), mesh, 0, 1 + (RANK == 0))
+
+
+# ------------------------------------------------------------------------------------------------
+# permute (JAX ppermute), shift, send_recv
+# ------------------------------------------------------------------------------------------------
+def _perms():
+    yield [(i, (i + 1) % W) for i in range(W)]
+    yield [(i, W - 1 - i) for i in range(W)]
+    yield [(0, W - 1)]
+    yield []
+    yield [(i, i) for i in range(W)]
+
+
+def _rank_data(r, shape=(3, 2)):
+    a = np.arange(math.prod(shape), dtype=np.float64).reshape(shape) + 100 * r
+    a.flat[0] = np.nan if r % 2 else -np.inf
+    return a
+
+
+@pytest.mark.parametrize("which", range(5))
+def test_permute_jax_semantics(which):
+    perm = list(_perms())[which]
+    got = fc.permute(_rank_data(RANK), perm, MPI.COMM_WORLD)
+    srcs = [s for s, d in perm if d == RANK]
+    exp = _rank_data(srcs[0]) if srcs else np.zeros((3, 2))
+    ck = Check()
+    ck.close(got, exp, f"perm {perm}")
+    ck.done()
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+@pytest.mark.parametrize("offset", [1, -1, 2])
+def test_shift_is_np_roll_of_ranks(offset, periodic):
+    stack = np.stack([_rank_data(r) for r in range(W)])
+    got = fc.shift(_rank_data(RANK), offset, mesh1d(), periodic=periodic)
+    if periodic:
+        exp = np.roll(stack, offset, axis=0)[RANK]
+    else:
+        src = RANK - offset
+        exp = stack[src] if 0 <= src < W else np.zeros((3, 2))
+    ck = Check()
+    ck.close(got, exp, f"shift {offset} periodic={periodic}")
+    ck.done()
+
+
+def test_send_recv_ring_and_proc_null():
+    right, left = (RANK + 1) % W, (RANK - 1) % W
+    got = fc.send_recv(_rank_data(RANK), right, left, MPI.COMM_WORLD)
+    ck = Check()
+    ck.close(got, _rank_data(left), "ring")
+    # a line: the last rank sends nowhere, the first receives nothing (MPI_PROC_NULL style)
+    got = fc.send_recv(_rank_data(RANK), RANK + 1 if RANK < W - 1 else None, RANK - 1 if RANK else None,
+                       MPI.COMM_WORLD)
+    ck.close(got, _rank_data(RANK - 1) if RANK else np.zeros((3, 2)), "line")
+    ck.done()
+
+
+def test_permute_errors_everywhere():
+    with pytest.raises(ValueError, match="more than once"):
+        funcol.permute(to_device(np.ones(2)), [(0, 0), (0, 0)], MPI.COMM_WORLD)
+    with pytest.raises(ValueError, match="outside the group"):
+        funcol.permute(to_device(np.ones(2)), [(0, W)], MPI.COMM_WORLD)
+    if W > 1:
+        with pytest.raises(ValueError, match="ranks pass different"):
+            funcol.permute(to_device(np.ones(2)), [(0, 1)] if RANK else [(1, 0)], MPI.COMM_WORLD)
+        with pytest.raises(ValueError, match="sends to rank"):  # everyone sends right, nobody receives
+            funcol.send_recv(to_device(np.ones(2)), (RANK + 1) % W, None, MPI.COMM_WORLD)
+        with pytest.raises(ValueError, match="group rank 0 passes shape"):
+            funcol.send_recv(to_device(np.ones(2 + (RANK == 1))), (RANK + 1) % W, (RANK - 1) % W, MPI.COMM_WORLD)
+
+
+# ------------------------------------------------------------------------------------------------
+# accounting
+# ------------------------------------------------------------------------------------------------
+def test_comm_debug_mode_counts():
+    mesh = _mesh2d()
+    k0, k1 = mesh.shape
+    X = distribute_tensor(to_device(np.ones((3 * k0, 3 * k1))), mesh, [Shard(0), Shard(1)])
+    with CommDebugMode() as cm:
+        funcol.halo_exchange(X, (0, 1), (0, 1), 1, "periodic")
+    exp = (k0 > 1) + (k1 > 1)
+    ck = Check()
+    ck(cm.get_comm_counts().get("halo_exchange", 0) == exp, f"{dict(cm.get_comm_counts())} vs {exp}")
+    ck(cm.get_total_counts() == exp, f"total {cm.get_total_counts()}")
+    nbytes = 8 * (2 * 3 + 2 * 5)  # 2x2 mesh: two rows of 3, then two padded columns of 5 (float64)
+    if W > 1 and k0 > 1 and k1 > 1:
+        ck(cm.get_comm_bytes()["halo_exchange"] == nbytes, f"bytes {dict(cm.get_comm_bytes())} vs {nbytes}")
+    with CommDebugMode() as cm:
+        funcol.permute(to_device(np.ones(3)), [(i, (i + 1) % W) for i in range(W)], MPI.COMM_WORLD)
+        funcol.shift(to_device(np.ones(3)), 1, MPI.COMM_WORLD)
+        funcol.send_recv(to_device(np.ones(3)), (RANK + 1) % W, (RANK - 1) % W, MPI.COMM_WORLD)
+    want = {"permute": 2, "send_recv": 1} if W > 1 else {}
+    ck({k: v for k, v in cm.get_comm_counts().items() if v} == want, f"{dict(cm.get_comm_counts())}")
+    ck.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# gradients: central finite differences of the NumPy oracle's loss
+# ------------------------------------------------------------------------------------------------
+def _fd_grad(loss, x, eps=1e-6):
+    g = np.zeros_like(x)
+    for i in range(x.size):
+        xp_, xm = x.copy(), x.copy()
+        xp_.flat[i] += eps
+        xm.flat[i] -= eps
+        g.flat[i] = (loss(xp_) - loss(xm)) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("boundary", ["periodic", "none", 1.5])
+@pytest.mark.parametrize("width", [1, 2])
+def test_halo_gradient_finite_differences(boundary, width):
+    mesh = mesh1d()
+    N = 4 * W - 1  # torch.chunk shards of at least 3 rows
+    x = data((N, 2), seed=7, nans=False)
+    weights = [data(oracle(x, 0, *chunk(N, W, r), width, boundary).shape, seed=10 + r, nans=False) for r in range(W)]
+
+    def np_loss(xf):
+        return sum(float(np.sum(weights[r] * oracle(xf, 0, *chunk(N, W, r), width, boundary) ** 2)) for r in range(W))
+
+    X = distribute_tensor(to_device(x), mesh, [Shard(0)], requires_grad=True)
+    Cr = to_device(weights[RANK])
+    L = local_map(lambda a: (Cr * funcol.halo_exchange(a, mesh, 0, width, boundary) ** 2).sum(),
+                  out_placements=[Partial()], in_placements=([Shard(0)],))(X)
+    L.backward()
+    ck = Check()
+    ck.close(X.grad.full_tensor(), _fd_grad(np_loss, x), f"grad w={width} b={boundary}", rtol=1e-5, atol=1e-5)
+    ck.done()
+
+
+def test_halo_2d_gradient_through_dtensor_path():
+    mesh = _mesh2d()
+    k0, k1 = mesh.shape
+    x = data((2 * k0 + 1, 2 * k1 + 1), seed=8, nans=False)
+    c = mesh.get_coordinate()
+    rng = np.random.default_rng(9)
+    weights = {}
+    for i in range(k0):
+        for j in range(k1):
+            o0, n0 = chunk(x.shape[0], k0, i)
+            o1, n1 = chunk(x.shape[1], k1, j)
+            weights[(i, j)] = ((o0, n0, o1, n1), rng.standard_normal((n0 + 2, n1 + 2)))
+
+    def piece(xf, o0, n0, o1, n1):
+        return oracle(oracle(xf, 0, o0, n0, 1, "periodic"), 1, o1, n1, 1, 0.5)
+
+    def np_loss(xf):
+        return sum(float(np.sum(wt * piece(xf, *s) ** 2)) for s, wt in weights.values())
+
+    X = distribute_tensor(to_device(x), mesh, [Shard(0), Shard(1)], requires_grad=True)
+    h = funcol.halo_exchange(X, (0, 1), (0, 1), 1, ("periodic", 0.5))  # Tracked: X requires grad
+    loss = (to_device(weights[tuple(c)][1]) * h ** 2).sum()
+    DTensor.from_local(loss, mesh, [Partial(), Partial()]).backward()
+    ck = Check()
+    ck.close(X.grad.full_tensor(), _fd_grad(np_loss, x), "2-D grad", rtol=1e-5, atol=1e-5)
+    ck.done()
+
+
+def test_permute_gradient():
+    mesh = mesh1d()
+    x = data((W, 3), seed=11, nans=False)
+    perm = [(i, W - 1 - i) for i in range(W) if i != 0]  # rank 0 sends nothing; rank W-1 receives nothing
+    wts = data((W, 3), seed=12, nans=False)
+
+    def np_loss(xf):
+        out = np.zeros_like(xf)
+        for s, d in perm:
+            out[d] = xf[s]
+        return float(np.sum(wts * out ** 2))
+
+    X = distribute_tensor(to_device(x), mesh, [Shard(0)], requires_grad=True)
+    wr = to_device(wts[RANK:RANK + 1])
+    L = local_map(lambda a: (wr * funcol.permute(a, perm, mesh) ** 2).sum(), out_placements=[Partial()],
+                  in_placements=([Shard(0)],))(X)
+    L.backward()
+    ck = Check()
+    ck.close(X.grad.full_tensor(), _fd_grad(np_loss, x), "permute grad", rtol=1e-5, atol=1e-5)
+    ck.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# stencil: a heat step is one line
+# ------------------------------------------------------------------------------------------------
+def _heat_np(u, nu, b):
+    p = np.pad(u, 1, mode="wrap") if b == "periodic" else np.pad(u, 1, constant_values=b)
+    return u + nu * (p[2:, 1:-1] + p[:-2, 1:-1] + p[1:-1, 2:] + p[1:-1, :-2] - 4 * u)
+
+
+@pytest.mark.parametrize("boundary", ["periodic", 0.0, 1.0])
+@pytest.mark.parametrize("placements", ["S0S1", "S1R", "RR"])
+def test_stencil_heat_steps(boundary, placements):
+    mesh = _mesh2d()
+    k0, k1 = mesh.shape
+    pl = {"S0S1": [Shard(0), Shard(1)], "S1R": [Shard(1), Replicate()], "RR": [Replicate(), Replicate()]}[placements]
+    u = data((3 * k0 + 2, 3 * max(k0, k1) + 1), seed=13, nans=False)
+    nu = 0.2
+    step = mpilocal.stencil(lambda a: a[1:-1, 1:-1] + nu * (a[2:, 1:-1] + a[:-2, 1:-1] + a[1:-1, 2:] + a[1:-1, :-2]
+                                                           - 4 * a[1:-1, 1:-1]), boundary=boundary)
+    roll_step = mpilocal.stencil(lambda a: a + nu * (np.roll(a, 1, 0) + np.roll(a, -1, 0) + np.roll(a, 1, 1)
+                                                     + np.roll(a, -1, 1) - 4 * a), boundary=boundary)
+    U = distribute_tensor(to_device(u), mesh, pl)
+    V = U
+    ref = u
+    for _ in range(3):
+        U = step(U)
+        V = roll_step(V)  # returns the padded shape: the wrapper crops the interior
+        ref = _heat_np(ref, nu, boundary)
+    ck = Check()
+    ck(U.placements == tuple(pl), f"{U.placements}")
+    ck.close(U.full_tensor(), ref, "stencil (interior)", rtol=1e-12, atol=1e-12)
+    ck.close(V.full_tensor(), ref, "stencil (padded output)", rtol=1e-12, atol=1e-12)
+    ck.done()
+
+
+def test_stencil_gradient():
+    mesh = mesh1d()
+    u = data((3 * W, 4), seed=14, nans=False)
+    wts = data((3 * W, 4), seed=15, nans=False)
+    f = mpilocal.stencil(lambda a: a[2:, 1:-1] * a[:-2, 1:-1] - a[1:-1, 2:], halo=1, boundary="periodic")
+
+    def np_loss(x):
+        p = np.pad(x, 1, mode="wrap")
+        return float(np.sum(wts * (p[2:, 1:-1] * p[:-2, 1:-1] - p[1:-1, 2:])))
+
+    U = distribute_tensor(to_device(u), mesh, [Shard(0)], requires_grad=True)
+    Wt = distribute_tensor(to_device(wts), mesh, [Shard(0)])
+    out = f(U)
+    L = local_map(lambda a, b: (a * b).sum(), out_placements=[Partial()], in_placements=([Shard(0)], [Shard(0)]))(out, Wt)
+    L.backward()
+    ck = Check()
+    ck.close(U.grad.full_tensor(), _fd_grad(np_loss, u), "stencil grad", rtol=1e-5, atol=1e-5)
+    ck.done()
