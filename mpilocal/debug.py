@@ -19,6 +19,9 @@ COLLECTIVE_NAMES = (
     "all_to_all_single",
     "broadcast",
     "scatter",
+    "all_reduce_coalesced",
+    "all_gather_into_tensor_coalesced",
+    "reduce_scatter_tensor_coalesced",
 )
 
 _ACTIVE: list = []
@@ -44,11 +47,12 @@ class CommDebugMode:
     """Context manager counting collectives issued while it is active (this rank's view; local).
 
     ``get_comm_counts()`` → ``{name: count}`` for array-data collectives (names in
-    :data:`COLLECTIVE_NAMES`), ``get_total_counts()`` their sum, ``get_comm_bytes()`` →
+    :data:`COLLECTIVE_NAMES`; a ``defaultdict(int)``, as in PyTorch, so a collective that never
+    ran reads 0), ``get_total_counts()`` their sum, ``get_comm_bytes()`` →
     ``{name: bytes}`` of array data this rank contributed (its send buffer), and
     ``get_metadata_counts()`` / ``get_metadata_bytes()`` for metadata agreements
-    (``"shape_agreement"``, ``"run_check"``, ``"input_check"``). Contexts may nest; each counts
-    what happened inside it.
+    (``"shape_agreement"``, ``"run_check"``, ``"input_check"``); every getter returns a fresh
+    ``defaultdict(int)``. Contexts may nest; each counts what happened inside it.
     """
 
     def __init__(self):
@@ -73,19 +77,19 @@ class CommDebugMode:
         return sum(self._counts.values())
 
     def get_comm_counts(self) -> dict:
-        return dict(self._counts)
+        return defaultdict(int, self._counts)
 
     def get_comm_bytes(self) -> dict:
-        return dict(self._bytes)
+        return defaultdict(int, self._bytes)
 
     def get_total_bytes(self) -> int:
         return sum(self._bytes.values())
 
     def get_metadata_counts(self) -> dict:
-        return dict(self._meta)
+        return defaultdict(int, self._meta)
 
     def get_metadata_bytes(self) -> dict:
-        return dict(self._meta_bytes)
+        return defaultdict(int, self._meta_bytes)
 
     def __repr__(self):
         return f"CommDebugMode(comm={dict(self._counts)}, metadata={dict(self._meta)})"

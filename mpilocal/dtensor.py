@@ -10,7 +10,7 @@ import numpy as np
 from . import _arrays, failure, functional
 from .layout import (check_local_shapes, global_shape_from_locals, local_shape_and_offset, local_slices,
                      mesh_coords, normalize_placements)
-from .mesh import DeviceMesh, init_device_mesh
+from .mesh import DeviceMesh, current_mesh, init_device_mesh
 from .placement import Partial, Replicate, Shard
 from .redistribute import mesh_groups, redistribute_local
 from .transport import group_for
@@ -23,6 +23,9 @@ _DEFAULT_MESH: dict = {}
 
 
 def _default_mesh(device_type: str) -> DeviceMesh:
+    m = current_mesh()  # the innermost `with mesh:` block (PyTorch's mesh stack)
+    if m is not None:
+        return m
     m = _DEFAULT_MESH.get(device_type)
     if m is None:
         from mpi4py import MPI

@@ -406,7 +406,26 @@ def _watchdog():
             pass
 
 
+_POLL_LOCK = threading.Lock()  # held while the watchdog polls: release_group waits for a poll to end
+
+
+def release_group(g) -> None:
+    """Forget Group ``g`` before its communicator is freed (a release hook of
+    :func:`mpilocal.transport.release`): stop watching its asynchronous work (after any poll in
+    progress, so no freed NCCL communicator is polled) and free its control communicator."""
+    with _POLL_LOCK, _ASYNC_LOCK:
+        _ASYNC[:] = [it for it in _ASYNC if it[2] is not g]
+    ctl = g.cache.pop(_CTL, None)
+    if ctl is not None:
+        ctl.Free()
+
+
 def _poll_async():
+    with _POLL_LOCK:
+        _poll_async_locked()
+
+
+def _poll_async_locked():
     now = _monotonic()
     with _ASYNC_LOCK:
         items = list(_ASYNC)

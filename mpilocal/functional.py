@@ -586,3 +586,28 @@ def broadcast(x, src: int, group, tag: str = ""):
 
 # neighbour collectives (halo exchange, permute, send_recv, shift) live in mpilocal.neighbors
 from .neighbors import halo_exchange, permute, send_recv, shift  # noqa: E402,F401
+
+
+# ------------------------------------------------------------------------------------------------
+# releasing a group (DeviceMesh.close): metadata requests on its communicator end first
+# ------------------------------------------------------------------------------------------------
+def _release_group(g) -> None:
+    """Release hook (:func:`mpilocal.transport.release`): complete the pending metadata all-gathers
+    posted on ``g`` (every rank posted them, so the waits are short) and free its persistent ring."""
+    for fut in [f for f in _PENDING if f.g is g]:
+        fut.result()
+        _PENDING.remove(fut)
+    ring = g.cache.pop("meta_ring", None)
+    if ring is not None:
+        for fut in ring.owner:
+            if fut is not None:
+                fut.result()
+        for req in ring.reqs:
+            req.Free()
+        if ring in _RINGS:
+            _RINGS.remove(ring)
+
+
+from .transport import register_release_hook as _register_release_hook  # noqa: E402
+
+_register_release_hook("10-functional", _release_group)

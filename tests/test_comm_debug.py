@@ -396,3 +396,23 @@ def test_total_is_sum_of_counts(mesh):
             funcol.all_reduce(x, "max", mesh)
         funcol.all_gather_tensor(x, 1, mesh)
     assert_all(mode.get_total_counts() == sum(mode.get_comm_counts().values()) == 4)
+
+
+@pytest.mark.mpi
+def test_counts_of_collectives_that_never_ran_read_zero(mesh):
+    # PyTorch's get_comm_counts() is a defaultdict(int): a porter's `counts[funcol.all_reduce] == 0` works
+    from collections import defaultdict
+
+    with CommDebugMode() as mode:
+        funcol.all_reduce(np.ones(2), "sum", mesh)
+    for getter in (mode.get_comm_counts, mode.get_comm_bytes, mode.get_metadata_counts, mode.get_metadata_bytes):
+        got = getter()
+        assert isinstance(got, defaultdict) and got.default_factory is int, type(got)
+    counts = mode.get_comm_counts()
+    assert counts["all_reduce"] == 1
+    for name in NAMES:
+        if name != "all_reduce":
+            assert counts[name] == 0, (name, counts[name])
+    assert mode.get_comm_bytes()["broadcast"] == 0
+    counts["all_reduce"] += 5  # a copy: the mode's books do not change
+    assert mode.get_comm_counts()["all_reduce"] == 1 and mode.get_total_counts() == 1

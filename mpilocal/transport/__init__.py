@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
-__all__ = ["Group", "Transport", "group_for", "displs", "equal_counts"]
+from .. import failure
+
+__all__ = ["Group", "Transport", "group_for", "displs", "equal_counts", "register_release_hook", "release"]
 
 
 class Group:
@@ -59,6 +61,32 @@ def group_for(comm) -> Group:
     if g is None or g.comm is not comm and g.comm != comm:
         g = _GROUPS[key] = Group(comm)
     return g
+
+
+_RELEASE_HOOKS: dict = {}
+
+
+def register_release_hook(name: str, fn) -> None:
+    """``fn(group)`` drops what a module keeps for a :class:`Group` (its ``cache`` entries: NCCL
+    communicators, control communicators, persistent requests, windows) before the group's
+    communicator is freed. Hooks run in the order of their ``name``, the same on every rank."""
+    _RELEASE_HOOKS[name] = fn
+
+
+register_release_hook("05-failure", failure.release_group)  # first: the watchdog lets go; control comm
+
+
+def release(comm) -> None:
+    """Forget ``comm``'s :class:`Group` and run the release hooks on it; the caller then frees
+    ``comm``. **Collective** over ``comm`` (hooks may free communicators or windows): every rank
+    releases the same communicators in the same order (:meth:`mpilocal.DeviceMesh.close`)."""
+    g = _GROUPS.get(comm.handle)
+    if g is None or not (g.comm is comm or g.comm == comm):
+        return
+    del _GROUPS[comm.handle]
+    for name in sorted(_RELEASE_HOOKS):
+        _RELEASE_HOOKS[name](g)
+    g.cache.clear()
 
 
 @runtime_checkable

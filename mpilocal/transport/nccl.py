@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import failure
+from . import register_release_hook
 from .cuda_mpi import displs, reduce_blocks
 
 __all__ = ["NcclTransport", "nccl_comm"]
@@ -87,6 +88,20 @@ def _abort_group_comm(g):
     c = g.cache.get("nccl") if g is not None else None
     if c is not None:
         c.abort()
+
+
+def _release_group(g):
+    """Release hook (:func:`mpilocal.transport.release`, run after the watchdog let go of ``g``):
+    wait for this device's work, then destroy the group's NCCL communicator."""
+    c = g.cache.pop("nccl", None)
+    if c is not None:
+        import cupy as cp
+
+        cp.cuda.Device().synchronize()
+        c.destroy()
+
+
+register_release_hook("30-nccl", _release_group)
 
 
 def _watched(method):

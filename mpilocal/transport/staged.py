@@ -25,6 +25,7 @@ import os
 import numpy as np
 from mpi4py import MPI
 
+from . import register_release_hook
 from .cuda_mpi import ExchangeReduce, displs
 
 __all__ = ["StagedTransport"]
@@ -104,6 +105,16 @@ class _NodeWindow:
         if self.win is not None:
             self.win.Free()
         self.win, self.seg, self.ptrs = None, 0, []
+
+
+def _release_group(g):
+    """Release hook (:func:`mpilocal.transport.release`): free the group's node window (collective)."""
+    w = g.cache.pop("staged_win", None)
+    if w:
+        w.free()
+
+
+register_release_hook("40-staged", _release_group)
 
 
 class StagedTransport(ExchangeReduce):
