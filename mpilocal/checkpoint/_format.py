@@ -257,9 +257,11 @@ class DataFile:
             self.fd = None
 
 
-def row_blocks(shape, itemsize: int, limit: int = CHUNK_BYTES):
+def row_blocks(shape, itemsize: int, limit: int | None = None):
     """``(start, stop)`` row ranges along dim 0 cutting an array of ``shape`` into pieces of at most
-    ``limit`` bytes (at least one row each); a 0-d array is one block ``(None, None)``."""
+    ``limit`` bytes (default ``CHUNK_BYTES``; at least one row each); a 0-d array is one block
+    ``(None, None)``."""
+    limit = CHUNK_BYTES if limit is None else limit
     if len(shape) == 0:
         return [(None, None)]
     if 0 in shape:

@@ -1,0 +1,490 @@
+"""Distributed checkpoints (issue 13): save on M ranks, load on N with any mesh/placements, atomic
+commit, damage detection, errors on every rank, async save overlapped with training, read_array
+without MPI, the ``ls`` CLI.
+
+The reference state (tests/failure_cases/checkpoint_job.py) holds NaN payloads, -0.0, inf, wrapping
+ints, a big-endian dtype, uneven, empty and 0-d arrays, Partial(sum/max) placements and JSON values;
+every comparison is bit-exact. Within one rank count the tests save and load on several meshes;
+across rank counts, the 1-rank pass runs mpiexec jobs (save at 4, load at 1, 2, 3), and a fixed
+directory written by the 4-rank pass is loaded by the other passes when present.
+"""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from conftest import DEVICE, Check, assert_all, to_host, xp
+import mpilocal.functional as funcol
+from mpilocal import DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
+from mpilocal.layout import local_shape_and_offset
+import mpilocal.checkpoint as dcp
+from mpilocal.checkpoint import CheckpointError, _format
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE / "failure_cases"))
+import checkpoint_job as cj  # noqa: E402
+
+COMM = MPI.COMM_WORLD
+N, RANK = COMM.Get_size(), COMM.Get_rank()
+FIXED = Path(os.environ.get("MPILOCAL_TEST_CKPT_DIR", Path(tempfile.gettempdir()) / f"mpilocal-ckpt-tests-{os.getuid()}"))
+
+
+@pytest.fixture
+def ckdir():
+    """A fresh directory shared by all ranks (made by rank 0), removed after the test."""
+    d = tempfile.mkdtemp(prefix="mpilocal-ckpt-") if RANK == 0 else None
+    d = COMM.bcast(d, 0)
+    yield Path(d)
+    COMM.Barrier()
+    if RANK == 0:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def meshes(n):
+    """1-D and 2-D meshes for n ranks."""
+    return [(n,)] + [(a, n // a) for a in range(1, n + 1) if n % a == 0 and 1 < a < n] + ([(1, n)] if n > 1 else [])
+
+
+def raises_everywhere(exc, fn, *patterns):
+    """fn() must raise `exc` on every rank, with every pattern in the message; returns the message."""
+    try:
+        fn()
+        msg = None
+    except exc as e:
+        msg = str(e)
+    assert_all(msg is not None, f"{fn} did not raise {exc.__name__}")
+    for p in patterns:
+        assert_all(p in msg, f"{p!r} not in {msg!r}")
+    return msg
+
+
+def small_state(mesh, value=1.0):
+    x = np.arange(30.0).reshape(6, 5) * value
+    return {"w": distribute_tensor(xp.asarray(x), mesh, [Shard(0)] + [Replicate()] * (mesh.ndim - 1),
+                                   src_data_rank=None),
+            "v": np.arange(4, dtype=np.int16), "step": int(value)}, x
+
+
+# -- reshard matrix ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("save_shape", meshes(N), ids=str)
+def test_reshard_within_rank_count(ckdir, save_shape):
+    """Save on one mesh of this rank count, load into every layout (1-D and 2-D meshes, other placements)."""
+    mesh = init_device_mesh(DEVICE, save_shape)
+    dcp.save(cj.saved_state(mesh, xp), checkpoint_id=ckdir / "ck")
+    check = Check()
+    for shape, v in cj.load_layouts(N):
+        m = init_device_mesh(DEVICE, shape)
+        sd = cj.template(m, v, xp)
+        dcp.load(sd, checkpoint_id=ckdir / "ck")
+        for b in cj.check_loaded(sd, m):
+            check(False, f"save {save_shape} -> load {shape} v{v}: {b}")
+    check.done()
+
+
+def test_reshard_from_4_ranks_fixed_dir():
+    """The 4-rank pass saves to a fixed directory on a 2x2 mesh; the other passes load it when present."""
+    path = FIXED / "reshard-2x2"
+    if N == 4:
+        if RANK == 0:
+            FIXED.mkdir(parents=True, exist_ok=True)
+        COMM.Barrier()
+        dcp.save(cj.saved_state(init_device_mesh(DEVICE, (2, 2)), xp), checkpoint_id=path)
+    elif not (path / "manifest.json").exists():
+        pytest.skip(f"{path} is written by the 4-rank pass; run the suite at 4 ranks first (or see the mpiexec test)")
+    check = Check()
+    for shape, v in cj.load_layouts(N):
+        m = init_device_mesh(DEVICE, shape)
+        sd = cj.template(m, v, xp)
+        dcp.load(sd, checkpoint_id=path)
+        for b in cj.check_loaded(sd, m):
+            check(False, f"load {shape} v{v}: {b}")
+    check.done()
+
+
+def test_writers_and_reads(ckdir):
+    """Each shard is written once, by the first rank of its replica group; replicated arrays once, by
+    rank 0; a rank reads only the chunks overlapping its target shard."""
+    if True:
+        path = ckdir / "ck"
+        mesh = init_device_mesh(DEVICE, (N,))
+        x = np.arange(N * 3 * 4.0).reshape(N * 3, 4)
+        sd = {"s": distribute_tensor(xp.asarray(x), mesh, [Shard(0)], src_data_rank=None),
+              "r": distribute_tensor(xp.asarray(x), mesh, [Replicate()], src_data_rank=None),
+              "a": np.ones(3)}
+        dcp.save(sd, checkpoint_id=path)
+        _, man = _format.read_manifest(path)
+        e = man["entries"]
+        check = Check()
+        check(sorted(c["file"] for c in e["s"]["chunks"]) == [f"data_{r:05d}.bin" for r in range(N)], e["s"])
+        check([c["file"] for c in e["r"]["chunks"]] == ["data_00000.bin"], e["r"])
+        check([c["file"] for c in e["a"]["chunks"]] == ["data_00000.bin"], e["a"])
+        check(sum(c["length"] for c in e["s"]["chunks"]) == x.nbytes, "shard bytes written once")
+        read = []
+        orig = _format.Files.read_chunk
+
+        def spy(self, key, ch, into):
+            read.append((key, ch["offsets"], ch["length"]))
+            return orig(self, key, ch, into)
+
+        _format.Files.read_chunk = spy
+        try:
+            t = {"s": distribute_tensor(xp.zeros_like(xp.asarray(x)), mesh, [Shard(0)], src_data_rank=None)}
+            dcp.load(t, checkpoint_id=path)
+        finally:
+            _format.Files.read_chunk = orig
+        check(read == [("s", [3 * RANK, 0], 3 * 4 * 8)], f"rank {RANK} read {read}")
+        check.close(t["s"].to_local(), x[3 * RANK:3 * RANK + 3], "loaded shard")
+        check.done()
+
+
+def test_chunks_cut_large_shards(monkeypatch, ckdir):
+    """A shard larger than CHUNK_BYTES is cut along its first dim; a reader of a few rows reads only
+    the chunks holding them."""
+    monkeypatch.setattr(_format, "CHUNK_BYTES", 64)
+    mesh = init_device_mesh(DEVICE, (N,))
+    x = np.arange(20 * 3, dtype=np.float64).reshape(20, 3) - 7.5   # 24-byte rows: 2 rows per chunk
+    dcp.save({"x": distribute_tensor(xp.asarray(x), mesh, [Replicate()], src_data_rank=None)}, checkpoint_id=ckdir / "c")
+    _, man = _format.read_manifest(ckdir / "c")
+    check = Check()
+    check(len(man["entries"]["x"]["chunks"]) == 10, man["entries"]["x"]["chunks"])
+    t = {"x": distribute_tensor(xp.zeros((20, 3)), mesh, [Shard(0)], src_data_rank=None)}
+    dcp.load(t, checkpoint_id=ckdir / "c")
+    check.close(t["x"].full_tensor(), x, "reloaded")
+    check(np.array_equal(_format.read_array(ckdir / "c", "x"), x), "read_array")
+    check.done()
+
+
+# -- device kinds -------------------------------------------------------------------------------------------------
+def test_device_kinds(ckdir):
+    """Save from the test device's shards (CuPy under MPILOCAL_TEST_DEVICE=cuda), load into NumPy (cpu
+    mesh) and back into the device's kind."""
+    mesh = init_device_mesh(DEVICE, (N,))
+    sd, x = small_state(mesh, 3.0)
+    sd["dev"] = xp.asarray(np.arange(5.0))
+    dcp.save(sd, checkpoint_id=ckdir / "k")
+    check = Check()
+    for kind in ("cpu", DEVICE):
+        m = init_device_mesh(kind, (N,))
+        arr = np if kind == "cpu" else xp
+        t = {"w": distribute_tensor(arr.zeros((6, 5)), m, [Replicate()], src_data_rank=None),
+             "v": np.zeros(4, np.int16), "step": 0, "dev": arr.zeros(5)}
+        dcp.load(t, checkpoint_id=ckdir / "k")
+        check(type(t["w"].to_local()) is type(arr.zeros(1)), f"{kind}: {type(t['w'].to_local())}")
+        check(type(t["dev"]) is type(arr.zeros(1)), f"{kind}: plain array {type(t['dev'])}")
+        check.close(t["w"].to_local(), x, f"{kind} w")
+        check.close(t["dev"], np.arange(5.0), f"{kind} dev")
+        check(t["step"] == 3, t["step"])
+    check.done()
+
+
+# -- atomic commit and crashes -----------------------------------------------------------------------------------
+def test_replace_is_atomic_and_recovers(ckdir):
+    """Saving over a checkpoint replaces it; the states a crash can leave behind are read as the last
+    committed checkpoint and cleaned by the next save."""
+    mesh = init_device_mesh(DEVICE, (N,))
+    p = ckdir / "ck"
+    dcp.save(small_state(mesh, 1.0)[0], checkpoint_id=p)
+    dcp.save(small_state(mesh, 2.0)[0], checkpoint_id=p)
+    check = Check()
+    check(_format.read_array(p, "step") == 2, "second save replaced the first")
+    check(sorted(os.listdir(ckdir)) == ["ck"], f"leftovers: {os.listdir(ckdir)}")
+    COMM.Barrier()  # every rank looked before rank 0 starts the next save
+    # crash between the commit's two renames: PATH moved aside, the new one complete in tmp
+    dcp.save(small_state(mesh, 5.0)[0], checkpoint_id=ckdir / "new")
+    COMM.Barrier()
+    if RANK == 0:
+        os.rename(p, _format.old_dir(p))
+        os.rename(ckdir / "new", _format.tmp_dir(p))
+    COMM.Barrier()
+    t = small_state(mesh, 0.0)[0]
+    dcp.load(t, checkpoint_id=p)
+    check(t["step"] == 2, f"loaded {t['step']}, expected the last committed (2)")
+    check.close(t["w"].to_local(), small_state(mesh, 2.0)[0]["w"].to_local(), "w of the last committed")
+    check(_format.read_array(p, "step") == 2, "read_array recovers too")
+    dcp.save(small_state(mesh, 3.0)[0], checkpoint_id=p)
+    check(sorted(os.listdir(ckdir)) == ["ck"], f"leftovers after the next save: {os.listdir(ckdir)}")
+    check(_format.read_array(p, "step") == 3, "next save committed")
+    COMM.Barrier()
+    # a crash after the manifest but before the rename: an uncommitted tmp is never read
+    dcp.save(small_state(mesh, 4.0)[0], checkpoint_id=ckdir / "x")
+    COMM.Barrier()
+    if RANK == 0:
+        os.rename(ckdir / "x", _format.tmp_dir(p))
+    COMM.Barrier()
+    t = small_state(mesh, 0.0)[0]
+    dcp.load(t, checkpoint_id=p)
+    check(t["step"] == 3, "uncommitted tmp ignored")
+    check.done()
+
+
+def test_enospc_keeps_previous(ckdir, monkeypatch):
+    """A write failing for lack of space (fault injection on the last rank) raises OSError(ENOSPC) on
+    every rank; the previous checkpoint survives and the temporary directory is removed."""
+    mesh = init_device_mesh(DEVICE, (N,))
+    p = ckdir / "ck"
+    dcp.save(small_state(mesh, 1.0)[0], checkpoint_id=p)
+    if RANK == N - 1:
+        def full(path, offset, nbytes):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        monkeypatch.setattr(_format, "fault_hook", full)
+    big = {"w": distribute_tensor(xp.ones((N * 4, 5)), mesh, [Shard(0)], src_data_rank=None),
+           "v": np.ones(3), "step": 9}
+    try:
+        dcp.save(big, checkpoint_id=p)
+        err = None
+    except OSError as e:
+        err = e
+    check = Check()
+    check(err is not None and err.errno == errno.ENOSPC, f"expected OSError(ENOSPC), got {err!r}")
+    check(err is not None and "previous checkpoint" in str(err) and f"rank {N - 1}" in str(err), str(err))
+    monkeypatch.setattr(_format, "fault_hook", None)
+    t, x = small_state(mesh, 0.0)
+    dcp.load(t, checkpoint_id=p)
+    check(t["step"] == 1, "previous checkpoint loads")
+    check.close(t["w"].to_local(), small_state(mesh, 1.0)[0]["w"].to_local(), "previous w")
+    check(sorted(os.listdir(ckdir)) == ["ck"], f"leftovers: {os.listdir(ckdir)}")
+    check.done()
+
+
+# -- damage and refusals ----------------------------------------------------------------------------------------
+def _damage(path, how):
+    COMM.Barrier()
+    if RANK == 0:
+        _, man = _format.read_manifest(path)
+        ch = man["entries"]["w"]["chunks"][-1]
+        f = Path(path) / ch["file"]
+        if how == "flip":
+            with open(f, "r+b") as fh:
+                fh.seek(ch["offset"] + ch["length"] // 2)
+                b = fh.read(1)
+                fh.seek(-1, 1)
+                fh.write(bytes([b[0] ^ 0x10]))
+        else:
+            os.truncate(f, ch["offset"] + ch["length"] - 3)
+        return ch["file"]
+    return None
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_damage_detected_on_every_rank(ckdir, how):
+    mesh = init_device_mesh(DEVICE, (N,))
+    p = ckdir / "ck"
+    dcp.save(small_state(mesh)[0], checkpoint_id=p)
+    fname = COMM.bcast(_damage(p, how), 0)
+    want = "crc32 mismatch" if how == "flip" else "truncated"
+    t = {"w": distribute_tensor(xp.zeros((6, 5)), mesh, [Replicate()], src_data_rank=None)}
+    before = t["w"]
+    raises_everywhere(CheckpointError, lambda: dcp.load(t, checkpoint_id=p, strict=False), want, "'w'", fname)
+    assert_all(t["w"] is before, "a failed load left the state_dict unchanged")
+    if RANK == 0:
+        with pytest.raises(CheckpointError, match=want):
+            _format.read_array(p, "w")
+    COMM.Barrier()
+
+
+def test_refusals_on_every_rank(ckdir):
+    mesh = init_device_mesh(DEVICE, (N,))
+    p = ckdir / "ck"
+    dcp.save(small_state(mesh)[0], checkpoint_id=p)
+    tmpl = lambda **kw: {"w": distribute_tensor(xp.zeros(kw.get("shape", (6, 5)), dtype=kw.get("dtype", np.float64)),
+                                                mesh, [Shard(0)], src_data_rank=None), "v": np.zeros(4, np.int16),
+                         "step": 0, **kw.get("extra", {})}
+    raises_everywhere(ValueError, lambda: dcp.load(tmpl(shape=(6, 4)), checkpoint_id=p), "'w'", "(6, 5)", "(6, 4)")
+    raises_everywhere(ValueError, lambda: dcp.load(tmpl(dtype=np.float32), checkpoint_id=p), "'w'", "<f8", "<f4")
+    raises_everywhere(CheckpointError, lambda: dcp.load(tmpl(extra={"opt": {"m": 0}}), checkpoint_id=p),
+                      "lacks 1 key", "opt.m", "strict=False")
+    t = tmpl(extra={"opt": {"m": 7}})
+    dcp.load(t, checkpoint_id=p, strict=False)
+    assert_all(t["opt"]["m"] == 7 and t["step"] == 1, f"strict=False: {t}")
+    dcp.load({"step": 0}, checkpoint_id=p)  # extra keys of the checkpoint are ignored
+    raises_everywhere(TypeError, lambda: dcp.load({"step": np.zeros(1)}, checkpoint_id=p), "'step'", "a value")
+    raises_everywhere(CheckpointError, lambda: dcp.load(tmpl(), checkpoint_id=ckdir / "nothing"), "does not exist")
+    if RANK == 0:
+        (ckdir / "plain").mkdir()
+        (ckdir / "plain" / "x.txt").write_text("user data")
+        (ckdir / "afile").write_text("x")
+    COMM.Barrier()
+    raises_everywhere(CheckpointError, lambda: dcp.load(tmpl(), checkpoint_id=ckdir / "plain"), "not a checkpoint")
+    raises_everywhere(CheckpointError, lambda: dcp.load(tmpl(), checkpoint_id=ckdir / "afile"), "not a checkpoint")
+    raises_everywhere(FileExistsError, lambda: dcp.save(tmpl(), checkpoint_id=ckdir / "plain"), "refusing")
+    assert_all((ckdir / "plain" / "x.txt").read_text() == "user data", "user directory untouched")
+    # another format version
+    COMM.Barrier()
+    if RANK == 0:
+        m = json.loads((p / "manifest.json").read_text())
+        m["version"] = 99
+        (p / "manifest.json").write_text(json.dumps(m))
+    COMM.Barrier()
+    raises_everywhere(CheckpointError, lambda: dcp.load(tmpl(), checkpoint_id=p), "format version 99", "version 1")
+
+
+def test_unstorable_values_raise_on_every_rank(ckdir):
+    mesh = init_device_mesh(DEVICE, (N,))
+    p = ckdir / "ck"
+    raises_everywhere(TypeError, lambda: dcp.save({"o": np.array([1, None], dtype=object)}, checkpoint_id=p),
+                      "'o'", "object", "no pickle")
+    raises_everywhere(TypeError, lambda: dcp.save({"t": (1, 2)}, checkpoint_id=p), "'t'", "use a list")
+    raises_everywhere(TypeError, lambda: dcp.save({"f": object()}, checkpoint_id=p), "'f'")
+    raises_everywhere(TypeError, lambda: dcp.save({1: 2}, checkpoint_id=p), "keys must be str")
+    raises_everywhere(ValueError, lambda: dcp.save({"a.b": 1, "a": {"b": 2}}, checkpoint_id=p), "'a.b'")
+    # a state_dict that differs between ranks (only on one rank) is refused on every rank
+    sd = {"w": 1} if (RANK != N - 1 or N == 1) else {"w": 1, "x": 2}
+    if N > 1:
+        raises_everywhere(ValueError, lambda: dcp.save(sd, checkpoint_id=p), "differs between ranks")
+    assert_all(not p.exists(), "nothing committed")
+
+
+# -- async --------------------------------------------------------------------------------------------------------
+def test_async_save_overlapped_with_training(ckdir, monkeypatch):
+    """The arrays are snapshotted at async_save; training steps (in-place updates, collectives,
+    redistributes) run while the background thread writes (it waits for them, so they overlap);
+    result() commits on every rank; the checkpoint holds the values of the save time."""
+    mesh = init_device_mesh(DEVICE, (N,))
+    W = distribute_tensor(xp.asarray(np.arange(N * 8.0).reshape(N * 2, 4)), mesh, [Shard(0)], src_data_rank=None)
+    snapshot = to_host(W.full_tensor()).copy()
+    trained = threading.Event()
+    writes = []
+
+    def wait_for_training(path, offset, nbytes):
+        writes.append(threading.current_thread().name)
+        trained.wait(60)
+
+    monkeypatch.setattr(_format, "fault_hook", wait_for_training)
+    fut = dcp.async_save({"w": W, "step": 1}, checkpoint_id=ckdir / "a")
+    for _ in range(3):  # training steps on the main thread while the writer waits
+        W.to_local()[...] += 1.0
+        s = funcol.all_reduce(W.to_local(), "sum", mesh)
+        W = DTensor.from_local(W.to_local() * 1.0, mesh, [Shard(0)], shape=W.shape)
+        W.redistribute(mesh, [Replicate()])
+    trained.set()
+    fut.result()
+    assert_all(fut.done(), "done after result()")
+    assert_all(writes and all(n == "mpilocal-async-save" for n in writes), f"written by {set(writes)}")
+    t = {"w": distribute_tensor(xp.zeros((N * 2, 4)), mesh, [Replicate()], src_data_rank=None), "step": 0}
+    dcp.load(t, checkpoint_id=ckdir / "a")
+    check = Check()
+    check(np.array_equal(to_host(t["w"].to_local()), snapshot), "checkpoint holds the values at async_save")
+    check(not np.array_equal(to_host(W.full_tensor()), snapshot) and s is not None, "training went on")
+    check.done()
+
+
+def test_async_save_error_at_result(ckdir, monkeypatch):
+    mesh = init_device_mesh(DEVICE, (N,))
+    p = ckdir / "a"
+    dcp.save(small_state(mesh, 1.0)[0], checkpoint_id=p)
+    if RANK == 0:
+        def full(path, offset, nbytes):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        monkeypatch.setattr(_format, "fault_hook", full)
+    fut = dcp.async_save(small_state(mesh, 2.0)[0], checkpoint_id=p)
+    raises_everywhere(OSError, fut.result, "previous checkpoint")
+    monkeypatch.setattr(_format, "fault_hook", None)
+    assert_all(_format.read_array(p, "step") == 1, "previous survives")
+    f2 = dcp.async_save(small_state(mesh, 3.0)[0], checkpoint_id=p)
+    f3 = dcp.async_save(small_state(mesh, 4.0)[0], checkpoint_id=p)  # commits f2 first
+    assert_all(_format.read_array(p, "step") == 3, "pending save committed before the next")
+    f3.result()
+    f2.result()
+    assert_all(_format.read_array(p, "step") == 4, "last async save committed")
+
+
+# -- one process, no MPI; the CLI ---------------------------------------------------------------------------------
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "HYDI_", "OMPI_", "MPILOCAL_"))
+           or k.startswith("OMPI_ALLOW_RUN_AS_ROOT")}
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
+    env["MPILOCAL_TIMEOUT"] = "60"
+    env.update(extra)
+    return env
+
+
+NO_MPI_READER = r"""
+import importlib.util, sys
+sys.modules["mpi4py"] = None          # importing MPI now fails
+spec = importlib.util.spec_from_file_location("ckfmt", sys.argv[1])
+fmt = importlib.util.module_from_spec(spec); spec.loader.exec_module(fmt)
+a = fmt.read_array(sys.argv[2], "model.w")
+print(a.dtype.str, a.shape, a.tobytes().hex())
+print(repr(fmt.read_array(sys.argv[2], "name")))
+print("mpi4py.MPI" in sys.modules)
+"""
+
+
+@pytest.mark.skipif(N != 1, reason="runs subprocesses; 1-rank pass only")
+def test_read_array_without_mpi_and_ls(ckdir):
+    mesh = init_device_mesh("cpu", (1,))
+    dcp.save(cj.saved_state(mesh), checkpoint_id=ckdir / "ck")
+    p = subprocess.run([sys.executable, "-c", NO_MPI_READER, str(ROOT / "mpilocal/checkpoint/_format.py"),
+                        str(ckdir / "ck")], capture_output=True, text=True, timeout=60, env=_clean_env())
+    assert p.returncode == 0, p.stderr
+    w = cj.reference()[0]["model.w"]
+    assert p.stdout.split("\n")[:3] == [f"<f8 (7, 5) {w.tobytes().hex()}", "'run-1'", "False"], p.stdout
+    for key, a in {**cj.reference()[0], **cj.reference()[1]}.items():
+        got = dcp.read_array(ckdir / "ck", key)
+        assert cj._bits(got) == cj._bits(np.asarray(a)), key
+    p = subprocess.run([sys.executable, "-m", "mpilocal.checkpoint", "ls", str(ckdir / "ck")], capture_output=True,
+                       text=True, timeout=60, env=_clean_env())
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    row = next(line for line in lines if line.startswith("opt.m "))
+    assert row.split()[:3] == ["opt.m", "(6,", "4)"] and ">f8" in row and "[Shard(0)]" in row and "192 B" in row, row
+    assert any(line.startswith("opt.g ") and "Partial(sum)" in line for line in lines), p.stdout
+    assert any(line.startswith("name ") and '"run-1"' in line for line in lines), p.stdout
+    p = subprocess.run([sys.executable, "-m", "mpilocal.checkpoint", "ls", str(ckdir / "none")], capture_output=True,
+                       text=True, timeout=60, env=_clean_env())
+    assert p.returncode == 2 and "does not exist" in p.stderr, (p.returncode, p.stderr)
+
+
+# -- mpiexec jobs: across rank counts, and kill -9 in the middle of a save ----------------------------------------
+def _mpiexec():
+    exe = Path(sys.executable).with_name("mpiexec")
+    return str(exe) if exe.exists() else (shutil.which("mpiexec") or "mpiexec")
+
+
+def _job(n, *args, timeout=240):
+    cmd = [_mpiexec(), "-n", str(n), sys.executable, str(HERE / "failure_cases" / "checkpoint_job.py")]
+    cmd += [str(a) for a in args]
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                           env=_clean_env(), timeout=timeout, cwd=str(ROOT))
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"HANG: {' '.join(cmd)}\n{(e.stdout or b'').decode(errors='replace')[-3000:]}")
+    return p.returncode, p.stdout.decode(errors="replace")
+
+
+@pytest.mark.skipif(N != 1, reason="launches its own mpiexec jobs; 1-rank pass only")
+def test_save_at_4_load_at_1_2_3_ranks(ckdir):
+    rc, out = _job(4, "save", ckdir / "ck")
+    assert rc == 0 and "SAVED 4" in out, out[-3000:]
+    for n in (1, 2, 3):
+        rc, out = _job(n, "load", ckdir / "ck")
+        assert rc == 0 and f"LOADED OK at {n} ranks" in out, out[-3000:]
+
+
+@pytest.mark.skipif(N != 1, reason="launches its own mpiexec jobs; 1-rank pass only")
+def test_kill_9_during_save_keeps_previous(ckdir):
+    p = ckdir / "ck"
+    rc, out = _job(2, "crash", p)
+    assert rc != 0 and "KILLING rank 1" in out and "UNREACHABLE" not in out, out[-3000:]
+    assert _format.read_array(p, "step") == 1
+    assert np.array_equal(_format.read_array(p, "w"), np.arange(12.0).reshape(4, 3))
+    mesh = init_device_mesh("cpu", (1,))
+    t = {"w": distribute_tensor(np.zeros((4, 3)), mesh, [Shard(0)]), "step": 0}
+    dcp.load(t, checkpoint_id=p)
+    assert t["step"] == 1 and np.array_equal(t["w"].to_local(), np.arange(12.0).reshape(4, 3))
+    assert os.path.exists(_format.tmp_dir(p)), "the killed save left its temporary directory"
+    dcp.save({"step": 3}, checkpoint_id=p)  # the next save clears it
+    assert sorted(os.listdir(ckdir)) == ["ck"] and _format.read_array(p, "step") == 3
