@@ -32,9 +32,16 @@ def kind_name(x) -> str:
 
 
 def require_array(x, caller: str, what: str = "input"):
+    if type(x) is np.ndarray:
+        return x
     if not (isinstance(x, np.ndarray) or is_cupy(x)):
         raise TypeError(
             f"{caller}: {what} must be a NumPy or CuPy array, got {type(x).__name__} ({x!r:.60}); "
             f"convert it with numpy.asarray(...) first"
+        )
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            f"{caller}: {what} is a masked array; collectives move and reduce the data only, so its mask "
+            f"would be lost. Pass x.filled(value) (e.g. 0 for a sum), or reduce the mask separately"
         )
     return x

@@ -27,14 +27,17 @@ _idle = [0]
 
 
 class _Block:
-    """Owner of one store while arrays use it (NumPy keeps it as the arrays' base)."""
+    """Owner of one store while arrays use it (NumPy keeps it as the arrays' base). It exports
+    plain bytes; the array of the requested dtype is built over them with ``np.ndarray``, which
+    keeps any dtype exactly (structured dtypes with padding or out-of-order fields included, which
+    an ``__array_interface__`` descr would rewrite)."""
 
     __slots__ = ("store", "__array_interface__", "__weakref__")
 
-    def __init__(self, store, shape, dtype):
+    def __init__(self, store, nbytes):
         self.store = store
-        self.__array_interface__ = {"data": (store.ctypes.data, False), "shape": tuple(shape),
-                                    "typestr": dtype.str, "descr": dtype.descr, "version": 3}
+        self.__array_interface__ = {"data": (store.ctypes.data, False), "shape": (nbytes,),
+                                    "typestr": "|u1", "version": 3}
 
 
 def _give_back(store, size):
@@ -58,6 +61,6 @@ def empty(shape, dtype) -> np.ndarray:
         _idle[0] -= size
     else:
         store = np.empty(size, np.uint8)
-    block = _Block(store, shape, dtype)
+    block = _Block(store, nbytes)
     weakref.finalize(block, _give_back, store, size)
-    return np.asarray(block)
+    return np.ndarray(shape, dtype, buffer=np.asarray(block))

@@ -611,6 +611,14 @@ def check_fingerprint(name, seq, g, send=None, detail=None) -> None:
     )
 
 
+def check_call(g, call, detail=None) -> None:
+    """MPILOCAL_DEBUG=1: fingerprint the MPI/NCCL call a transport is about to make (``call`` and the
+    group-wide part of its arguments) under the current collective's sequence number; raises
+    :class:`CollectiveMismatchError` on every rank when ranks are about to make different calls."""
+    if _DEBUG and g.size > 1:
+        check_fingerprint(call, g.cache.get(_SEQ, 0), g, None, detail)
+
+
 # ------------------------------------------------------------------------------------------------
 # agreeing on argument checks
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from mpi4py import MPI
 from . import _arrays, _pool, debug, failure
 from .autograd.tracked import Tracked
 from .layout import chunk_sizes
-from .transport import Group, group_for
+from .transport import Group, count_limit, equal_counts, group_for
 from .transport.select import transport_for
 
 __all__ = ["all_gather_tensor", "all_reduce", "reduce_scatter_tensor", "all_to_all_single", "broadcast"]
@@ -79,12 +79,41 @@ def check_op_dtype(op: str, dtype, caller: str) -> None:
         raise TypeError(f"{caller}: cannot reduce arrays of dtype {dtype}")
 
 
+def check_movable(dtype, caller: str) -> None:
+    """Arrays whose elements are references to Python objects cannot be sent as bytes."""
+    dt = np.dtype(dtype)
+    if dt.hasobject or dt.kind == "T":
+        raise TypeError(
+            f"{caller}: arrays of dtype {dt} hold references to Python objects, which cannot be sent to other "
+            f"processes; convert them to a fixed-size dtype first (numbers, or numpy.str_ such as 'U16')"
+        )
+
+
+def check_redistribute(dtype, src, dst, caller: str = "redistribute") -> None:
+    """The checks funcol makes, for a redistribute from placements ``src`` to ``dst``: the reduce op
+    of each Partial that is reduced must suit the dtype, and communicated data must be movable.
+    Local (``dtype`` and placements are the same on every rank), so call it before any collective."""
+    for s, d in zip(src, dst):
+        if s == d:
+            continue
+        if s.is_partial():
+            check_op_dtype(s.reduce_op, dtype, caller)
+            check_movable(dtype, caller)
+        elif s.is_shard():
+            check_movable(dtype, caller)
+
+
 def _norm_dim(dim, ndim, caller, what="dim"):
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
         raise TypeError(f"{caller}: {what} must be an int, got {dim!r}")
-    if not -ndim <= dim < max(ndim, 1):
+    if ndim == 0:
+        raise ValueError(
+            f"{caller}: a 0-d array has no dimension {dim} to use as {what}; pass x.reshape(1) (PyTorch's "
+            f"collectives along a dim need at least one dimension as well)"
+        )
+    if not -ndim <= dim < ndim:
         raise ValueError(f"{caller}: {what} {dim} is out of range for an array of ndim {ndim}")
-    return int(dim) % ndim if ndim else 0
+    return int(dim) % ndim
 
 
 def _issue(name: str, send, g: Group, **detail):
@@ -132,44 +161,150 @@ def _restore(y, dim):
     return _contiguous(_arrays.namespace(y).moveaxis(y, 0, dim))
 
 
-def gather(x, dim: int, g: Group, sizes) -> "array":
-    """All-gather ``x`` along ``dim``; rank r contributes ``sizes[r]`` rows along ``dim``."""
+def _detail(detail, placements):
+    if placements is not None:
+        detail["placements"] = placements
+    return detail
+
+
+def gather(x, dim: int, g: Group, sizes, placements=None) -> "array":
+    """All-gather ``x`` along ``dim``; rank r contributes ``sizes[r]`` rows along ``dim``.
+    ``placements`` (optional, e.g. ``(src, dst)`` of a redistribute) joins the debug fingerprint."""
     send = _leading(x, dim)
     inner = math.prod(send.shape[1:])
     recv = _empty(x, (sum(sizes),) + send.shape[1:])
-    with _issue("all_gather_into_tensor", send, g, dim=dim, sizes=tuple(sizes)):
+    with _issue("all_gather_into_tensor", send, g, **_detail(dict(dim=dim, sizes=tuple(sizes)), placements)):
         transport_for(x, "all_gather").allgatherv(send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], g)
     return _restore(recv, dim)
 
 
-def reduce(x, op: str, g: Group):
-    """All-reduce ``x`` with ``op`` (``avg`` divides the sum by the group size)."""
-    send = _contiguous(x)
-    recv = _empty(x, send.shape)
-    with _issue("all_reduce", send, g, op=op):
-        transport_for(x, "all_reduce").allreduce(send.reshape(-1), recv.reshape(-1), "sum" if op == "avg" else op, g)
+# -- reductions: what the transports get -----------------------------------------------------------
+# Transports reduce native-order buffers with sum/max/min/product. On the way in:
+# - non-native byte order ('>f8' on x86) is converted: the result has the native dtype, as NumPy's;
+# - float max/min become integer max/min of order-preserving keys (below), so NaN propagates as in
+#   np.maximum/np.minimum on every transport (MPI's and NCCL's float MAX/MIN drop NaN or depend
+#   on the operand order), in the same single collective;
+# - float16 avg is summed and divided in float32 (60000 + 60000 averages to 60000, as np.mean).
+_KEY_INT = {2: np.int16, 4: np.int32, 8: np.int64}
+_NAN_KEY: dict = {}
+
+
+def _nan_key(dtype, op):
+    """The key of NaN: above +inf's for max, below -inf's for min."""
+    k = _NAN_KEY.get((dtype, op))
+    if k is None:
+        kt = _KEY_INT[dtype.itemsize]
+        nan = np.array([np.nan if op == "max" else -np.nan], dtype).view(kt)
+        k = _NAN_KEY[(dtype, op)] = int(_keys_inplace(nan.copy())[0])
+    return k
+
+
+def _keys_inplace(b):
+    """Float bits (viewed as signed ints) -> order-preserving signed ints, and back (an involution):
+    non-negative floats keep their bits, negative ones get their magnitude bits flipped, so
+    -inf < ... < -0.0 < +0.0 < ... < +inf as integers."""
+    m = b >> (8 * b.dtype.itemsize - 1)  # -1 for negative floats, 0 otherwise
+    m &= np.iinfo(b.dtype).max
+    b ^= m
+    return b
+
+
+def _float_keys(send, op):
+    """Integer keys of the contiguous float buffer ``send`` for a NaN-propagating ``op`` (max/min)."""
+    xp = _arrays.namespace(send)
+    kt = _KEY_INT[send.dtype.itemsize]
+    k = send.view(kt).copy()
+    _keys_inplace(k)
+    xp.putmask(k, xp.isnan(send), _nan_key(send.dtype, op))
+    return k
+
+
+def _from_keys(k, dtype, op):
+    out = _keys_inplace(k).view(dtype)
+    if op == "min":  # the NaN key maps back to a negative NaN: give NumPy's default NaN
+        xp = _arrays.namespace(out)
+        xp.putmask(out, xp.isnan(out), np.nan)
+    return out
+
+
+def _reduce_input(x, op):
+    """(contiguous native-order send buffer, transport op, finish(recv, g) -> result)."""
+    dt = x.dtype
+    if not dt.isnative:
+        dt = dt.newbyteorder("=")
+        x = x.astype(dt)
+    kind = dt.kind
     if op == "avg":
-        recv /= g.size
+        if dt == np.float16:  # sum and divide in float32
+            send = x.astype(np.float32)
+            return send, "sum", lambda r, g: _avg_narrow(r, g, dt)
+        return _contiguous(x), "sum", _divide
+    if kind == "f" and op in ("max", "min"):
+        send = _contiguous(x)
+        if dt.itemsize in _KEY_INT:
+            return _float_keys(send, op), op, lambda r, g: _from_keys(r, dt, op)
+        return send, "gather:" + op, None  # long double: gather and reduce in rank order
+    return _contiguous(x), op, None
+
+
+def _divide(r, g):
+    r /= g.size
+    return r
+
+
+def _avg_narrow(r, g, dt):
+    r /= g.size
+    return r.astype(dt)
+
+
+def _gather_reduce(send, op, g, kind):
+    """Every rank's ``send`` (flat) reduced with ``op`` in rank order (NumPy's own ufunc)."""
+    k, n = g.size, send.size
+    buf = _empty(send, (k * n,))
+    transport_for(send, kind).allgatherv(send.reshape(-1), buf, [n] * k, g)
+    f = {"max": _arrays.namespace(send).maximum, "min": _arrays.namespace(send).minimum}[op]
+    return f.reduce(buf.reshape(k, n), axis=0)
+
+
+def reduce(x, op: str, g: Group, placements=None):
+    """All-reduce ``x`` with ``op`` (``avg`` divides the sum by the group size). The result has
+    ``x``'s dtype in native byte order."""
+    send, top, finish = _reduce_input(x, op)
+    with _issue("all_reduce", send, g, **_detail(dict(op=op), placements)):
+        if top.startswith("gather:"):
+            return _gather_reduce(send, top[7:], g, "all_gather").reshape(x.shape)
+        recv = _empty(send, send.shape)
+        transport_for(x, "all_reduce").allreduce(send.reshape(-1), recv.reshape(-1), top, g)
+    if finish is not None:
+        recv = finish(recv, g)
     return recv.reshape(x.shape)
 
 
-def reduce_scatter(x, op: str, dim: int, g: Group, sizes):
+def reduce_scatter(x, op: str, dim: int, g: Group, sizes, placements=None):
     """Reduce ``x`` and give rank r its ``sizes[r]`` rows along ``dim``."""
-    send = _leading(x, dim)
+    send, top, finish = _reduce_input(_leading(x, dim), op)
     inner = math.prod(send.shape[1:])
-    recv = _empty(x, (sizes[g.rank],) + send.shape[1:])
-    with _issue("reduce_scatter_tensor", send, g, op=op, dim=dim, sizes=tuple(sizes)):
-        transport_for(x, "reduce_scatter").reduce_scatterv(
-            send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], "sum" if op == "avg" else op, g
-        )
-    if op == "avg":
-        recv /= g.size
+    counts = [s * inner for s in sizes]
+    with _issue("reduce_scatter_tensor", send, g, **_detail(dict(op=op, dim=dim, sizes=tuple(sizes)), placements)):
+        if top.startswith("gather:"):
+            off = sum(counts[:g.rank])
+            full = _gather_reduce(send, top[7:], g, "all_gather")
+            recv = full[off:off + counts[g.rank]].reshape((sizes[g.rank],) + send.shape[1:]).copy()
+            return _restore(recv, dim)
+        recv = _empty(send, (sizes[g.rank],) + send.shape[1:])
+        transport_for(x, "reduce_scatter").reduce_scatterv(send.reshape(-1), recv.reshape(-1), counts, top, g)
+    if finish is not None:
+        recv = finish(recv, g)
     return _restore(recv, dim)
 
 
-def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_sizes):
+def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_sizes, placements=None):
     """Shard(src_dim) -> Shard(dst_dim) within ``g``: send piece p of ``dst_dim`` (``dst_sizes[p]``)
-    to rank p, receive rank p's ``src_sizes[p]`` rows of ``src_dim`` and concatenate them."""
+    to rank p, receive rank p's ``src_sizes[p]`` rows of ``src_dim`` and concatenate them.
+
+    ``src_sizes``/``dst_sizes`` are every rank's sizes (the same on every rank), so rank r sends
+    ``src_sizes[r] * dst_sizes[p] * other`` elements to rank p: the count matrix is uniform iff
+    its smallest and largest entries agree, which every rank computes alike."""
     xp = _arrays.namespace(x)
     xa = xp.moveaxis(x, src_dim, 0) if src_dim else x
     b = dst_dim + 1 if dst_dim < src_dim else dst_dim
@@ -193,16 +328,22 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
     rest[b - 1] = mine
     inner = math.prod(rest)
     recv = _empty(x, (sum(src_sizes),) + tuple(rest))
-    with _issue("all_to_all_single", send, g, src_dim=src_dim, dst_dim=dst_dim):
-        transport_for(x, "all_to_all").alltoallv(send, send_counts, recv.reshape(-1), [s * inner for s in src_sizes], g)
-    return _restore(recv, src_dim)
+    other = math.prod(n for i, n in enumerate(x.shape) if i != src_dim and i != dst_dim)
+    uniform = other * min(src_sizes) * min(dst_sizes) == other * max(src_sizes) * max(dst_sizes)
+    bound = other * max(max(src_sizes) * sum(dst_sizes), sum(src_sizes) * max(dst_sizes))
+    detail = _detail(dict(src_dim=src_dim, dst_dim=dst_dim, src_sizes=tuple(src_sizes), dst_sizes=tuple(dst_sizes)),
+                     placements)
+    with _issue("all_to_all_single", send, g, **detail):
+        transport_for(x, "all_to_all").alltoallv(send, send_counts, recv.reshape(-1), [s * inner for s in src_sizes], g,
+                                                 uniform, bound)
+    return _restore(recv, dim=src_dim)
 
 
-def bcast(x, root: int, g: Group):
+def bcast(x, root: int, g: Group, placements=None):
     """A copy of group rank ``root``'s ``x`` on every rank (``x`` gives shape and dtype elsewhere)."""
     buf = _empty(x, x.shape)
     buf[...] = x
-    with _issue("broadcast", buf, g, root=root):
+    with _issue("broadcast", buf, g, **_detail(dict(root=root), placements)):
         transport_for(x, "broadcast").bcast(buf.reshape(-1), root, g)
     return buf
 
@@ -226,13 +367,19 @@ def scatter(pieces, like, shape, counts, root: int, g: Group):
 # ------------------------------------------------------------------------------------------------
 # metadata agreement (shapes, dtypes): small int64 vectors over a separate communicator
 # ------------------------------------------------------------------------------------------------
-META_WIDTH = 66  # [ndim, dtype code, shape padded to 64 dims]
+META_WIDTH = 66  # [ndim, dtype code | kind bit | call bits, shape padded to 64 dims (NumPy's maximum)]
+# entry 1: bits 0-31 the dtype's crc32, bit 32 set for CuPy arrays, bits 33-62 the call's parameters
+# (a hash, or flags): so a 64-D shape keeps all its slots
+_CUPY_BIT = 1 << 32
+_P_SHIFT = 33
+_P_MASK = (1 << 30) - 1
+_TYPE_MASK = (1 << _P_SHIFT) - 1
 
 
-def meta_vector(shape, dtype) -> np.ndarray:
+def meta_vector(shape, dtype, cupy: bool = False) -> np.ndarray:
     v = np.zeros(META_WIDTH, dtype=np.int64)
     v[0] = len(shape)
-    v[1] = zlib.crc32(np.dtype(dtype).str.encode()) if dtype is not None else 0
+    v[1] = (zlib.crc32(np.dtype(dtype).str.encode()) if dtype is not None else 0) | (_CUPY_BIT if cupy else 0)
     v[2:2 + len(shape)] = shape
     return v
 
@@ -314,20 +461,21 @@ _PENDING: deque = deque()
 _MAX_PENDING = 8
 
 
-def post_shape_agreement(mesh, shape) -> MetaFuture:
+def post_shape_agreement(mesh, shape, vec=None) -> MetaFuture:
     """Start the agreement of a local ``shape`` over ``mesh`` (collective; the local_map hot path:
-    the mesh's persistent-collective ring, without building a metadata vector)."""
+    the mesh's persistent-collective ring, without building a metadata vector). ``vec``: the full
+    metadata vector to agree on instead (dtype, flags; see mpilocal.dtensor)."""
     ring = mesh.__dict__.get("_meta_ring")
     if ring is None:
         comm = mesh._metadata_comm()
         ring = group_for(comm).cache.get("meta_ring")
         if ring is None or _NO_RING:
-            return post_meta_allgather(comm, meta_vector(shape, None), "shape_agreement")
+            return post_meta_allgather(comm, meta_vector(shape, None) if vec is None else vec, "shape_agreement")
         mesh._meta_ring = ring
     if debug._ACTIVE:
         debug.record_metadata("shape_agreement", META_WIDTH * 8)
     with failure.begin("metadata:shape_agreement", ring.g, None):  # failure handling: deadline / fingerprint
-        return ring.post(shape=shape)
+        return ring.post(vec, shape)
 
 
 def post_meta_allgather(comm, vec: np.ndarray, what: str) -> MetaFuture:
@@ -341,7 +489,10 @@ def post_meta_allgather(comm, vec: np.ndarray, what: str) -> MetaFuture:
         if ring is None:
             try:
                 ring = g.cache["meta_ring"] = _MetaRing(comm, g)
-            except (NotImplementedError, AttributeError, MPI.Exception):  # MPI < 4: no persistent collectives
+            except (NotImplementedError, AttributeError):
+                # MPI < 4 (mpi4py built without persistent collectives): a property of the build, the
+                # same on every rank, so every rank takes the Iallgather path below (an MPI error in
+                # Allgather_init is not caught: ranks must never mix the two kinds of call)
                 _NO_RING = True
         if ring is not None:
             with failure.begin("metadata:" + what, g, vec):  # failure handling: deadline / fingerprint
@@ -403,6 +554,7 @@ def all_gather_tensor(x, gather_dim: int, group, tag: str = ""):
     try:  # rank-local checks; the verdict is agreed below so that every rank raises (failure.agree)
         _arrays.require_array(x, caller)
         dim = _norm_dim(gather_dim, x.ndim, caller, "gather_dim")
+        check_movable(x.dtype, caller)
         err = None
     except (TypeError, ValueError) as e:
         err = e
@@ -415,16 +567,18 @@ def all_gather_tensor(x, gather_dim: int, group, tag: str = ""):
     return gather(x, dim, g, sizes)
 
 
-def _meta_with(x, caller, **params):
-    """meta_vector of ``x`` with the call's parameters (reduce op, dim, src) hashed into the last
-    entry, past any real ndim, so that :func:`_check_same` also finds ranks that pass different ones."""
-    vec = meta_vector(x.shape, x.dtype)
-    vec[-1] = zlib.crc32(repr(tuple(params.values())).encode())
+def _meta_with(x, caller, flags=None, **params):
+    """meta_vector of ``x`` (with its kind, NumPy or CuPy) with the call's parameters (reduce op, dim,
+    src) hashed into the parameter bits of entry 1 (or ``flags`` put there as they are), so that
+    :func:`_check_params` finds ranks that pass different ones."""
+    vec = meta_vector(x.shape, x.dtype, _arrays.is_cupy(x))
+    p = flags if flags is not None else zlib.crc32(repr(tuple(params.values())).encode())
+    vec[1] |= (p & _P_MASK) << _P_SHIFT
     return vec
 
 
 def _check_params(rows, caller, **params):
-    if rows is not None and len(set(rows[:, -1].tolist())) > 1:
+    if rows is not None and len(set((rows[:, 1] >> _P_SHIFT).tolist())) > 1:
         raise ValueError(f"{caller}: ranks pass different {', '.join(params)} (this rank: "
                          f"{', '.join(f'{k}={v!r}' for k, v in params.items())}); every rank must pass the same")
 
@@ -433,12 +587,21 @@ def _check_same(rows, caller, skip_dim=None):
     """Raise the same ValueError on every rank when the gathered metadata rows disagree."""
     if rows is None or len(rows) == 1:
         return
-    diff = rows[:, :META_WIDTH - 1] != rows[0, :META_WIDTH - 1]  # the last entry holds call parameters
+    rows = rows.copy()
+    rows[:, 1] &= _TYPE_MASK  # the parameter bits are checked by _check_params
+    diff = rows != rows[0]
     if skip_dim is not None:
         diff[:, 2 + skip_dim] = False
     if not diff.any():
         return
     ref = rows[0]
+    kinds = ["CuPy" if row[1] & _CUPY_BIT else "NumPy" for row in rows]
+    if len(set(kinds)) > 1:
+        r = next(i for i, k in enumerate(kinds) if k != kinds[0])
+        raise TypeError(
+            f"{caller}: group rank 0 passes a {kinds[0]} array but rank {r} a {kinds[r]} array; every rank must "
+            f"pass arrays of one kind (all NumPy or all CuPy), since each kind moves through a different transport"
+        )
     for r, row in enumerate(rows):
         if row[0] != ref[0] or row[1] != ref[1]:
             raise ValueError(
@@ -507,10 +670,15 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str 
     g = resolve_group(group, caller)
     try:  # rank-local checks; the verdict (and dtypes/trailing dims) are agreed so every rank raises
         splits = _a2a_splits(x, output_split_sizes, input_split_sizes, g, caller)
+        check_movable(x.dtype, caller)
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    _check_same(failure.agree(g, caller, err, None if err else meta_vector(x.shape, x.dtype)), caller, skip_dim=0)
+    # flags that choose the MPI call, agreed with the checks: bit 0 "my splits are not all equal",
+    # bit 1 "a total of mine passes the MPI count limit", bit 2 "my receive sizes are agreed later"
+    flags = 0 if err else _a2a_flags(x, splits, g)
+    rows = failure.agree(g, caller, err, None if err else _meta_with(x, caller, flags=flags))
+    _check_same(rows, caller, skip_dim=0)
     input_split_sizes, output_split_sizes = splits
     if output_split_sizes is None:
         counts = np.asarray(input_split_sizes, dtype=np.int64)
@@ -523,13 +691,36 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str 
     send = _contiguous(x)
     inner = math.prod(x.shape[1:])
     recv = _empty(x, (sum(output_split_sizes),) + x.shape[1:])
-    # split sizes differ from rank to rank by design: the fingerprint holds dtype and trailing dims
+    # Split sizes differ from rank to rank by design, so the choice of MPI call comes from every
+    # rank's flags: plain all-to-all only when every rank's splits are equal (with equal totals, as
+    # the shapes show), large-message path when any rank needs it. Without the agreement
+    # (MPILOCAL_CHECK_ARGS=0) the v-variant is used and large totals are not detected.
+    if rows is None:
+        uniform, bound = g.size == 1, None
+    else:
+        fl = (rows[:, 1] >> _P_SHIFT) & _P_MASK
+        uniform = not (fl & 1).any() and len(set(rows[:, 2].tolist())) == 1
+        # no rank receives more than all ranks send: a group-wide bound where receive sizes are agreed later
+        bound = 1 << 62 if (fl & 2).any() else int(rows[:, 2].sum()) * inner if (fl & 4).any() else 0
+    # the fingerprint holds dtype and trailing dims
     with _issue("all_to_all_single", send, g, trailing=x.shape[1:]):
         transport_for(x, "all_to_all").alltoallv(
             send.reshape(-1), [s * inner for s in input_split_sizes], recv.reshape(-1),
-            [s * inner for s in output_split_sizes], g,
+            [s * inner for s in output_split_sizes], g, uniform, bound,
         )
     return recv
+
+
+def _a2a_flags(x, splits, g):
+    ins, outs = splits
+    inner = math.prod(x.shape[1:])
+    flags = 0 if outs is not None and equal_counts(ins) and equal_counts(outs) and ins[0] == outs[0] else 1
+    limit = count_limit()
+    if limit is not None and max(sum(ins), sum(outs or ins)) * inner * x.dtype.itemsize > limit:
+        flags |= 2
+    if outs is None:
+        flags |= 4
+    return flags
 
 
 def _a2a_splits(x, output_split_sizes, input_split_sizes, g, caller):
@@ -575,6 +766,7 @@ def broadcast(x, src: int, group, tag: str = ""):
         _arrays.require_array(x, caller)
         if isinstance(src, bool) or not isinstance(src, (int, np.integer)) or not 0 <= src < g.size:
             raise ValueError(f"{caller}: src {src!r} is not a rank of the group (0..{g.size - 1}); pass a group rank")
+        check_movable(x.dtype, caller)
         err = None
     except (TypeError, ValueError) as e:
         err = e

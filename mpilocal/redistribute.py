@@ -22,6 +22,7 @@ def redistribute_local(local, mesh, global_shape, src, dst):
 
     **Collective** over the mesh; one logical collective per communicating step.
     """
+    functional.check_redistribute(local.dtype, src, dst)  # funcol's checks, before any collective
     coord = mesh._coordinate
     plan = redistribute_plan(tuple(global_shape), mesh.shape, coord, tuple(src), tuple(dst))
     if not plan:
@@ -32,13 +33,14 @@ def redistribute_local(local, mesh, global_shape, src, dst):
         g = groups[step.mesh_dim]
         op = step.op
         if op == "all_gather":
-            x = functional.gather(x, step.tensor_dim, g, step.sizes)
+            x = functional.gather(x, step.tensor_dim, g, step.sizes, placements=(src, dst))
         elif op == "all_reduce":
-            x = functional.reduce(x, step.reduce_op, g)
+            x = functional.reduce(x, step.reduce_op, g, placements=(src, dst))
         elif op == "reduce_scatter":
-            x = functional.reduce_scatter(x, step.reduce_op, step.tensor_dim, g, step.sizes)
+            x = functional.reduce_scatter(x, step.reduce_op, step.tensor_dim, g, step.sizes, placements=(src, dst))
         elif op == "all_to_all":
-            x = functional.all_to_all_dims(x, step.tensor_dim, step.dst_dim, g, step.sizes, step.dst_sizes)
+            x = functional.all_to_all_dims(x, step.tensor_dim, step.dst_dim, g, step.sizes, step.dst_sizes,
+                                           placements=(src, dst))
         elif op == "chunk":
             i = coord[step.mesh_dim]
             off = sum(step.sizes[:i])

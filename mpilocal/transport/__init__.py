@@ -6,16 +6,31 @@ group-rank order. Shapes, dims, reduce-op semantics (``avg``), accounting and er
 above, in :mod:`mpilocal.functional`; choosing a transport lives in :mod:`mpilocal.transport.select`.
 
 Reduce ops handed to a transport are ``"sum"``, ``"max"``, ``"min"`` and ``"product"``; ``avg`` is
-a sum followed by a division done by the caller.
+a sum followed by a division done by the caller. Floating max/min arrive as integer keys
+(:func:`mpilocal.functional` maps floats to order-preserving integers so that NaN propagates), and
+dtypes arrive in native byte order.
+
+**One choice for every rank.** Every branch a transport takes (plain vs v-variant, chunked vs
+whole, skip when empty) is decided from values that are the same on every rank of the group: the
+``counts`` of ``allgatherv``/``reduce_scatterv``/``scatterv`` (every rank's count, in rank order),
+buffer sizes that the callers agreed on, and for ``alltoallv`` (whose counts differ from rank to
+rank) the caller's ``uniform`` and ``bound`` arguments, which it computes from group-wide sizes.
+Under ``MPILOCAL_DEBUG=1`` each transport fingerprints the MPI/NCCL call it is about to make
+(:func:`issuing`), so a divergence raises on every rank and names both calls.
 """
 
 from __future__ import annotations
 
+import os
+import zlib
 from typing import Protocol, Sequence, runtime_checkable
+
+from mpi4py import MPI
 
 from .. import failure
 
-__all__ = ["Group", "Transport", "group_for", "displs", "equal_counts", "register_release_hook", "release"]
+__all__ = ["Group", "Transport", "group_for", "displs", "equal_counts", "register_release_hook", "release", "issuing",
+           "count_limit", "counts_key"]
 
 
 class Group:
@@ -46,12 +61,46 @@ def displs(counts) -> list:
 
 
 def equal_counts(counts) -> bool:
-    """Whether every count is the same (then the plain, better-tuned collective applies)."""
+    """Whether every count is the same (then the plain, better-tuned collective applies). Only for
+    ``counts`` that every rank holds alike (a per-rank row of an all-to-all is not)."""
     first = counts[0]
     for c in counts:
         if c != first:
             return False
     return True
+
+
+def _limit():
+    env = os.environ.get("MPILOCAL_MPI_COUNT_LIMIT", "").strip()
+    if env:  # testing knob: force the chunked paths with small messages on any MPI
+        return max(16, int(float(env)))
+    return None if MPI.Get_version() >= (4, 0) else 2**31 - 1  # MPI-4: mpi4py uses the large-count calls
+
+
+_COUNT_LIMIT = _limit()
+
+
+def count_limit():
+    """The largest count (or displacement) one MPI call takes here: ``2**31 - 1`` for an MPI without
+    large-count calls (MPI-3.1: Open MPI 4.1 and 5), None for MPI-4 (MPICH 4+).
+    ``MPILOCAL_MPI_COUNT_LIMIT`` lowers it (tests use it to cover the chunked paths)."""
+    return _COUNT_LIMIT
+
+
+def counts_key(counts) -> str:
+    """A short text that identifies a count vector (for fingerprints)."""
+    if len(counts) <= 4:
+        return ",".join(str(int(c)) for c in counts)
+    return f"{len(counts)}x/crc{zlib.crc32(repr([int(c) for c in counts]).encode()):08x}"
+
+
+def issuing(group: Group, call: str, **detail) -> None:
+    """Under ``MPILOCAL_DEBUG=1``: agree over ``group`` on the MPI/NCCL call about to be made
+    (``call``, e.g. ``"MPI_Alltoall"``, and the group-wide part of its arguments: datatype, counts
+    every rank knows, root, op). Ranks about to make different calls raise
+    :class:`~mpilocal.failure.CollectiveMismatchError` on every rank. Callers guard it with
+    ``if failure._DEBUG`` so the normal path pays one attribute lookup."""
+    failure.check_call(group, call, detail)
 
 
 def group_for(comm) -> Group:
@@ -104,8 +153,14 @@ class Transport(Protocol):
     def reduce_scatterv(self, send, recv, counts: Sequence[int], op: str, group: Group) -> None:
         """Reduce every rank's ``send`` and give rank r the ``counts[r]`` elements at its offset."""
 
-    def alltoallv(self, send, send_counts: Sequence[int], recv, recv_counts: Sequence[int], group: Group) -> None:
-        """Rank r sends its ``send_counts[p]``-element block p to rank p, in rank order."""
+    def alltoallv(self, send, send_counts: Sequence[int], recv, recv_counts: Sequence[int], group: Group,
+                  uniform: bool = False, bound: int | None = None) -> None:
+        """Rank r sends its ``send_counts[p]``-element block p to rank p, in rank order.
+
+        ``send_counts``/``recv_counts`` are this rank's row/column of the count matrix and differ
+        between ranks, so no transport decides anything from them: ``uniform`` (every entry of the
+        whole matrix is equal) and ``bound`` (an upper bound, the same on every rank, of any rank's
+        send or receive total in elements; None: unknown, assumed small) come from the caller."""
 
     def bcast(self, buf, root: int, group: Group) -> None:
         """Give every rank ``root``'s ``buf``."""

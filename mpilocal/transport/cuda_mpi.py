@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from . import detect, displs
+from .. import failure
+from . import counts_key, detect, displs, equal_counts, issuing
 
 __all__ = ["CudaMpiTransport", "ExchangeReduce", "reduce_blocks", "chunk_counts", "displs", "pack_pieces"]
 
@@ -104,7 +105,8 @@ class ExchangeReduce:
         offs = displs(counts)
         mine = counts[me]
         tmp = cp.empty(mine * k, dtype=send.dtype)
-        self.alltoallv(send, counts, tmp, [mine] * k, group)  # own block copied too (staged: cheap next to MPI)
+        # own block copied too (staged: cheap next to MPI); `counts` is group-wide, so is `uniform`
+        self.alltoallv(send, counts, tmp, [mine] * k, group, equal_counts(counts), max(sum(counts), mine * k))
         return [send[offs[me]:offs[me] + mine] if p == me else tmp[p * mine:(p + 1) * mine] for p in range(k)]
 
     def reduce_scatterv(self, send, recv, counts, op, group):
@@ -170,6 +172,8 @@ class CudaMpiTransport(ExchangeReduce):
             return
         it = recv.dtype.itemsize
         if all(c == counts[0] for c in counts):  # the plain collective: MPI's own (fastest) algorithm
+            if failure._DEBUG:
+                issuing(group, "MPI_Allgather", datatype="BYTE", count=counts[0] * it)
             _sync_current_stream()
             group.comm.Allgather([_b(send), MPI.BYTE], [_b(recv), MPI.BYTE])
             return
@@ -180,12 +184,16 @@ class CudaMpiTransport(ExchangeReduce):
     def allgatherv_inplace(self, recv, counts, group):
         if not sum(counts):
             return
-        _sync_current_stream()
         b = _bytes(counts, recv.dtype.itemsize)
+        if failure._DEBUG:
+            issuing(group, "MPI_Allgatherv", datatype="BYTE", counts=counts_key(b))
+        _sync_current_stream()
         group.comm.Allgatherv(MPI.IN_PLACE, [_b(recv), (b, displs(b)), MPI.BYTE])
 
-    def alltoallv(self, send, send_counts, recv, recv_counts, group):
+    def alltoallv(self, send, send_counts, recv, recv_counts, group, uniform=False, bound=None):
         it = send.dtype.itemsize
+        if failure._DEBUG:  # point-to-point: no collective to match, but the ranks must all be here
+            issuing(group, "MPI_Isend/Irecv (alltoallv)", datatype="BYTE")
         _sync_current_stream()
         comm, me = group.comm, group.rank
         sd, rd = displs(send_counts), displs(recv_counts)
@@ -236,6 +244,8 @@ class CudaMpiTransport(ExchangeReduce):
     def bcast(self, buf, root, group):
         if not buf.size:
             return
+        if failure._DEBUG:
+            issuing(group, "MPI_Bcast", datatype="BYTE", count=buf.nbytes, root=root)
         _sync_current_stream()
         group.comm.Bcast([_b(buf), MPI.BYTE], root=root)
 
@@ -243,5 +253,7 @@ class CudaMpiTransport(ExchangeReduce):
         _sync_current_stream()
         it = recv.dtype.itemsize
         b = _bytes(counts, it)
+        if failure._DEBUG:
+            issuing(group, "MPI_Scatterv", datatype="BYTE", counts=counts_key(b), root=root)
         sendspec = [_b(send), (b, displs(b)), MPI.BYTE] if group.rank == root else None
         group.comm.Scatterv(sendspec, [_b(recv), MPI.BYTE], root=root)

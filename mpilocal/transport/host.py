@@ -3,6 +3,20 @@
 Data movement is done in bytes (``MPI.BYTE``), so any dtype moves; reductions use the MPI datatype
 of the NumPy dtype. Dtypes MPI cannot reduce (``float16``) are widened to ``float32`` for the
 reduction; ``bool`` sums/maxima are logical OR, minima/products logical AND.
+
+Exact on every MPI:
+
+- **Narrow integer sums wrap.** Open MPI (4.1 and 5) sums int8/uint8/int16/uint16 with saturating
+  AVX instructions (uint8 200 + 200 gives 255; Open MPI issue #8045, "won't fix"). Under Open MPI,
+  sums and products of those dtypes are widened to 32 bits and narrowed back (two's-complement
+  wrap-around, as NumPy). The choice depends only on the MPI library, the same on every rank.
+- **Any size on MPI-3.1** (no large-count calls, counts are C ``int``): a call whose counts or
+  displacements pass :func:`~mpilocal.transport.count_limit` goes in pieces (reductions, broadcast)
+  or as one ``MPI_Alltoallw`` whose per-peer datatypes carry 64-bit byte offsets (data movement).
+  The choice depends only on counts every rank knows.
+
+Every choice between calls (plain vs v-variant, whole vs pieces) comes from group-wide values; see
+:mod:`mpilocal.transport`. Under ``MPILOCAL_DEBUG=1`` every call is fingerprinted first.
 """
 
 from __future__ import annotations
@@ -10,12 +24,24 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from . import displs, equal_counts
+from .. import failure
+from . import count_limit, counts_key, displs, equal_counts, issuing
 
-__all__ = ["HostTransport", "p2p"]
+__all__ = ["HostTransport", "narrow_sums_saturate", "p2p"]
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "product": MPI.PROD}
 _BOOL_OPS = {"sum": MPI.LOR, "max": MPI.LOR, "min": MPI.LAND, "product": MPI.LAND}
+_NARROW = {np.dtype(np.int8): np.int32, np.dtype(np.uint8): np.uint32,
+           np.dtype(np.int16): np.int32, np.dtype(np.uint16): np.uint32}
+
+
+def narrow_sums_saturate() -> bool:
+    """Whether this MPI's sums of 8/16-bit integers may saturate (Open MPI's AVX op component).
+    From the library's name only, so the answer is the same on every rank of a job."""
+    return "open mpi" in MPI.Get_library_version().lower()
+
+
+_SATURATES = narrow_sums_saturate()
 
 
 def _bytes(counts, itemsize):
@@ -33,9 +59,10 @@ def _mpi_type(dtype):
 
 
 def _lookup_type(dtype):
-    if dtype == np.float16:  # not every MPI reduces half precision: widen instead
+    dtype = np.dtype(dtype)
+    if dtype == np.float16 or not dtype.isnative:  # not every MPI reduces half precision: widen instead
         return None
-    t = MPI._typedict.get(np.dtype(dtype).char)  # predefined types: MPI defines reductions on them
+    t = MPI._typedict.get(dtype.char)  # predefined types: MPI defines reductions on them
     return None if t is None or t == MPI.DATATYPE_NULL else t
 
 
@@ -47,6 +74,13 @@ def _mpi_op(op: str, dtype):
 
 def _as_bytes(a):
     return a.view(np.uint8) if a.size else np.empty(0, np.uint8)
+
+
+def _name(t) -> str:
+    try:
+        return t.Get_name() or "derived"
+    except Exception:  # pragma: no cover
+        return "datatype"
 
 
 _P2P_TAG = 7400
@@ -71,6 +105,64 @@ def p2p(comm, sends, recvs):
     MPI.Request.Waitall(reqs)
 
 
+# ------------------------------------------------------------------------------------------------
+# large messages on an MPI without large-count calls
+# ------------------------------------------------------------------------------------------------
+def _span(off: int, n: int, limit: int):
+    """A committed datatype: bytes ``[off, off + n)`` of a buffer as one element (64-bit offset,
+    any length), or None for ``n == 0``. The caller frees it."""
+    if not n:
+        return None
+    q, r = divmod(n, limit)
+    blocks, disp, types, made = [], [], [], []
+    if q:
+        chunk = MPI.BYTE.Create_contiguous(limit)
+        made.append(chunk)
+        blocks.append(q)
+        disp.append(off)
+        types.append(chunk)
+    if r:
+        blocks.append(r)
+        disp.append(off + q * limit)
+        types.append(MPI.BYTE)
+    t = MPI.Datatype.Create_struct(blocks, disp, types)
+    t.Commit()
+    for c in made:
+        c.Free()
+    return t
+
+
+def _alltoallw(comm, send, s_spans, recv, r_spans, limit):
+    """``MPI_Alltoallw`` where peer p gets bytes ``s_spans[p] = (off, n)`` of ``send`` and bytes
+    ``r_spans[p]`` of ``recv`` come from peer p; every count is 0 or 1, offsets live in the types."""
+    made = []
+
+    def spec(buf, spans):
+        counts, types = [], []
+        for off, n in spans:
+            t = _span(off, n, limit)
+            if t is None:
+                counts.append(0)
+                types.append(MPI.BYTE)
+            else:
+                made.append(t)
+                counts.append(1)
+                types.append(t)
+        return [buf, (counts, [0] * len(spans)), types]
+
+    try:
+        comm.Alltoallw(spec(_as_bytes(send), s_spans), spec(_as_bytes(recv), r_spans))
+    finally:
+        for t in made:
+            t.Free()
+
+
+def _pieces(n: int, limit: int):
+    """(offset, length) pieces of at most ``limit`` covering ``n`` (the same on every rank for the
+    same ``n``)."""
+    return [(o, min(limit, n - o)) for o in range(0, n, limit)] or [(0, 0)]
+
+
 class HostTransport:
     """NumPy arrays over MPI (any MPI, CUDA-aware or not)."""
 
@@ -80,62 +172,147 @@ class HostTransport:
     # their v-variants (MPICH 5: Allgatherv of 1 MiB takes twice as long as Allgather).
 
     def allgatherv(self, send, recv, counts, group):
+        it = send.dtype.itemsize
+        b = _bytes(counts, it)
+        limit = count_limit()
+        if limit is not None and sum(b) > limit:  # group-wide: every rank holds `counts`
+            if failure._DEBUG:
+                issuing(group, "MPI_Alltoallw", purpose="allgatherv", counts=counts_key(b))
+            d = displs(b)
+            me = group.rank
+            _alltoallw(group.comm, send, [(0, b[me])] * group.size, recv, list(zip(d, b)), limit)
+            return
         if equal_counts(counts):
+            if failure._DEBUG:
+                issuing(group, "MPI_Allgather", datatype="BYTE", count=b[0])
             group.comm.Allgather([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE])
             return
-        b = _bytes(counts, send.dtype.itemsize)
+        if failure._DEBUG:
+            issuing(group, "MPI_Allgatherv", datatype="BYTE", counts=counts_key(b))
         group.comm.Allgatherv([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), (b, displs(b)), MPI.BYTE])
 
     def allreduce(self, send, recv, op, group):
-        send, recv, back = self._reducible(send, recv)
+        send, recv, back = self._reducible(send, recv, op)
         t = _mpi_type(recv.dtype)
-        group.comm.Allreduce(MPI.IN_PLACE if send is recv else [send, t], [recv, t], _mpi_op(op, recv.dtype))
+        o = _mpi_op(op, recv.dtype)
+        n = recv.size
+        limit = count_limit()
+        same = send is recv
+        if failure._DEBUG:
+            issuing(group, "MPI_Allreduce", datatype=_name(t), op=op, count=n)
+        if limit is None or n <= limit:
+            group.comm.Allreduce(MPI.IN_PLACE if same else [send, t], [recv, t], o)
+        else:  # pieces of at most `limit` elements (the same cut on every rank: n agrees)
+            for off, ln in _pieces(n, limit):
+                r = recv[off:off + ln]
+                group.comm.Allreduce(MPI.IN_PLACE if same else [send[off:off + ln], t], [r, t], o)
         if back is not None:
             back[...] = recv
 
     def reduce_scatterv(self, send, recv, counts, op, group):
-        send, recv, back = self._reducible(send, recv)
+        send, recv, back = self._reducible(send, recv, op)
         t = _mpi_type(send.dtype)
-        if equal_counts(counts):
-            group.comm.Reduce_scatter_block([send, t], [recv, t], _mpi_op(op, send.dtype))
+        o = _mpi_op(op, send.dtype)
+        limit = count_limit()
+        if limit is not None and sum(counts) > limit:
+            # one MPI_Reduce per block (rooted at its owner), each in pieces of at most `limit`
+            if failure._DEBUG:
+                issuing(group, "MPI_Reduce (per block)", datatype=_name(t), op=op, counts=counts_key(counts))
+            d = displs(counts)
+            for p, c in enumerate(counts):
+                for off, ln in _pieces(c, limit):
+                    if not ln:
+                        continue
+                    src = send[d[p] + off:d[p] + off + ln]
+                    dst = [recv[off:off + ln], t] if p == group.rank else None
+                    group.comm.Reduce([src, t], dst, o, root=p)
+        elif equal_counts(counts):
+            if failure._DEBUG:
+                issuing(group, "MPI_Reduce_scatter_block", datatype=_name(t), op=op, count=counts[0])
+            group.comm.Reduce_scatter_block([send, t], [recv, t], o)
         else:
-            group.comm.Reduce_scatter([send, t], [recv, t], list(counts), _mpi_op(op, send.dtype))
+            if failure._DEBUG:
+                issuing(group, "MPI_Reduce_scatter", datatype=_name(t), op=op, counts=counts_key(counts))
+            group.comm.Reduce_scatter([send, t], [recv, t], list(counts), o)
         if back is not None:
             back[...] = recv
 
-    def alltoallv(self, send, send_counts, recv, recv_counts, group):
-        if equal_counts(send_counts) and equal_counts(recv_counts):
+    def alltoallv(self, send, send_counts, recv, recv_counts, group, uniform=False, bound=None):
+        # send_counts/recv_counts are this rank's row/column: they differ between ranks, so the
+        # choice of call comes from the caller's group-wide `uniform` and `bound` only
+        it = send.dtype.itemsize
+        limit = count_limit()
+        if limit is not None and bound is not None and bound * it > limit:
+            if failure._DEBUG:
+                issuing(group, "MPI_Alltoallw", purpose="alltoallv")
+            sb, rb = _bytes(send_counts, it), _bytes(recv_counts, it)
+            _alltoallw(group.comm, send, list(zip(displs(sb), sb)), recv, list(zip(displs(rb), rb)), limit)
+            return
+        if uniform:
+            if failure._DEBUG:
+                issuing(group, "MPI_Alltoall", datatype="BYTE", count=send_counts[0] * it)
             group.comm.Alltoall([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE])
             return
-        it = send.dtype.itemsize
+        if failure._DEBUG:
+            issuing(group, "MPI_Alltoallv", datatype="BYTE")
         sb, rb = _bytes(send_counts, it), _bytes(recv_counts, it)
         group.comm.Alltoallv([_as_bytes(send), (sb, displs(sb)), MPI.BYTE],
                              [_as_bytes(recv), (rb, displs(rb)), MPI.BYTE])
 
     def bcast(self, buf, root, group):
-        group.comm.Bcast([_as_bytes(buf), MPI.BYTE], root=root)
+        n = buf.nbytes
+        limit = count_limit()
+        if failure._DEBUG:
+            issuing(group, "MPI_Bcast", datatype="BYTE", count=n, root=root)
+        if limit is None or n <= limit:
+            group.comm.Bcast([_as_bytes(buf), MPI.BYTE], root=root)
+            return
+        b = _as_bytes(buf)
+        for off, ln in _pieces(n, limit):
+            group.comm.Bcast([b[off:off + ln], MPI.BYTE], root=root)
 
     def scatterv(self, send, counts, recv, root, group):
+        b = _bytes(counts, recv.dtype.itemsize)
+        limit = count_limit()
+        me = group.rank
+        if limit is not None and sum(b) > limit:
+            if failure._DEBUG:
+                issuing(group, "MPI_Alltoallw", purpose="scatterv", counts=counts_key(b), root=root)
+            k = group.size
+            s_spans = list(zip(displs(b), b)) if me == root else [(0, 0)] * k
+            r_spans = [(0, b[me]) if p == root else (0, 0) for p in range(k)]
+            _alltoallw(group.comm, send if me == root else recv, s_spans, recv, r_spans, limit)
+            return
         if equal_counts(counts):
-            sendspec = [_as_bytes(send), MPI.BYTE] if group.rank == root else None
+            if failure._DEBUG:
+                issuing(group, "MPI_Scatter", datatype="BYTE", count=b[0], root=root)
+            sendspec = [_as_bytes(send), MPI.BYTE] if me == root else None
             group.comm.Scatter(sendspec, [_as_bytes(recv), MPI.BYTE], root=root)
             return
-        b = _bytes(counts, recv.dtype.itemsize)
-        sendspec = [_as_bytes(send), (b, displs(b)), MPI.BYTE] if group.rank == root else None
+        if failure._DEBUG:
+            issuing(group, "MPI_Scatterv", datatype="BYTE", counts=counts_key(b), root=root)
+        sendspec = [_as_bytes(send), (b, displs(b)), MPI.BYTE] if me == root else None
         group.comm.Scatterv(sendspec, [_as_bytes(recv), MPI.BYTE], root=root)
 
     def sendrecv(self, sends, recvs, group):
         p2p(group.comm, [(p, _as_bytes(b)) for p, b in sends], [(p, _as_bytes(b)) for p, b in recvs])
 
     @staticmethod
-    def _reducible(send, recv):
-        """Widen dtypes MPI cannot reduce; returns (send, recv, original recv to copy back or None)."""
-        if _mpi_type(send.dtype) is not None:
-            return send, recv, None
-        if send.dtype == np.float16:
-            wide = np.float32
-        else:
-            raise TypeError(f"mpilocal: MPI cannot reduce dtype {send.dtype}; cast to a standard type first")
+    def _reducible(send, recv, op="sum"):
+        """Widen dtypes MPI cannot reduce exactly; returns (send, recv, original recv to copy back or
+        None). float16: float32. 8/16-bit integer sums and products under Open MPI: 32 bits (its
+        AVX sums saturate; 32-bit sums and products wrap, and narrowing back wraps as NumPy does)."""
+        dt = send.dtype
+        wide = None
+        if _SATURATES and op in ("sum", "product"):
+            wide = _NARROW.get(dt)
+        if wide is None:
+            if _mpi_type(dt) is not None:
+                return send, recv, None
+            if dt == np.float16:
+                wide = np.float32
+            else:
+                raise TypeError(f"mpilocal: MPI cannot reduce dtype {dt}; cast to a standard type first")
         same = send is recv
         w_recv = recv.astype(wide)
         w_send = w_recv if same else send.astype(wide)

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import failure
 from . import register_release_hook
+from . import counts_key, equal_counts, issuing
 from .cuda_mpi import displs, reduce_blocks
 
 __all__ = ["NcclTransport", "nccl_comm"]
@@ -139,8 +140,12 @@ class NcclTransport:
         n = _nccl()
         comm, s = nccl_comm(group), _stream()
         if all(c == counts[0] for c in counts):
+            if failure._DEBUG:
+                issuing(group, "ncclAllGather", datatype="ncclUint8", count=counts[0] * it)
             comm.allGather(send.data.ptr, recv.data.ptr, counts[0] * it, n.NCCL_UINT8, s)
             return
+        if failure._DEBUG:
+            issuing(group, "ncclGroup(ncclBroadcast)", datatype="ncclUint8", counts=counts_key(counts))
         offs = displs(counts)
         base = recv.data.ptr
         n.groupStart()
@@ -153,8 +158,12 @@ class NcclTransport:
             n.groupEnd()
 
     @_watched
-    def alltoallv(self, send, send_counts, recv, recv_counts, group):
+    def alltoallv(self, send, send_counts, recv, recv_counts, group, uniform=False, bound=None):
+        # grouped send/recv: zero-size pieces are skipped on both sides alike (send_counts[p] on rank r
+        # is recv_counts[r] on rank p), and point-to-point calls need no group-wide choice
         it = send.dtype.itemsize
+        if failure._DEBUG:
+            issuing(group, "ncclGroup(ncclSend/ncclRecv)", datatype="ncclUint8")
         n = _nccl()
         comm, s = nccl_comm(group), _stream()
         sd, rd = displs(send_counts), displs(recv_counts)
@@ -190,6 +199,8 @@ class NcclTransport:
             return
         n = _nccl()
         p = buf.data.ptr
+        if failure._DEBUG:
+            issuing(group, "ncclBroadcast", datatype="ncclUint8", count=buf.nbytes, root=root)
         nccl_comm(group).broadcast(p, p, buf.nbytes, n.NCCL_UINT8, root, _stream())
 
     @_watched
@@ -242,6 +253,8 @@ class NcclTransport:
             recv[...] = ws.astype(recv.dtype)
             return
         s_, r_ = (send, recv) if view is None else (send.view(view), recv.view(view))
+        if failure._DEBUG:
+            issuing(group, "ncclAllReduce", datatype=code, op=opc, count=recv.size * factor)
         nccl_comm(group).allReduce(s_.data.ptr, r_.data.ptr, recv.size * factor, code, opc, _stream())
 
     @_watched
@@ -265,6 +278,9 @@ class NcclTransport:
         s_, r_ = (send, recv) if view is None else (send.view(view), recv.view(view))
         comm, s = nccl_comm(group), _stream()
         it = s_.dtype.itemsize
+        if failure._DEBUG:
+            issuing(group, "ncclReduceScatter" if equal_counts(counts) else "ncclGroup(ncclReduce)", datatype=code,
+                    op=opc, counts=counts_key(counts))
         if all(c == counts[0] for c in counts):
             comm.reduceScatter(s_.data.ptr, r_.data.ptr, counts[0] * factor, code, opc, s)
             return

@@ -29,6 +29,9 @@ def forced() -> str | None:
     return name
 
 
+forced()  # an unknown MPILOCAL_TRANSPORT fails at import, on every rank, even for NumPy-only programs
+
+
 def transport_for(x, op: str):
     """The transport for array ``x`` and collective ``op`` (cached per array kind and op)."""
     if type(x).__module__ == "numpy" or not _arrays.is_cupy(x):

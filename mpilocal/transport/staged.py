@@ -243,7 +243,7 @@ class StagedTransport(ExchangeReduce):
 
         self._run(send, src_ranges, recv, dst_ranges, k, step, b[me], sum(b))
 
-    def alltoallv(self, send, send_counts, recv, recv_counts, group):
+    def alltoallv(self, send, send_counts, recv, recv_counts, group, uniform=False, bound=None):
         it = send.dtype.itemsize
         sb = [c * it for c in send_counts]
         rb = [c * it for c in recv_counts]
