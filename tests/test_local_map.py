@@ -548,3 +548,209 @@ def test_local_map_explicit_device_mesh_object():
     Y_dt = f(X_dt)
     assert_all(Y_dt.device_mesh == device_mesh)
     assert_close_all(to_host(Y_dt.full_tensor()), X + 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 9 / issue 17: debug-mode replica checks, aliasing, meshes, ranks outside the mesh, messages
+# ------------------------------------------------------------------------------------------------
+class debug_mode:
+    """``with debug_mode():`` MPILOCAL_DEBUG=1 for the block (switched on every rank)."""
+
+    def __enter__(self):
+        self.prev = _failure.debug_enabled()
+        _failure.set_debug(True)
+
+    def __exit__(self, *exc):
+        _failure.set_debug(self.prev)
+        return False
+
+
+def test_debug_replica_check_rejects_rank_dependent_replicate_output():
+    """A local_map output labelled Replicate whose ranks hold different values raises on every rank
+    under MPILOCAL_DEBUG=1, naming the output and the ranks (issue 9 item 3)."""
+    if WORLD_SIZE == 1:
+        pytest.skip("a Replicate value has no other replica at 1 rank")
+    mesh = init_device_mesh(DEVICE, (WORLD_SIZE,), mesh_dim_names=("dp",))
+    X = distribute_tensor(to_device(np.arange(4.0 * WORLD_SIZE)), mesh, row_wise)
+    f = local_map(lambda x: x.sum(keepdims=True), out_placements=replicate, in_placements=(row_wise,))
+    with debug_mode():
+        raises_all(RuntimeError, r"output 0 of <lambda> is labelled Replicate\(\) on mesh dim 0 \('dp'\) but its "
+                   r"replicas differ: world ranks \[0\] vs \[1\].*declare it Partial\(\)", f, X)
+    f(X)  # without debug mode nothing is checked (the documented default)
+
+
+@pytest.mark.mpi(min_size=4)
+def test_debug_replica_check_2x2_names_the_mesh_dim():
+    """On a 2x2 mesh only the mesh dims labelled Replicate are compared: a value that differs over
+    "a" but is labelled Shard there and Replicate over "b" passes; one that differs over "b" fails."""
+    if WORLD_SIZE != 4:
+        pytest.skip("2x2 mesh")
+    mesh = init_device_mesh(DEVICE, (2, 2), mesh_dim_names=("a", "b"))
+    X = distribute_tensor(to_device(np.arange(16.0).reshape(4, 4)), mesh, [Shard(0), Shard(1)])
+    row = local_map(lambda x: x.sum(axis=1), out_placements=[Shard(0), Partial()],
+                    in_placements=([Shard(0), Shard(1)],))
+    with debug_mode():
+        S = row(X)  # differs over both dims; Partial over "b" is not checked
+        R = S.redistribute(mesh, [Shard(0), Replicate()])
+        ok = local_map(lambda r: r * 2.0, out_placements=[Shard(0), Replicate()],
+                       in_placements=([Shard(0), Replicate()],))(R)  # truly replicated over "b": passes
+        bad = local_map(lambda r: r + mesh.get_local_rank("b"), out_placements=[Shard(0), Replicate()],
+                        in_placements=([Shard(0), Replicate()],))
+        raises_all(RuntimeError, r"output 0 .* on mesh dim 1 \('b'\) .*world ranks \[0\] vs \[1\]; \[2\] vs \[3\]",
+                   bad, R)
+    assert_close_all(to_host(ok.full_tensor()), 2.0 * np.arange(16.0).reshape(4, 4).sum(axis=1))
+
+
+def test_debug_replica_check_valid_programs_pass():
+    """Valid programs never trip the replica check: Replicate results of all_reduce, values with
+    NaN of different payloads and -0.0 against 0.0 (equal values), empty and 0-d outputs, several
+    outputs at once, and Partial/Shard outputs that differ by design."""
+    mesh = init_device_mesh(DEVICE, (WORLD_SIZE,))
+    X = distribute_tensor(to_device(np.arange(3.0 * WORLD_SIZE).reshape(WORLD_SIZE, 3)), mesh, row_wise)
+    payload = np.array([0x7FF8000000000001 + RANK], dtype=np.uint64).view(np.float64)  # NaN, rank-dependent bits
+
+    def f(x):
+        xp = _arrays.namespace(x)
+        total = funcol.all_reduce(x.sum(axis=0), "sum", mesh)
+        nan = xp.asarray(np.concatenate([payload, [-0.0 if RANK % 2 else 0.0, np.inf]]))
+        return total, nan, xp.zeros((0, 2)), xp.asarray(7.0), x * 2.0, x.sum()
+
+    g = local_map(f, out_placements=(replicate, replicate, replicate, replicate, row_wise, [Partial()]),
+                  in_placements=(row_wise,))
+    with debug_mode():
+        total, nan, empty, scalar, twice, part = g(X)
+    full = np.arange(3.0 * WORLD_SIZE).reshape(WORLD_SIZE, 3)
+    assert_close_all(to_host(total.to_local()), full.sum(axis=0))
+    assert_all(np.isnan(to_host(nan.to_local())[0]) and to_host(empty.to_local()).shape == (0, 2))
+    assert_close_all(to_host(twice.full_tensor()), 2 * full)
+    assert_close_all(to_host(part.full_tensor()), full.sum())
+
+
+@pytest.mark.parametrize("placements", ["1d", "2x2"])
+def test_redistributed_inputs_never_alias_the_input(placements):
+    """redistribute_inputs=True slices a Replicate input to Shard: func gets a new array, never a view
+    of the input, so a func that works in place cannot make the input's replicas differ (issue 9
+    item 5). An input passed with its own placements is its local array (as to_local)."""
+    if placements == "2x2":
+        if WORLD_SIZE != 4:
+            pytest.skip("2x2 mesh")
+        mesh = init_device_mesh(DEVICE, (2, 2))
+        src, dst = [Replicate(), Replicate()], [Shard(0), Shard(1)]
+    else:
+        mesh = init_device_mesh(DEVICE, (WORLD_SIZE,))
+        src, dst = replicate, row_wise
+    x = np.arange(48.0).reshape(8, 6)
+    R = distribute_tensor(to_device(x), mesh, src)
+    shared = []
+
+    def scale(a):
+        shared.append(bool(_arrays.namespace(a).shares_memory(a, R.to_local())))
+        a *= 10.0  # in place
+        return a
+
+    Y = local_map(scale, out_placements=dst, in_placements=(dst,), redistribute_inputs=True)(R)
+    assert_all(shared == [False], f"func got a view of the Replicate input: {shared}")
+    assert_close_all(to_host(R.to_local()), x)  # the input is unchanged on every rank
+    assert_close_all(to_host(Y.full_tensor()), 10.0 * x)
+    same = []
+    local_map(lambda a: same.append(a is R.to_local()), out_placements=None, in_placements=(src,))(R)
+    assert_all(same == [True], "an input with its own placements is passed as its local array")
+
+
+def test_redistributed_inputs_never_alias_the_input_with_grad():
+    """The same with an input that requires grad: the Tracked array func gets holds a new array."""
+    mesh = init_device_mesh(DEVICE, (WORLD_SIZE,))
+    x = np.arange(12.0).reshape(4, 3)
+    R = distribute_tensor(to_device(x), mesh, replicate, requires_grad=True)
+    shared = []
+
+    def f(a):
+        shared.append(bool(_arrays.namespace(a.data).shares_memory(a.data, R.detach().to_local())))
+        return a * 2.0
+
+    Y = local_map(f, out_placements=row_wise, in_placements=(row_wise,), redistribute_inputs=True)(R)
+    assert_all(shared == [False], f"func got a view of the Replicate input: {shared}")
+    Y.backward()
+    assert_close_all(to_host(R.grad.full_tensor()), np.full(x.shape, 2.0))
+
+
+def test_inputs_on_another_mesh_raise_on_every_rank():
+    """DTensor inputs must share the mesh (or be on a reshape of it: the same ranks in the same
+    order); otherwise ValueError on every rank, before any communication (issue 17 item 3)."""
+    with pytest.raises(TypeError, match="device_mesh must be a DeviceMesh"):
+        local_map(mm_forward, out_placements=row_wise, device_mesh="mesh")
+    if WORLD_SIZE == 1:
+        pytest.skip("every 1-rank mesh holds the same rank")
+    m1 = DeviceMesh(DEVICE, np.arange(WORLD_SIZE))
+    m2 = DeviceMesh(DEVICE, np.arange(WORLD_SIZE)[::-1].copy())
+    x = np.arange(2.0 * WORLD_SIZE)
+    A, B = distribute_tensor(to_device(x), m1, row_wise), distribute_tensor(to_device(x), m2, row_wise)
+    add = local_map(lambda a, b: a + b, out_placements=row_wise)
+    with CommDebugMode() as comm:
+        raises_all(ValueError, r"input 1 \('b'\) is on DeviceMesh\(.*\) but <lambda> runs on .*the same ranks in "
+                   r"the same order", add, A, B)
+    assert_all(comm.get_total_counts() == 0 and not comm.get_metadata_counts(), "communicated before raising")
+    on_m2 = local_map(lambda a: a, out_placements=row_wise, device_mesh=m2)
+    raises_all(ValueError, r"input 0 \('a'\) is on .*\(device_mesh\)", on_m2, A)
+    if WORLD_SIZE == 4:  # a 1-D mesh and a 2-D mesh over other orders of the same ranks
+        m2d = DeviceMesh(DEVICE, np.array([[3, 1], [2, 0]]))
+        C = distribute_tensor(to_device(np.ones((4, 4))), m2d, [Shard(0), Replicate()])
+        raises_all(ValueError, "is on DeviceMesh", add, A, C)
+
+
+def test_ranks_outside_the_mesh_do_not_communicate():
+    """On a mesh over some ranks, local_map with Shard outputs works on its ranks and, on the others,
+    communicates nothing and returns DTensors with empty local arrays (issue 17 item 11)."""
+    if WORLD_SIZE == 1:
+        pytest.skip("needs a rank outside the mesh")
+    members = list(range(0, WORLD_SIZE, 2)) if WORLD_SIZE > 2 else [0]
+    mesh = DeviceMesh(DEVICE, np.array(members))
+    inside = mesh.get_coordinate() is not None
+    x = np.arange(30.0).reshape(10, 3)
+    X = distribute_tensor(to_device(x), mesh, row_wise)
+    f = local_map(lambda a: (a * 2.0, a.sum(axis=0)), out_placements=(row_wise, [Partial()]), in_placements=(row_wise,))
+    with CommDebugMode() as comm:
+        Y, P = f(X)
+    problem = ""
+    if not inside:
+        if comm.get_total_counts() or comm.get_metadata_counts():
+            problem = f"rank {RANK} (outside the mesh) communicated: {comm.get_comm_counts()} {comm.get_metadata_counts()}"
+        elif Y.to_local().size or P.to_local().size or Y.placements != (Shard(0),):
+            problem = f"rank {RANK} (outside the mesh) holds data: {Y.to_local().shape} {P.to_local().shape}"
+    else:  # full_tensor is collective over the mesh's ranks only
+        full, total = to_host(Y.full_tensor()), to_host(P.full_tensor())
+        if not (np.allclose(full, 2 * x) and np.allclose(total, x.sum(axis=0)) and tuple(Y.shape) == x.shape):
+            problem = f"rank {RANK}: wrong result {Y.shape} {full} {total}"
+    assert_all(not problem, problem)
+
+
+def test_zero_d_output_declared_shard_says_what_to_do():
+    mesh = init_device_mesh(DEVICE, (WORLD_SIZE,))
+    X = distribute_tensor(to_device(np.arange(6.0)), mesh, row_wise)
+    f = local_map(lambda x: x.sum(), out_placements=row_wise, in_placements=(row_wise,))
+    raises_all(ValueError, r"output 0 of <lambda> is 0-d .*no dim to shard.*\[Replicate\(\)\].*\[Partial\(\)\]", f, X)
+    g = local_map(lambda x: x.sum(), out_placements=[Partial()], in_placements=(row_wise,))
+    assert_close_all(to_host(g(X).full_tensor()), 15.0)
+
+
+def test_list_arguments_are_flattened_as_in_pytorch():
+    """A list/tuple/dict argument gives one input per leaf (PyTorch's pytree), func gets the
+    container back with local arrays, and a count mismatch says how the arguments were flattened."""
+    mesh = init_device_mesh(DEVICE, (WORLD_SIZE,))
+    a, b = np.arange(8.0), np.arange(8.0) * 3
+    A, B = distribute_tensor(to_device(a), mesh, row_wise), distribute_tensor(to_device(b), mesh, row_wise)
+    got = []
+
+    def f(pair, d, scale):
+        got.append((type(pair).__name__, sorted(d)))
+        return pair[0] + pair[1] * d["w"] * scale
+
+    g = local_map(f, out_placements=row_wise, in_placements=(row_wise, row_wise, row_wise, None))
+    Y = g([A, B], {"w": A}, 2.0)
+    assert_all(got == [("list", ["w"])], f"{got}")
+    assert_close_all(to_host(Y.full_tensor()), a + b * a * 2.0)
+    short = local_map(f, out_placements=row_wise, in_placements=(row_wise, row_wise, None))
+    raises_all(ValueError, r"in_placements has 3 entries but f got 4 flattened positional inputs \(positional "
+               r"arguments are flattened as in PyTorch's local_map.*argument 0 \(a list of 2 leaves\) -> inputs 0\.\.1; "
+               r"argument 1 \(a dict of 1 leaves\) -> inputs 2\.\.2; argument 2 \(float\) -> input 3", short,
+               [A, B], {"w": A}, 2.0)

@@ -565,12 +565,15 @@ def _origin() -> str:
 
 
 def _inplace_advice() -> str:
+    if LOCAL_MAP_DEPTH > 0:
+        return (f"in-place writes into a Tracked array are not recorded for gradients. {_origin()} Build the new "
+                f"value out of place (where/concat/stack, y = x + 1) or write a mpilocal.autograd.Function; where "
+                f"no gradient is needed, write into x.detach() (it shares memory)")
     return (
         f"in-place writes into a Tracked array are not recorded for gradients. {_origin()} To change the values "
         f"without a gradient (an optimizer step such as W.to_local()[...] -= lr * g), write into the plain "
-        f"array: W.detach().to_local()[...] -= ... or x.detach()[...] = ... (.detach() shares memory, so the "
-        f"DTensor changes). To compute a new value with a gradient, build it with where/concat/stack or a "
-        f"mpilocal.autograd.Function"
+        f"array: W.detach().to_local()[...] -= lr * g, or x.detach()[...] = ... (.detach() shares memory, so "
+        f"the DTensor changes)"
     )
 
 
