@@ -751,3 +751,167 @@ def test_argument_errors():
     t = tensor(rand(99, 2, 2), requires_grad=True)
     with pytest.raises(ValueError, match="gradient has shape"):
         (t * 2.0).backward(xp.ones(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. issue 9: MPILOCAL_DEBUG checks the gradients local_map labels Replicate; Tracked errors
+#    outside local_map name .detach(); issue 10: the backward split agreement is accounted
+# ------------------------------------------------------------------------------------------------
+import re  # noqa: E402
+
+import mpilocal.failure as _failure  # noqa: E402
+
+
+class debug_mode:
+    def __enter__(self):
+        self.prev = _failure.debug_enabled()
+        _failure.set_debug(True)
+
+    def __exit__(self, *exc):
+        _failure.set_debug(self.prev)
+        return False
+
+
+def raises_all(exc, match, fn, *args):
+    """``fn(*args)`` must raise ``exc`` matching ``match`` on every rank (checked collectively)."""
+    problem = f"rank {RANK}: no exception"
+    try:
+        fn(*args)
+    except exc as e:
+        problem = "" if re.search(match, str(e)) else f"rank {RANK}: {e!s} does not match {match!r}"
+    except Exception as e:  # noqa: BLE001 - reported below
+        problem = f"rank {RANK}: {type(e).__name__}: {e!s}"
+    assert_all(not problem, problem)
+
+
+def _dp_step(mesh, in_grad_placements):
+    """Data parallel over mesh dim 0 ("dp"): X sharded, the weight replicated over "dp" (and sharded
+    over "tp" on a 2-D mesh); the weight's local gradient is a partial sum over "dp"."""
+    x, w = rand(100, 8, 3), rand(101, 3, 4)
+    rest = [Replicate()] * (mesh.ndim - 1)
+    wpl = [Replicate()] + ([Shard(1)] if mesh.ndim == 2 else [])
+    X = distribute_tensor(x, mesh, [Shard(0)] + rest)
+    Wt = distribute_tensor(w, mesh, wpl, requires_grad=True)
+    f = local_map(lambda a, b: (a @ b) ** 2, out_placements=[Shard(0)] + ([Shard(1)] if mesh.ndim == 2 else []),
+                  in_placements=(X.placements, Wt.placements), in_grad_placements=in_grad_placements)
+    Y = f(X, Wt)
+    ref = host(x).T @ (2 * (host(x) @ host(w)))  # d/dW of sum((XW)^2)
+    return Y, Wt, ref
+
+
+@pytest.mark.parametrize("kind", ["1d", "2x2"])
+def test_debug_mode_catches_partial_gradient_labelled_replicate(kind):
+    """The default in_grad_placements (PyTorch's: the forward placements) labels a weight's partial
+    gradient Replicate on the data-parallel mesh dim. Under MPILOCAL_DEBUG=1 backward raises on every
+    rank naming the input, the mesh dim, the ranks and the fix; with Partial() it passes and is right."""
+    if W == 1:
+        pytest.skip("no data parallelism at 1 rank")
+    if kind == "2x2" and W != 4:
+        pytest.skip("2x2 mesh")
+    mesh = init_device_mesh(DEVICE, (W,) if kind == "1d" else (2, 2),
+                           mesh_dim_names=("dp",) if kind == "1d" else ("dp", "tp"))
+    with debug_mode():
+        Y, Wt, _ = _dp_step(mesh, None)
+        raises_all(RuntimeError, r"the gradient of input 1 \('b'\) is labelled Replicate\(\) on mesh dim 0 \('dp'\) "
+                   r"but its replicas differ: world ranks \[0\] vs \[" + str(mesh.mesh[1].ravel()[0]) +
+                   r"\].*in_grad_placements with Partial\(\)", Y.backward)
+        grads = (None, [Partial()] + ([Shard(1)] if kind == "2x2" else []))
+        Y, Wt, ref = _dp_step(mesh, grads)
+        Y.backward()
+    assert_all(Wt.grad.placements[0] == Partial(), f"{Wt.grad.placements}")
+    assert_close_all(host(Wt.grad.full_tensor()), ref, rtol=1e-10)
+
+
+def test_debug_mode_passes_valid_gradient_programs():
+    """Replicate gradients that are really replicated pass the check: a weight used the same way on
+    every rank (Replicate input, Replicate output), and a Replicate input redistributed inside."""
+    mesh = init_device_mesh(DEVICE, (W,))
+    w = rand(110, 3, 3)
+    with debug_mode():
+        Wt = distribute_tensor(w, mesh, [Replicate()], requires_grad=True)
+        f = local_map(lambda b: (b @ b).sum(keepdims=True), out_placements=[Replicate()],
+                      in_placements=([Replicate()],))
+        f(Wt).backward()
+        g = local_map(lambda b: b * 3.0, out_placements=[Shard(0)], in_placements=([Shard(0)],),
+                      redistribute_inputs=True)
+        V = distribute_tensor(w, mesh, [Replicate()], requires_grad=True)
+        g(V).backward()
+    assert_close_all(host(Wt.grad.full_tensor()), np.ones((3, 3)) @ host(w).T + host(w).T @ np.ones((3, 3)))
+    assert_close_all(host(V.grad.full_tensor()), np.full((3, 3), 3.0))
+
+
+def test_tracked_errors_outside_local_map_name_detach():
+    """full_tensor()/to_local() of a DTensor that requires grad is Tracked: NumPy functions and
+    in-place writes on it say so and name .detach(), which shares memory (issue 9)."""
+    mesh = init_device_mesh(DEVICE, (W,))
+    w = rand(120, 4, 2)
+    Wt = distribute_tensor(w, mesh, [Shard(0)], requires_grad=True)
+    L = local_map(lambda a: a * 2.0, out_placements=[Shard(0)], in_placements=([Shard(0)],))(Wt)
+    full = L.full_tensor()
+    if DEVICE == "cpu":
+        with pytest.raises(NotImplementedError) as info:
+            np.allclose(full, 0.0)
+        msg = str(info.value)
+        assert "comes from a DTensor that requires grad" in msg and "local_map input" not in msg, msg
+        assert "numpy.allclose(x.detach(), y)" in msg, msg
+        assert np.allclose(full.detach(), 2 * host(w))
+    with pytest.raises(NotImplementedError) as info:
+        Wt.to_local()[...] -= 1.0
+    msg = str(info.value)
+    assert "W.detach().to_local()[...] -= lr * g" in msg and "shares memory" in msg, msg
+    assert "where/concat/stack" not in msg, msg
+    local = Wt.to_local()
+    with pytest.raises(NotImplementedError, match=r"in-place -=.*\.detach\(\)"):
+        local -= 1.0  # would rebind the name and leave the weights unchanged
+    before = host(Wt.detach().to_local()).copy()
+    Wt.detach().to_local()[...] -= 1.0  # the advice works: detach() shares memory
+    assert_close_all(host(Wt.detach().to_local()), before - 1.0)
+    # inside local_map: the message says why the array is Tracked there
+    f = local_map(lambda a: np.cumsum(a) if DEVICE == "cpu" else a.__array_namespace__().cumsum(a),
+                  out_placements=[Shard(0)], in_placements=([Shard(0)],))
+    with pytest.raises(NotImplementedError, match="because a local_map input requires grad"):
+        f(Wt)
+
+    def inplace(a):
+        a += 1.0
+        return a
+
+    with pytest.raises(NotImplementedError, match=r"in-place \+=.*local_map input requires grad.*out of place"):
+        local_map(inplace, out_placements=[Shard(0)], in_placements=([Shard(0)],))(Wt)
+
+    def intermediate(a):
+        h = a * 2.0
+        h += 1.0  # an intermediate result: out of place, as the name is rebound
+        return h
+
+    Y = local_map(intermediate, out_placements=[Shard(0)], in_placements=([Shard(0)],))(Wt)
+    Y.backward()
+    assert_close_all(host(Y.detach().full_tensor()), 2 * host(Wt.detach().full_tensor()) + 1.0)
+
+
+def test_all_to_all_backward_split_agreement_is_accounted(monkeypatch):
+    """The backward of a differentiable all_to_all_single with agreed output splits learns them
+    through functional's accounted metadata path (deadline, fingerprint, count), not a raw MPI call."""
+    if W == 1:
+        pytest.skip("one rank: every split is even, nothing to agree")
+    mesh = init_device_mesh(DEVICE, (W,))
+    seen = []
+    begin = _failure.begin
+
+    def spy(name, g, send=None, detail=None):
+        seen.append(name)
+        return begin(name, g, send, detail)
+
+    ins = [RANK + 1 if q % 2 == 0 else 0 for q in range(W)]  # uneven: output splits must be agreed
+    x = rand(130 + RANK, sum(ins), 2)
+    monkeypatch.setattr(_failure, "begin", spy)
+    funcol.all_to_all_single(x, None, ins, mesh)
+    plain = seen.count("metadata:split_agreement")
+    seen.clear()
+    t = tensor(x.copy(), requires_grad=True)
+    out = funcol.all_to_all_single(t, None, ins, mesh)
+    tracked = seen.count("metadata:split_agreement")
+    monkeypatch.undo()
+    assert_all(tracked == plain + 1, f"split agreements: plain {plain}, tracked {tracked}")
+    (out * out).sum().backward()
+    assert_close_all(host(t.grad), 2 * host(x))
