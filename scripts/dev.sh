@@ -230,7 +230,12 @@ cmd_test() {
     local color=no
     [ -t 1 ] && color=yes
     for n in "${ranks[@]}"; do
-        local cmd=("${MPIEXEC[@]}" -n "$n" "$PY" -m pytest --with-mpi -p no:cacheprovider -q "--color=$color"
+        # 1 rank runs as an MPI singleton (no launcher), unless MPILOCAL_MPIEXEC names one: the failure tests
+        # start their own mpiexec jobs, and Open MPI refuses an mpiexec inside an mpiexec (4.1: "does not
+        # support recursive calls"; 5: the inner one loses the oversubscribe setting)
+        local launch=("${MPIEXEC[@]}" -n "$n")
+        [ "$n" = 1 ] && [ -z "${MPILOCAL_MPIEXEC:-}" ] && launch=()
+        local cmd=(${launch[@]+"${launch[@]}"} "$PY" -m pytest --with-mpi -p no:cacheprovider -q "--color=$color"
                    "--timeout=$PER_TEST_TIMEOUT" --timeout-method=thread ${paths[@]+"${paths[@]}"} ${pytest_extra[@]+"${pytest_extra[@]}"})
         say "=== $n rank(s): ${cmd[*]}"
         t0=$SECONDS

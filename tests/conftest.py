@@ -377,6 +377,8 @@ class _RankReport:
         for nodeid, ranks in sorted(failed_on.items()):
             terminalreporter.write_line(f"failed: {nodeid}: rank(s) {', '.join(map(str, sorted(ranks)))}")
         for nodeid, d in sorted(differs.items()):
+            if nodeid in failed_on:  # listed above
+                continue
             how = "; ".join(f"{c} on rank(s) {', '.join(map(str, sorted(rs)))}" for c, rs in d.items())
             terminalreporter.write_line(f"differs: {nodeid}: {how}")
 
