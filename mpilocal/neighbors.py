@@ -160,10 +160,9 @@ def _halo_plan(x_shape, d, g, w, bnd):
 
 def halo_1d(x, d, g, w, bnd, name="halo_exchange"):
     """The padded local array (plain arrays; checks already done). **Collective** over ``g``."""
-    xp = _arrays.namespace(x)
     shape, wl, wr, left, right = _halo_plan(x.shape, d, g, w, bnd)
     n = x.shape[d]
-    out = xp.empty(shape, dtype=x.dtype)
+    out = functional._empty(x, shape)  # NumPy: pooled warm pages (large halos: no page faults)
     out[_sl(x.ndim, d, slice(wl, wl + n))] = x
     if w == 0:
         return out
@@ -324,11 +323,29 @@ def _halo_local(x, group, tensor_dim, width, boundary, caller):
 
 
 def _halo_dtensor(x, mdims, tdims, widths, bnds, caller):
-    """DTensor input: every check is on global metadata (the same verdict on every rank)."""
+    """DTensor input: every check is on global metadata (the same verdict on every rank). The plan
+    (groups, dims, widths) is cached on the mesh per (placements, global shape, arguments)."""
     mesh = x._mesh
     local = x.to_local()  # Tracked when x requires grad: the halo is differentiable
     if mesh._coordinate is None:
         return local
+    try:
+        key = (x._placements, x.shape, tuple(mdims), tuple(tdims), tuple(widths),
+               tuple((type(b), repr(b)) for b in bnds))
+        cache = mesh.__dict__.setdefault("_halo_plans", {})
+        plan = cache.get(key)
+    except TypeError:  # unhashable arguments: checked (and rejected) below
+        key, plan = None, None
+    if plan is None:
+        plan = _halo_dtensor_plan(x, mesh, mdims, tdims, widths, bnds, caller)
+        if key is not None and len(cache) < 256:
+            cache[key] = plan
+    for d, g, w, b in plan:
+        local = _halo_any(local, d, g, w, b)
+    return local
+
+
+def _halo_dtensor_plan(x, mesh, mdims, tdims, widths, bnds, caller):
     ndim = x.ndim
     plan = []
     for m, td, w, b in zip(mdims, tdims, widths, bnds):
@@ -355,9 +372,7 @@ def _halo_dtensor(x, mdims, tdims, widths, bnds, caller):
     shape = x.shape
     for m, d, w, b in plan:
         _check_rows(shard_rows(shape, mesh, x._placements, m, d), w, mesh.mesh.shape[m], b == "periodic", d, caller)
-    for m, d, w, b in plan:
-        local = _halo_any(local, d, group_for(mesh.get_group(m)), w, b)
-    return local
+    return [(d, group_for(mesh.get_group(m)), w, b) for m, d, w, b in plan]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,11 +380,12 @@ def _halo_dtensor(x, mdims, tdims, widths, bnds, caller):
 # ------------------------------------------------------------------------------------------------
 def permute_raw(x, pairs, g, name="permute"):
     """``x`` moved along ``pairs`` ``[(src, dst)]`` (checked); zeros where nothing arrives. **Collective.**"""
-    xp = _arrays.namespace(x)
     me = g.rank
     sends = [(dst, x) for src, dst in pairs if src == me]
     srcs = [src for src, dst in pairs if dst == me]
-    out = xp.empty(x.shape, dtype=x.dtype) if srcs else xp.zeros(x.shape, dtype=x.dtype)
+    out = functional._empty(x, x.shape)
+    if not srcs:
+        out[...] = 0
     recvs = [(s, out) for s in srcs]
     _exchange(name, x, sends, recvs, g, pairs=zlib.crc32(repr(sorted(pairs)).encode()) if name != "send_recv" else 0)
     return out
@@ -528,43 +544,57 @@ def stencil(func=None, *, halo=1, boundary="periodic"):
     if not callable(func):
         raise TypeError(f"stencil: func must be callable, got {type(func).__name__}")
 
+    cache: dict = {}  # per layout of the arguments: (halo plans, the local_map-wrapped function)
+
     @functools.wraps(func)
     def wrapped(*args):
         from .dtensor import DTensor
-        from .local_map import local_map
 
-        caller = "stencil"
-        first = next((a for a in args if type(a) is DTensor), None)
-        if first is None:
-            raise TypeError(f"stencil: {getattr(func, '__name__', 'func')} got no DTensor argument")
-        mesh = first._mesh
-        plans = []
-        for a in args:
-            if type(a) is not DTensor:
-                plans.append(None)
-                continue
-            if a._mesh != mesh:
-                raise ValueError("stencil: every DTensor argument must live on the same device mesh")
-            plans.append(_stencil_plan(a, halo, boundary, caller))
-        i0 = next(i for i, a in enumerate(args) if a is first)
-        local_shape = tuple(first._local.shape)
-
-        def local(*xs):
-            padded = []
-            for x, p in zip(xs, plans):
-                for _, d, w, b, g in p or ():
-                    x = _halo_any(x, d, g, w, b)
-                padded.append(x)
-            res = func(*padded)
-            if isinstance(res, (tuple, list)):
-                raise TypeError(f"stencil: {getattr(func, '__name__', 'func')} must return one array (the new "
-                                f"field); for several outputs use local_map with halo_exchange inside")
-            return _interior(res, local_shape, plans[i0], caller)
-
-        in_pl = tuple(a._placements if type(a) is DTensor else None for a in args)
-        return local_map(local, out_placements=list(first._placements), in_placements=in_pl)(*args)
+        key = tuple((id(a._mesh), a._placements, a.shape) if type(a) is DTensor else None for a in args)
+        hit = cache.get(key)
+        if hit is None or any(type(a) is DTensor and a._mesh is not hit[2] for a in args):
+            hit = cache[key] = _stencil_build(func, args, halo, boundary)
+        return hit[1](*args)
 
     return wrapped
+
+
+def _stencil_build(func, args, halo, boundary):
+    """(halo plans, local_map-wrapped function, mesh) of a stencil for one layout of ``args``."""
+    from .dtensor import DTensor
+    from .local_map import local_map
+
+    caller = "stencil"
+    name = getattr(func, "__name__", "func")
+    first = next((a for a in args if type(a) is DTensor), None)
+    if first is None:
+        raise TypeError(f"stencil: {name} got no DTensor argument")
+    mesh = first._mesh
+    plans = []
+    for a in args:
+        if type(a) is not DTensor:
+            plans.append(None)
+            continue
+        if a._mesh != mesh:
+            raise ValueError("stencil: every DTensor argument must live on the same device mesh")
+        plans.append(_stencil_plan(a, halo, boundary, caller))
+    i0 = next(i for i, a in enumerate(args) if a is first)
+    local_shape = tuple(first._local.shape)
+
+    def local(*xs):
+        padded = []
+        for x, p in zip(xs, plans):
+            for _, d, w, b, g in p or ():
+                x = _halo_any(x, d, g, w, b)
+            padded.append(x)
+        res = func(*padded)
+        if isinstance(res, (tuple, list)):
+            raise TypeError(f"stencil: {name} must return one array (the new field); for several outputs use "
+                            f"local_map with halo_exchange inside")
+        return _interior(res, local_shape, plans[i0], caller)
+
+    in_pl = tuple(a._placements if type(a) is DTensor else None for a in args)
+    return plans, local_map(local, out_placements=list(first._placements), in_placements=in_pl), mesh
 
 
 def _stencil_plan(a, halo, boundary, caller):

@@ -1,0 +1,247 @@
+"""Halo exchange and a heat-equation step: mpilocal against hand-written mpi4py (and raw NCCL).
+
+    mpiexec -n 2 python scripts/bench_halo.py [--device cpu|cuda] [--target-time 0.3] [--out table.md]
+
+Part 1, halo exchange along dim 0 of a 1-D mesh (periodic, one message to each neighbour per
+call; "bytes" is the size of one halo message, ``width * cols * itemsize``, float64):
+
+* ``raw Sendrecv``: two ``comm.Sendrecv`` calls (to the left, to the right) on preallocated, padded
+  buffers (mpi4py buffer mode; device buffers for a CUDA-aware MPI with ``--device cuda``);
+* ``raw NCCL`` (``--device cuda`` with CuPy): ``cupy.cuda.nccl`` grouped send/recv of the same bytes,
+  preallocated, with a stream synchronize per call;
+* ``raw + pad``: ``raw Sendrecv`` plus building a new padded array (``np.empty`` + copying the
+  interior): what an API that returns a new padded array must also do;
+* ``mpilocal``: ``funcol.halo_exchange(X, 0, 0, width, "periodic")`` on a DTensor (new padded array;
+  counted, watched, fingerprinted), with a stream synchronize per call on GPUs.
+
+Part 2, one explicit step of the 2-D heat equation on the mesh of ``heat2d.py`` (zero boundary):
+``mpilocal.stencil`` against a hand-written mpi4py version (persistent padded arrays, a Cartesian
+communicator, Sendrecv of rows and of packed columns, NumPy update).
+
+Time: back-to-back iterations after warm-up, the slowest rank's mean. Rank 0 prints markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import mpilocal
+import mpilocal.functional as funcol
+from mpilocal import Shard, distribute_tensor, init_device_mesh
+
+COMM = MPI.COMM_WORLD
+RANK, W = COMM.Get_rank(), COMM.Get_size()
+
+
+def timeit(fn, target, sync=lambda: None, max_iters=20000):
+    """Mean seconds per call, the slowest rank's (calls issued by every rank alike)."""
+    for _ in range(3):
+        fn()
+    sync()
+    COMM.Barrier()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    one = COMM.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+    iters = int(max(3, min(max_iters, target / max(one, 1e-7))))
+    iters = COMM.bcast(iters, root=0)
+    COMM.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    dt = (time.perf_counter() - t0) / iters
+    return COMM.allreduce(dt, op=MPI.MAX)
+
+
+def human(b):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if b < 1024:
+            return f"{b:g} {unit}"
+        b /= 1024
+    return f"{b:g} TiB"
+
+
+def halo_cases(small_only):
+    # (cols, width, rows per shard): small messages (latency) and large (bandwidth)
+    cases = [(8, 1, 64), (8, 3, 64), (128, 1, 64), (1024, 2, 64)]
+    if not small_only:
+        cases += [(16384, 8, 64), (131072, 4, 16), (131072, 16, 32), (131072, 64, 128)]
+    return cases
+
+
+def bench_halo(args, xp, cp):
+    mesh = init_device_mesh(args.device, (W,))
+    left, right = (RANK - 1) % W, (RANK + 1) % W
+    sync = (lambda: cp.cuda.get_current_stream().synchronize()) if cp is not None else (lambda: None)
+    nccl_comm = None
+    if cp is not None:
+        try:
+            from cupy.cuda import nccl
+
+            uid = COMM.bcast(nccl.get_unique_id() if RANK == 0 else None, root=0)
+            nccl_comm = nccl.NcclCommunicator(W, uid, RANK)
+        except Exception as e:  # noqa: BLE001
+            if RANK == 0:
+                print(f"(no raw NCCL column: {e})")
+    cuda_aware = cp is None or mpilocal.transport.detect.mpi_cuda_aware()[0]
+    rows = []
+    for cols, w, n in halo_cases(args.small_only):
+        X = distribute_tensor(xp.ones((n * W, cols)), mesh, [Shard(0)])
+        x = X.to_local()
+        pad = xp.empty((n + 2 * w, cols))
+        pad[w:w + n] = x
+        nbytes = w * cols * 8
+        res = {}
+
+        def raw():
+            COMM.Sendrecv(x[:w], left, 11, pad[w + n:], right, 11)
+            COMM.Sendrecv(x[n - w:], right, 12, pad[:w], left, 12)
+
+        def raw_pad():
+            p = np.empty((n + 2 * w, cols))
+            p[w:w + n] = x
+            COMM.Sendrecv(x[:w], left, 11, p[w + n:], right, 11)
+            COMM.Sendrecv(x[n - w:], right, 12, p[:w], left, 12)
+
+        if cp is None:
+            res["raw Sendrecv"] = timeit(raw, args.target_time)
+            res["raw + pad"] = timeit(raw_pad, args.target_time)
+        elif cuda_aware:
+            res["raw Sendrecv"] = timeit(lambda: (sync(), raw()), args.target_time, sync)
+        if nccl_comm is not None:
+            from cupy.cuda import nccl
+
+            s = cp.cuda.get_current_stream().ptr
+
+            def raw_nccl():
+                nccl.groupStart()
+                nccl_comm.send(x[:w].data.ptr, nbytes, nccl.NCCL_UINT8, left, s)
+                nccl_comm.recv(pad[w + n:].data.ptr, nbytes, nccl.NCCL_UINT8, right, s)
+                nccl_comm.send(x[n - w:].data.ptr, nbytes, nccl.NCCL_UINT8, right, s)
+                nccl_comm.recv(pad[:w].data.ptr, nbytes, nccl.NCCL_UINT8, left, s)
+                nccl.groupEnd()
+
+            res["raw NCCL"] = timeit(raw_nccl, args.target_time, sync)
+        res["mpilocal"] = timeit(lambda: funcol.halo_exchange(X, 0, 0, w, "periodic"), args.target_time, sync)
+        rows.append((cols, w, n, nbytes, res))
+    return rows
+
+
+def heat_mesh(n):
+    p0 = int(math.isqrt(n))
+    while n % p0:
+        p0 -= 1
+    return (n // p0, p0)
+
+
+def bench_heat(args, xp, cp):
+    p = heat_mesh(W)
+    mesh = init_device_mesh(args.device, p)
+    sync = (lambda: cp.cuda.get_current_stream().synchronize()) if cp is not None else (lambda: None)
+    nu = 0.2
+    out = []
+    for N in args.heat_sizes:
+        u0 = np.random.default_rng(0).random((N, N))
+        step = mpilocal.stencil(lambda u: u[1:-1, 1:-1] + nu * (u[2:, 1:-1] + u[:-2, 1:-1] + u[1:-1, 2:]
+                                                                + u[1:-1, :-2] - 4 * u[1:-1, 1:-1]), boundary=0.0)
+        state = {"U": distribute_tensor(xp.asarray(u0), mesh, [Shard(0), Shard(1)])}
+
+        def ml():
+            state["U"] = step(state["U"])
+
+        t_ml = timeit(ml, args.target_time, sync)
+        # hand-written: Cartesian communicator, persistent padded arrays, Sendrecv rows and packed columns
+        cart = COMM.Create_cart(p, periods=[False, False])
+        c = cart.Get_coords(cart.Get_rank())
+        (up, down), (lf, rt) = cart.Shift(0, 1), cart.Shift(1, 1)
+        s0 = [N // p[0] + (i < N % p[0]) for i in range(p[0])]
+        s1 = [N // p[1] + (i < N % p[1]) for i in range(p[1])]
+        n0, n1 = s0[c[0]], s1[c[1]]
+        o0, o1 = sum(s0[:c[0]]), sum(s1[:c[1]])
+        a = xp.zeros((n0 + 2, n1 + 2))
+        a[1:-1, 1:-1] = xp.asarray(u0[o0:o0 + n0, o1:o1 + n1])
+        b = xp.zeros_like(a)
+        sc, rc = xp.empty(n0 + 2), xp.empty(n0 + 2)
+
+        def hand():
+            nonlocal a, b
+            sync()
+            cart.Sendrecv(a[1], up, 1, a[-1], down, 1)
+            cart.Sendrecv(a[-2], down, 2, a[0], up, 2)
+            sc[...] = a[:, 1]
+            cart.Sendrecv(sc, lf, 3, rc, rt, 3)
+            if rt != MPI.PROC_NULL:
+                a[:, -1] = rc
+            sc[...] = a[:, -2]
+            cart.Sendrecv(sc, rt, 4, rc, lf, 4)
+            if lf != MPI.PROC_NULL:
+                a[:, 0] = rc
+            b[1:-1, 1:-1] = a[1:-1, 1:-1] + nu * (a[2:, 1:-1] + a[:-2, 1:-1] + a[1:-1, 2:] + a[1:-1, :-2]
+                                                  - 4 * a[1:-1, 1:-1])
+            a, b = b, a
+
+        t_hand = timeit(hand, args.target_time, sync) if (cp is None or mpilocal.transport.detect.mpi_cuda_aware()[0]) \
+            else float("nan")
+        cart.Free()
+        out.append((N, p, t_ml, t_hand))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--target-time", type=float, default=0.3)
+    ap.add_argument("--small-only", action="store_true")
+    ap.add_argument("--heat-sizes", type=int, nargs="*", default=[128, 1024])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    cp = None
+    xp = np
+    if args.device == "cuda":
+        import cupy as cp
+
+        xp = cp
+    halo = bench_halo(args, xp, cp)
+    heat = bench_heat(args, xp, cp)
+    if RANK:
+        return 0
+    lines = [f"- {W} ranks, {MPI.Get_library_version().splitlines()[0].strip()}, device {args.device}, "
+             f"{platform.node()}, Python {platform.python_version()}, NumPy {np.__version__}, "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
+             f"- command: `mpiexec -n {W} python {' '.join(sys.argv)}`"
+             f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})", ""]
+    cols = [c for c in ("raw Sendrecv", "raw NCCL", "raw + pad", "mpilocal") if any(c in r[4] for r in halo)]
+    lines.append("| halo message | cols x width (rows/shard) | " + " | ".join(f"{c} (µs)" for c in cols)
+                 + " | mpilocal − raw (µs) | raw/mpilocal | (raw+pad)/mpilocal |")
+    lines.append("|---" * (len(cols) + 5) + "|")
+    for cl, w, n, nbytes, res in halo:
+        raw = res.get("raw NCCL") if args.device == "cuda" and "raw NCCL" in res else res.get("raw Sendrecv")
+        ml = res["mpilocal"]
+        rp = res.get("raw + pad")
+        lines.append(f"| {human(nbytes)} | {cl} x {w} ({n}) | " + " | ".join(f"{1e6 * res[c]:.1f}" if c in res else "–"
+                                                                      for c in cols)
+                     + f" | {1e6 * (ml - raw):+.1f} | {100 * raw / ml:.0f}% | "
+                     + (f"{100 * rp / ml:.0f}% |" if rp else "– |"))
+    lines += ["", "| heat step, grid | mesh | mpilocal.stencil (µs/step) | hand-written mpi4py (µs/step) | ratio |",
+              "|---|---|---|---|---|"]
+    for N, p, t_ml, t_hand in heat:
+        lines.append(f"| {N} x {N} | {p[0]} x {p[1]} | {1e6 * t_ml:.1f} | {1e6 * t_hand:.1f} | {t_ml / t_hand:.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
