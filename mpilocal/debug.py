@@ -31,7 +31,34 @@ def active() -> bool:
     return bool(_ACTIVE)
 
 
+_BOOK_AS: dict = {}  # collective name -> the name it is booked under (set by counted_as)
+
+
+class counted_as:
+    """``with counted_as("all_reduce", "all_reduce_coalesced"):`` books the collectives named
+    ``inner`` that run inside the block under ``outer`` (a public call built on an internal one)."""
+
+    __slots__ = ("inner", "outer", "prev")
+
+    def __init__(self, inner: str, outer: str):
+        self.inner, self.outer = inner, outer
+
+    def __enter__(self):
+        self.prev = _BOOK_AS.get(self.inner)
+        _BOOK_AS[self.inner] = self.outer
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev is None:
+            _BOOK_AS.pop(self.inner, None)
+        else:
+            _BOOK_AS[self.inner] = self.prev
+        return False
+
+
 def record(name: str, nbytes: int) -> None:
+    if _BOOK_AS:
+        name = _BOOK_AS.get(name, name)
     for mode in _ACTIVE:
         mode._counts[name] += 1
         mode._bytes[name] += nbytes

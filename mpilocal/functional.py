@@ -803,3 +803,186 @@ def _release_group(g) -> None:
 from .transport import register_release_hook as _register_release_hook  # noqa: E402
 
 _register_release_hook("10-functional", _release_group)
+
+
+# ------------------------------------------------------------------------------------------------
+# coalesced collectives: a list of arrays in one collective (PyTorch's *_coalesced)
+# ------------------------------------------------------------------------------------------------
+# Rule: the arrays are packed into one buffer and moved by ONE collective, booked once by
+# CommDebugMode under the coalesced name. Gathers move bytes, so any mix of dtypes is one
+# collective. Reductions need one dtype per buffer: arrays of one dtype are one collective, and a
+# list mixing k dtypes is k collectives (one per dtype, in order of first appearance, each booked).
+# Not differentiable: under local_map's autograd they raise NotImplementedError.
+__all__ += ["all_reduce_coalesced", "all_gather_into_tensor_coalesced", "reduce_scatter_tensor_coalesced"]
+
+
+def _coalesced_list(inputs, caller) -> list:
+    if not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"{caller}: inputs must be a list of NumPy or CuPy arrays, got {type(inputs).__name__}; "
+                        f"for one array use {caller[:-len('_coalesced')]}")
+    xs = list(inputs)
+    if any(type(x) is Tracked for x in xs):
+        raise NotImplementedError(
+            f"{caller} is not differentiable; inside local_map with inputs that require grad, call "
+            f"{caller[:-len('_coalesced')]} once per array (each of those is differentiable)"
+        )
+    for i, x in enumerate(xs):
+        _arrays.require_array(x, caller, f"inputs[{i}]")
+    kinds = {_arrays.kind_name(x) for x in xs}
+    if len(kinds) > 1:
+        raise TypeError(f"{caller}: inputs mix NumPy and CuPy arrays; pass arrays of one kind")
+    return xs
+
+
+def _coalesced_agree(g, caller, err, xs, params):
+    """Agree on the local checks' verdict and on the list (count, shapes, dtypes, kinds, parameters):
+    every rank raises the same error when they differ. Collective over ``g``."""
+    meta = None
+    if err is None:
+        sig = repr([(tuple(x.shape), x.dtype.str, _arrays.kind_name(x)) for x in xs])
+        meta = np.zeros(META_WIDTH, dtype=np.int64)
+        meta[0] = len(xs)
+        meta[1] = zlib.crc32(sig.encode())
+        meta[2] = zlib.crc32(repr(params).encode())
+    rows = failure.agree(g, caller, err, meta)
+    if rows is None:
+        return
+    bad = [r for r in range(len(rows)) if not np.array_equal(rows[r, :3], rows[0, :3])]
+    if bad:
+        r = bad[0]
+        what = ("parameters " + ", ".join(f"{k}={v!r}" for k, v in params.items())) if \
+            np.array_equal(rows[r, :2], rows[0, :2]) else "list of arrays"
+        raise ValueError(
+            f"{caller}: group rank {r} passes a different {what} than group rank 0 ({int(rows[r, 0])} vs "
+            f"{int(rows[0, 0])} arrays, or other shapes, dtypes or kinds); every rank must pass the same number "
+            f"of arrays, with the same shapes and dtypes in the same order, and the same parameters"
+        )
+
+
+def _by_dtype(xs) -> list:
+    """[(dtype, [indices])] in order of first appearance."""
+    groups: dict = {}
+    for i, x in enumerate(xs):
+        groups.setdefault(x.dtype, []).append(i)
+    return list(groups.items())
+
+
+def all_reduce_coalesced(inputs, reduceOp: str, group, tag: str = "") -> list:
+    """:func:`all_reduce` of each array of ``inputs`` (a list), packed into one buffer: one collective
+    for arrays of one dtype (one per dtype for a mix). **Collective**; every rank passes arrays of the
+    same shapes and dtypes in the same order. Returns a list of new arrays."""
+    caller = "all_reduce_coalesced"
+    g = resolve_group(group, caller)
+    xs, op = [], None
+    try:
+        xs = _coalesced_list(inputs, caller)
+        op = normalize_op(reduceOp, caller)
+        for x in xs:
+            check_op_dtype(op, x.dtype, caller)
+        err = None
+    except (TypeError, ValueError, NotImplementedError) as e:
+        err = e
+    _coalesced_agree(g, caller, err, xs, {"reduceOp": op})
+    out = [None] * len(xs)
+    with debug.counted_as("all_reduce", caller):
+        for dt, idx in _by_dtype(xs):
+            n = sum(xs[i].size for i in idx)
+            flat = _empty(xs[idx[0]], (n,))
+            pos = 0
+            for i in idx:
+                flat[pos:pos + xs[i].size] = xs[i].reshape(-1)
+                pos += xs[i].size
+            red = reduce(flat, op, g)
+            pos = 0
+            for i in idx:
+                out[i] = red[pos:pos + xs[i].size].reshape(xs[i].shape)
+                pos += xs[i].size
+    return out
+
+
+def all_gather_into_tensor_coalesced(inputs, group, tag: str = "") -> list:
+    """:func:`all_gather_tensor` along dim 0 of each array of ``inputs`` (a list), as bytes in one
+    buffer: always one collective, whatever the dtypes. **Collective**; every rank passes arrays of
+    the same shapes and dtypes in the same order (as PyTorch). Returns a list of new arrays, each
+    ``group size`` times longer along dim 0."""
+    caller = "all_gather_into_tensor_coalesced"
+    g = resolve_group(group, caller)
+    xs = []
+    try:
+        xs = _coalesced_list(inputs, caller)
+        for i, x in enumerate(xs):
+            _norm_dim(0, x.ndim, f"{caller}: inputs[{i}]", "gather dim")
+            check_movable(x.dtype, caller)
+        err = None
+    except (TypeError, ValueError, NotImplementedError) as e:
+        err = e
+    _coalesced_agree(g, caller, err, xs, {})
+    if not xs:
+        return []
+    nbytes = [x.nbytes for x in xs]
+    total = sum(nbytes)
+    send = _empty(xs[0], (total,), np.uint8)
+    pos = 0
+    for x, nb in zip(xs, nbytes):
+        if nb:
+            send[pos:pos + nb] = _contiguous(x).reshape(-1).view(np.uint8)
+        pos += nb
+    with debug.counted_as("all_gather_into_tensor", caller):
+        recv = gather(send, 0, g, [total] * g.size).reshape(g.size, total)
+    xp = _arrays.namespace(send)
+    out, pos = [], 0
+    for x, nb in zip(xs, nbytes):
+        block = xp.ascontiguousarray(recv[:, pos:pos + nb])
+        out.append(block.view(x.dtype).reshape((g.size * x.shape[0],) + tuple(x.shape[1:])))
+        pos += nb
+    return out
+
+
+def reduce_scatter_tensor_coalesced(inputs, reduceOp: str, scatter_dim, group, tag: str = "") -> list:
+    """:func:`reduce_scatter_tensor` of each array of ``inputs`` (a list) along its ``scatter_dim``
+    (a list, one dim per array, as PyTorch; an int applies to all), packed into one buffer so that
+    rank r's block holds its piece of every array: one collective for arrays of one dtype (one per
+    dtype for a mix). Pieces follow ``torch.chunk``, so dims need not divide evenly. **Collective**;
+    every rank passes the same shapes, dtypes and dims. Returns a list of new arrays."""
+    caller = "reduce_scatter_tensor_coalesced"
+    g = resolve_group(group, caller)
+    xs, op, dims = [], None, []
+    try:
+        xs = _coalesced_list(inputs, caller)
+        op = normalize_op(reduceOp, caller)
+        if isinstance(scatter_dim, (int, np.integer)) and not isinstance(scatter_dim, bool):
+            scatter_dim = [scatter_dim] * len(xs)
+        if not isinstance(scatter_dim, (list, tuple)) or len(scatter_dim) != len(xs):
+            raise ValueError(f"{caller}: scatter_dim must be a list of one dim per array ({len(xs)}), got "
+                             f"{scatter_dim!r}")
+        for i, (x, d) in enumerate(zip(xs, scatter_dim)):
+            check_op_dtype(op, x.dtype, caller)
+            dims.append(_norm_dim(d, x.ndim, f"{caller}: inputs[{i}]", "scatter_dim"))
+        err = None
+    except (TypeError, ValueError, NotImplementedError) as e:
+        err = e
+    _coalesced_agree(g, caller, err, xs, {"reduceOp": op, "scatter_dim": dims})
+    out = [None] * len(xs)
+    k, me = g.size, g.rank
+    with debug.counted_as("reduce_scatter_tensor", caller):
+        for dt, idx in _by_dtype(xs):
+            lead = {i: _leading(xs[i], dims[i]) for i in idx}
+            sizes = {i: chunk_sizes(lead[i].shape[0], k) for i in idx}
+            inner = {i: math.prod(lead[i].shape[1:]) for i in idx}
+            counts = [sum(sizes[i][r] * inner[i] for i in idx) for r in range(k)]
+            send = _empty(xs[idx[0]], (sum(counts),))
+            pos = 0
+            for r in range(k):
+                for i in idx:
+                    off, n = sum(sizes[i][:r]), sizes[i][r]
+                    if n:
+                        send[pos:pos + n * inner[i]] = lead[i][off:off + n].reshape(-1)
+                    pos += n * inner[i]
+            red = reduce_scatter(send, op, 0, g, counts)
+            pos = 0
+            for i in idx:
+                n = sizes[i][me] * inner[i]
+                piece = red[pos:pos + n].reshape((sizes[i][me],) + tuple(lead[i].shape[1:]))
+                out[i] = _restore(piece, dims[i])
+                pos += n
+    return out
