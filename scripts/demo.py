@@ -26,7 +26,11 @@ What it does, on a mesh with dims ("dp", "tp"):
    and the loss must fall.
 
 Every step runs under ``CommDebugMode``; rank 0 prints the collectives it issued (counts and the
-bytes this rank sent) and the metadata agreements (global-shape inference), counted apart.
+bytes this rank sent) and, counted apart, the metadata agreements: small all-gathers of shapes and
+verdicts, not array data (``argument_check``: every rank's arguments passed the checks, so a bad one
+raises on every rank; ``input_check``: every rank passes the source's global shape and dtype;
+``shape_agreement``: a global shape inferred from the local shapes). Each kind is explained in the
+output the first time it appears.
 """
 
 from __future__ import annotations
@@ -70,17 +74,32 @@ def describe(name: str, t: DTensor) -> str:
             f"rank 0's shard {tuple(t.to_local().shape)}")
 
 
+# CommDebugMode counts metadata agreements apart from the collectives that move array data: each is one
+# small all-gather of shapes, dtypes or verdicts (a few hundred bytes). What the demo's kinds mean:
+METADATA_KINDS = {
+    "argument_check": "every rank's arguments passed the checks; a bad one raises on all ranks",
+    "input_check": "every rank passes the source's global shape and dtype",
+    "shape_agreement": "the global shape, inferred from the local shapes",
+    "run_check": "from_local(run_check=True): dtypes and shapes agree across the mesh",
+}
+_explained: set = set()
+
+
 def report(step: str, mode: CommDebugMode) -> None:
     counts = mode.get_comm_counts()
     nbytes = mode.get_comm_bytes()
-    meta = mode.get_metadata_counts()
+    meta = {k: v for k, v in mode.get_metadata_counts().items() if v}
     if counts:
-        comm = ", ".join(f"{k} x{v} ({nbytes.get(k, 0)} B)" for k, v in sorted(counts.items()))
+        comm = ", ".join(f"{k} x{v} ({nbytes.get(k, 0)} B)" for k, v in sorted(counts.items()) if v)
     else:
         comm = "none"
     say(f"   comm [{step}]: {mode.get_total_counts()} collective(s): {comm}")
     if meta:
         say(f"   metadata [{step}]: " + ", ".join(f"{k} x{v}" for k, v in sorted(meta.items())))
+        for k in sorted(meta):  # the first time a kind shows up, say what it is
+            if k not in _explained:
+                _explained.add(k)
+                say(f"      ({k}: {METADATA_KINDS.get(k, 'a metadata agreement, not array data')})")
 
 
 def check(name: str, actual, expected) -> None:
@@ -104,7 +123,8 @@ def main() -> int:
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
     say(f"mpilocal {getattr(mpilocal, '__version__', '?')}: {world} rank(s), "
         f"mesh {mesh.shape} with dims {mesh.mesh_dim_names}")
-    say(f"   {MPI.Get_library_version().splitlines()[0].strip()}")
+    lib = MPI.Get_library_version().strip().splitlines()[0].split(",")[0].replace("Version:", "")
+    say("   " + " ".join(lib.split()))  # "MPICH 5.0.2", "Open MPI v4.1.4"
 
     # The same global arrays on every rank (same seed); distribute_tensor sends rank 0's copy.
     rng = np.random.default_rng(0)
