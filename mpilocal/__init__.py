@@ -9,7 +9,7 @@ from . import failure as _failure
 _failure.install()  # first, so its exit handler runs last: abort on uncaught errors, deadlines (see failure.py)
 
 from .debug import CommDebugMode  # noqa: E402
-from .dtensor import DTensor, distribute_tensor
+from .dtensor import DTensor, distribute_tensor, local_shape_and_offset
 from .local_map import local_map
 from . import autograd  # noqa: E402  (mpilocal.autograd: Tracked, Function; DTensor gradients)
 from .mesh import DeviceMesh, init_device_mesh
@@ -23,6 +23,7 @@ __all__ = [
     "init_device_mesh",
     "DTensor",
     "distribute_tensor",
+    "local_shape_and_offset",
     "Shard",
     "Replicate",
     "Partial",

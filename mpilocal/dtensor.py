@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import copy as _copy
 import math
+import zlib
 from functools import lru_cache
 
 import numpy as np
 
 from . import _arrays, failure, functional
-from .layout import (check_local_shapes, global_shape_from_locals, local_shape_and_offset, local_slices,
+from .layout import (global_shape_from_locals, local_shape_and_offset as _layout_shape_and_offset, local_slices,
                      mesh_coords, normalize_placements)
 from .mesh import DeviceMesh, current_mesh, init_device_mesh
 from .placement import Partial, Replicate, Shard
-from .redistribute import mesh_groups, redistribute_local
+from .redistribute import mesh_groups, redistribute_local, to_partial
 from .transport import group_for
 from .autograd.engine import Leaf
 from .autograd.tracked import Tracked
 
-__all__ = ["DTensor", "distribute_tensor"]
+__all__ = ["DTensor", "distribute_tensor", "local_shape_and_offset"]
 
 _DEFAULT_MESH: dict = {}
 
@@ -91,10 +93,294 @@ def _check_mesh(mesh, caller):
         raise TypeError(f"{caller}: device_mesh must be a DeviceMesh, got {type(mesh).__name__}")
 
 
+def _check_dtype_arg(dtype, caller, what):
+    if dtype is None:
+        return None
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{caller}: {what} must be a NumPy dtype (e.g. np.float32) or None, got {dtype!r}") from None
+
+
+def _cast(local, dtype):
+    """``local`` as ``dtype`` (a new array; ``local`` itself when it already has that dtype)."""
+    return local if dtype is None or local.dtype == dtype else local.astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# metadata rows: what the ranks of a mesh exchange to agree on local shards (from_local's shape
+# inference, run_check, distribute_tensor's input check), all in one fixed-width int64 row:
+#   [ndim, code, local shape (ndim entries), 0 ..., dtype name (the last 16 bytes)]
+#   code = crc32 of the dtype | flags << 32 | 23-bit hash of the given global shape << 40
+# An erroring rank sends its exception instead: [0, _F_ERROR << 32, "TypeName\0message" bytes].
+# ------------------------------------------------------------------------------------------------
+_F_ERROR = 1     # the rank's local argument checks failed; the row carries its message
+_F_GRAD = 2      # the local array requires grad
+_F_SHAPE = 4     # shape= was given (its hash is in the code)
+_F_NONE = 8      # distribute_tensor: the rank passed None
+_F_NODTYPE = 16  # the dtype's name does not fit the row (structured dtypes)
+_NAME_SLOTS = 2  # int64 slots at the end of a row for the dtype name
+
+
+@lru_cache(maxsize=1024)
+def _meta_row(shape: tuple, dtype, flags: int = 0, given=None) -> np.ndarray:
+    """The (read-only) metadata row of a local array of ``shape`` and ``dtype``."""
+    width = functional.META_WIDTH
+    v = np.zeros(width, dtype=np.int64)
+    n = len(shape)
+    v[0] = n
+    v[2:2 + n] = shape
+    name = dtype.str.encode() if dtype.fields is None and dtype.subdtype is None else b""
+    if name and len(name) <= 8 * _NAME_SLOTS and n + 2 <= width - _NAME_SLOTS:
+        v[width - _NAME_SLOTS:].view(np.uint8)[:len(name)] = np.frombuffer(name, np.uint8)
+    else:
+        flags |= _F_NODTYPE
+    code = zlib.crc32((dtype.str + str(dtype)).encode()) | (flags << 32)
+    if given is not None:
+        code |= (zlib.crc32(repr(tuple(given)).encode()) & 0x7FFFFF) << 40
+        code |= _F_SHAPE << 32
+    v[1] = code
+    v.flags.writeable = False
+    return v
+
+
+def _error_row(err: BaseException) -> np.ndarray:
+    width = functional.META_WIDTH
+    v = np.zeros(width, dtype=np.int64)
+    v[1] = _F_ERROR << 32
+    raw = f"{type(err).__name__}\0{err}".encode()[:8 * (width - 2)]
+    v[2:].view(np.uint8)[:len(raw)] = np.frombuffer(raw, np.uint8)
+    return v
+
+
+def _row_flags(rows) -> np.ndarray:
+    return (rows[:, 1] >> 32) & 0xFF
+
+
+def _row_dtype(row):
+    """The dtype a row names, or None (structured dtypes do not fit)."""
+    if (int(row[1]) >> 32) & _F_NODTYPE:
+        return None
+    raw = row[len(row) - _NAME_SLOTS:].copy().view(np.uint8).tobytes().rstrip(b"\0")
+    return np.dtype(raw.decode())
+
+
+def _raise_row_error(rows, ranks, caller):
+    """Every rank raises the error of the first rank whose row carries one (same type and text)."""
+    failed = np.flatnonzero(_row_flags(rows) & _F_ERROR)
+    if not failed.size:
+        return
+    r = int(failed[0])
+    raw = rows[r, 2:].copy().view(np.uint8).tobytes().rstrip(b"\0").decode(errors="replace")
+    tname, _, msg = raw.partition("\0")
+    etype = {"TypeError": TypeError, "NotImplementedError": NotImplementedError}.get(tname, ValueError)
+    raise etype(f"{caller}: mesh rank {int(ranks[r])} rejected its arguments ({failed.size} rank(s) failed the "
+                f"checks, so every rank raises): {msg}")
+
+
+def _sharded_dims(pl, mesh_shape):
+    """{tensor dim: [mesh dims of size > 1 that shard it]}"""
+    out = {}
+    for m, p in enumerate(pl):
+        if type(p) is Shard and mesh_shape[m] > 1:
+            out.setdefault(p.dim, []).append(m)
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _expected_locals(shape: tuple, mesh_shape: tuple, pl: tuple) -> np.ndarray:
+    """Every rank's local shape under the torch.chunk layout, ``(mesh size, ndim)`` int64 (read-only)."""
+    coords = mesh_coords(mesh_shape)
+    out = np.array([_layout_shape_and_offset(shape, mesh_shape, pl, c)[0] for c in coords],
+                   dtype=np.int64).reshape(len(coords), len(shape))
+    out.flags.writeable = False
+    return out
+
+
+def _check_rows(rows, mesh, pl, given, caller, *, check_grad=True) -> tuple:
+    """The global shape the gathered metadata ``rows`` imply (``given`` when not None), after checking
+    that they describe one DTensor: no rank failed its argument checks, one ndim, one dtype, one
+    requires_grad, one ``shape=``, and local shapes that follow the ``torch.chunk`` layout of that
+    global shape. Every rank holds the same rows, so every rank raises the same error."""
+    ranks = mesh.mesh.ravel()
+    head = rows[:, :2]
+    if not (head == head[0]).all() or (int(rows[0, 1]) >> 32) & _F_ERROR:
+        _raise_row_error(rows, ranks, caller)
+        nd = rows[:, 0]
+        if (nd != nd[0]).any():
+            r = int(np.flatnonzero(nd != nd[0])[0])
+            raise ValueError(
+                f"{caller}: every rank must pass a local array of the same ndim: mesh rank {int(ranks[0])} passes "
+                f"ndim {int(nd[0])}, mesh rank {int(ranks[r])} ndim {int(nd[r])}"
+            )
+        dt = rows[:, 1] & 0xFFFFFFFF
+        if (dt != dt[0]).any():
+            r = int(np.flatnonzero(dt != dt[0])[0])
+            a, b = _row_dtype(rows[0]), _row_dtype(rows[r])
+            raise ValueError(
+                f"{caller}: every rank must pass a local array of the same dtype: mesh rank {int(ranks[0])} passes "
+                f"{a if a is not None else 'a structured dtype'}, mesh rank {int(ranks[r])} passes "
+                f"{b if b is not None else 'another structured dtype'}; convert with .astype(...) first"
+            )
+        fl = _row_flags(rows)
+        grad = fl & _F_GRAD
+        if check_grad and (grad != grad[0]).any():
+            yes = [int(ranks[i]) for i in np.flatnonzero(grad)]
+            no = [int(ranks[i]) for i in np.flatnonzero(grad == 0)]
+            raise ValueError(
+                f"{caller}: ranks disagree on requires_grad: mesh ranks {yes} pass a local array that requires grad "
+                f"(a tracked array), mesh ranks {no} do not, so they would build different backward graphs; make "
+                f"the local array require grad on every rank or on none"
+            )
+        if ((rows[:, 1] >> 40) != (rows[0, 1] >> 40)).any() or ((fl & _F_SHAPE) != (fl[0] & _F_SHAPE)).any():
+            raise ValueError(
+                f"{caller}: ranks pass different shape= arguments (this rank: {given}); every rank must pass the "
+                f"same global shape, or none"
+            )
+    n = int(rows[0, 0])
+    locals_ = rows[:, 2:2 + n]
+    shape = given
+    if shape is None:
+        # every rank computes it at the same coordinate, so the verdict below is the same everywhere
+        shape = global_shape_from_locals([tuple(int(s) for s in r) for r in locals_], mesh.shape, pl,
+                                         (0,) * mesh.ndim)
+    expected = _expected_locals(tuple(shape), tuple(mesh.shape), tuple(pl))
+    if not np.array_equal(locals_, expected):
+        raise ValueError(_layout_message(caller, tuple(shape), locals_, expected, mesh, pl, given is not None))
+    return tuple(shape)
+
+
+def _block_split(n, k):
+    return [n // k + (r < n % k) for r in range(k)]
+
+
+def _layout_message(caller, shape, locals_, expected, mesh, pl, given):
+    """Why the local shapes do not form a DTensor of ``shape`` with ``pl``, and what to do instead."""
+    ranks = mesh.mesh.ravel()
+    bad = np.flatnonzero((locals_ != expected).any(axis=1))
+    flat = int(bad[0])
+    got, exp = tuple(int(s) for s in locals_[flat]), tuple(int(s) for s in expected[flat])
+    d = next(i for i in range(len(got)) if got[i] != exp[i])
+    sharding = _sharded_dims(pl, mesh.shape)
+    where = f"mesh rank {int(ranks[flat])}"
+    more = f" ({len(bad)} of {len(ranks)} ranks disagree)" if len(bad) > 1 else ""
+    what = "rows" if d == 0 else f"entries along dim {d}"
+    if d not in sharding:
+        src = "the shape= given" if given else f"mesh rank {int(ranks[0])}"
+        return (f"{caller}: {where} holds a local array of shape {got}, but dim {d} is not sharded by placements "
+                f"{list(pl)}, so every rank must hold the global size {shape[d]} there (as {src} says){more}; "
+                f"pass local arrays of one size along unsharded dims")
+    text = (f"{caller}: {where} holds {got[d]} {what}, the torch.chunk rule gives it {exp[d]}: dim {d} of global "
+            f"shape {shape} is sharded by placements {list(pl)}")
+    mdims = sharding[d]
+    if len(mdims) == 1:
+        m = mdims[0]
+        coord = np.unravel_index(flat, mesh.shape)
+        line = [int(np.ravel_multi_index(tuple(i if j == m else c for j, c in enumerate(coord)), mesh.shape))
+                for i in range(mesh.shape[m])]
+        have = [int(locals_[i][d]) for i in line]
+        want = [int(expected[i][d]) for i in line]
+        text += f", so the {mesh.shape[m]} ranks along mesh dim {m} must hold {want} {what}, not {have}"
+        if have == _block_split(sum(have), len(have)) and sum(have) == sum(want):
+            text += (" (that is the MPI block split N//p + (r < N%p), which puts the slack on the first ranks; "
+                     "DTensor's layout, torch.chunk, puts it on the last ones)")
+    text += (f"{more}. Fix: give every rank the rows the chunk rule assigns it (mpilocal.local_shape_and_offset("
+             f"global_shape, mesh, placements) gives each rank's shape and offset), passing shape= consistent with "
+             f"those chunk sizes if you like; or wrap the shards in a layout this library supports (e.g. gather them "
+             f"and wrap as Replicate()) and redistribute")
+    return text
+
+
+class _Pending:
+    """A posted metadata agreement of a DTensor built from local shards: completed (and checked, see
+    :func:`_check_rows`) when the global shape is first needed."""
+
+    __slots__ = ("fut", "caller")
+
+    def __init__(self, fut, caller):
+        self.fut, self.caller = fut, caller
+
+
+def _would_agree(placements, mesh) -> bool:
+    """Whether ranks whose ``from_local`` arguments are valid post a shape agreement (best guess from
+    this rank's possibly invalid ``placements``)."""
+    try:
+        pls = list(placements)
+    except TypeError:
+        return False
+    if len(pls) == mesh.ndim:
+        return any(type(p) is Shard and mesh.shape[i] > 1 for i, p in enumerate(pls))
+    return any(type(p) is Shard for p in pls)
+
+
+# ------------------------------------------------------------------------------------------------
+# operators: not supported yet (no sharding propagation); each raises a TypeError that says what to do
+# ------------------------------------------------------------------------------------------------
+_COMPARISONS = {"__eq__": "==", "__ne__": "!=", "__lt__": "<", "__le__": "<=", "__gt__": ">", "__ge__": ">="}
+_BINARY = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%", "pow": "**",
+           "matmul": "@", "and": "&", "or": "|", "xor": "^", "lshift": "<<", "rshift": ">>", "divmod": "divmod"}
+_UNARY = {"__neg__": "-", "__pos__": "+", "__abs__": "abs", "__invert__": "~"}
+
+
+def _operand(o) -> str:
+    return "DTensor" if type(o) is DTensor else type(o).__name__
+
+
+def _operator_error(expr: str, compare: bool) -> TypeError:
+    hint = ("to compare two DTensors use np.array_equal(A.full_tensor(), B.full_tensor()) (collective), or compare "
+            "the shards A.to_local() and B.to_local() when their placements match" if compare else
+            "e.g. local_map(lambda a, b: a + b, out_placements=..., in_placements=...)(A, B), or compute on "
+            "A.to_local() (this rank's shard; shares memory) and wrap the result with DTensor.from_local")
+    return TypeError(
+        f"{expr}: operators on DTensors are not supported yet (mpilocal has no sharding propagation, so it cannot "
+        f"know the placements of the result). Compute with mpilocal.local_map on the local shards, or on "
+        f".to_local() / .full_tensor() arrays; {hint}"
+    )
+
+
+def _make_comparison(name, sym):
+    def op(self, other):
+        if other is None or isinstance(other, (str, bytes)) or not (
+                type(other) is DTensor or isinstance(other, (int, float, complex, np.generic, list, tuple))
+                or _arrays.is_array(other) or hasattr(other, "__array__")):
+            return NotImplemented  # == / != fall back to identity, as for any object
+        raise _operator_error(f"DTensor {sym} {_operand(other)}", True)
+
+    op.__name__ = name
+    return op
+
+
+def _make_binary(name, sym, how):
+    def op(self, other):
+        if how == "r":
+            expr = f"{_operand(other)} {sym} DTensor" if sym != "divmod" else f"divmod({_operand(other)}, DTensor)"
+        elif how == "i":
+            expr = f"DTensor {sym}= {_operand(other)}"
+        else:
+            expr = f"DTensor {sym} {_operand(other)}" if sym != "divmod" else f"divmod(DTensor, {_operand(other)})"
+        raise _operator_error(expr, False)
+
+    op.__name__ = name
+    return op
+
+
+def _make_unary(name, sym):
+    def op(self):
+        raise _operator_error(f"{sym}(DTensor)" if sym == "abs" else f"{sym}DTensor", False)
+
+    op.__name__ = name
+    return op
+
+
 class DTensor:
     """A distributed array: this rank's shard (``to_local()``), the ``device_mesh`` and the
     ``placements`` (one per mesh dim). Build one with :func:`distribute_tensor` or
-    :meth:`DTensor.from_local`; ``shape`` is the global shape."""
+    :meth:`DTensor.from_local`; ``shape`` is the global shape.
+
+    Operators (``==``, ``+``, ``@``, ...) raise ``TypeError`` until sharding propagation exists:
+    compute with :func:`mpilocal.local_map` or on ``to_local()`` / ``full_tensor()``. A DTensor
+    hashes by identity; ``copy.deepcopy`` copies the shard and shares the mesh; ``pickle`` raises.
+    """
 
     __slots__ = ("_local", "_mesh", "_placements", "_shape", "_future", "_stride", "_ag", "__weakref__")
 
@@ -104,43 +390,39 @@ class DTensor:
         self._mesh = mesh
         self._placements = placements
         self._shape = shape
-        self._future = future
+        self._future = future  # None, or a _Pending shape agreement (then shape is None)
         self._stride = stride
         self._ag = None  # autograd: None, or a GradMeta (see mpilocal.autograd.dtensor_ops)
 
     # -- construction --------------------------------------------------------------------------
     @staticmethod
     def from_local(local_tensor, device_mesh=None, placements=None, *, run_check=False, shape=None, stride=None):
-        """Wrap this rank's shard. **Collective** over the mesh.
+        """Wrap this rank's shard. **Collective** over the mesh when it agrees on shapes (below).
 
-        Without ``shape`` the global shape of sharded dims is agreed from every rank's local size
-        (a non-blocking metadata all-gather, completed when the shape is first needed), so uneven
-        shards are right. ``run_check=True`` verifies dtype, ndim and local shapes across the mesh
-        (raising the same ``ValueError`` on every rank) and broadcasts replicated data from group
-        rank 0 of each Replicate mesh dim, as PyTorch does.
+        The local array is not copied: the DTensor's ``to_local()`` is ``local_tensor`` itself (as in
+        PyTorch), so writing into either changes both.
+
+        Shards of a ``Shard(d)`` placement must follow the ``torch.chunk`` rule (``ceil(n / k)`` per
+        rank, the last ranks shorter or empty; :func:`mpilocal.local_shape_and_offset` gives each
+        rank's shape and offset). Without ``shape`` the global shape of sharded dims is agreed from
+        every rank's local size (a non-blocking metadata all-gather, completed when the shape is
+        first needed, e.g. by ``.shape`` or ``redistribute``); that agreement also checks the dtype,
+        the ndim, the unsharded dims and the chunk rule, and raises the same ``ValueError`` on every
+        rank when they do not hold (e.g. for the MPI block split ``N//p + (r < N%p)``). With ``shape``
+        nothing is communicated and this rank's shard is checked against the chunk rule locally.
+
+        ``run_check=True`` verifies all of that at once across the mesh (also ``requires_grad`` and
+        that ranks pass the same ``shape``), raising the same error on every rank, and broadcasts
+        replicated data from group rank 0 of each Replicate mesh dim, as PyTorch does.
+
+        On a rank outside the mesh the result holds an empty local array; its global shape is
+        ``shape``, or (without ``shape``) the local shape with every sharded dim multiplied by its
+        mesh dim's size, as PyTorch computes it there.
         """
-        caller = "DTensor.from_local"
         if type(local_tensor) is Tracked:  # differentiable: backward redistributes the grad to `placements`
             return _ops().from_local(local_tensor, device_mesh, placements, run_check=run_check, shape=shape,
                                      stride=stride)
-        # run_check: the verdict of the local checks is agreed, so every rank raises (failure.agreed)
-        with failure.agreed(_check_group(device_mesh, local_tensor) if run_check else None, caller):
-            _arrays.require_array(local_tensor, caller, "local_tensor")
-            _check_mesh(device_mesh, caller)
-            mesh = device_mesh if device_mesh is not None else _default_mesh(
-                "cuda" if _arrays.is_cupy(local_tensor) else "cpu")
-            local = _on_device(local_tensor, mesh, caller)
-            pl = _placements(placements, mesh, local.ndim, caller)
-            if shape is not None:
-                shape = _check_shape(shape, local.ndim, caller)
-            if stride is not None:
-                stride = _check_shape(stride, local.ndim, caller, "stride")
-        if mesh._coordinate is None:
-            return DTensor(local, mesh, pl, shape if shape is not None else tuple(local.shape), None, stride)
-        if run_check:
-            local, shape = _run_check(local, mesh, pl, shape)
-            return DTensor(local, mesh, pl, shape, None, stride)
-        return _wrap(local, mesh, pl, shape, stride)
+        return _from_local(local_tensor, device_mesh, placements, run_check, shape, stride, False)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -159,11 +441,14 @@ class DTensor:
         return s
 
     def _resolve_shape(self):
-        rows = self._future.result()
-        locals_ = [functional.meta_shape(r) for r in rows]
-        self._shape = global_shape_from_locals(locals_, self._mesh.shape, self._placements, self._mesh._coordinate)
+        p = self._future
+        rows = p.fut.result()
+        # raises the same error on every rank when the shards do not form a DTensor; the pending
+        # agreement stays in place, so every later use raises it again
+        shape = _check_rows(rows, self._mesh, self._placements, None, p.caller)
+        self._shape = shape
         self._future = None
-        return self._shape
+        return shape
 
     @property
     def dtype(self):
@@ -195,6 +480,15 @@ class DTensor:
     @property
     def device_type(self) -> str:
         return self._mesh.device_type
+
+    def local_offset(self) -> tuple:
+        """The global index of this rank's first element: ``to_local()`` is the global array's
+        ``[o0:o0 + n0, o1:o1 + n1, ...]`` for offsets ``o`` and local shape ``n`` (zeros off the
+        mesh). See :func:`mpilocal.local_shape_and_offset`."""
+        coord = self._mesh._coordinate
+        if coord is None:
+            return (0,) * self.ndim
+        return _layout_shape_and_offset(tuple(self.shape), self._mesh.shape, self._placements, coord)[1]
 
     # -- autograd ------------------------------------------------------------------------------
     @property
@@ -242,7 +536,9 @@ class DTensor:
         self._ag.grad = value
 
     def detach(self):
-        """The same shard, mesh and placements without gradient history (shares the local array)."""
+        """The same shard, mesh and placements without gradient history. The local array is shared
+        (not copied), so ``w.detach().to_local()[...] -= lr * g`` updates ``w`` in place, as
+        ``torch.Tensor.detach`` does."""
         return DTensor(self._local, self._mesh, self._placements, self._shape, self._future, self._stride)
 
     def backward(self, gradient=None):
@@ -256,19 +552,30 @@ class DTensor:
 
     # -- conversions ---------------------------------------------------------------------------
     def to_local(self, *, grad_placements=None):
-        """This rank's shard (no communication). For a DTensor that requires grad it is a
-        :class:`~mpilocal.autograd.Tracked` array whose gradient flows back as a DTensor with
-        ``grad_placements`` (default: this DTensor's placements)."""
+        """This rank's shard (no communication, no copy: writing into it changes the DTensor, as in
+        PyTorch). For a DTensor that requires grad it is a :class:`~mpilocal.autograd.Tracked`
+        array whose gradient flows back as a DTensor with ``grad_placements`` (default: this
+        DTensor's placements); use ``.detach().to_local()`` for the plain array."""
         if self._ag is None:
             return self._local
         return _ops().to_local(self, grad_placements)
 
-    def redistribute(self, device_mesh=None, placements=None, *, async_op=False):
+    def redistribute(self, device_mesh=None, placements=None, *, async_op=False, forward_dtype=None,
+                     backward_dtype=None):
         """A DTensor with ``placements`` on the same mesh. **Collective** over the mesh.
 
         One logical collective per mesh dim that changes (see DESIGN.md's layout rules). A Partial
         target is only reachable from the same Partial (PyTorch reserves Replicate -> Partial for
         internal use). ``async_op`` is accepted for PyTorch compatibility; the result is complete.
+
+        The result never shares memory with this DTensor's local array (R -> S slices are copied,
+        as in PyTorch), except for the same placements: then this DTensor itself is returned (with
+        gradients: a new DTensor on the same local array whose backward all-reduces a ``Partial``
+        gradient to ``Replicate``, as PyTorch's).
+
+        ``forward_dtype``: cast the local array to this dtype before redistributing (the result has
+        it). ``backward_dtype``: the dtype the gradient is redistributed in (default: this
+        DTensor's dtype); the gradient reaching this DTensor has this DTensor's dtype, as in PyTorch.
         """
         caller = "DTensor.redistribute"
         _check_mesh(device_mesh, caller)
@@ -284,26 +591,45 @@ class DTensor:
                     f"{caller}: cannot redistribute {c!r} to {t!r} on mesh dim {i}: redistributing to Partial is "
                     f"for internal use only; target Replicate() or Shard(dim) instead"
                 )
-        return self._redistribute(pl)
+        fdt = _check_dtype_arg(forward_dtype, caller, "forward_dtype")
+        bdt = _check_dtype_arg(backward_dtype, caller, "backward_dtype")
+        return self._redistribute(pl, fdt, bdt)
 
-    def _redistribute(self, pl):
-        if pl == self._placements:
-            return self
+    def _redistribute(self, pl, forward_dtype=None, backward_dtype=None):
         if self._ag is not None:
-            return _ops().redistribute(self, pl)
-        if self._mesh._coordinate is None:
-            return DTensor(self._local, self._mesh, pl, self._shape, self._future, self._stride)
-        shape = self.shape
-        local = redistribute_local(self._local, self._mesh, shape, self._placements, pl)
+            return _ops().redistribute(self, pl, forward_dtype, backward_dtype)
+        src = self
+        if forward_dtype is not None and forward_dtype != self._local.dtype:
+            src = DTensor(self._local.astype(forward_dtype), self._mesh, self._placements, self._shape,
+                          self._future, self._stride)
+        if pl == src._placements:
+            return src
+        if self._mesh._coordinate is None:  # off the mesh: the global shape and an empty local array
+            xp = _arrays.namespace(src._local)
+            return DTensor(xp.empty((0,) * src.ndim, dtype=src.dtype), self._mesh, pl, src.shape, None, None)
+        shape = src.shape  # completes (and checks) a pending shape agreement
+        local = redistribute_local(src._local, self._mesh, shape, src._placements, pl)
         return DTensor(local, self._mesh, pl, shape, None, None)
 
-    def full_tensor(self):
-        """The whole global array on every rank (redistribute to Replicate). **Collective.**"""
-        return self._redistribute((Replicate(),) * self._mesh.ndim).to_local()
+    def full_tensor(self, *, grad_placements=None):
+        """The whole global array on every rank (redistribute to Replicate). **Collective.**
+
+        For an all-Replicate DTensor that is the local array itself (as in PyTorch; no copy).
+        ``grad_placements``: the placements of the gradient that flows back into this DTensor
+        through the result (see ``to_local``; default: Replicate)."""
+        r = self._redistribute((Replicate(),) * self._mesh.ndim)
+        if r._ag is not None:
+            return _ops().to_local(r, grad_placements)
+        if grad_placements is not None:  # checked (after the collective, so a bad value cannot strand a rank)
+            _placements(grad_placements, self._mesh, self.ndim, "DTensor.full_tensor(grad_placements=...)")
+        return r._local
 
     def __repr__(self):
         local = tuple(self._local.shape)
-        shape = self.shape  # completes a pending shape agreement (every rank posted it: a local wait)
+        try:
+            shape = self.shape  # completes a pending shape agreement (every rank posted it: a local wait)
+        except ValueError as exc:
+            shape = f"<invalid: {exc}>"
         return (f"DTensor(shape={shape}, local_shape={local}, dtype={self.dtype}, "
                 f"placements={self._placements}, device_mesh={self._mesh})")
 
@@ -313,52 +639,188 @@ class DTensor:
             "use .to_local() for this rank's shard or .full_tensor() for the whole array"
         )
 
+    __array_ufunc__ = None  # NumPy defers to the operators below (which raise) instead of converting
+    __hash__ = object.__hash__  # identity, as for torch.Tensor (== is not an equality test)
+
+    # -- copying -------------------------------------------------------------------------------
+    def __deepcopy__(self, memo):
+        """A DTensor with a copy of this rank's shard on the same mesh (the mesh is shared, not
+        copied); leaves keep ``requires_grad`` and a copy of ``.grad``, as in PyTorch. No communication."""
+        if not self.is_leaf:
+            raise RuntimeError(
+                "copy.deepcopy(DTensor): only DTensors created explicitly by the user (graph leaves) support the "
+                "deepcopy protocol, as in PyTorch; deep-copy dt.detach() instead"
+            )
+        out = DTensor(self._local.copy(), self._mesh, self._placements, self._shape, self._future, self._stride)
+        memo[id(self)] = out
+        if self._ag is not None:
+            out.requires_grad_()
+            if self._ag.grad is not None:
+                out._ag.grad = _copy.deepcopy(self._ag.grad, memo)
+        return out
+
+    def __copy__(self):
+        if self._ag is not None:
+            raise RuntimeError("copy.copy(DTensor) of a DTensor that requires grad: use copy.deepcopy (leaves) or "
+                               ".detach() (a DTensor sharing the local array without gradient history)")
+        return self.detach()
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "a DTensor cannot be pickled: it is one rank's shard plus a DeviceMesh of live MPI communicators, which "
+            "do not exist in another process. Pickle its parts instead: dt.to_local() (this rank's shard; "
+            "dt.local_offset() says where it lies), dt.placements, dt.shape and dt.device_mesh.mesh (the rank "
+            "layout), and rebuild with DTensor.from_local(local, mesh, placements, shape=shape); or pickle "
+            "dt.full_tensor() (collective) and use distribute_tensor"
+        )
+
+
+for _name, _sym in _COMPARISONS.items():
+    setattr(DTensor, _name, _make_comparison(_name, _sym))
+for _base, _sym in _BINARY.items():
+    setattr(DTensor, f"__{_base}__", _make_binary(f"__{_base}__", _sym, ""))
+    setattr(DTensor, f"__r{_base}__", _make_binary(f"__r{_base}__", _sym, "r"))
+    if _base != "divmod":
+        setattr(DTensor, f"__i{_base}__", _make_binary(f"__i{_base}__", _sym, "i"))
+for _name, _sym in _UNARY.items():
+    setattr(DTensor, _name, _make_unary(_name, _sym))
+del _name, _sym, _base
+
+
+def local_shape_and_offset(global_shape, device_mesh, placements, coordinate=None) -> tuple[tuple, tuple]:
+    """The local shape and global offset of the shard that the rank at ``coordinate`` (default:
+    this rank's) holds of an array of ``global_shape`` laid out by ``placements`` on
+    ``device_mesh`` (the ``torch.chunk`` rule, nested in mesh-dim order). The shard is
+    ``global[o0:o0 + n0, o1:o1 + n1, ...]``. No communication. Off the mesh (no coordinate):
+    zeros for both, as the empty local array there. PyTorch's counterpart is
+    ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``.
+    """
+    caller = "local_shape_and_offset"
+    if not isinstance(device_mesh, DeviceMesh):
+        raise TypeError(f"{caller}: device_mesh must be a DeviceMesh, got {type(device_mesh).__name__}")
+    shape = _check_shape(global_shape, None, caller)
+    pl = _placements(placements, device_mesh, len(shape), caller)
+    if coordinate is None:
+        coordinate = device_mesh._coordinate
+        if coordinate is None:
+            return (0,) * len(shape), (0,) * len(shape)
+    try:
+        coordinate = tuple(int(c) for c in coordinate)
+    except TypeError:
+        raise TypeError(f"{caller}: coordinate must be a sequence of ints, got {coordinate!r}") from None
+    if len(coordinate) != device_mesh.ndim or any(not 0 <= c < k for c, k in zip(coordinate, device_mesh.shape)):
+        raise ValueError(f"{caller}: coordinate {coordinate} is not a coordinate of a mesh of shape "
+                         f"{tuple(device_mesh.shape)}")
+    return _layout_shape_and_offset(shape, tuple(device_mesh.shape), pl, coordinate)
+
 
 def _check_shape(shape, ndim, caller, what="shape"):
     try:
         shape = tuple(int(s) for s in shape)
     except TypeError:
         raise TypeError(f"{caller}: {what} must be a sequence of ints, got {shape!r}") from None
+    if ndim is None:
+        ndim = len(shape)
     if len(shape) != ndim or any(s < 0 for s in shape):
         raise ValueError(f"{caller}: {what} {shape} must have {ndim} non-negative entries (the local array's ndim)")
     return shape
 
 
-def _wrap(local, mesh, pl, shape=None, stride=None):
-    """A DTensor around ``local``; without ``shape``, sharded dims are agreed non-blockingly."""
+def _off_mesh_shape(local_shape, mesh, pl):
+    """PyTorch's global shape on a rank outside the mesh: sharded dims times their mesh dims' sizes."""
+    shape = list(local_shape)
+    for m, p in enumerate(pl):
+        if type(p) is Shard:
+            shape[p.dim] *= mesh.shape[m]
+    return tuple(shape)
+
+
+def _from_local_args(local_tensor, device_mesh, placements, shape, stride, caller):
+    _arrays.require_array(local_tensor, caller, "local_tensor")
+    _check_mesh(device_mesh, caller)
+    mesh = device_mesh if device_mesh is not None else _default_mesh("cuda" if _arrays.is_cupy(local_tensor) else "cpu")
+    local = _on_device(local_tensor, mesh, caller)
+    pl = _placements(placements, mesh, local.ndim, caller)
+    if shape is not None:
+        shape = _check_shape(shape, local.ndim, caller)
+    if stride is not None:
+        stride = _check_shape(stride, local.ndim, caller, "stride")
+    return local, mesh, pl, shape, stride
+
+
+def _from_local(local_tensor, device_mesh, placements, run_check, shape, stride, requires_grad):
+    """DTensor.from_local of a plain array (``requires_grad``: the caller's array requires grad)."""
+    caller = "DTensor.from_local"
+    if run_check:
+        # the verdict of the local checks is agreed, so every rank raises (failure.agreed)
+        with failure.agreed(_check_group(device_mesh, local_tensor), caller):
+            local, mesh, pl, shape, stride = _from_local_args(local_tensor, device_mesh, placements, shape, stride,
+                                                              caller)
+    else:
+        try:
+            local, mesh, pl, shape, stride = _from_local_args(local_tensor, device_mesh, placements, shape, stride,
+                                                              caller)
+        except (TypeError, ValueError) as err:
+            _post_error(local_tensor, device_mesh, placements, shape, err)
+            raise
+    if mesh._coordinate is None:  # off the mesh: no shard, nothing to agree on
+        xp = _arrays.namespace(local)
+        gshape = shape if shape is not None else _off_mesh_shape(local.shape, mesh, pl)
+        return DTensor(xp.empty((0,) * local.ndim, dtype=local.dtype), mesh, pl, gshape, None, stride)
+    if run_check:
+        local, shape = _run_check(local, mesh, pl, shape, requires_grad)
+        return DTensor(local, mesh, pl, shape, None, stride)
+    if shape is not None:  # nothing is communicated: check this rank's shard against the chunk rule
+        exp, _ = _layout_shape_and_offset(shape, mesh.shape, pl, mesh._coordinate)
+        if tuple(local.shape) != exp:
+            d = next(i for i in range(len(exp)) if exp[i] != local.shape[i])
+            raise ValueError(
+                f"{caller}: this rank (mesh rank {int(mesh.mesh[mesh._coordinate])}) holds a local array of shape "
+                f"{tuple(local.shape)}, but global shape {shape} with placements {list(pl)} gives it {exp} by the "
+                f"torch.chunk rule (dim {d}); pass shape= consistent with the chunk sizes "
+                f"(mpilocal.local_shape_and_offset gives each rank's), or omit shape= to infer it. Checked on "
+                f"this rank only: run_check=True makes every rank raise"
+            )
+    return _wrap(local, mesh, pl, shape, stride, caller, requires_grad)
+
+
+def _post_error(local_tensor, device_mesh, placements, shape, err):
+    """On the non-blocking path, a rank whose arguments fail still posts the shape agreement the
+    others post, carrying its error, so that they raise it too when they complete theirs."""
+    if shape is not None:
+        return
+    mesh = device_mesh
+    if mesh is None:
+        mesh = _default_mesh("cuda" if _arrays.is_cupy(local_tensor) else "cpu")
+    if not isinstance(mesh, DeviceMesh) or mesh._coordinate is None or not _would_agree(placements, mesh):
+        return
+    functional.post_shape_agreement(mesh, (), _error_row(err))
+
+
+def _wrap(local, mesh, pl, shape=None, stride=None, caller="local_map", requires_grad=False):
+    """A DTensor around ``local``; without ``shape``, sharded dims are agreed non-blockingly (and
+    checked, see :func:`_check_rows`, when the shape is first needed)."""
+    if mesh._coordinate is None:  # off the mesh: an empty local array (PyTorch's global shape)
+        xp = _arrays.namespace(local)
+        gshape = shape if shape is not None else _off_mesh_shape(local.shape, mesh, pl)
+        return DTensor(xp.empty((0,) * local.ndim, dtype=local.dtype), mesh, pl, gshape, None, stride)
     if shape is None:
         mesh_shape = mesh.mesh.shape
         for i, p in enumerate(pl):
             if type(p) is Shard and mesh_shape[i] > 1:  # a mesh dim of size 1 shards nothing
-                fut = functional.post_shape_agreement(mesh, local.shape)
-                return DTensor(local, mesh, pl, None, fut, stride)
+                vec = _meta_row(tuple(local.shape), local.dtype, _F_GRAD if requires_grad else 0)
+                fut = functional.post_shape_agreement(mesh, local.shape, vec)
+                return DTensor(local, mesh, pl, None, _Pending(fut, caller), stride)
         shape = tuple(local.shape)
     return DTensor(local, mesh, pl, shape, None, stride)
 
 
-def _run_check(local, mesh, pl, shape):
+def _run_check(local, mesh, pl, shape, requires_grad):
     """Collective consistency check of from_local's inputs; returns (local, global shape)."""
     caller = "DTensor.from_local(run_check=True)"
-    rows = functional.meta_allgather(mesh._metadata_comm(), functional.meta_vector(local.shape, local.dtype), "run_check")
-    ref = rows[0]
-    for r, row in enumerate(rows):
-        if row[0] != ref[0] or row[1] != ref[1]:
-            raise ValueError(
-                f"{caller}: mesh rank {mesh.mesh.ravel()[r]} has a local array of ndim {row[0]} and another dtype "
-                f"or ndim than mesh rank {mesh.mesh.ravel()[0]} (ndim {ref[0]}); every rank must pass the same dtype and ndim"
-            )
-    locals_ = [functional.meta_shape(r) for r in rows]
-    if shape is None:
-        # every rank computes it at the same coordinate, so the verdict below is the same everywhere
-        shape = global_shape_from_locals(locals_, mesh.shape, pl, (0,) * mesh.ndim)
-    bad = check_local_shapes(shape, locals_, mesh.shape, pl)
-    if bad:
-        flat, expected, got = bad[0]
-        raise ValueError(
-            f"{caller}: mesh rank {int(mesh.mesh.ravel()[flat])} holds a local shape {got} but global shape "
-            f"{shape} with placements {pl} gives it {expected} ({len(bad)} rank(s) disagree); shards must follow "
-            f"the torch.chunk rule — pass shape= or fix the local arrays"
-        )
+    vec = _meta_row(tuple(local.shape), local.dtype, _F_GRAD if requires_grad else 0, shape)
+    rows = functional.meta_allgather(mesh._metadata_comm(), vec, "run_check")
+    shape = _check_rows(rows, mesh, pl, shape, caller)
     groups = mesh_groups(mesh)
     for i, p in enumerate(pl):
         if type(p) is Replicate and mesh.shape[i] > 1:
@@ -370,29 +832,56 @@ def distribute_tensor(tensor, device_mesh=None, placements=None, *, src_data_ran
     """Distribute a global array over ``device_mesh`` by ``placements``. **Collective** over the mesh.
 
     The data of group rank ``src_data_rank`` (on every mesh dim) is scattered — one ``scatter`` —
-    or, when every placement is Replicate, broadcast; ``None`` slices each rank's own copy with no
-    communication. Every rank passes an array of the same shape and dtype (checked). ``Partial``
-    placements are rejected. ``requires_grad=True`` makes the result a leaf that records gradients.
+    or, when no placement is a Shard, broadcast; ``None`` slices each rank's own copy with no
+    communication. Every rank passes an array of the same shape and dtype (checked), or — with
+    ``src_data_rank`` set — ``None`` on ranks other than the source: shape and dtype then come from
+    the source (so one rank can read a file and distribute it). The result never shares memory with
+    ``tensor``.
+
+    ``Partial(op)`` placements give the value on coordinate 0 of that mesh dim and the identity of
+    ``op`` elsewhere (zeros for ``sum``, ones for ``product``; the value everywhere for ``avg``,
+    ``max``, ``min``), so reducing gives the array back. A DTensor ``tensor`` is returned as is when
+    its mesh and placements match (else ``ValueError``: use ``redistribute``). ``requires_grad=True``
+    makes the result a leaf that records gradients.
     """
-    out = _distribute_tensor(tensor, device_mesh, placements, src_data_rank)
+    if type(tensor) is DTensor:
+        out = _distribute_dtensor(tensor, device_mesh, placements)
+    else:
+        out = _distribute_tensor(tensor, device_mesh, placements, src_data_rank)
     return out.requires_grad_() if requires_grad else out
+
+
+def _distribute_dtensor(t, device_mesh, placements):
+    caller = "distribute_tensor"
+    _check_mesh(device_mesh, caller)
+    mesh = t._mesh if device_mesh is None else device_mesh
+    if mesh != t._mesh:
+        raise ValueError(f"{caller}: the DTensor lives on {t._mesh}, not on {mesh}; a DTensor cannot be distributed "
+                         f"to another mesh (use full_tensor() and distribute_tensor on the new mesh)")
+    pl = _placements(placements, mesh, t.ndim, caller)
+    if pl != t._placements:
+        raise ValueError(f"{caller}: the DTensor has placements {list(t._placements)}, not {list(pl)}; use "
+                         f"dt.redistribute(device_mesh, {list(pl)}) to change them")
+    return t
 
 
 def _distribute_tensor(tensor, device_mesh, placements, src_data_rank):
     caller = "distribute_tensor"
+    mesh = pl = x = None
     # with communication ahead, the verdict of the local checks is agreed so every rank raises
     with failure.agreed(_check_group(device_mesh, tensor) if src_data_rank is not None else None, caller):
-        _arrays.require_array(tensor, caller, "tensor")
         _check_mesh(device_mesh, caller)
-        mesh = device_mesh if device_mesh is not None else _default_mesh("cuda" if _arrays.is_cupy(tensor) else "cpu")
-        x = _on_device(tensor, mesh, caller)
-        pl = _placements(placements, mesh, x.ndim, caller)
-        for p in pl:
-            if p.is_partial():
-                raise ValueError(
-                    f"{caller}: placements {list(pl)} contain {p!r}; a global array cannot be distributed as Partial. "
-                    f"Distribute it as Replicate()/Shard(d), or build a Partial DTensor with DTensor.from_local"
-                )
+        if tensor is None:
+            if src_data_rank is None:
+                raise TypeError(f"{caller}: tensor is None; only with src_data_rank set (the default, 0) may ranks "
+                                f"other than the source pass None")
+            mesh = device_mesh if device_mesh is not None else _default_mesh("cpu")
+        else:
+            _arrays.require_array(tensor, caller, "tensor")
+            mesh = device_mesh if device_mesh is not None else _default_mesh(
+                "cuda" if _arrays.is_cupy(tensor) else "cpu")
+            x = _on_device(tensor, mesh, caller)
+            pl = _placements(placements, mesh, x.ndim, caller)
         if src_data_rank is not None:
             if isinstance(src_data_rank, bool) or not isinstance(src_data_rank, (int, np.integer)):
                 raise TypeError(f"{caller}: src_data_rank must be an int or None, got {src_data_rank!r}")
@@ -401,32 +890,73 @@ def _distribute_tensor(tensor, device_mesh, placements, src_data_rank):
                     f"{caller}: src_data_rank={src_data_rank} is not a group rank on every mesh dim of a mesh of "
                     f"shape {mesh.shape}; use 0..{min(mesh.shape) - 1} or None"
                 )
-    shape = tuple(x.shape)
+            if tensor is None and mesh._coordinate == (int(src_data_rank),) * mesh.ndim:
+                raise TypeError(f"{caller}: tensor is None on the source rank (src_data_rank={src_data_rank}); the "
+                                f"source must pass the global array (other ranks may pass None)")
+        if tensor is None and mesh._coordinate is None:
+            raise TypeError(f"{caller}: tensor is None on a rank outside the mesh, which takes no part in the "
+                            f"exchange and cannot learn the shape; pass the array (or any array of its shape and "
+                            f"dtype) there")
     coord = mesh._coordinate
     if coord is None:
         xp = _arrays.namespace(x)
-        return DTensor(xp.empty((0,) * x.ndim, dtype=x.dtype), mesh, pl, shape)
+        return DTensor(xp.empty((0,) * x.ndim, dtype=x.dtype), mesh, pl, tuple(x.shape))
     if src_data_rank is None or mesh.mesh.size == 1:  # each rank slices its own copy: no communication
         xp = _arrays.namespace(x)
-        return DTensor(xp.array(x[local_slices(shape, mesh.shape, pl, coord)], order="C", copy=True), mesh, pl, shape)
+        shape = tuple(x.shape)
+        local = xp.array(x[local_slices(shape, mesh.shape, pl, coord)], order="C", copy=True)
+        return DTensor(_partial_values(local, mesh, pl, coord), mesh, pl, shape)
     comm = mesh._metadata_comm()
-    rows = functional.meta_allgather(comm, functional.meta_vector(shape, x.dtype), "input_check")
+    vec = _meta_row((), np.dtype(np.uint8), _F_NONE) if x is None else _meta_row(tuple(x.shape), x.dtype)
+    rows = functional.meta_allgather(comm, vec, "input_check")
     root_coord = (int(src_data_rank),) * mesh.ndim
     root = int(np.ravel_multi_index(root_coord, mesh.shape))
-    for r, row in enumerate(rows):
-        if not np.array_equal(row, rows[root]):
+    ranks = mesh.mesh.ravel()
+    given = np.flatnonzero((_row_flags(rows) & _F_NONE) == 0)
+    for r in given:
+        if not np.array_equal(rows[r], rows[root]):
             raise ValueError(
-                f"{caller}: mesh rank {int(mesh.mesh.ravel()[r])} passes shape {functional.meta_shape(row)} but the "
-                f"source (mesh rank {int(mesh.mesh.ravel()[root])}) passes {functional.meta_shape(rows[root])} "
-                f"(or another dtype); every rank must pass the same global shape and dtype"
+                f"{caller}: mesh rank {int(ranks[r])} passes shape {functional.meta_shape(rows[r])} but the "
+                f"source (mesh rank {int(ranks[root])}) passes {functional.meta_shape(rows[root])} "
+                f"(or another dtype); every rank must pass the same global shape and dtype (or None)"
             )
+    shape = functional.meta_shape(rows[root])
+    if len(given) < len(ranks):  # some ranks passed None: shape and dtype from the source's row
+        dtype = _row_dtype(rows[root])
+        if dtype is None:
+            raise NotImplementedError(
+                f"{caller}: ranks {[int(ranks[r]) for r in range(len(ranks)) if r not in set(given)]} pass None, but "
+                f"the source's dtype (structured) cannot be sent in the metadata exchange; pass an array of the "
+                f"global shape and dtype (any values) on every rank"
+            )
+        if x is None:
+            pl = _placements(placements, mesh, len(shape), caller)
+            xp = np if mesh.device_type == "cpu" else _cupy()
+            x = xp.empty(shape if all(p.is_replicate() or p.is_partial() for p in pl) else (0,) * len(shape), dtype)
     g = group_for(mesh.get_comm())
-    if all(p.is_replicate() for p in pl):
+    if not any(type(p) is Shard for p in pl):
         local = functional.bcast(x, root, g)
     else:
         coords = mesh_coords(mesh.shape)
-        counts = [math.prod(local_shape_and_offset(shape, mesh.shape, pl, c)[0]) for c in coords]
+        counts = [math.prod(_layout_shape_and_offset(shape, mesh.shape, pl, c)[0]) for c in coords]
         pieces = [x[local_slices(shape, mesh.shape, pl, c)] for c in coords] if g.rank == root else None
-        local_shape, _ = local_shape_and_offset(shape, mesh.shape, pl, coord)
+        local_shape, _ = _layout_shape_and_offset(shape, mesh.shape, pl, coord)
         local = functional.scatter(pieces, x, local_shape, counts, root, g)
-    return DTensor(local, mesh, pl, shape)
+    return DTensor(_partial_values(local, mesh, pl, coord), mesh, pl, shape)
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _partial_values(local, mesh, pl, coord):
+    """The local values of Partial placements from the replicated ``local`` (see distribute_tensor).
+    Mesh dims are partitioned last to first, the reverse of the order in which redistribute reduces
+    them (first to last), so that mixed reduce ops give the array back."""
+    for m in range(len(pl) - 1, -1, -1):
+        p = pl[m]
+        if type(p) is Partial and mesh.shape[m] > 1:
+            local = to_partial(local, p.reduce_op, coord[m])
+    return local

@@ -6,7 +6,7 @@ from . import _arrays, functional
 from .layout import redistribute_plan
 from .transport import group_for
 
-__all__ = ["redistribute_local", "mesh_groups"]
+__all__ = ["redistribute_local", "mesh_groups", "to_partial"]
 
 
 def mesh_groups(mesh):
@@ -25,8 +25,8 @@ def redistribute_local(local, mesh, global_shape, src, dst):
     functional.check_redistribute(local.dtype, src, dst)  # funcol's checks, before any collective
     coord = mesh._coordinate
     plan = redistribute_plan(tuple(global_shape), mesh.shape, coord, tuple(src), tuple(dst))
-    if not plan:
-        return local
+    if not plan:  # every changing mesh dim has size 1: the same data, in a new array (never an alias)
+        return local.copy()
     groups = mesh_groups(mesh)
     x = local
     for step in plan:
@@ -45,16 +45,20 @@ def redistribute_local(local, mesh, global_shape, src, dst):
             i = coord[step.mesh_dim]
             off = sum(step.sizes[:i])
             idx = (slice(None),) * step.tensor_dim + (slice(off, off + step.sizes[i]),)
-            x = _arrays.namespace(x).ascontiguousarray(x[idx])
+            # a copy, never a view: of the input it would alias it (writing into the result would change
+            # the input's replica on this rank alone), of an intermediate it would pin all of it
+            x = _arrays.namespace(x).array(x[idx], order="C", copy=True)
         elif op == "to_partial":
-            x = _to_partial(x, step.reduce_op, coord[step.mesh_dim])
+            x = to_partial(x, step.reduce_op, coord[step.mesh_dim])
         else:  # pragma: no cover - the planner emits only the ops above
             raise RuntimeError(f"redistribute: unknown plan step {step}")
     return x
 
 
-def _to_partial(x, op, index):
-    """Replicate -> Partial(op) without communication: the reduction over the group gives ``x``."""
+def to_partial(x, op, index):
+    """Replicate -> Partial(op) without communication, at group index ``index``: the reduction over
+    the group gives ``x`` (``x`` itself at index 0 and the identity of ``op`` elsewhere; ``x``
+    everywhere for avg/max/min). Always a new array."""
     xp = _arrays.namespace(x)
     if op in ("avg", "max", "min"):
         return x.copy()

@@ -159,9 +159,8 @@ def test_dtensor_catalogue(mesh, mesh2d):
     cases = [
         ("distribute_tensor list", lambda: distribute_tensor([[1.0, 2.0]], mesh, [Replicate()]), TypeError),
         ("distribute_tensor None", lambda: distribute_tensor(None, mesh), TypeError),
-        ("distribute_tensor DTensor", lambda: distribute_tensor(dt, mesh), TypeError),
+        ("distribute_tensor DTensor, other placements", lambda: distribute_tensor(dt, mesh), ValueError),
         ("distribute_tensor mesh str", lambda: distribute_tensor(x, "cpu", [Shard(0)]), TypeError),
-        ("distribute_tensor Partial", lambda: distribute_tensor(x, mesh, [Partial()]), ValueError),
         ("distribute_tensor too many placements", lambda: distribute_tensor(x, mesh, [Shard(0), Shard(1)]), ValueError),
         ("distribute_tensor no placements", lambda: distribute_tensor(x, mesh, []), ValueError),
         ("distribute_tensor Shard(2) of 2-D", lambda: distribute_tensor(x, mesh, [Shard(2)]), ValueError),

@@ -284,7 +284,7 @@ def test_comm_bytes_of_redistribute(mesh):
 
 @pytest.mark.mpi
 def test_from_local_shape_inference_is_metadata_not_comm(mesh):
-    local = np.ones((3 if RANK == 0 else 2, 4))  # uneven: must be gathered, not assumed
+    local = np.ones((3 if RANK < WORLD_SIZE - 1 else 2, 4))  # uneven (torch.chunk): gathered, not assumed
     with CommDebugMode() as mode:
         dt = DTensor.from_local(local, mesh, [Shard(0)])
     check_counts(mode, {}, "from_local shape inference")
@@ -292,7 +292,7 @@ def test_from_local_shape_inference_is_metadata_not_comm(mesh):
     # one agreement per sharded mesh dim of size > 1; a mesh dim of size 1 shards nothing
     want = 1 if WORLD_SIZE > 1 else 0
     assert_all(sum(meta.values()) == want, f"metadata {meta}, expected {want}")
-    assert_all(tuple(dt.shape) == (3 + 2 * (WORLD_SIZE - 1), 4), f"{dt.shape}")
+    assert_all(tuple(dt.shape) == (3 * WORLD_SIZE - 1, 4), f"{dt.shape}")
 
 
 @pytest.mark.mpi

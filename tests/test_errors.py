@@ -133,14 +133,6 @@ def test_shard_dim_out_of_range(mesh, dim):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("op", ["sum", "max"])
-def test_partial_rejected_by_distribute_tensor(mesh, op):
-    raises_everywhere_before_comm(
-        ValueError, r"Partial", distribute_tensor, np.zeros((4, 4)), mesh, [Partial(op)]
-    )
-
-
-@pytest.mark.mpi
 @pytest.mark.parametrize("op", ["mean", "SUM", "add", ""])
 def test_partial_invalid_reduce_op(op):
     raises_everywhere(ValueError, re.escape(repr(op)) + r"|reduce", Partial, op)

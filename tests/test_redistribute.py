@@ -274,10 +274,44 @@ def test_redistribute_to_partial_is_rejected(src, dst):
     assert comm.get_total_counts() == 0
 
 
-def test_distribute_tensor_rejects_partial():
+IDENTITY = {"sum": 0, "product": 1}
+
+
+@pytest.mark.parametrize("op", ["sum", "avg", "max", "min", "product"])
+@pytest.mark.parametrize("src_data_rank", [0, None], ids=lambda s: f"src{s}")
+def test_distribute_tensor_partial(op, src_data_rank):
+    # PyTorch (issue 8): Partial(op) puts the value on coordinate 0 of the mesh dim and the identity of
+    # op elsewhere (sum/product), or the value everywhere (avg/max/min); reducing gives it back
     mesh = make_mesh("1d")
-    with pytest.raises(ValueError):
-        distribute_tensor(np.zeros((4, 4)), mesh, [Partial()])
+    G = global_array((5, 3), np.float64, seed=13)
+    chk = Check()
+    dt = checked(distribute_tensor, G, mesh, [Partial(op)], src_data_rank=src_data_rank)
+    local = to_host(dt.to_local())
+    want = G if (op not in IDENTITY or RANK == 0) else np.full_like(G, IDENTITY[op])
+    chk(tuple(dt.placements) == (Partial(op),) and tuple(dt.shape) == G.shape, f"{dt.placements} {dt.shape}")
+    chk(local.shape == G.shape and np.array_equal(local, want), f"{op}: local {local.ravel()[:4]}")
+    chk.close(to_host(checked(dt.full_tensor)), G, f"full_tensor of distributed Partial({op})")
+    chk.done()
+
+
+@pytest.mark.parametrize("placements", [(S0, Partial()), (Partial(), S1), (Partial("max"), R),
+                                        (Partial(), Partial("product"))], ids=repr)
+@pytest.mark.parametrize("kind", ["2x2", "Nx1", "1xN"])
+def test_distribute_tensor_partial_2d(kind, placements):
+    mesh = mesh_or_skip(kind)
+    G = global_array((7, 6), np.float64, seed=14)
+    chk = Check()
+    dt = checked(distribute_tensor, G, mesh, list(placements))
+    coord = mesh.get_coordinate()
+    value_pl = tuple(R if p.is_partial() else p for p in placements)
+    want = G[local_slices(G.shape, mesh.shape, value_pl, tuple(coord))]
+    for m in range(len(placements) - 1, -1, -1):  # partitioned last to first (redistribute reduces first to last)
+        p = placements[m]
+        if p.is_partial() and p.reduce_op in IDENTITY and coord[m] != 0 and mesh.shape[m] > 1:
+            want = np.full_like(want, IDENTITY[p.reduce_op])
+    chk(np.array_equal(to_host(dt.to_local()), want), f"{placements} at {coord}")
+    chk.close(to_host(checked(dt.full_tensor)), G, f"full_tensor of {placements}")
+    chk.done()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -503,3 +537,211 @@ def test_subset_mesh_partial():
             err = f"rank {RANK}: {type(exc).__name__}: {exc}"
     assert_all(not err, err)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# no output aliases its input (issue 9 item 5): PyTorch clones the R -> S slice; mpilocal copies it
+
+
+ALIAS_1D = [S0, S1, R, Partial()]
+ALIAS_2D = [(a, b) for a in (S0, S1, R, Partial()) for b in (S0, S1, R, Partial())]
+
+
+def _alias_source(G, mesh, placements):
+    if any(p.is_partial() for p in placements):
+        return partial_dtensor(G, mesh, placements, "sum")
+    return checked(distribute_tensor, G, mesh, list(placements))
+
+
+def _alias_pairs(kinds):
+    out = []
+    for src in kinds:
+        for dst in kinds:
+            src_t, dst_t = (src if isinstance(src, tuple) else (src,)), (dst if isinstance(dst, tuple) else (dst,))
+            if src_t == dst_t:
+                continue  # the same placements: the DTensor itself is returned (as PyTorch's, documented)
+            if any(d.is_partial() and s != d for s, d in zip(src_t, dst_t)):
+                continue  # redistributing to Partial is rejected
+            out.append((src_t, dst_t))
+    return out
+
+
+def _check_no_alias(chk, G, mesh, src, dst):
+    dt = _alias_source(G, mesh, src)
+    before = to_host(dt.to_local()).copy()
+    out = checked(dt.redistribute, mesh, list(dst))
+    a, b = dt.to_local(), out.to_local()
+    xp = np if isinstance(a, np.ndarray) else __import__("cupy")
+    chk(not xp.shares_memory(a, b), f"{list(src)} -> {list(dst)}: the result shares memory with the input")
+    if b.size:
+        b[...] = 12345  # writing into the result must leave the input (this rank's replica) alone
+    chk(np.array_equal(to_host(dt.to_local()), before), f"{list(src)} -> {list(dst)}: writing the result "
+                                                          f"changed the input")
+
+
+@pytest.mark.parametrize("shape", [(8, 6), (7, 5)])
+def test_redistribute_never_aliases_1d(shape):
+    mesh = make_mesh("1d")
+    G = global_array(shape, np.float64, seed=30)
+    chk = Check()
+    for src, dst in _alias_pairs(ALIAS_1D):
+        _check_no_alias(chk, G, mesh, src, dst)
+    chk.done()
+
+
+@pytest.mark.parametrize("kind", ["2x2", "Nx1", "1xN"])
+def test_redistribute_never_aliases_2d(kind):
+    mesh = mesh_or_skip(kind)
+    G = global_array((8, 6), np.float64, seed=31)
+    chk = Check()
+    for src, dst in _alias_pairs(ALIAS_2D):
+        _check_no_alias(chk, G, mesh, src, dst)
+    chk.done()
+
+
+def test_documented_aliases():
+    # from_local / to_local share memory (as in PyTorch); so do full_tensor() of an all-Replicate
+    # DTensor and redistribute to the same placements (PyTorch returns the same local tensor there)
+    mesh = make_mesh("1d")
+    x = to_device(np.arange(12.0).reshape(4, 3))
+    chk = Check()
+    dt = checked(DTensor.from_local, x, mesh, [R])
+    chk(dt.to_local() is x, "from_local(...).to_local() is not the array passed in")
+    chk(checked(dt.full_tensor) is x, "full_tensor() of a Replicate DTensor is not its local array")
+    chk(checked(dt.redistribute, mesh, [R]) is dt, "redistribute to the same placements is not the DTensor itself")
+    chk.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch parity (issue 8 item 4/5), ported by hand from test/distributed/tensor/test_redistribute.py
+
+
+def test_replicate_to_replicate_forward_backward():
+    mesh = make_mesh("1d")
+    G = global_array((12, 3), np.float64, seed=40)
+    chk = Check()
+    rep = checked(distribute_tensor, G, mesh, [R], requires_grad=True)
+    with CommDebugMode() as comm:
+        out = checked(rep.redistribute, mesh, [R])
+    chk(comm.get_total_counts() == 0, f"forward {comm.get_comm_counts()}")
+    chk(out is not rep and out.requires_grad and not out.is_leaf, "R -> R with grad: a new DTensor with a grad_fn")
+    chk(np.array_equal(to_host(out.detach().to_local()), G), "R -> R forward values")
+    with CommDebugMode() as comm:
+        checked(out.backward, DTensor.from_local(to_device(np.ones((12, 3))), mesh, [R]))
+    chk(comm.get_total_counts() == 0, f"backward {comm.get_comm_counts()}")
+    chk(rep.grad.placements == (R,) and np.array_equal(to_host(rep.grad.to_local()), np.ones((12, 3))), "grad")
+    chk.done()
+
+
+def test_replicate_to_local_partial_grad():
+    # PyTorch: replica.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()]) then
+    # backward: the Partial gradient is all-reduced to Replicate (one all_reduce)
+    mesh = make_mesh("1d")
+    G = global_array((12, 3), np.float64, seed=41)
+    chk = Check()
+    rep = checked(distribute_tensor, G, mesh, [R], requires_grad=True)
+    with CommDebugMode() as comm:
+        out = rep.redistribute(mesh, [R]).to_local(grad_placements=[Partial()])
+        loss = out * to_device(np.full((12, 3), float(RANK + 1)))  # this rank's local contribution
+        DTensor.from_local(loss, mesh, [Partial()]).full_tensor().sum().backward()
+    counts = comm.get_comm_counts()
+    want_n = 2 if W > 1 else 0  # a mesh dim of size 1 communicates nothing
+    chk(counts.get("all_reduce", 0) == want_n, f"expected the loss's all_reduce and the gradient's, got {counts}")
+    g = rep.grad
+    want = np.full((12, 3), W * (W + 1) / 2.0)  # sum over ranks of (rank + 1)
+    chk(g is not None and g.placements == (R,), f"grad placements {None if g is None else g.placements}")
+    chk(g is not None and np.array_equal(to_host(g.to_local()), want), "grad values are not all-reduced")
+    chk.done()
+
+
+def test_replicate_to_local_partial_grad_counts():
+    # the PyTorch test as is: out.backward(ones_like(out)) of the local tensor. Here the local ones reach
+    # `out` through from_local(out, [Replicate()]).backward(Replicate ones), which communicates nothing
+    mesh = make_mesh("1d")
+    G = global_array((12, 3), np.float64, seed=42)
+    chk = Check()
+    rep = checked(distribute_tensor, G, mesh, [R], requires_grad=True)
+    with CommDebugMode() as comm:
+        out = rep.redistribute(placements=[R]).to_local(grad_placements=[Partial()])
+        DTensor.from_local(out, mesh, [R]).backward(DTensor.from_local(to_device(np.ones((12, 3))), mesh, [R]))
+    n = 1 if W > 1 else 0
+    chk(comm.get_total_counts() == n and comm.get_comm_counts().get("all_reduce", 0) == n,
+        f"{comm.get_comm_counts()}")
+    chk(rep.grad.placements == (R,) and np.array_equal(to_host(rep.grad.to_local()), np.full((12, 3), float(W))),
+        f"grad {rep.grad.placements}")
+    chk.done()
+
+
+@pytest.mark.parametrize("fwd, bwd", [(np.float32, np.float32), (np.float32, None), (None, np.float32),
+                                      (np.float32, np.float64), (None, None)], ids=str)
+@pytest.mark.parametrize("src, dst", [((R,), (R,)), ((S0,), (R,)), ((S1,), (R,)), ((R,), (S0,))], ids=str)
+def test_redistribute_forward_backward_dtype(src, dst, fwd, bwd):
+    # ported: test_*_forward_backward_datatype_conversion. The forward result has forward_dtype; the
+    # gradient is redistributed in backward_dtype and reaches the input in the input's dtype
+    mesh = make_mesh("1d")
+    for shape in [(W * 3, 3), (W * 3 + 1, 3), (3, W * 3 + 2)]:
+        G = global_array(shape, np.float64, seed=43)
+        chk = Check()
+        dt = checked(distribute_tensor, G, mesh, list(src), requires_grad=True)
+        with CommDebugMode() as comm:
+            out = dt.redistribute(mesh, list(dst), forward_dtype=fwd, backward_dtype=bwd)
+        want_dtype = np.dtype(fwd) if fwd is not None else G.dtype
+        chk(out.dtype == want_dtype, f"{src}->{dst} forward dtype {out.dtype} != {want_dtype}")
+        chk.close(to_host(out.detach().full_tensor()), G.astype(want_dtype), f"{src}->{dst} values")
+        chk(comm.get_total_counts() == (1 if src != dst and src[0].is_shard() and W > 1 else 0),
+            f"{comm.get_comm_counts()}")
+        g = DTensor.from_local(to_device(np.ones(out.to_local().shape, dtype=want_dtype)), mesh, list(dst),
+                               shape=shape)
+        with CommDebugMode() as comm:
+            checked(out.backward, g)
+        grad = dt.grad
+        chk(grad.placements == tuple(src), f"grad placements {grad.placements}")
+        chk(grad.dtype == G.dtype, f"grad dtype {grad.dtype} != the input's {G.dtype}")
+        chk(np.array_equal(to_host(grad.to_local()), np.ones(to_host(dt.detach().to_local()).shape)), "grad values")
+        chk(comm.get_total_counts() == (1 if dst != src and dst[0].is_shard() and W > 1 else 0),
+            f"backward {comm.get_comm_counts()}")
+        chk.done()
+
+
+def test_full_tensor_grad_placements():
+    # PyTorch: full_tensor(grad_placements=[Partial()]) makes the gradient of the full tensor Partial,
+    # so backward reduce-scatters it to the Shard input (each rank's local contribution summed)
+    mesh = make_mesh("1d")
+    G = global_array((2 * W + 1, 3), np.float64, seed=44)
+    chk = Check()
+    dt = checked(distribute_tensor, G, mesh, [S0], requires_grad=True)
+    full = dt.full_tensor(grad_placements=[Partial()])
+    chk(np.array_equal(to_host(full.detach() if hasattr(full, "detach") else full), G), "full_tensor values")
+    weight = to_device(np.full(G.shape, float(RANK + 1)))
+    DTensor.from_local(full * weight, mesh, [Partial()]).full_tensor().sum().backward()
+    want = np.full(G.shape, W * (W + 1) / 2.0)[local_slices(G.shape, mesh.shape, (S0,), tuple(mesh.get_coordinate()))]
+    chk(dt.grad.placements == (S0,) and np.array_equal(to_host(dt.grad.to_local()), want), "grad")
+    # without gradients: checked, the array returned
+    plain = checked(distribute_tensor, G, mesh, [S0])
+    chk(np.array_equal(to_host(plain.full_tensor(grad_placements=[R])), G), "plain full_tensor(grad_placements)")
+    chk.done()
+
+
+@pytest.mark.mpi(min_size=3)
+def test_off_mesh_ranks_report_global_shape_and_empty_local():
+    # PyTorch (issue 8): on ranks outside a sub-mesh, from_local and redistribute give the global shape
+    # and an empty local array, as distribute_tensor does
+    ranks = list(range(0, W, 2))
+    mesh = DeviceMesh(DEVICE, ranks)
+    on = RANK in ranks
+    k = len(ranks)
+    G = global_array((3 * k, 4), np.float64, seed=45)
+    chk = Check()
+    local = to_device(np.ascontiguousarray(G[local_slices(G.shape, (k,), (S0,), (ranks.index(RANK),))]
+                                           if on else G[:3]))
+    a = checked(DTensor.from_local, local, mesh, [S0])
+    b = checked(DTensor.from_local, local, mesh, [S0], shape=G.shape)
+    c = checked(DTensor.from_local, local, mesh, [S0], run_check=True)
+    for name, dt in (("from_local", a), ("from_local(shape=)", b), ("from_local(run_check)", c)):
+        chk(tuple(dt.shape) == G.shape, f"{name}: shape {dt.shape} on rank {RANK} (on mesh: {on})")
+        chk(on or to_host(dt.to_local()).size == 0, f"{name}: off-mesh local {to_host(dt.to_local()).shape}")
+        out = checked(dt.redistribute, mesh, [R])
+        chk(tuple(out.shape) == G.shape, f"{name}: redistribute shape {out.shape}")
+        chk(np.array_equal(to_host(out.to_local()), G) if on else to_host(out.to_local()).size == 0,
+            f"{name}: redistribute local {to_host(out.to_local()).shape}")
+    chk.done()

@@ -15,7 +15,7 @@ Gradients of DTensors are plain DTensors (no grad of their own). Rules (PyTorch'
 from __future__ import annotations
 
 from .. import _arrays
-from ..dtensor import DTensor, _on_device, _placements, _wrap
+from ..dtensor import DTensor, _from_local, _on_device, _placements, _wrap
 from ..placement import Replicate
 from . import engine
 from .engine import Leaf, Node, run_backward
@@ -94,14 +94,27 @@ def _plain(t):
     return DTensor(t._local, t._mesh, t._placements, t._shape, t._future, t._stride)
 
 
-def redistribute(t, pl):
-    """``t._redistribute(pl)`` recorded: backward redistributes the gradient to ``t``'s placements."""
-    out = _plain(t)._redistribute(pl)
-    if out is t or out._ag is not None:
-        out = _plain(out)
+def _as_dtype(g, dtype):
+    if g._local.dtype == dtype:
+        return g
+    return DTensor(g._local.astype(dtype), g._mesh, g._placements, g._shape, g._future, g._stride)
+
+
+def redistribute(t, pl, forward_dtype=None, backward_dtype=None):
+    """``t._redistribute(pl)`` recorded, also for the same placements (then the result is a new
+    DTensor on ``t``'s local array): backward redistributes the gradient to ``t``'s placements, a
+    ``Partial`` gradient of a ``Replicate`` input by an all-reduce, as PyTorch's Redistribute does.
+    The gradient travels in ``backward_dtype`` (default: ``t``'s dtype) and reaches ``t`` in ``t``'s
+    dtype (PyTorch's engine casts it so)."""
+    out = _plain(t)._redistribute(pl, forward_dtype)  # a new object: _plain(t) is one
     src = grad_placements_of(t._placements)
-    node = Node("Redistribute", (_edge_of(t),), lambda gs: (gs[0]._redistribute(src),),
-                (_zeros_dtensor(out, grad_placements_of(pl)),))
+    orig = t._local.dtype
+    wire = orig if backward_dtype is None else backward_dtype
+
+    def bw(gs):
+        return (_as_dtype(_as_dtype(gs[0], wire)._redistribute(src), orig),)
+
+    node = Node("Redistribute", (_edge_of(t),), bw, (_zeros_dtensor(out, grad_placements_of(pl)),))
     return _attach(out, node)
 
 
@@ -133,7 +146,7 @@ def _from_local_node(out, tracked, pl):
 
 
 def from_local(local, device_mesh=None, placements=None, *, run_check=False, shape=None, stride=None):
-    out = DTensor.from_local(local.data, device_mesh, placements, run_check=run_check, shape=shape, stride=stride)
+    out = _from_local(local.data, device_mesh, placements, run_check, shape, stride, local._node is not None)
     if local._node is None:
         return out
     return _from_local_node(out, local, out._placements)
