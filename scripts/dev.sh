@@ -2,8 +2,9 @@
 # mpilocal developer entry point: set up an environment, run the demo, run the test suite.
 #
 #   scripts/dev.sh demo [NRANKS]        set up, then: mpiexec -n NRANKS (default 4) python scripts/demo.py
-#   scripts/dev.sh test [NRANKS...]     set up, then the test suite at 1, 2, 3 and 4 ranks (or those given);
-#                                       arguments after "--" go to pytest
+#   scripts/dev.sh test [NRANKS...]     set up, then the test suite at 1, 2, 3 and 4 ranks (or those given;
+#                                       1 rank runs as an MPI singleton); arguments after "--" go to pytest,
+#                                       test files or directories named there replace tests/
 #   scripts/dev.sh setup                only set up the environment
 #   scripts/dev.sh info [NRANKS]        set up, then: mpiexec -n NRANKS (default 1) python -m mpilocal info
 #
