@@ -9,6 +9,12 @@ Rules (those of ``torch.distributed.tensor``):
   every piece has ``ceil(n / k)`` elements except the trailing ones, which may be shorter or empty.
 * One tensor dim sharded over several mesh dims nests in mesh-dim order: mesh dim 0 splits the
   global dim, mesh dim 1 splits each of those pieces, and so on.
+* ``Shard(d, sizes=(s_0, ..., s_{k-1}))`` (ragged) gives the rank at coordinate ``i`` of the mesh
+  dim ``s_i`` rows at offset ``s_0 + ... + s_{i-1}``; the sizes sum to the size of dim ``d`` and a
+  ragged dim is sharded over that one mesh dim only (checked by :func:`normalize_placements` and
+  :func:`shard_sizes`, with the same verdict on every rank). :func:`block_sizes` is the MPI block
+  split (``n // k + (i < n % k)``: the slack on the first ranks); :func:`shards` lists the offset
+  and shape of every shard of any layout.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ __all__ = [
     "normalize_placements",
     "chunk_sizes",
     "chunk_size_and_offset",
+    "block_sizes",
+    "shard_sizes",
+    "shards",
     "local_shape_and_offset",
     "local_slices",
     "global_shape_from_locals",
@@ -71,9 +80,24 @@ def normalize_placements(placements, mesh_ndim: int, tensor_ndim: int, *, caller
                     f"shard dims must lie in [{-tensor_ndim}, {tensor_ndim - 1}]"
                 )
             if d < 0:
-                p = Shard(d + tensor_ndim)
+                p = Shard(d + tensor_ndim, p.sizes)
         out.append(p)
+    _check_ragged(out, caller)
     return tuple(out)
+
+
+def _check_ragged(placements, caller):
+    """A ragged shard's dim is sharded over its mesh dim only (nested ragged pieces would need
+    sizes per outer coordinate)."""
+    for m, p in enumerate(placements):
+        if type(p) is Shard and p.sizes is not None:
+            others = [j for j, q in enumerate(placements) if j != m and q.is_shard(p.dim)]
+            if others:
+                raise ValueError(
+                    f"{caller}: {p!r} on mesh dim {m} is ragged, but tensor dim {p.dim} is also sharded over mesh "
+                    f"dim(s) {others}; a ragged dim is sharded over one mesh dim only. Shard it once (or use "
+                    f"Shard({p.dim}) without sizes when nesting)"
+                )
 
 
 def chunk_size_and_offset(n: int, k: int, i: int) -> tuple[int, int]:
@@ -89,6 +113,38 @@ def chunk_sizes(n: int, k: int) -> tuple:
     return tuple(chunk_size_and_offset(n, k, i)[0] for i in range(k))
 
 
+def block_sizes(n: int, k: int) -> tuple:
+    """The MPI block split of ``n`` rows over ``k`` ranks: ``n // k + (i < n % k)`` (PETSc's and most
+    hand-written MPI codes'; the slack on the first ranks, unlike ``torch.chunk``)."""
+    if k <= 0 or n < 0:
+        raise ValueError(f"block_sizes: need n >= 0 and k >= 1, got n={n}, k={k}")
+    q, r = divmod(n, k)
+    return tuple(q + (i < r) for i in range(k))
+
+
+def shard_sizes(p, n: int, k: int) -> tuple:
+    """The ``k`` piece sizes of ``n`` rows under placement ``p`` (a ``Shard``): its ``sizes`` when
+    ragged (checked against ``n`` and ``k``: ``ValueError`` naming the placement), else the
+    ``torch.chunk`` rule."""
+    sizes = p.sizes
+    if sizes is None:
+        return chunk_sizes(n, k)
+    if len(sizes) != k or sum(sizes) != n:
+        raise ValueError(
+            f"{p!r} does not fit: it gives {len(sizes)} sizes summing to {sum(sizes)}, but the mesh dim has {k} "
+            f"ranks and tensor dim {p.dim} has {n} rows; give one size per rank of the mesh dim, summing to {n}"
+        )
+    return sizes
+
+
+def _piece(p, n, k, i):
+    """(size, offset) of piece ``i`` under Shard ``p`` (ragged or chunk)."""
+    if p.sizes is None:
+        return chunk_size_and_offset(n, k, i)
+    sizes = shard_sizes(p, n, k)
+    return sizes[i], sum(sizes[:i])
+
+
 def local_shape_and_offset(global_shape, mesh_shape, placements, coordinate) -> tuple[tuple, tuple]:
     """Local shape and global offset of the shard at mesh ``coordinate`` (nested in mesh-dim order)."""
     shape = list(global_shape)
@@ -96,7 +152,7 @@ def local_shape_and_offset(global_shape, mesh_shape, placements, coordinate) -> 
     for m, p in enumerate(placements):
         if type(p) is Shard:
             d = p.dim
-            size, off = chunk_size_and_offset(shape[d], mesh_shape[m], coordinate[m])
+            size, off = _piece(p, shape[d], mesh_shape[m], coordinate[m])
             shape[d] = size
             offset[d] += off
     return tuple(shape), tuple(offset)
@@ -106,6 +162,14 @@ def local_slices(global_shape, mesh_shape, placements, coordinate) -> tuple:
     """The slices of the global array that the shard at ``coordinate`` holds."""
     shape, offset = local_shape_and_offset(global_shape, mesh_shape, placements, coordinate)
     return tuple(slice(o, o + s) for s, o in zip(shape, offset))
+
+
+def shards(global_shape, mesh_shape, placements) -> tuple:
+    """Every shard of a layout: ``((coordinate, local shape, global offset), ...)`` for every mesh
+    coordinate in row-major (flat rank) order; the shard at ``coordinate`` is
+    ``global[o0:o0 + n0, ...]``. ``placements`` must be normalized (:func:`normalize_placements`).
+    Pure arithmetic, the same on every rank."""
+    return tuple((c,) + local_shape_and_offset(global_shape, mesh_shape, placements, c) for c in mesh_coords(mesh_shape))
 
 
 def mesh_coords(mesh_shape):
@@ -214,10 +278,10 @@ def redistribute_plan(global_shape: tuple, mesh_shape: tuple, coordinate: tuple,
         k = mesh_shape[i]
         if type(t) is Shard and t.dim != a and _all_to_all_valid(cur, dst, i, a, t.dim):
             b = t.dim
-            steps.append(Step("all_to_all", i, a, chunk_sizes(parent[a], k), "", b, chunk_sizes(parent[b], k)))
+            steps.append(Step("all_to_all", i, a, shard_sizes(cur[i], parent[a], k), "", b, shard_sizes(t, parent[b], k)))
             cur[i] = t
         else:
-            steps.append(Step("all_gather", i, a, chunk_sizes(parent[a], k)))
+            steps.append(Step("all_gather", i, a, shard_sizes(cur[i], parent[a], k)))
             cur[i] = Replicate()
     for i in range(n):
         c, t = cur[i], dst[i]
@@ -227,7 +291,7 @@ def redistribute_plan(global_shape: tuple, mesh_shape: tuple, coordinate: tuple,
         if type(c) is Partial:
             if type(t) is Shard:
                 parent = _parent_shape(global_shape, mesh_shape, cur, coordinate, i)
-                steps.append(Step("reduce_scatter", i, t.dim, chunk_sizes(parent[t.dim], k), c.reduce_op))
+                steps.append(Step("reduce_scatter", i, t.dim, shard_sizes(t, parent[t.dim], k), c.reduce_op))
                 cur[i] = t
                 continue
             steps.append(Step("all_reduce", i, reduce_op=c.reduce_op))
@@ -237,7 +301,7 @@ def redistribute_plan(global_shape: tuple, mesh_shape: tuple, coordinate: tuple,
         # c is Replicate here
         if type(t) is Shard:
             parent = _parent_shape(global_shape, mesh_shape, cur, coordinate, i)
-            steps.append(Step("chunk", i, t.dim, chunk_sizes(parent[t.dim], k)))
+            steps.append(Step("chunk", i, t.dim, shard_sizes(t, parent[t.dim], k)))
         else:
             steps.append(Step("to_partial", i, reduce_op=t.reduce_op))
         cur[i] = t
