@@ -181,6 +181,8 @@ class _PendingSave:
                             pos, n, crc = f.append(part)
                             self.chunks.append({"key": it.key, "offsets": o, "shape": list(part.shape), "file": f.name,
                                                 "offset": pos, "length": n, "crc32": crc})
+                    for ch in self.chunks:
+                        ch["crc32"] = ch["crc32"].result()
                 finally:
                     f.close(sync=self.error is None)
         except BaseException as e:  # noqa: BLE001 - every failure is agreed and re-raised at the commit

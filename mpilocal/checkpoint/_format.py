@@ -36,11 +36,11 @@ __all__ = [
 FORMAT = "mpilocal-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
-CHUNK_BYTES = 64 << 20   # a shard is cut into chunks of at most this many bytes (along its first dim)
-PIECE = 8 << 20          # write/read granularity; the crc32 of piece i runs while piece i+1 moves
+CHUNK_BYTES = 16 << 20   # a shard is cut into chunks of at most this many bytes (along its first dim);
+                         # each chunk's crc32 runs on a worker thread while the next chunk moves
 _KINDS = "biufcSUmM"     # dtype kinds that are raw bytes (no object pointers, no fields)
 
-# fault injection for tests: called as hook(file_path, file_offset, nbytes) before each write
+# fault injection for tests: called as hook(file_path, file_offset, nbytes) before each chunk is written
 fault_hook = None
 
 
@@ -186,34 +186,21 @@ def json_value(v, key: str, caller: str):
 
 
 # -- writing --------------------------------------------------------------------------------------
-_CRC_POOL = []
-_CRC_LOCK = threading.Lock()
+_POOL = []
+_POOL_LOCK = threading.Lock()
 
 
-def _crc_pool() -> ThreadPoolExecutor:
-    with _CRC_LOCK:
-        if not _CRC_POOL:
-            _CRC_POOL.append(ThreadPoolExecutor(1, thread_name_prefix="mpilocal-ckpt-crc"))
-        return _CRC_POOL[0]
+def crc_pool() -> ThreadPoolExecutor:
+    """Worker threads computing the chunks' crc32 while the calling thread moves bytes (zlib.crc32
+    releases the GIL): one chunk per task, so several chunks are checked at once."""
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="mpilocal-crc"))
+        return _POOL[0]
 
 
-class _Crc:
-    """crc32 over pieces fed in order, computed on a worker thread (zlib releases the GIL)."""
-
-    def __init__(self):
-        self.value = 0
-        self._last = None
-
-    def _step(self, piece):
-        self.value = zlib.crc32(piece, self.value)
-
-    def feed(self, piece):
-        self._last = _crc_pool().submit(self._step, piece)
-
-    def result(self) -> int:
-        if self._last is not None:
-            self._last.result()
-        return self.value & 0xFFFFFFFF
+def _crc(buf) -> int:
+    return zlib.crc32(buf) & 0xFFFFFFFF
 
 
 class DataFile:
@@ -225,26 +212,22 @@ class DataFile:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.offset = 0
 
-    def append(self, buf) -> tuple[int, int, int]:
-        """Write ``buf`` (a C-contiguous array) at the end; ``(offset, length, crc32)``."""
+    def append(self, buf):
+        """Write ``buf`` (a C-contiguous array) at the end; ``(offset, length, crc32 future)``."""
         mv = memoryview(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
-        start, n, crc = self.offset, len(mv), _Crc()
-        pos = 0
-        while pos < n:
-            piece = mv[pos:pos + PIECE]
-            crc.feed(piece)
-            hook = fault_hook
-            if hook is not None:
-                hook(self.path, self.offset, len(piece))
-            done = 0
-            while done < len(piece):
-                w = os.write(self.fd, piece[done:])
-                if w <= 0:
-                    raise OSError(errno.EIO, f"write to {self.path} made no progress")
-                done += w
-            self.offset += len(piece)
-            pos += len(piece)
-        return start, n, crc.result()
+        start, n = self.offset, len(mv)
+        crc = crc_pool().submit(_crc, mv)
+        hook = fault_hook
+        if hook is not None:
+            hook(self.path, self.offset, n)
+        done = 0
+        while done < n:
+            w = os.write(self.fd, mv[done:done + (1 << 30)])
+            if w <= 0:
+                raise OSError(errno.EIO, f"write to {self.path} made no progress")
+            done += w
+        self.offset += n
+        return start, n, crc
 
     def close(self, sync: bool = True) -> None:
         if self.fd is None:
@@ -295,27 +278,30 @@ class Files:
             os.close(fd)
         self._fds.clear()
 
-    def read_chunk(self, key: str, ch: dict, into) -> None:
-        """Read chunk ``ch`` of ``key`` into the uint8 buffer ``into`` and check its length and crc32."""
+    def read_chunk(self, key: str, ch: dict, into):
+        """Read chunk ``ch`` of ``key`` into the buffer ``into`` and check its length now; returns a
+        future whose ``result()`` raises :class:`CheckpointError` on a crc32 mismatch."""
         fd, name = self.fd(ch["file"]), ch["file"]
         mv = memoryview(into).cast("B")
         n, off = ch["length"], ch["offset"]
         if len(mv) != n:
             raise CheckpointError(f"checkpoint {self.directory}: chunk of {key!r} has length {n}, expected {len(mv)}")
-        crc, pos = _Crc(), 0
+        pos = 0
         while pos < n:
-            want = min(PIECE, n - pos)
-            got = os.preadv(fd, [mv[pos:pos + want]], off + pos)
+            got = os.preadv(fd, [mv[pos:pos + (1 << 30)]], off + pos)
             if got <= 0:
                 raise CheckpointError(
                     f"checkpoint {self.directory} is damaged: {name} is truncated; the chunk of {key!r} at offsets "
                     f"{ch['offsets']} needs bytes {off}..{off + n} of it but the file ends at {off + pos}")
-            crc.feed(mv[pos:pos + got])
             pos += got
-        if crc.result() != ch["crc32"]:
+        return crc_pool().submit(self._verify, key, ch, mv)
+
+    def _verify(self, key, ch, mv):
+        if _crc(mv) != ch["crc32"]:
+            off, n = ch["offset"], ch["length"]
             raise CheckpointError(
-                f"checkpoint {self.directory} is damaged: crc32 mismatch in {name} for {key!r} (chunk at offsets "
-                f"{ch['offsets']}, shape {ch['shape']}, bytes {off}..{off + n}); restore it from a good copy")
+                f"checkpoint {self.directory} is damaged: crc32 mismatch in {ch['file']} for {key!r} (chunk at "
+                f"offsets {ch['offsets']}, shape {ch['shape']}, bytes {off}..{off + n}); restore it from a good copy")
 
 
 def read_box(files: Files, key: str, entry: dict, offsets, shape, out=None) -> np.ndarray:
@@ -325,7 +311,7 @@ def read_box(files: Files, key: str, entry: dict, offsets, shape, out=None) -> n
     shape = tuple(int(s) for s in shape)
     if out is None:
         out = np.empty(shape, dtype=dt)
-    covered = 0
+    covered, checks = 0, []
     for ch in entry["chunks"]:
         co, cs = ch["offsets"], ch["shape"]
         lo = [max(a, b) for a, b in zip(offsets, co)]
@@ -336,13 +322,15 @@ def read_box(files: Files, key: str, entry: dict, offsets, shape, out=None) -> n
         dst = out[tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, offsets)) + (Ellipsis,)]
         whole = list(lo) == list(co) and [h - l for l, h in zip(lo, hi)] == list(cs)
         if whole and dst.flags.c_contiguous:
-            files.read_chunk(key, ch, dst.reshape(-1).view(np.uint8))
+            checks.append(files.read_chunk(key, ch, dst.reshape(-1).view(np.uint8)))
         else:
             buf = np.empty(ch["length"], dtype=np.uint8)
-            files.read_chunk(key, ch, buf)
+            checks.append(files.read_chunk(key, ch, buf))
             src = buf.view(dt).reshape(cs)
             dst[...] = src[tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, co)) + (Ellipsis,)]
         covered += int(np.prod([h - l for l, h in zip(lo, hi)], dtype=np.int64))
+    for c in checks:  # crc32 of every chunk read (computed on the pool while the next ones were read)
+        c.result()
     if covered != int(np.prod(shape, dtype=np.int64)):
         raise CheckpointError(
             f"checkpoint {files.directory} is damaged: the chunks of {key!r} cover {covered} of the "
