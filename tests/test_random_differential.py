@@ -1,7 +1,7 @@
 """Randomized differential test (issue 5): random meshes (1-D, 2-D), global shapes (including empty
 and uneven), dtypes, and chains of redistributes and ``local_map`` calls, checked against a NumPy
 oracle after every step — the global shape, this rank's shard (against an independent torch.chunk
-slicer) and, at the end, ``full_tensor()``.
+slicer; ragged ``Shard(d, sizes=...)`` layouts are drawn too) and, at the end, ``full_tensor()``.
 
 Every rank draws the same cases from the same seed. Each case's verdict is agreed across ranks, so
 a failure is reported on every rank with the seed and the case's recipe to replay it:
@@ -59,9 +59,13 @@ def oracle_slices(shape, mesh_shape, placements, coord):
             d = p.dim % len(shape)
             n = hi[d] - lo[d]
             k = mesh_shape[md]
-            chunk = -(-n // k) if n else 0
-            start = min(n, coord[md] * chunk)
-            stop = min(n, start + chunk)
+            if p.sizes is not None:  # ragged: explicit sizes
+                start = sum(p.sizes[:coord[md]])
+                stop = start + p.sizes[coord[md]]
+            else:
+                chunk = -(-n // k) if n else 0
+                start = min(n, coord[md] * chunk)
+                stop = min(n, start + chunk)
             lo[d], hi[d] = lo[d] + start, lo[d] + stop
     return tuple(slice(a, b) for a, b in zip(lo, hi))
 
@@ -77,6 +81,19 @@ def random_placements(rng, mesh_ndim, ndim, allow_partial=False, complex_=False)
             out.append(Partial(op))
         else:
             out.append(Replicate())
+    return out
+
+
+def raggedize(rng, placements, shape, mesh_shape):
+    """Make some shards ragged (issue 14): a dim sharded over one mesh dim gets random explicit sizes
+    (empty pieces included) with probability 0.4."""
+    out = list(placements)
+    for md, p in enumerate(out):
+        if isinstance(p, Shard) and p.sizes is None and rng.random() < 0.4:
+            d = p.dim % len(shape)
+            if sum(isinstance(q, Shard) and q.dim % len(shape) == d for q in out) == 1:
+                cuts = np.sort(rng.integers(0, shape[d] + 1, size=mesh_shape[md] - 1))
+                out[md] = Shard(p.dim, sizes=np.diff(np.concatenate([[0], cuts, [shape[d]]])).tolist())
     return out
 
 
@@ -130,8 +147,8 @@ def run_case(seed, meshes):
     coord = mesh.get_coordinate()
     # start: distribute (scatter/broadcast), slice (src None) or from_local of pieces (may be Partial)
     start = int(rng.integers(3))
-    pl = random_placements(rng, mesh.ndim, ndim, allow_partial=start == 2,
-                           complex_=np.dtype(dtype).kind == "c")
+    pl = raggedize(rng, random_placements(rng, mesh.ndim, ndim, allow_partial=start == 2,
+                                          complex_=np.dtype(dtype).kind == "c"), shape, mesh.shape)
     if start == 0:
         dt = distribute_tensor(g, mesh, pl)
         recipe.append(f"distribute_tensor {pl}")
@@ -154,7 +171,7 @@ def run_case(seed, meshes):
         step = rng.random()
         if step < 0.5:  # redistribute
             cur = dt.placements
-            new = random_placements(rng, mesh.ndim, ndim)
+            new = raggedize(rng, random_placements(rng, mesh.ndim, ndim), expected.shape, mesh.shape)
             # Partial may only stay itself or go to Replicate/Shard
             new = [c if isinstance(c, Partial) and rng.random() < 0.3 else t for c, t in zip(cur, new)]
             dt = dt.redistribute(mesh, new)
