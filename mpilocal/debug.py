@@ -22,6 +22,9 @@ COLLECTIVE_NAMES = (
     "all_reduce_coalesced",
     "all_gather_into_tensor_coalesced",
     "reduce_scatter_tensor_coalesced",
+    "halo_exchange",  # mpilocal.neighbors: point-to-point collectives (one per call and tensor dim)
+    "permute",
+    "send_recv",
 )
 
 _ACTIVE: list = []
