@@ -439,13 +439,14 @@ def async_save(state_dict, *, checkpoint_id, process_group=None) -> AsyncSaveFut
 
 
 # -- load -------------------------------------------------------------------------------------------
-def _fill_partial(local, pl, coord, xp):
-    """A Partial target holds the value once: at coordinate 0 of every Partial mesh dim (sum/avg: zeros,
-    product: ones elsewhere; max/min: the value everywhere)."""
+def _fill_partial(local, pl, coord):
+    """A Partial target holds the value once: at coordinate 0 of every Partial mesh dim, the reduction's
+    identity elsewhere (sum: -0.0 for floats, since x + -0.0 == x bit for bit, 0 for ints; product: 1);
+    max/min/avg hold the value everywhere."""
     for i, p in enumerate(pl):
         if type(p) is Partial and coord[i] != 0:
             if p.reduce_op == "sum":
-                local[...] = 0
+                local[...] = -0.0 if local.dtype.kind in "fc" else 0
             elif p.reduce_op == "product":
                 local[...] = 1
     return local
@@ -565,6 +566,6 @@ def _load_dtensor(files, key, e, v: DTensor) -> DTensor:
     if host.size:
         F.read_box(files, key, e, off, lshape, out=host)
     host = host.astype(v.dtype, copy=False)
-    _fill_partial(host, pl, coord, np)
+    _fill_partial(host, pl, coord)
     local = _cupy().asarray(host) if cuda else host
     return DTensor.from_local(local, mesh, pl, shape=shape)

@@ -124,9 +124,10 @@ OPTIONS = {
 
 
 def load_layouts(n):
-    """(mesh shape, variant) pairs for n ranks: 1-D and every 2-D factorization, two variants each."""
+    """(mesh shape, variant) pairs for n ranks: 1-D and every 2-D factorization; one variant per
+    placement option, so that every array meets every option."""
     shapes = [(n,)] + [(a, n // a) for a in range(1, n + 1) if n % a == 0]
-    return [(s, v) for s in shapes for v in range(2)]
+    return [(s, v) for s in shapes for v in range(len(OPTIONS[len(s)]))]
 
 
 def target_placements(key, ref, mesh_ndim, variant, i):
