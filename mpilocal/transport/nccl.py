@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import failure
 from . import register_release_hook
-from . import counts_key, equal_counts, issuing
+from . import Group, counts_key, equal_counts, issuing
 from .cuda_mpi import displs, reduce_blocks
 
 __all__ = ["NcclTransport", "nccl_comm"]
@@ -111,9 +111,9 @@ def _watched(method):
     ``MPILOCAL_TIMEOUT``, aborts the communicator and the job, naming the operation."""
     name = method.__name__
 
-    def run(self, *args):
-        group = args[-1]
-        out = method(self, *args)
+    def run(self, *args, **kwargs):
+        group = next(a for a in args if type(a) is Group)  # not always last (alltoallv's uniform, bound)
+        out = method(self, *args, **kwargs)
         failure.watch_cuda(name, group, None, group.cache.get("nccl"))
         return out
 
