@@ -317,3 +317,223 @@ def test_repr_with_inferred_shape():
     problems = _repr_ok(r, mesh, dt.placements, (7, 5), local.shape)
     chk(not problems, f"{problems} in {r}")
     chk.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers for errors that must be raised on every rank
+
+
+def raises_on_every_rank(exc, match, fn, same_text=False):
+    """Run ``fn`` on every rank: each must raise ``exc`` whose text matches ``match`` (and, with
+    ``same_text``, the same text on every rank). Returns this rank's message."""
+    import re
+
+    msg, err = "", ""
+    try:
+        fn()
+        err = "no exception"
+    except exc as e:
+        msg = str(e)
+        if not re.search(match, msg):
+            err = f"{type(e).__name__}({msg!r}) does not match {match!r}"
+    except Exception as e:  # noqa: BLE001
+        err = f"raised {type(e).__name__}({e}), expected {exc}"
+    assert_all(not err, f"rank {RANK}: {err}")
+    if same_text:
+        texts = MPI.COMM_WORLD.allgather(msg)
+        assert_all(len(set(texts)) == 1, f"messages differ between ranks: {texts}")
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------
+# distribute_tensor: None on ranks other than the source (issue 9); Partial; a DTensor (issue 8)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int16, np.complex128, np.bool_, ">f8", "<U3",
+                                   "datetime64[s]"], ids=str)
+@pytest.mark.parametrize("placements", [[S0], [S1], [R], [Partial()]], ids=repr)
+def test_distribute_tensor_none_on_non_source(placements, dtype):
+    chk = Check()
+    mesh = make_mesh("1d")
+    if np.dtype(dtype).kind in "UM" and DEVICE == "cuda":
+        pytest.skip("CuPy has no string/datetime arrays")
+    if np.dtype(dtype).kind in "bUM" and placements[0].is_partial():
+        pytest.skip("Partial(sum) of bool/str/datetime is not a sum")
+    G = base_array((7, 5), seed=20).astype(dtype)
+    for src in range(min(W, 2)):
+        dt = checked(distribute_tensor, to_device(G) if RANK == src else None, mesh, placements, src_data_rank=src)
+        chk(tuple(dt.shape) == G.shape and dt.dtype == G.dtype, f"src {src}: {dt.shape} {dt.dtype}")
+        whole = to_host(checked(dt.full_tensor))
+        # a reduction's dtype is NumPy's (native byte order); on a 1-rank mesh nothing is reduced
+        want = {G.dtype, (G + G).dtype} if placements[0].is_partial() else {G.dtype}
+        chk(whole.dtype in want and np.array_equal(whole, G), f"src {src}: full_tensor {whole.dtype} "
+                                                              f"{whole.ravel()[:4]}")
+        if not placements[0].is_partial():
+            chk(np.array_equal(to_host(dt.to_local()), my_slice(G, mesh, placements)), f"src {src}: local")
+    chk.done()
+
+
+@pytest.mark.parametrize("placements", PLACEMENTS_2D + [[Partial(), S1]], ids=repr)
+@pytest.mark.parametrize("kind", ["2x2", "2x2_permuted", "Nx1", "1xN"])
+def test_distribute_tensor_none_on_non_source_2d(kind, placements):
+    chk = Check()
+    mesh = mesh_or_skip(kind)
+    G = base_array((7, 6), seed=21)
+    src_rank = int(mesh.mesh[(0,) * mesh.ndim])
+    dt = checked(distribute_tensor, to_device(G) if RANK == src_rank else None, mesh, placements)
+    chk(tuple(dt.shape) == G.shape, f"{dt.shape}")
+    chk.close(to_host(checked(dt.full_tensor)), G)
+    chk.done()
+
+
+def test_distribute_tensor_none_errors():
+    mesh = make_mesh("1d")
+    G = base_array((4, 3), seed=22)
+    # the source passes None: every rank raises
+    raises_on_every_rank(TypeError, r"source", lambda: distribute_tensor(None if RANK == 0 else G, mesh, [S0]))
+    # src_data_rank=None needs the array everywhere (no communication: each rank raises for itself)
+    raises_on_every_rank(TypeError, r"src_data_rank", lambda: distribute_tensor(None, mesh, [S0], src_data_rank=None))
+    if W > 1:
+        st = np.zeros(4, dtype=[("a", "i1"), ("b", "f8")])
+        raises_on_every_rank(NotImplementedError, r"structured",
+                             lambda: distribute_tensor(st if RANK == 0 else None, mesh, [R]))
+        raises_on_every_rank(ValueError, r"shape", lambda: distribute_tensor(G if RANK != 1 else G[:2], mesh, [S0]))
+
+
+def test_distribute_tensor_of_a_dtensor():
+    # PyTorch: returned as is when mesh and placements match; else a ValueError (use redistribute)
+    mesh = make_mesh("1d")
+    G = base_array((5, 3), seed=23)
+    dt = checked(distribute_tensor, G, mesh, [S0])
+    assert_all(distribute_tensor(dt, mesh, [S0]) is dt and distribute_tensor(dt, None, [Shard(-2)]) is dt)
+    raises_on_every_rank(ValueError, r"redistribute", lambda: distribute_tensor(dt, mesh, [R]))
+    other = DeviceMesh(DEVICE, np.arange(W)[::-1].copy()) if W > 1 else None
+    if other is not None:
+        raises_on_every_rank(ValueError, r"mesh", lambda: distribute_tensor(dt, other, [S0]))
+
+
+# ------------------------------------------------------------------------------------------------
+# where a shard lies: DTensor.local_offset() and mpilocal.local_shape_and_offset (issue 9)
+
+
+@pytest.mark.parametrize("placements, kind", [([S0], "1d"), ([S1], "1d"), ([R], "1d"), ([S0, S1], "2x2"),
+                                              ([S0, S0], "2x2"), ([S1, S0], "2x2_permuted"), ([R, S1], "Nx1"),
+                                              ([S0, R], "1xN")], ids=str)
+def test_local_offset_places_the_shard(placements, kind):
+    import mpilocal
+
+    chk = Check()
+    mesh = mesh_or_skip(kind)
+    G = base_array((7, 9), seed=24)
+    dt = checked(distribute_tensor, G, mesh, placements)
+    off = dt.local_offset()
+    local = to_host(dt.to_local())
+    sl = tuple(slice(o, o + n) for o, n in zip(off, local.shape))
+    chk(np.array_equal(G[sl], local), f"{placements}: offset {off} does not locate the shard")
+    shape, off2 = mpilocal.local_shape_and_offset(G.shape, mesh, placements)
+    chk(shape == local.shape and off2 == off, f"local_shape_and_offset {shape} {off2} vs {local.shape} {off}")
+    # every coordinate: the shards of a Shard-only layout tile the global array exactly once
+    if all(p.is_shard() for p in placements) and len({p.dim for p in placements}) == len(placements):
+        cover = np.zeros(G.shape, dtype=int)
+        for c in np.ndindex(*mesh.shape):
+            s, o = mpilocal.local_shape_and_offset(G.shape, mesh, placements, c)
+            cover[tuple(slice(a, a + n) for a, n in zip(o, s))] += 1
+        chk((cover == 1).all(), f"{placements}: shards do not tile the array")
+    chk.done()
+
+
+def test_local_shape_and_offset_errors():
+    import mpilocal
+
+    mesh = make_mesh("1d")
+    raises_on_every_rank(TypeError, r"DeviceMesh", lambda: mpilocal.local_shape_and_offset((4,), "cpu", [S0]))
+    raises_on_every_rank(ValueError, r"coordinate", lambda: mpilocal.local_shape_and_offset((4,), mesh, [S0], (W,)))
+    raises_on_every_rank(ValueError, r"out of range", lambda: mpilocal.local_shape_and_offset((4,), mesh, [S1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# copy.deepcopy shares the mesh; pickle explains why it cannot work (issue 9)
+
+
+def test_deepcopy():
+    import copy
+
+    chk = Check()
+    mesh = make_mesh("1d")
+    G = base_array((7, 3), seed=25)
+    dt = checked(distribute_tensor, G, mesh, [S0])
+    c = copy.deepcopy(dt)
+    chk(c is not dt and c.device_mesh is mesh and c.placements == dt.placements and c.shape == dt.shape)
+    chk(np.array_equal(to_host(c.to_local()), to_host(dt.to_local())), "values")
+    chk(not np.shares_memory(to_host(c.to_local()), to_host(dt.to_local())) or DEVICE == "cuda", "shares memory")
+    # a pending shape agreement is shared, not re-issued: both resolve it
+    p = checked(DTensor.from_local, to_device(np.ones((chunk_sizes(7, W)[RANK], 2))), mesh, [S0])
+    q = copy.deepcopy(p)
+    chk(tuple(q.shape) == (7, 2) and tuple(p.shape) == (7, 2), f"{q.shape} {p.shape}")
+    # leaves keep requires_grad and a copy of .grad; a non-leaf raises (as in PyTorch)
+    w = checked(distribute_tensor, G, mesh, [S0], requires_grad=True)
+    checked(w.full_tensor().sum().backward) if False else None
+    w.grad = checked(distribute_tensor, np.ones_like(G), mesh, [S0])
+    wc = copy.deepcopy(w)
+    chk(wc.requires_grad and wc.is_leaf and wc.grad is not w.grad, "requires_grad / grad")
+    chk(np.array_equal(to_host(wc.grad.to_local()), to_host(w.grad.to_local())), "grad values")
+    chk.done()
+    nonleaf = w.redistribute(mesh, [R])
+    raises_on_every_rank(RuntimeError, r"leaves|leaf", lambda: copy.deepcopy(nonleaf))
+    # copy.copy: a DTensor on the same local array (as .detach())
+    s = copy.copy(dt)
+    assert_all(s is not dt and s.to_local() is dt.to_local())
+
+
+def test_pickle_raises_clearly():
+    import pickle
+
+    mesh = make_mesh("1d")
+    dt = checked(distribute_tensor, base_array((4, 3), seed=26), mesh, [S0])
+    raises_on_every_rank(TypeError, r"cannot be pickled.*communicators.*to_local", lambda: pickle.dumps(dt))
+
+
+# ------------------------------------------------------------------------------------------------
+# operators raise until sharding propagation exists (issue 9 item 4)
+
+
+def test_operators_raise_type_error():
+    import operator as op
+
+    mesh = make_mesh("1d")
+    A = checked(distribute_tensor, base_array((4, 3), seed=27), mesh, [S0])
+    B = checked(distribute_tensor, base_array((4, 3), seed=27), mesh, [S0])
+    arr = np.ones((4, 3))
+    binary = [op.eq, op.ne, op.lt, op.le, op.gt, op.ge, op.add, op.sub, op.mul, op.truediv, op.floordiv, op.mod,
+              op.pow, op.matmul, op.and_, op.or_, op.xor, op.lshift, op.rshift, divmod]
+    problems = []
+    for f in binary:
+        for a, b in ((A, B), (A, arr), (arr, A), (A, 2), (2.0, A)):
+            try:
+                f(a, b)
+                problems.append(f"{f.__name__}: no exception")
+            except TypeError as e:
+                if "local_map" not in str(e) or "to_local" not in str(e):
+                    problems.append(f"{f.__name__}: unclear {e}")
+    for f in (op.neg, op.pos, abs, op.invert):
+        try:
+            f(A)
+            problems.append(f"{f.__name__}: no exception")
+        except TypeError as e:
+            if "local_map" not in str(e):
+                problems.append(f"{f.__name__}: unclear {e}")
+    for f in (op.iadd, op.isub, op.imul, op.itruediv, op.imatmul):
+        try:
+            f(A, B)
+            problems.append(f"{f.__name__}: no exception")
+        except TypeError:
+            pass
+    try:
+        np.add(A, 1)
+        problems.append("np.add: no exception")
+    except TypeError:
+        pass
+    # identity semantics stay: hashing, membership, comparison with non-arrays
+    ok = (A == None) is False and (A != "x") is True and A in {A} and A in [A] and len({A, B}) == 2  # noqa: E711
+    assert_all(ok and not problems, f"{problems}")
+    raises_on_every_rank(TypeError, r"DTensor == DTensor.*np\.array_equal", lambda: A == B, same_text=True)
