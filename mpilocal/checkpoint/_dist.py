@@ -135,24 +135,48 @@ class _Item:
         self.key, self.kind, self.value, self.meta, self.writes = key, kind, value, meta, []
 
 
-def _to_host(x, pinned: bool):
-    """A host NumPy copy of a local array; CuPy arrays go through pinned host memory when ``pinned``."""
-    if _is_cupy(x):
-        cp = _cupy()
-        x = cp.ascontiguousarray(x)
-        if pinned:
-            try:
-                import cupyx
+_HOST_POOL: dict = {}  # async_save's host buffers, reused by the next async_save of the same shapes
 
-                out = cupyx.empty_pinned(x.shape, x.dtype)
+
+def _host_buffer(shape, dtype, pinned_device: bool):
+    key = (tuple(shape), np.dtype(dtype).str, pinned_device)
+    free = _HOST_POOL.get(key)
+    if free:
+        return free.pop()
+    if pinned_device:
+        try:
+            import cupyx
+
+            return cupyx.empty_pinned(shape, dtype)
+        except (ImportError, AttributeError):
+            pass
+    return np.empty(shape, dtype)
+
+
+def _to_host(x, copy: bool):
+    """A host NumPy array with the contents of local array ``x``. ``copy`` (async_save): always a copy,
+    into a reused host buffer (pinned for CuPy arrays), so that the caller may change ``x`` at once."""
+    if _is_cupy(x):
+        x = _cupy().ascontiguousarray(x)
+        if copy:
+            out = _host_buffer(x.shape, x.dtype, True)
+            try:
                 x.get(out=out)
                 return out
-            except (ImportError, AttributeError, TypeError):
+            except TypeError:  # a CuPy without get(out=)
                 pass
         return x.get()
-    if pinned:
-        return np.array(x, order="C", copy=True)
+    if copy:
+        out = _host_buffer(x.shape, x.dtype, False)
+        np.copyto(out, x)
+        return out
     return x if x.flags.c_contiguous else np.array(x, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+
+
+def _pinned(arr) -> bool:
+    """Whether a host buffer came from cupyx.empty_pinned (its base is pinned memory)."""
+    base = arr.base
+    return base is not None and "cupy" in type(base).__module__
 
 
 class _PendingSave:
@@ -164,6 +188,7 @@ class _PendingSave:
         self.tmp = F.tmp_dir(path)
         self.chunks, self.error, self.file = [], None, None
         self.committed = False
+        self.pool = None  # async_save: return the host buffers to _HOST_POOL after writing
 
     def write(self):
         """This rank's data file: every chunk it owns appended, then fsync. Errors are kept for the commit."""
@@ -189,6 +214,10 @@ class _PendingSave:
             self.error = e
         finally:
             for it in self.items:
+                if self.pool:
+                    for _, arr in it.writes:
+                        _HOST_POOL.setdefault((arr.shape, arr.dtype.str, self.pool == "pinned" and _pinned(arr)),
+                                              []).append(arr)
                 it.writes = []  # release the host copies
 
     def commit(self):
@@ -431,6 +460,8 @@ def async_save(state_dict, *, checkpoint_id, process_group=None) -> AsyncSaveFut
         _PENDING[-1].result()
     comm = _comm(process_group, "async_save")
     pending = _plan_save(comm, state_dict, checkpoint_id, "async_save", copy=True)
+    _HOST_POOL.clear()  # buffers this save did not reuse
+    pending.pool = "pinned"
     t = threading.Thread(target=pending.write, name="mpilocal-async-save", daemon=True)
     fut = AsyncSaveFuture(pending, t)
     _PENDING.append(fut)
