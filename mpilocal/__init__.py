@@ -15,6 +15,7 @@ from . import autograd  # noqa: E402  (mpilocal.autograd: Tracked, Function; DTe
 from .mesh import DeviceMesh, init_device_mesh
 from .placement import Partial, Placement, Replicate, Shard
 from .neighbors import stencil  # noqa: E402  (local_map with halos)
+from .ragged import ragged_from_local  # noqa: E402  (sizes agreed from the local arrays)
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ __all__ = [
     "local_map",
     "CommDebugMode",
     "stencil",
+    "ragged_from_local",
 ]

@@ -273,3 +273,41 @@ def test_gradients_through_ragged_redistribute():
     ck(X.grad.placements == (Shard(0, sizes=tuple(sizes)),), f"grad placements {X.grad.placements}")
     ck.close(X.grad.to_local(), piece(2 * x * wts, 0, sizes, RANK), "grad = 2 x w")
     ck.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# ragged_from_local: sizes agreed from the local arrays
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_ragged_from_local_block_split(kind):
+    mesh = init_device_mesh(DEVICE, (W,))
+    N = 2 * W + 3
+    sizes = ragged_sizes(N, W, kind)
+    full = data((N, 2), seed=20)
+    with CommDebugMode() as cm:
+        X = mpilocal.ragged_from_local(to_device(piece(full, 0, sizes, RANK)), mesh, [Shard(0)])
+    ck = Check()
+    ck(X.placements == (Shard(0, sizes=tuple(sizes)),) and X.shape == (N, 2), f"{X.placements} {X.shape}")
+    ck(cm.get_total_counts() == 0, f"data collectives {dict(cm.get_comm_counts())}")
+    ck.close(X.full_tensor(), full, "full_tensor")
+    ck.close(X.redistribute(mesh, [Shard(0)]).to_local(), expected_local(full, [Shard(0)], (W,), (RANK,)), "-> chunk")
+    ck.done()
+
+
+def test_ragged_from_local_2d():
+    mesh = _mesh2()
+    k0, k1 = mesh.shape
+    N, M = 2 * k0 + 1, 3 * k1 + 1
+    s0, s1 = ragged_sizes(N, k0, "block"), ragged_sizes(M, k1, "last")
+    full = data((N, M), seed=21)
+    c = mesh.get_coordinate()
+    local = piece(piece(full, 0, s0, c[0]), 1, s1, c[1])
+    X = mpilocal.ragged_from_local(to_device(local), mesh, [Shard(0), Shard(1)], run_check=True)
+    ck = Check()
+    ck(X.placements == (Shard(0, sizes=tuple(s0)), Shard(1, sizes=tuple(s1))), f"{X.placements}")
+    ck.close(X.full_tensor(), full, "full_tensor")
+    ck.done()
+    if k1 > 1:  # a split along mesh dim 0 that differs between the columns of the mesh: every rank raises
+        bad = np.ones((1 + (c[0] == 0 and c[1] == 0), 2))
+        with pytest.raises(ValueError, match="one global array has one split per mesh dim"):
+            mpilocal.ragged_from_local(to_device(bad), mesh, [Shard(0), Replicate()])
