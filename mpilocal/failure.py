@@ -29,11 +29,16 @@ mode"):
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import select
+import signal
+import socket
 import sys
 import threading
 import time
 import traceback
+import weakref
 import zlib
 
 import numpy as np
@@ -126,6 +131,8 @@ def _size() -> int:
 # ------------------------------------------------------------------------------------------------
 _ABORTING = threading.Lock()
 _BEFORE_REPORT: list = []
+_INTERCEPT = None  # tests only: a list that receives the watchdog's reports instead of an abort
+_LINGER = 0.4  # seconds an aborting rank waits after telling the others, so that they report too
 
 
 def register_before_report(fn) -> None:
@@ -138,10 +145,33 @@ def _prefix(text: str, rank=None) -> str:
     return "".join(f"[rank {r}] {line}\n" for line in text.rstrip("\n").split("\n"))
 
 
-def abort(code: int = 1, message: str = "") -> None:
+def _emit(text: str) -> None:
+    """Write ``text`` to file descriptor 2 at once, after flushing Python's own buffers (a message
+    left in a buffer is lost when the job is killed a moment later)."""
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:
+            pass
+    data = text.encode(errors="replace")
+    try:
+        while data:
+            data = data[os.write(2, data):]
+    except Exception:
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except Exception:
+            pass
+
+
+def abort(code: int = 1, message: str = "", where: str = "") -> None:
     """Print ``message`` (prefixed with the rank) to stderr and end the whole MPI job with ``code``.
 
-    Never returns. Uses ``MPI_Abort`` (portable across launchers); falls back to ``os._exit``.
+    Never returns. The message is written to file descriptor 2 first; then the other ranks are told
+    (the leave channel: those blocked in a collective print where they wait), and after a short pause
+    for the launcher to forward the output, ``MPI_Abort`` ends the job (``os._exit`` if MPI is gone).
+    ``where``: one line for the other ranks' reports (default: the message's first line).
     """
     if not _ABORTING.acquire(blocking=False):  # another thread is already aborting
         while True:
@@ -151,16 +181,15 @@ def abort(code: int = 1, message: str = "") -> None:
             fn()
         except Exception:
             pass
-    try:
-        if message:
-            sys.stderr.write(_prefix(message))
-        sys.stderr.flush()
-        sys.stdout.flush()
-    except Exception:
-        pass
     code = int(code) if isinstance(code, int) and code else 1
+    _emit(_prefix(message) if message else "")
     try:
         if MPI.Is_initialized() and not MPI.Is_finalized():
+            first = message.strip().split("\n")[-1] if message else ""
+            if _notify("abort", where or first[:300], code):
+                _linger(_LINGER)
+            else:
+                time.sleep(0.1)  # let the launcher forward the message before it kills the processes
             MPI.COMM_WORLD.Abort(code)
     except Exception:
         pass
@@ -171,6 +200,24 @@ def format_exception(exc_type, exc, tb) -> str:
     return "".join(traceback.format_exception(exc_type, exc, tb))
 
 
+def _location(tb) -> str:
+    """``file:line`` of the innermost frame of traceback ``tb`` outside this module."""
+    where = ""
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename != __file__:
+            where = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
+
+
+def exception_summary(exc_type, exc, tb) -> str:
+    """One line for the other ranks: ``uncaught ValueError: msg at script.py:12``."""
+    text = f"{exc_type.__name__}: {exc}".split("\n")[0][:200]
+    loc = _location(tb)
+    return f"uncaught {text}" + (f" at {loc}" if loc else "")
+
+
 _PREV_HOOK = None
 _INSTALLED = False
 
@@ -178,15 +225,17 @@ _INSTALLED = False
 def _excepthook(exc_type, exc, tb):
     if _size() > 1 and not issubclass(exc_type, SystemExit):
         text = format_exception(exc_type, exc, tb)
-        abort(1, text + f"mpilocal: uncaught {exc_type.__name__} on rank {_rank()}; aborting the MPI job "
-                         f"(set MPILOCAL_ABORT_ON_ERROR=0 to let it exit alone)")
+        abort(130 if issubclass(exc_type, KeyboardInterrupt) else 1, text + f"mpilocal: uncaught {exc_type.__name__} on rank {_rank()}; aborting the MPI job "
+                         f"(set MPILOCAL_ABORT_ON_ERROR=0 to let it exit alone)",
+              exception_summary(exc_type, exc, tb))
     (_PREV_HOOK or sys.__excepthook__)(exc_type, exc, tb)
 
 
 def install() -> None:
-    """Install the abort-on-uncaught-exception hook and the exit deadline (idempotent).
+    """Install the abort-on-uncaught-exception hook, the leave channel, the SIGINT watch and the
+    exit deadline (idempotent).
 
-    Called by ``import mpilocal`` unless ``MPILOCAL_ABORT_ON_ERROR=0``.
+    Called by ``import mpilocal``; ``MPILOCAL_ABORT_ON_ERROR=0`` leaves ``sys.excepthook`` alone.
     """
     global _PREV_HOOK, _INSTALLED
     if _INSTALLED:
@@ -196,22 +245,312 @@ def install() -> None:
         if sys.excepthook is not _excepthook:
             _PREV_HOOK = sys.excepthook
             sys.excepthook = _excepthook
+    if _size() > 1:
+        _open_channel()
+        _watch_signals()
+        _wrap_sys_exit()
+        _ensure_watchdog()
     # atexit is LIFO: registered at the very start of `import mpilocal`, this runs after every
     # other mpilocal exit handler (e.g. draining pending metadata requests)
     atexit.register(_at_exit)
 
 
-_EXIT_CODE = None  # set by mpilocal.run when it knows the script's exit status
+# ------------------------------------------------------------------------------------------------
+# the leave channel: a rank that ends tells the others
+# ------------------------------------------------------------------------------------------------
+# A rank that leaves the program (normal end, sys.exit, an uncaught exception) while others still
+# wait for it in a collective would leave them waiting until the deadline. So every rank holds a
+# private duplicate of COMM_WORLD (MPI_Comm_idup at import: no rank waits for it), used for nothing
+# but small point-to-point notices. A leaving rank sends each other rank a notice: what happened,
+# where, and how many collectives it issued on each of its groups. A rank whose main thread has been
+# blocked in an mpilocal collective for one watchdog tick receives the notices; when the leaver is
+# in the group it waits on and issued fewer collectives there than this rank has, the leaver never
+# joins, so this rank reports who left, where, and where it waits, and aborts the job. Ranks that
+# merely finish at different times are never ended: a rank at exit first meets the others in a
+# non-blocking barrier on the channel and sends notices only when that has not completed within
+# _EXIT_GRACE, and a notice ends only a rank that issued a collective the leaver never joins.
+# Notices of kind "abort" (a rank is aborting the job) make every blocked rank report where it waits.
+_LEAVE_TAG = 77
+_EXIT_GRACE = 0.2
+_SYNC_GRACE = 0.5      # a synchronizing call still blocked this long after a member's notice: it never joins
+_TICK = 0.1            # watchdog period while MPI_COMM_WORLD has more than one rank
+_chan = None           # [communicator, MPI_Comm_idup request or None once complete]
+_CHAN_LOCK = threading.Lock()
+_MT = False            # MPI_THREAD_MULTIPLE: the watchdog thread may call MPI
+_LEFT: dict = {}       # world rank -> notice received from it
+_SENT: list = []       # (request, buffer) of the notices this rank sent
+_notified = False
+_CTLN = "mpilocal.ctln"  # per group: control-communicator operations issued (agreements, fingerprints)
+_KEY = "mpilocal.key"
+_MEMBERS = "mpilocal.members"
+_USED = weakref.WeakSet()  # groups this rank issued operations on
 
 
+def _open_channel() -> None:
+    global _chan, _MT
+    if not _env_flag("MPILOCAL_LEAVE_NOTICES", True):
+        return
+    try:
+        if not MPI.Is_initialized() or MPI.Is_finalized():
+            return
+        _MT = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        comm, req = MPI.COMM_WORLD.Idup()
+    except Exception:
+        return
+    _chan = [comm, req]
+
+
+def _channel():
+    """The leave channel's communicator, or None (not opened, MPI_Comm_idup not complete yet, or
+    this thread may not call MPI)."""
+    ch = _chan
+    if ch is None or not (_MT or threading.current_thread() is threading.main_thread()):
+        return None
+    if ch[1] is not None:
+        with _CHAN_LOCK:
+            if ch[1] is not None:
+                try:
+                    if not ch[1].Test():
+                        return None
+                except Exception:
+                    return None
+                ch[1] = None
+    return ch[0]
+
+
+def _world_ranks(g) -> list:
+    m = g.cache.get(_MEMBERS)
+    if m is None:
+        try:
+            m = list(g.comm.Get_group().Translate_ranks(list(range(g.size)), MPI.COMM_WORLD.Get_group()))
+        except Exception:
+            m = []
+        g.cache[_MEMBERS] = m
+    return m
+
+
+def _group_key(g) -> str:
+    """A name of ``g``'s communicator that is the same on every rank of it (world, mesh dim, ...)."""
+    k = g.cache.get(_KEY)
+    if k is None:
+        try:
+            world = MPI.Comm.Compare(g.comm, MPI.COMM_WORLD) == MPI.IDENT
+        except Exception:
+            world = False
+        k = g.cache[_KEY] = "MPI.COMM_WORLD" if world else describe_group(g)
+    return k
+
+
+def _notify(kind: str, where: str, code: int = 1) -> bool:
+    """Send every other rank this rank's notice (once); False when the channel is not usable."""
+    global _notified
+    comm = _channel()
+    if comm is None:
+        return False
+    if _notified:
+        return True
+    _notified = True
+    ops: dict = {}
+    for g in list(_USED):
+        k = _group_key(g)
+        n = (g.cache.get(_SEQ, 0), g.cache.get(_CTLN, 0))
+        p = ops.get(k)
+        ops[k] = [max(n[0], p[0]), max(n[1], p[1])] if p else list(n)  # equal names: the larger counts
+    data = json.dumps({"kind": kind, "where": where, "code": int(code), "ops": ops}).encode()
+    me = _rank()
+    try:
+        with _CHAN_LOCK:
+            for r in range(_size()):
+                if r != me:
+                    _SENT.append((comm.Isend([data, MPI.BYTE], r, _LEAVE_TAG), data))
+    except Exception:
+        return False
+    return True
+
+
+def _linger(seconds: float) -> None:
+    """Wait ``seconds`` while the notices just sent make progress."""
+    t_end = _monotonic() + seconds
+    while _monotonic() < t_end:
+        try:
+            MPI.Request.Testall([r for r, _ in _SENT])
+        except Exception:
+            pass
+        time.sleep(0.02)
+
+
+def _receive_notices() -> None:
+    comm = _channel()
+    if comm is None:
+        return
+    st = MPI.Status()
+    with _CHAN_LOCK:
+        while comm.Iprobe(MPI.ANY_SOURCE, _LEAVE_TAG, st):
+            buf = bytearray(st.Get_count(MPI.BYTE))
+            src = st.Get_source()
+            comm.Recv([buf, MPI.BYTE], src, _LEAVE_TAG)
+            try:
+                note = json.loads(buf.decode())
+            except ValueError:
+                continue
+            note["t"] = _monotonic()
+            _LEFT[src] = note
+
+
+def _members(m) -> list:
+    """World ranks of ``m`` (a list of them, or an mpi4py communicator)."""
+    if isinstance(m, MPI.Comm):
+        try:
+            return list(m.Get_group().Translate_ranks(list(range(m.Get_size())), MPI.COMM_WORLD.Get_group()))
+        except Exception:
+            return []
+    return list(m)
+
+
+def _left_rank_for(s):
+    """(world rank, notice, its counts) of a rank that ended while this rank waits in slot ``s``
+    for it; None when no notice explains the wait."""
+    g = s[2]
+    members = _members(s[5]) if len(s) > 5 and s[5] is not None else None
+    for r, note in list(_LEFT.items()):
+        if note.get("kind") == "abort":
+            return r, note, None
+        if members is not None:  # a synchronizing call (no counts): the leaver would have completed it
+            if r in members and _monotonic() - max(note["t"], s[3]) > _SYNC_GRACE:
+                return r, note, [-1, -1]
+            continue
+        if g is None or r not in _world_ranks(g):
+            continue
+        theirs = note.get("ops", {}).get(_group_key(g), [0, 0])
+        if g.cache.get(_SEQ, 0) > theirs[0] or g.cache.get(_CTLN, 0) > theirs[1]:
+            return r, note, theirs
+    return None
+
+
+def _fire_left(s, r, note, theirs):
+    name, seq, g = s[0], s[1], s[2]
+    what = (f"{name}#{seq}" if seq else name) + (f" on {describe_group(g)}" if g is not None else "")
+    if theirs is None:
+        head = (f"mpilocal: rank {r} is ending the job ({note.get('where', '?')}); this rank was waiting in "
+                f"{what}.")
+        code = note.get("code", 1)
+    else:
+        issued = f" after issuing {theirs[0]} collective(s) on this group" if theirs[0] >= 0 else ""
+        head = (f"mpilocal: rank {r} left the program ({note.get('where', '?')}){issued}, but this rank waits in "
+                f"{what}, which rank {r} never joins. Aborting the MPI job.")
+        code = 1
+    msg = head + ("\nthis rank is waiting at:\n" + _main_stack())
+    if _INTERCEPT is not None:  # tests: record the report instead of ending the job
+        _INTERCEPT.append(msg)
+        return
+    abort(code, msg, f"rank {r} left; rank {_rank()} was waiting in {what}")
+
+
+_SYS_EXIT = None
+_EXIT_CALL = None  # (status, "file:line", time) of the last sys.exit call
+
+
+def _wrap_sys_exit() -> None:
+    """Let ``sys.exit`` remember where it was called, for the notice a leaving rank sends."""
+    global _SYS_EXIT
+    if _SYS_EXIT is not None:
+        return
+    _SYS_EXIT = original = sys.exit
+
+    def exit(status=None):
+        global _EXIT_CALL
+        try:
+            f = sys._getframe(1)
+            _EXIT_CALL = (status, f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}", _monotonic())
+        except Exception:
+            pass
+        original(status)
+
+    exit.__doc__ = original.__doc__
+    exit.__wrapped__ = original
+    sys.exit = exit
+
+
+def _leaving_where() -> str:
+    """Why this rank is at program exit, for its notice."""
+    exc = getattr(sys, "last_value", None)
+    if exc is not None:
+        return "after " + exception_summary(type(exc), exc, exc.__traceback__)
+    call = _EXIT_CALL
+    if call is not None and _monotonic() - call[2] < 30:
+        return f"sys.exit({call[0]!r}) at {call[1]}"
+    return "reached the end of the program"
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C: the main thread is stuck inside MPI, so the watchdog thread sees the signal
+# ------------------------------------------------------------------------------------------------
+_WAKE = None  # (read end, write end) of the socket pair given to signal.set_wakeup_fd
+
+
+def _watch_signals() -> None:
+    """Have Python's C-level signal handler write each signal number to a socket the watchdog
+    waits on (``signal.set_wakeup_fd``), unless another wakeup fd is in use (e.g. asyncio's)."""
+    global _WAKE
+    if threading.current_thread() is not threading.main_thread() or not _env_flag("MPILOCAL_SIGINT", True):
+        return
+    try:
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        old = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+    except Exception:
+        return
+    if old != -1:
+        signal.set_wakeup_fd(old)
+        r.close()
+        w.close()
+        return
+    _WAKE = (r, w)
+
+
+def _wait_tick(seconds: float) -> bytes:
+    """Sleep ``seconds`` or until a signal arrives; the signal numbers received."""
+    wake = _WAKE
+    if wake is None:
+        time.sleep(seconds)
+        return b""
+    try:
+        ready, _, _ = select.select([wake[0]], [], [], seconds)
+        return wake[0].recv(256) if ready else b""
+    except (BlockingIOError, InterruptedError):
+        return b""
+    except Exception:
+        time.sleep(seconds)
+        return b""
+
+
+def _on_sigint(s) -> None:
+    """SIGINT while the main thread waits in an mpilocal collective: Python would raise
+    KeyboardInterrupt only after the collective returns, so end the job from here."""
+    if s is None and not _ASYNC:
+        return  # the main thread runs Python code: KeyboardInterrupt is raised there as usual
+    if s is not None:
+        name, seq, g = s[0], s[1], s[2]
+        what = (f"{name}#{seq}" if seq else name) + (f" on {describe_group(g)}" if g is not None else "")
+    else:
+        what = "asynchronous GPU work"
+    stack = _main_stack()
+    abort(130, f"mpilocal: interrupted (SIGINT) while waiting in {what}; aborting the MPI job"
+               + ("\nthis rank is waiting at:\n" + stack if stack else ""),
+          f"interrupted (SIGINT) on rank {_rank()} while waiting in {what}")
+
+
+# ------------------------------------------------------------------------------------------------
+# exit
+# ------------------------------------------------------------------------------------------------
 def _at_exit():
-    code = _EXIT_CODE
-    if code not in (None, 0) and _size() > 1:
-        abort(code, f"mpilocal: rank {_rank()} exits with status {code}; aborting the MPI job")
     # MPI_Finalize waits for the other ranks, which may be stuck in a collective this rank will never
-    # join (it returned or called sys.exit early). So first meet them in a non-blocking barrier,
-    # polled under a deadline; past it, leave without MPI_Finalize (os._exit: the launcher then
-    # ends the job — MPI_Abort is not safe once finalization may have begun).
+    # join (it returned or called sys.exit early). So first meet them in a non-blocking barrier on
+    # the leave channel; if that does not complete within _EXIT_GRACE, tell them this rank is leaving
+    # (a rank that waits for it then aborts the job with a report), and keep polling under the exit
+    # deadline; past it, leave without MPI_Finalize (os._exit: the launcher then ends the job —
+    # MPI_Abort is not safe once finalization may have begun).
     global _slot
     _slot = None
     try:
@@ -219,26 +558,47 @@ def _at_exit():
 
         if not MPI.Is_initialized() or MPI.Is_finalized() or getattr(mpi4py.rc, "finalize", None) is False:
             return
-        if _EXIT_TIMEOUT is None or _size() == 1:
+        if _size() == 1:
             return
-        req = MPI.COMM_WORLD.Ibarrier()
     except Exception:
         return
     t0 = _monotonic()
+    limit = _EXIT_TIMEOUT
+    where = _leaving_where()
+    comm = _channel()
+    while comm is None and _chan is not None and _chan[1] is not None:  # MPI_Comm_idup still running
+        if limit is not None and _monotonic() - t0 > limit:
+            break
+        time.sleep(0.01)
+        comm = _channel()
+    try:
+        req = (comm if comm is not None else MPI.COMM_WORLD).Ibarrier()
+    except Exception:
+        return
     pause = 0.0005
     while not req.Test():
-        if _monotonic() - t0 > _EXIT_TIMEOUT:
+        now = _monotonic() - t0
+        if not _notified and now > _EXIT_GRACE:
+            _notify("exit", where)
+        if limit is not None and now > limit:
+            for fn in list(_BEFORE_REPORT):
+                try:
+                    fn()
+                except Exception:
+                    pass
             try:
-                sys.stderr.write(_prefix(
-                    f"mpilocal: rank {_rank()} is exiting, but other ranks did not reach program exit within "
-                    f"{_EXIT_TIMEOUT:g} s (MPILOCAL_EXIT_TIMEOUT); they are probably waiting in a collective this "
+                _emit(_prefix(
+                    f"mpilocal: rank {_rank()} is exiting ({where}), but other ranks did not reach program exit "
+                    f"within {limit:g} s (MPILOCAL_EXIT_TIMEOUT); they are probably waiting in a collective this "
                     f"rank left. Ending the job."))
-                sys.stderr.flush()
-                sys.stdout.flush()
             finally:
                 os._exit(1)
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
+    try:
+        MPI.Request.Testall([r for r, _ in _SENT])
+    except Exception:
+        pass
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,6 +638,8 @@ def begin(name: str, g, send=None, detail=None) -> _Clear:
     c = g.cache
     seq = c.get(_SEQ, 0) + 1
     c[_SEQ] = seq
+    if seq == 1:
+        _USED.add(g)  # for the notice this rank sends when it leaves
     if _DEBUG:
         check_fingerprint(name, seq, g, send, detail)
     if _WATCH:
@@ -309,14 +671,17 @@ class _Restore:
         return False
 
 
-def in_flight(name: str, g=None) -> _Restore:
-    """``with in_flight("creating ..."):`` puts a blocking MPI call other than a collective on
-    array data (communicator creation, ...) under the deadline; restores the previous slot after."""
+def in_flight(name: str, g=None, members=None) -> _Restore:
+    """``with in_flight("creating ...", members=...):`` puts a blocking MPI call other than a
+    collective on array data (communicator creation, ...) under the deadline; restores the previous
+    slot after. ``members``: the world ranks taking part (a list, or an mpi4py communicator), so
+    that a rank which left the program is noticed; the call must complete on no rank before all
+    members entered it (communicator creation, an all-reduce)."""
     global _slot
     r = _Restore()
     r.prev = _slot
     if _WATCH:
-        _slot = (name, 0 if g is None else g.cache.get(_SEQ, 0), g, _monotonic(), None)
+        _slot = (name, 0 if g is None else g.cache.get(_SEQ, 0), g, _monotonic(), None, members)
         _ensure_watchdog()
     return r
 
@@ -388,18 +753,27 @@ def _ensure_watchdog():
 
 def _poll_interval():
     t = _TIMEOUT or 60.0
-    return min(1.0, max(0.02, t / 20))
+    p = min(1.0, max(0.02, t / 20))
+    return min(p, _TICK) if _chan is not None or _WAKE is not None else p
 
 
 def _watchdog():
     while True:
-        time.sleep(_poll_interval())
+        sigs = _wait_tick(_poll_interval())
         try:
             s = _slot
+            if sigs and signal.SIGINT in sigs:
+                _on_sigint(s)
             if s is not None:
+                held = _monotonic() - s[3]
                 limit = s[4] if s[4] is not None else _TIMEOUT
-                if limit is not None and _monotonic() - s[3] > limit and _slot is s:
+                if limit is not None and held > limit and _slot is s:
                     _fire(s[0], s[1], s[2], limit, None, None)
+                elif held >= _TICK and _chan is not None:  # blocked for a tick: did someone leave?
+                    _receive_notices()
+                    left = _left_rank_for(s) if _LEFT else None
+                    if left is not None and _slot is s:
+                        _fire_left(s, *left)
             if _ASYNC:
                 _poll_async()
         except Exception:  # pragma: no cover - the watchdog must never die
@@ -496,11 +870,18 @@ def _fire(name, seq, g, limit, err, abort_fn):
     if err is not None:
         head = f"mpilocal: {what} failed asynchronously: {err}"
     else:
-        head = (f"mpilocal: {what} did not complete within {limit:g} s "
-                f"(MPILOCAL_TIMEOUT); another rank probably raised, exited early, or called a different "
-                f"collective (MPILOCAL_DEBUG=1 checks that). Aborting the MPI job.")
+        if _DEBUG:  # fingerprints passed so far: no rank that got here called a different collective
+            why = ("another rank probably raised, exited early, or is still busy elsewhere (debug mode is on: the "
+                   "collectives issued so far matched)")
+        else:
+            why = ("another rank probably raised, exited early, or called a different collective "
+                   "(MPILOCAL_DEBUG=1 checks that)")
+        head = f"mpilocal: {what} did not complete within {limit:g} s (MPILOCAL_TIMEOUT); {why}. Aborting the MPI job."
     stack = _main_stack()
     msg = head + ("\nthis rank is waiting at:\n" + stack if stack else "")
+    if _INTERCEPT is not None:  # tests: record the report instead of ending the job
+        _INTERCEPT.append(msg)
+        return
     for fn in ([abort_fn] if abort_fn else []) + list(_ABORT_HOOKS):
         try:
             fn() if fn is abort_fn else fn(g)
@@ -517,6 +898,7 @@ def control_comm(g):
     c = g.cache.get(_CTL)
     if c is None:
         global _slot
+        _count_ctl(g)
         prev = _slot
         if _WATCH:
             _slot = ("creating the control communicator", g.cache.get(_SEQ, 0), g, _monotonic(), None)
@@ -528,9 +910,18 @@ def control_comm(g):
     return c
 
 
+def _count_ctl(g):
+    """Count one control-communicator operation on ``g`` (for the leave notices)."""
+    n = g.cache.get(_CTLN, 0) + 1
+    g.cache[_CTLN] = n
+    if n == 1:
+        _USED.add(g)
+
+
 def _ctl_allgather(g, buf, what):
     global _slot
     ctl = control_comm(g)
+    _count_ctl(g)
     recv = np.empty((g.size,) + buf.shape, dtype=buf.dtype)
     prev = _slot
     if _WATCH:

@@ -290,7 +290,7 @@ class DeviceMesh:
             group = _world().Get_group().Incl(ranks)
             from .failure import in_flight
 
-            with in_flight(f"creating the communicator of {self!r} (MPI_Comm_create_group)"):  # deadline
+            with in_flight(f"creating the communicator of {self!r} (MPI_Comm_create_group)", members=ranks):  # deadline
                 comm = _world().Create_group(group, tag=7)
             group.Free()
             rec.extra[key] = _COMM_CACHE[key] = comm
@@ -308,7 +308,8 @@ class DeviceMesh:
                 base = self.get_comm()
                 from .failure import in_flight
 
-                with in_flight(f"creating the metadata communicator of {self!r} (MPI_Comm_dup)"):  # deadline
+                with in_flight(f"creating the metadata communicator of {self!r} (MPI_Comm_dup)",
+                               members=base):  # deadline
                     comm = base.Dup()
                 rec.extra[key] = _COMM_CACHE[key] = comm
             self._meta_comm = comm
@@ -404,7 +405,7 @@ class DeviceMesh:
             out = np.empty_like(h)
             from .failure import in_flight
 
-            with in_flight(f"DeviceMesh.close of {self!r} (MPI_Allreduce of open handles)"):  # deadline
+            with in_flight(f"DeviceMesh.close of {self!r} (MPI_Allreduce of open handles)", members=comm):  # deadline
                 comm.Allreduce(h, out, op=MPI.MIN)
             if out[0] != 0 or out[1] != 0:  # some rank still holds a handle (or they differ): keep all
                 return
@@ -547,7 +548,7 @@ def _dim_comms(arr: np.ndarray, coordinate) -> _Comms:
     from .failure import in_flight
 
     with in_flight(f"creating the communicators of a mesh over world ranks {ranks} (MPI_Comm_create_group, "
-                   f"MPI_Comm_split)"):  # deadline
+                   f"MPI_Comm_split)", members=ranks):  # deadline
         if arr.size == world.Get_size() and ranks == list(range(world.Get_size())):
             base = world.Dup()
         else:

@@ -1,17 +1,16 @@
 """``python -m mpilocal.run script.py [args]`` (or ``-m module [args]``, ``-c code [args]``).
 
-Runs a program the way ``python`` would (``runpy``; ``sys.argv`` and ``sys.path[0]`` as usual), and
-makes sure that one failing rank ends the whole MPI job promptly with a non-zero status:
+Runs a program the way ``python`` would (``runpy``; ``sys.argv`` and ``sys.path[0]`` as usual). Plain
+``mpiexec -n N python script.py`` that imports mpilocal is handled as well (``import mpilocal``
+installs the exception hook, the leave notices and the exit deadline, see ``mpilocal/failure.py``);
+this runner adds two things:
 
-- an uncaught exception — in the program, in mpilocal, or while importing either — prints
-  ``[rank R] Traceback ...`` and calls ``MPI.COMM_WORLD.Abort(1)``;
-- ``sys.exit(n)`` / ``raise SystemExit(n)`` with ``n`` not 0 (or a message) on any rank calls
-  ``MPI.COMM_WORLD.Abort(n)``; ``sys.exit(0)`` / ``None`` exits normally (``MPI_Finalize`` then
-  waits for the other ranks, bounded by ``MPILOCAL_EXIT_TIMEOUT``).
+- an uncaught exception raised *before* ``import mpilocal`` (e.g. while importing it or mpi4py's
+  MPI) also prints ``[rank R] Traceback ...`` and aborts the job;
+- ``sys.exit(n)`` / ``raise SystemExit(n)`` with ``n`` not 0 (or a message) on any rank ends the job
+  at once with status ``n`` (``MPI_Abort(n)``), after telling the other ranks, which print where
+  they wait. ``sys.exit(0)`` / ``None`` exits normally.
 
-Plain ``mpiexec -n N python script.py`` that imports mpilocal covers uncaught exceptions raised
-after ``import mpilocal`` (its ``sys.excepthook``); ``sys.exit(n)`` there is bounded only by the
-deadlines (the other ranks' ``MPILOCAL_TIMEOUT`` and this rank's ``MPILOCAL_EXIT_TIMEOUT``).
 Usage: ``mpiexec -n 4 python -m mpilocal.run train.py --epochs 3``.
 """
 
@@ -26,7 +25,23 @@ USAGE = "usage: python -m mpilocal.run (script.py | -m module | -c code) [args..
 
 def _abort_exception(exc_type, exc, tb, failure):
     failure.abort(1, failure.format_exception(exc_type, exc, tb)
-                  + f"mpilocal.run: uncaught {exc_type.__name__}; aborting the MPI job")
+                  + f"mpilocal.run: uncaught {exc_type.__name__}; aborting the MPI job",
+                  failure.exception_summary(exc_type, exc, tb))
+
+
+def _exit_location(tb) -> str:
+    """``file:line`` where SystemExit was raised (the innermost frame outside mpilocal)."""
+    import traceback
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    frames = [f for f in traceback.extract_tb(tb) if os.path.dirname(os.path.abspath(f.filename)) != here]
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
+
+
+def _world_size() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_size()
 
 
 def main(argv=None) -> int:
@@ -69,13 +84,13 @@ def main(argv=None) -> int:
         if not isinstance(code, int):
             sys.stderr.write(f"{code}\n")
             code = 1
-        failure._EXIT_CODE = code
-        if failure._size() > 1:
-            failure.abort(code, f"mpilocal.run: the program called sys.exit({e.code!r}); aborting the MPI job")
+        if _world_size() > 1:
+            where = f"sys.exit({e.code!r}) at {_exit_location(e.__traceback__)}"
+            failure.abort(code, f"mpilocal.run: the program called {where}; aborting the MPI job", where)
         return code
     except BaseException:
         exc_type, exc, tb = sys.exc_info()
-        if failure._size() > 1:
+        if _world_size() > 1:
             _abort_exception(exc_type, exc, tb.tb_next or tb, failure)
         raise
     return 0
