@@ -311,3 +311,21 @@ def test_ragged_from_local_2d():
         bad = np.ones((1 + (c[0] == 0 and c[1] == 0), 2))
         with pytest.raises(ValueError, match="one global array has one split per mesh dim"):
             mpilocal.ragged_from_local(to_device(bad), mesh, [Shard(0), Replicate()])
+
+
+def test_checkpoint_ragged_save_load_any_layout(tmp_path):
+    import mpilocal.checkpoint as ckpt
+
+    mesh = init_device_mesh(DEVICE, (W,))
+    N = 2 * W + 3
+    full = data((N, 2), seed=22)
+    path = MPI.COMM_WORLD.bcast(str(tmp_path) if RANK == 0 else None) + "/ragged"
+    ckpt.save({"x": distribute_tensor(to_device(full), mesh, [Shard(0, sizes=ragged_sizes(N, W, "block"))])},
+              checkpoint_id=path)
+    ck = Check()
+    for pl in ([Shard(0)], [Shard(0, sizes=ragged_sizes(N, W, "last"))], [Shard(1)], [Replicate()]):
+        st = {"x": distribute_tensor(to_device(np.zeros_like(full)), mesh, pl)}
+        ckpt.load(st, checkpoint_id=path)
+        ck(st["x"].placements == tuple(pl), f"{st['x'].placements}")
+        ck.close(st["x"].to_local(), expected_local(full, pl, (W,), (RANK,)), f"load into {pl}")
+    ck.done()
