@@ -87,14 +87,14 @@ def test_reshard_within_rank_count(ckdir, save_shape):
         m = init_device_mesh(DEVICE, shape)
         sd = cj.template(m, v, xp)
         dcp.load(sd, checkpoint_id=ckdir / "ck")
-        for b in cj.check_loaded(sd, m):
+        for b in cj.check_loaded(sd, m, xp):
             check(False, f"save {save_shape} -> load {shape} v{v}: {b}")
     check.done()
 
 
 def test_reshard_from_4_ranks_fixed_dir():
     """The 4-rank pass saves to a fixed directory on a 2x2 mesh; the other passes load it when present."""
-    path = FIXED / "reshard-2x2"
+    path = FIXED / f"reshard-2x2-{DEVICE}"
     if N == 4:
         if RANK == 0:
             FIXED.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def test_reshard_from_4_ranks_fixed_dir():
         m = init_device_mesh(DEVICE, shape)
         sd = cj.template(m, v, xp)
         dcp.load(sd, checkpoint_id=path)
-        for b in cj.check_loaded(sd, m):
+        for b in cj.check_loaded(sd, m, xp):
             check(False, f"load {shape} v{v}: {b}")
     check.done()
 

@@ -157,7 +157,7 @@ def _to_host(x, copy: bool):
     """A host NumPy array with the contents of local array ``x``. ``copy`` (async_save): always a copy,
     into a reused host buffer (pinned for CuPy arrays), so that the caller may change ``x`` at once."""
     if _is_cupy(x):
-        x = _cupy().ascontiguousarray(x)
+        x = x if x.flags.c_contiguous else _cupy().ascontiguousarray(x)  # (which makes 0-d arrays 1-d)
         if copy:
             out = _host_buffer(x.shape, x.dtype, True)
             try:
