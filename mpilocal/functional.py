@@ -680,7 +680,11 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str 
     rows = failure.agree(g, caller, err, None if err else _meta_with(x, caller, flags=flags))
     _check_same(rows, caller, skip_dim=0)
     input_split_sizes, output_split_sizes = splits
-    if output_split_sizes is None:
+    # The split agreement runs when any rank lacks its output sizes (agreed flag bit 2), so ranks that
+    # pass them join it too; the sizes that arrive are the truth. Without the argument agreement
+    # (MPILOCAL_CHECK_ARGS=0) each rank decides alone: all ranks must then pass sizes alike.
+    need = output_split_sizes is None if rows is None else bool(((rows[:, 1] >> _P_SHIFT) & 4).any())
+    if need:
         counts = np.asarray(input_split_sizes, dtype=np.int64)
         recv = np.empty_like(counts)
         if debug._ACTIVE:

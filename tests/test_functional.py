@@ -512,3 +512,15 @@ def test_debug_fingerprint_includes_placements():
     finally:
         failure.set_debug(prev)
     assert_all(not err, err)
+
+
+def test_all_to_all_single_output_sizes_on_some_ranks_only():
+    """Rank 0 passes its output split sizes, the others let them be agreed: the split agreement is
+    one collective that every rank joins (a choice made from the agreed flags, not from this rank's
+    arguments), and every rank gets the right blocks."""
+    ins = [(RANK + p) % 3 + 1 for p in range(W)]
+    x = np.concatenate([np.full(ins[p], 10 * RANK + p, np.float64) for p in range(W)])
+    outs = [(q + RANK) % 3 + 1 for q in range(W)]
+    out = funcol.all_to_all_single(x, outs if RANK == 0 else None, ins, MPI.COMM_WORLD)
+    ref = np.concatenate([np.full(outs[q], 10 * q + RANK, np.float64) for q in range(W)])
+    assert_all(np.array_equal(out, ref), f"{out} vs {ref}")
