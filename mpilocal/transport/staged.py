@@ -26,6 +26,8 @@ import numpy as np
 from mpi4py import MPI
 
 from . import register_release_hook
+from .. import failure
+from . import counts_key, issuing
 from .cuda_mpi import ExchangeReduce, displs
 
 __all__ = ["StagedTransport"]
@@ -217,6 +219,8 @@ class StagedTransport(ExchangeReduce):
         me = group.rank
         w = self._window(group)
         if w is not None and self._ensure(w, group, max(b)):
+            if failure._DEBUG:
+                issuing(group, "staged allgatherv (node window + MPI_Barrier)", counts=counts_key(b))
             rt, cur = self._cp.cuda.runtime, self._cp.cuda.get_current_stream()
             self._copy(w.ptrs[me], send.data.ptr, b[me], rt.memcpyDeviceToHost, cur.ptr)
             cur.synchronize()
@@ -230,6 +234,8 @@ class StagedTransport(ExchangeReduce):
             group.comm.Barrier()  # every segment read: the next call may overwrite
             return
         k = _pieces(max(b))
+        if failure._DEBUG:
+            issuing(group, "staged allgatherv (MPI_Allgatherv pieces)", steps=k, counts=counts_key(b))
         pieces = [[_split(bp, k, j) for j in range(k)] for bp in b]
         src_ranges = [[pieces[me][j]] for j in range(k)]
         dst_ranges = [[(d[p] + pieces[p][j][0], pieces[p][j][1]) for p in range(group.size)] for j in range(k)]
@@ -249,6 +255,8 @@ class StagedTransport(ExchangeReduce):
         rb = [c * it for c in recv_counts]
         sd, rd = displs(sb), displs(rb)
         w = self._window(group)
+        if failure._DEBUG:
+            issuing(group, "staged alltoallv (" + ("node window" if w is not None else "MPI_Alltoallv pieces") + ")")
         if w is not None:
             me, k = group.rank, group.size
             info = np.array([sum(sb)] + sd, np.int64)
@@ -297,6 +305,8 @@ class StagedTransport(ExchangeReduce):
             return
         w = self._window(group)
         if w is not None and self._ensure(w, group, n):
+            if failure._DEBUG:
+                issuing(group, "staged bcast (node window + MPI_Barrier)", count=n, root=root)
             rt, cur = self._cp.cuda.runtime, self._cp.cuda.get_current_stream()
             if group.rank == root:
                 self._copy(w.ptrs[root], buf.data.ptr, n, rt.memcpyDeviceToHost, cur.ptr)
@@ -308,6 +318,8 @@ class StagedTransport(ExchangeReduce):
             group.comm.Barrier()
             return
         k = _pieces(n)
+        if failure._DEBUG:
+            issuing(group, "staged bcast (MPI_Bcast pieces)", count=n, root=root, steps=k)
         pcs = [_split(n, k, j) for j in range(k)]
         me = group.rank
         comm = group.comm
@@ -328,6 +340,8 @@ class StagedTransport(ExchangeReduce):
         hr = np.empty(b[me], np.uint8)
         d = displs(b)
         sendspec = [hs if hs is not None else np.empty(0, np.uint8), (b, d), MPI.BYTE] if me == root else None
+        if failure._DEBUG:
+            issuing(group, "MPI_Scatterv", datatype="BYTE", counts=counts_key(b), root=root)
         group.comm.Scatterv(sendspec, [hr, MPI.BYTE], root=root)
         if b[me]:
             recv[...] = self._cp.asarray(hr).view(recv.dtype).reshape(recv.shape)
