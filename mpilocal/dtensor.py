@@ -197,11 +197,27 @@ def _expected_locals(shape: tuple, mesh_shape: tuple, pl: tuple) -> np.ndarray:
     return out
 
 
+_CHECKED: dict = {}  # rows already checked (their shape part, mesh shape, placements, ...) -> global shape
+
+
 def _check_rows(rows, mesh, pl, given, caller, *, check_grad=True) -> tuple:
     """The global shape the gathered metadata ``rows`` imply (``given`` when not None), after checking
     that they describe one DTensor: no rank failed its argument checks, one ndim, one dtype, one
     requires_grad, one ``shape=``, and local shapes that follow the ``torch.chunk`` layout of that
-    global shape. Every rank holds the same rows, so every rank raises the same error."""
+    global shape. Every rank holds the same rows, so every rank raises the same error. Rows seen
+    before (a loop of local_map calls) cost one dictionary lookup."""
+    n = int(rows[0, 0])
+    key = (rows[:, :2 + n].tobytes(), tuple(mesh.shape), tuple(pl), given, check_grad)
+    shape = _CHECKED.get(key)
+    if shape is None:
+        shape = _check_rows_slow(rows, mesh, pl, given, caller, check_grad)
+        if len(_CHECKED) >= 4096:
+            _CHECKED.clear()
+        _CHECKED[key] = shape
+    return shape
+
+
+def _check_rows_slow(rows, mesh, pl, given, caller, check_grad):
     ranks = mesh.mesh.ravel()
     head = rows[:, :2]
     if not (head == head[0]).all() or (int(rows[0, 1]) >> 32) & _F_ERROR:
