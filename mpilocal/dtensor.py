@@ -286,9 +286,11 @@ def _layout_message(caller, shape, locals_, expected, mesh, pl, given):
         return (f"{caller}: {where} holds a local array of shape {got}, but dim {d} is not sharded by placements "
                 f"{list(pl)}, so every rank must hold the global size {shape[d]} there (as {src} says){more}; "
                 f"pass local arrays of one size along unsharded dims")
-    text = (f"{caller}: {where} holds {got[d]} {what}, the torch.chunk rule gives it {exp[d]}: dim {d} of global "
-            f"shape {shape} is sharded by placements {list(pl)}")
     mdims = sharding[d]
+    ragged = [pl[m] for m in mdims if pl[m].sizes is not None]
+    rule = f"{ragged[0]!r}" if ragged else "the torch.chunk rule"
+    text = (f"{caller}: {where} holds {got[d]} {what}, {rule} gives it {exp[d]}: dim {d} of global "
+            f"shape {shape} is sharded by placements {list(pl)}")
     if len(mdims) == 1:
         m = mdims[0]
         coord = np.unravel_index(flat, mesh.shape)
@@ -297,13 +299,14 @@ def _layout_message(caller, shape, locals_, expected, mesh, pl, given):
         have = [int(locals_[i][d]) for i in line]
         want = [int(expected[i][d]) for i in line]
         text += f", so the {mesh.shape[m]} ranks along mesh dim {m} must hold {want} {what}, not {have}"
-        if have == _block_split(sum(have), len(have)) and sum(have) == sum(want):
+        if not ragged and have == _block_split(sum(have), len(have)) and sum(have) == sum(want):
             text += (" (that is the MPI block split N//p + (r < N%p), which puts the slack on the first ranks; "
                      "DTensor's layout, torch.chunk, puts it on the last ones)")
-    text += (f"{more}. Fix: give every rank the rows the chunk rule assigns it (mpilocal.local_shape_and_offset("
+    text += (f"{more}. Fix: keep your split and say so with a ragged shard, Shard({d}, sizes=...) (the sizes per "
+             f"mesh coordinate; mpilocal.ragged_from_local(local, mesh, placements) agrees them from the local "
+             f"arrays); or give every rank the rows the placements assign it (mpilocal.local_shape_and_offset("
              f"global_shape, mesh, placements) gives each rank's shape and offset), passing shape= consistent with "
-             f"those chunk sizes if you like; or wrap the shards in a layout this library supports (e.g. gather them "
-             f"and wrap as Replicate()) and redistribute")
+             f"those sizes if you like; or wrap the shards as another layout (e.g. Replicate()) and redistribute")
     return text
 
 
@@ -743,11 +746,12 @@ def _check_shape(shape, ndim, caller, what="shape"):
 
 
 def _off_mesh_shape(local_shape, mesh, pl):
-    """PyTorch's global shape on a rank outside the mesh: sharded dims times their mesh dims' sizes."""
+    """PyTorch's global shape on a rank outside the mesh: sharded dims times their mesh dims' sizes
+    (a ragged shard's dim: the sum of its sizes)."""
     shape = list(local_shape)
     for m, p in enumerate(pl):
         if type(p) is Shard:
-            shape[p.dim] *= mesh.shape[m]
+            shape[p.dim] = sum(p.sizes) if p.sizes is not None else shape[p.dim] * mesh.shape[m]
     return tuple(shape)
 
 
