@@ -105,6 +105,10 @@ class NcclCommunicator:
         ra = _arr(r, count, dt)
         self._do("p2p", lambda: self._comm.Irecv(ra, source=peer, tag=11))
 
+    def destroy(self):
+        if self._comm != MPI.COMM_NULL:
+            self._comm.Free()
+
     def size(self):
         return self._comm.Get_size()
 
