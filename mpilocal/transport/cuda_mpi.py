@@ -20,7 +20,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import failure
-from . import counts_key, detect, displs, equal_counts, issuing
+from . import count_limit, counts_key, detect, displs, equal_counts, issuing
 
 __all__ = ["CudaMpiTransport", "ExchangeReduce", "reduce_blocks", "chunk_counts", "displs", "pack_pieces"]
 
@@ -153,6 +153,22 @@ def _bytes(counts, it):
     return [c * it for c in counts]
 
 
+def _over(total: int):
+    """The MPI count limit when ``total`` (bytes, the same on every rank) passes it, else None."""
+    limit = count_limit()
+    return limit if limit is not None and total > limit else None
+
+
+def _post(comm, reqs, buf, peer, recv: bool, tag: int):
+    """Irecv/Isend of a uint8 buffer of any length: pieces of at most the MPI count limit (the
+    receiver cuts the same, since both know the length; same-tag messages arrive in order)."""
+    n = buf.size
+    limit = count_limit() or n
+    for o in range(0, n, limit):
+        piece = [buf[o:o + limit], MPI.BYTE]
+        reqs.append(comm.Irecv(piece, source=peer, tag=tag) if recv else comm.Isend(piece, dest=peer, tag=tag))
+
+
 class CudaMpiTransport(ExchangeReduce):
     """CuPy buffers through a CUDA-aware MPI; reductions on the GPU (see the module docstring)."""
 
@@ -171,6 +187,16 @@ class CudaMpiTransport(ExchangeReduce):
         if not sum(counts):
             return
         it = recv.dtype.itemsize
+        limit = _over(sum(counts) * it)
+        if limit is not None:  # MPI-3.1 counts: one MPI_Alltoallw whose datatypes carry 64-bit offsets
+            from .host import _alltoallw
+
+            b = _bytes(counts, it)
+            if failure._DEBUG:
+                issuing(group, "MPI_Alltoallw", purpose="allgatherv", counts=counts_key(b))
+            _sync_current_stream()
+            _alltoallw(group.comm, send, [(0, b[group.rank])] * group.size, recv, list(zip(displs(b), b)), limit)
+            return
         if all(c == counts[0] for c in counts):  # the plain collective: MPI's own (fastest) algorithm
             if failure._DEBUG:
                 issuing(group, "MPI_Allgather", datatype="BYTE", count=counts[0] * it)
@@ -183,6 +209,10 @@ class CudaMpiTransport(ExchangeReduce):
 
     def allgatherv_inplace(self, recv, counts, group):
         if not sum(counts):
+            return
+        if _over(sum(counts) * recv.dtype.itemsize) is not None:
+            off = displs(counts)[group.rank]
+            self.allgatherv(recv[off:off + counts[group.rank]].copy(), recv, counts, group)
             return
         b = _bytes(counts, recv.dtype.itemsize)
         if failure._DEBUG:
@@ -202,10 +232,10 @@ class CudaMpiTransport(ExchangeReduce):
         # point-to-point, so no MPI-side copy of the own block and no zero-size messages
         for p in range(group.size):
             if p != me and recv_counts[p]:
-                reqs.append(comm.Irecv([rb[rd[p] * it:(rd[p] + recv_counts[p]) * it], MPI.BYTE], source=p, tag=7301))
+                _post(comm, reqs, rb[rd[p] * it:(rd[p] + recv_counts[p]) * it], p, True, 7301)
         for p in range(group.size):
             if p != me and send_counts[p]:
-                reqs.append(comm.Isend([sb[sd[p] * it:(sd[p] + send_counts[p]) * it], MPI.BYTE], dest=p, tag=7301))
+                _post(comm, reqs, sb[sd[p] * it:(sd[p] + send_counts[p]) * it], p, False, 7301)
         if send_counts[me]:
             recv[rd[me]:rd[me] + recv_counts[me]] = send[sd[me]:sd[me] + send_counts[me]]
         MPI.Request.Waitall(reqs)
@@ -226,12 +256,12 @@ class CudaMpiTransport(ExchangeReduce):
                 blocks.append(send[offs[me]:offs[me] + mine])
                 continue
             if mine:
-                reqs.append(comm.Irecv([tb[j * mine * it:(j + 1) * mine * it], MPI.BYTE], source=p, tag=7302))
+                _post(comm, reqs, tb[j * mine * it:(j + 1) * mine * it], p, True, 7302)
             blocks.append(tmp[j * mine:(j + 1) * mine])
             j += 1
         for p in range(k):
             if p != me and counts[p]:
-                reqs.append(comm.Isend([sb[offs[p] * it:(offs[p] + counts[p]) * it], MPI.BYTE], dest=p, tag=7302))
+                _post(comm, reqs, sb[offs[p] * it:(offs[p] + counts[p]) * it], p, False, 7302)
         MPI.Request.Waitall(reqs)
         return blocks
 
@@ -247,12 +277,26 @@ class CudaMpiTransport(ExchangeReduce):
         if failure._DEBUG:
             issuing(group, "MPI_Bcast", datatype="BYTE", count=buf.nbytes, root=root)
         _sync_current_stream()
-        group.comm.Bcast([_b(buf), MPI.BYTE], root=root)
+        b, n = _b(buf), buf.nbytes
+        limit = count_limit() or n
+        for o in range(0, n, limit):  # pieces past the MPI count limit (n is the same on every rank)
+            group.comm.Bcast([b[o:o + limit], MPI.BYTE], root=root)
 
     def scatterv(self, send, counts, recv, root, group):
         _sync_current_stream()
         it = recv.dtype.itemsize
         b = _bytes(counts, it)
+        limit = _over(sum(b))
+        if limit is not None:
+            from .host import _alltoallw
+
+            if failure._DEBUG:
+                issuing(group, "MPI_Alltoallw", purpose="scatterv", counts=counts_key(b), root=root)
+            me, k = group.rank, group.size
+            s_spans = list(zip(displs(b), b)) if me == root else [(0, 0)] * k
+            r_spans = [(0, b[me]) if p == root else (0, 0) for p in range(k)]
+            _alltoallw(group.comm, send if me == root else recv, s_spans, recv, r_spans, limit)
+            return
         if failure._DEBUG:
             issuing(group, "MPI_Scatterv", datatype="BYTE", counts=counts_key(b), root=root)
         sendspec = [_b(send), (b, displs(b)), MPI.BYTE] if group.rank == root else None
