@@ -165,6 +165,20 @@ def bench_torch(nbytes, d, repeat, device):
     return [statistics.median(x) for x in (saves, loads)]
 
 
+def _fs(path):
+    """The filesystem type and device of ``path`` (from /proc/mounts; best effort)."""
+    try:
+        best = ("", "?", "?")
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                dev, mnt, typ = line.split()[:3]
+                if os.path.realpath(path).startswith(mnt) and len(mnt) > len(best[0]):
+                    best = (mnt, typ, dev)
+        return f"{best[1]} on {best[2]}"
+    except OSError:
+        return "?"
+
+
 def _sync(torch, device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -231,7 +245,11 @@ def main():
         if RANK == 0:
             shutil.rmtree(d, ignore_errors=True)
     if RANK == 0:
-        table = "\n".join(lines)
+        from mpilocal.checkpoint import _format
+
+        info = (f"{N} ranks, device {a.device}, dir {base} ({_fs(base)}), crc32 from {_format.CRC32_MODULE}, "
+                f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f}")
+        table = info + "\n\n" + "\n".join(lines)
         print("\n" + table)
         if a.out:
             with open(a.out, "w") as fh:

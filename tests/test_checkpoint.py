@@ -165,6 +165,14 @@ def test_chunks_cut_large_shards(monkeypatch, ckdir):
     check.done()
 
 
+def test_crc32_is_zlibs():
+    """The crc32 in manifests is zlib's CRC-32 whichever module computes it (isal/zlib-ng when present)."""
+    import zlib
+
+    b = np.random.default_rng(RANK).integers(0, 256, 100_003, dtype=np.uint8)
+    assert_all(_format._crc(b) == zlib.crc32(b) and _format._crc(b"123456789") == 0xCBF43926, _format.CRC32_MODULE)
+
+
 # -- device kinds -------------------------------------------------------------------------------------------------
 def test_device_kinds(ckdir):
     """Save from the test device's shards (CuPy under MPILOCAL_TEST_DEVICE=cuda), load into NumPy (cpu
