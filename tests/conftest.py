@@ -249,7 +249,8 @@ def mesh_or_skip(kind):
 #   above), collection errors and pytest internal errors, prefixed with the rank.
 # - At the end every rank sends rank 0 its outcome per test; rank 0's summary counts each test once,
 #   as its worst outcome on any rank: a test that failed on rank 2 only is reported failed, with rank
-#   2's traceback, and the exit status is non-zero. A "failures by rank" section names the ranks.
+#   2's traceback, and the exit status is non-zero; a test that ran on rank 1 only (the other ranks
+#   skip it) counts as passed. An "outcomes by rank" section names the ranks of failures.
 # - Skip reasons on request: pytest's -rs (rank 0's reasons).
 # - pytest-mpi's per-rank "MPI Information" section is replaced by the header line.
 # - If the job is aborted (deadline, failing rank), each rank names the test it was running.
@@ -340,40 +341,52 @@ class _RankReport:
             everything = self.comm.gather((sent, worst) if self.rank else None, root=0)
         if self.rank != 0 or self.reporter is None:
             return
-        self.failed_on = {}  # nodeid -> ranks where it failed or errored
-        for nodeid, entries in self.outcomes.items():
-            if any(c in _BAD_CATEGORIES for c, _ in entries):
-                self.failed_on[nodeid] = [0]
-        self.differs = {}  # nodeid -> {category: ranks}, for tests whose outcome differs between ranks
-        mine = {k: _worst([c for c, _ in v]) for k, v in self.outcomes.items()}
+        mine = worst  # rank 0's
+        self.failed_on = {k: [0] for k, c in mine.items() if c in _BAD_CATEGORIES}  # nodeid -> ranks
+        passed_elsewhere = {}  # nodeid -> ranks where it passed while rank 0 skipped it or did not run it
+        self.differs = {}  # nodeid -> {outcome: ranks}, beyond failures and pass/skip mixes
         for r, (_, worst) in enumerate(everything[1:], start=1):
             for nodeid in set(worst) | set(mine):
                 a, b = mine.get(nodeid, "not run"), worst.get(nodeid, "not run")
+                if b in _BAD_CATEGORIES:
+                    self.failed_on.setdefault(nodeid, []).append(r)
+                elif b == "passed" and a in ("skipped", "not run"):
+                    passed_elsewhere.setdefault(nodeid, []).append(r)
                 if a != b and {a, b} != {"passed", "skipped"}:  # one-rank tests skip on the other ranks
-                    d = self.differs.setdefault(nodeid, {a: [0]})
-                    d.setdefault(b, []).append(r)
+                    self.differs.setdefault(nodeid, {a: [0]}).setdefault(b, []).append(r)
+        # rank 0's summary: each test once, as its worst outcome on any rank
         stats = self.reporter.stats
+
+        def take_out(nodeid):
+            found = None
+            for key in ("passed", "skipped", "xfailed", "xpassed"):
+                if key in stats:
+                    found = found or next((x for x in stats[key] if getattr(x, "nodeid", None) == nodeid), None)
+                    stats[key] = [x for x in stats[key] if getattr(x, "nodeid", None) != nodeid]
+            return found
+
         added = False
-        for r, (theirs, _) in enumerate(everything[1:], start=1):
-            for nodeid, entries in theirs.items():
-                mine = self.failed_on.setdefault(nodeid, [])
-                mine.append(r)
-                if len(mine) > 1:  # rank 0 or a lower rank already reported it
-                    continue
-                for key in ("passed", "skipped", "xfailed", "xpassed"):  # count the test once
-                    if key in stats:
-                        stats[key] = [x for x in stats[key] if getattr(x, "nodeid", None) != nodeid]
-                for category, data in entries:
-                    if data is None:
-                        continue
+        for nodeid, ranks in self.failed_on.items():
+            if ranks[0] == 0:
+                continue
+            take_out(nodeid)
+            for category, data in everything[ranks[0]][0][nodeid]:  # the lowest failing rank's report
+                if data is not None:
                     rep = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
-                    rep.sections.append(("mpilocal", f"this report comes from rank {r}; rank 0 "
-                                                     f"did not fail {nodeid}"))
+                    rep.sections.append(("mpilocal", f"this report comes from rank {ranks[0]}; rank 0 did not "
+                                                     f"fail {nodeid}"))
                     stats.setdefault(category, []).append(rep)
                     added = True
+        for nodeid, ranks in passed_elsewhere.items():
+            if nodeid not in self.failed_on:
+                old = take_out(nodeid)
+                where = f"passed on rank(s) {', '.join(map(str, ranks))}, {mine.get(nodeid, 'not run')} on rank 0"
+                stats.setdefault("passed", []).append(pytest.TestReport(
+                    nodeid, getattr(old, "location", (nodeid, None, nodeid)), {}, "passed", None, "call",
+                    sections=[("mpilocal", where)]))
+        if hasattr(self.reporter, "_set_main_color"):
+            self.reporter._set_main_color()
         if added:
-            if hasattr(self.reporter, "_set_main_color"):
-                self.reporter._set_main_color()
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter):

@@ -60,21 +60,22 @@ def test_one_summary_counting_each_test_once_and_the_other_ranks_failure_shown()
     rc, out = dev_sh_test("3", "--", str(CASE.relative_to(ROOT)), "-rs")
     assert rc != 0, out
     summaries = [m.group(0) for m in SUMMARY.finditer(out)]
-    # rank 0 alone: 1 failed (on the last rank only), 2 passed (one of them on rank 0 only), 1 skipped
-    assert len(summaries) == 1 and re.search(r"\b1 failed, 2 passed, 1 skipped in\b", summaries[0]), out
+    # rank 0 alone: 1 failed (on the last rank only), 3 passed (one on rank 0 only, one on rank 1 only),
+    # 1 skipped
+    assert len(summaries) == 1 and re.search(r"\b1 failed, 3 passed, 1 skipped in\b", summaries[0]), out
     assert "AssertionError: rank 2 fails on purpose" in out, out                # the other rank's traceback
     assert re.search(r"failed: \S*test_fails_on_the_last_rank_only: rank\(s\) 2\n", out), out
     assert "skipped on purpose" in out, out                                     # -rs: skip reasons
     assert "MPI Information" not in out, out                                    # no per-rank banner
     assert len(re.findall(r"\[\s*\d+%\]", out)) == 1, out                       # one progress line
     # dev.sh reads that one line (it added up different ranks' counts before)
-    assert re.search(r"^3 rank\(s\): FAILED \(exit \d+\) +1 failed, 2 passed, 1 skipped +\[", out, re.M), out
+    assert re.search(r"^3 rank\(s\): FAILED \(exit \d+\) +1 failed, 3 passed, 1 skipped +\[", out, re.M), out
 
 
 def test_dev_sh_runs_only_the_named_file_and_a_passing_job_is_quiet():
     rc, out = dev_sh_test("2", "--", str(CASE.relative_to(ROOT)), "-k", "not fails")
     assert rc == 0, out
-    assert re.search(r"^2 rank\(s\): ok +2 passed, 1 skipped, 1 deselected +\[", out, re.M), out
-    assert "total over 1 rank count(s): 2 passed, 0 failed, 1 skipped" in out, out
+    assert re.search(r"^2 rank\(s\): ok +3 passed, 1 skipped, 1 deselected +\[", out, re.M), out
+    assert "total over 1 rank count(s): 3 passed, 0 failed, 1 skipped" in out, out
     job = out[out.index("[dev.sh] ==="):out.index("================ mpilocal test summary")].strip()
     assert len(job.splitlines()) <= 4, out                        # dev.sh's command, header, progress, summary

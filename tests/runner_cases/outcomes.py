@@ -22,3 +22,8 @@ def test_skipped_everywhere():
 @pytest.mark.skipif(RANK != 0, reason="runs on rank 0 only")
 def test_rank_zero_only():
     pass
+
+
+@pytest.mark.skipif(RANK != 1, reason="runs on rank 1 only")
+def test_rank_one_only():
+    pass
