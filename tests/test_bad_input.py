@@ -500,3 +500,50 @@ def test_counts():
               f"cases, {c['rank-divergent cases']} of them rank-divergent; {c['valid edge cases']} valid edge cases); "
               f"hangs: {c['hangs']}; silent wrong results: {c['silent wrong results']}; failed: {c['failed']}")
     assert_all(c["hangs"] == 0 and c["silent wrong results"] == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 17: dtypes and arrays that collectives refuse (masked, object/StringDType, 0-d along a dim),
+# also when only one rank passes them; NaN/byte-order edge cases give NumPy's result
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.mpi
+def test_refused_arrays_catalogue(mesh):
+    from numpy.dtypes import StringDType
+
+    x = np.ones((2 * N, 3))
+    masked = np.ma.array(x, mask=np.zeros_like(x, bool))
+    cases = [
+        ("all_reduce masked on one rank", lambda: funcol.all_reduce(on_last(masked, x), "sum", mesh), TypeError,
+         "masked"),
+        ("all_gather masked", lambda: funcol.all_gather_tensor(masked, 0, mesh), TypeError, "masked"),
+        ("all_gather object on one rank", lambda: funcol.all_gather_tensor(on_last(x.astype(object), x), 0, mesh),
+         TypeError),
+        ("all_gather StringDType", lambda: funcol.all_gather_tensor(np.array(["a"] * N, StringDType()), 0, mesh),
+         TypeError, "Python objects"),
+        ("broadcast object", lambda: funcol.broadcast(x.astype(object), 0, mesh), TypeError, "Python objects"),
+        ("all_to_all object", lambda: funcol.all_to_all_single(x.astype(object), None, None, mesh), TypeError,
+         "Python objects"),
+        ("all_gather 0-d on one rank", lambda: funcol.all_gather_tensor(on_last(np.array(1.0), x), 0, mesh),
+         ValueError),
+        ("reduce_scatter 0-d", lambda: funcol.reduce_scatter_tensor(np.array(1.0), "sum", 0, mesh), ValueError, "0-d"),
+        ("DTensor.from_local masked", lambda: DTensor.from_local(masked, mesh, [Shard(0)]), TypeError, "masked"),
+        ("redistribute Partial(avg) of int", lambda: DTensor.from_local(x.astype(np.int64), mesh, [Partial("avg")])
+         .redistribute(mesh, [Replicate()]), TypeError, "avg"),
+        ("redistribute Partial(max) of complex", lambda: DTensor.from_local(x.astype(complex), mesh, [Partial("max")])
+         .redistribute(mesh, [Shard(0)]), TypeError, "complex"),
+    ]
+    run_catalogue(cases)
+
+
+@pytest.mark.mpi
+def test_nan_and_byte_order_edge_cases(mesh):
+    x = np.array([np.nan, 1.0, -np.inf]) if RANK == 0 else np.array([1.0, np.nan, 2.0])
+    ref_max = np.array([np.nan, np.nan if N > 1 else 1.0, 2.0 if N > 1 else -np.inf])
+    ref_min = np.array([np.nan, np.nan if N > 1 else 1.0, -np.inf])
+    cases = [
+        ("max with NaN", lambda: funcol.all_reduce(x, "max", mesh), ref_max),
+        ("min with NaN", lambda: funcol.all_reduce(x, "min", mesh), ref_min),
+        ("sum of big-endian float64", lambda: funcol.all_reduce(np.arange(3, dtype=">f8"), "sum", mesh),
+         np.arange(3.0) * N),
+    ]
+    run_edge(cases)
