@@ -211,9 +211,10 @@ def _check_rows(rows, mesh, pl, given, caller, *, check_grad=True) -> tuple:
     shape = _CHECKED.get(key)
     if shape is None:
         shape = _check_rows_slow(rows, mesh, pl, given, caller, check_grad)
-        if len(_CHECKED) >= 4096:
-            _CHECKED.clear()
-        _CHECKED[key] = shape
+        if len(key[0]) <= 1 << 16:  # bounded: at most 256 entries of at most 64 KiB
+            if len(_CHECKED) >= 256:
+                _CHECKED.clear()
+            _CHECKED[key] = shape
     return shape
 
 
@@ -647,7 +648,7 @@ class DTensor:
         local = tuple(self._local.shape)
         try:
             shape = self.shape  # completes a pending shape agreement (every rank posted it: a local wait)
-        except ValueError as exc:
+        except (ValueError, TypeError, NotImplementedError) as exc:  # the agreement found an error
             shape = f"<invalid: {exc}>"
         return (f"DTensor(shape={shape}, local_shape={local}, dtype={self.dtype}, "
                 f"placements={self._placements}, device_mesh={self._mesh})")
