@@ -537,3 +537,71 @@ def test_operators_raise_type_error():
     ok = (A == None) is False and (A != "x") is True and A in {A} and A in [A] and len({A, B}) == 2  # noqa: E711
     assert_all(ok and not problems, f"{problems}")
     raises_on_every_rank(TypeError, r"DTensor == DTensor.*np\.array_equal", lambda: A == B, same_text=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# ported by hand from PyTorch's test/distributed/tensor/test_dtensor.py (issue 8)
+
+
+def test_to_local_grad_hint():
+    from mpilocal import CommDebugMode
+
+    mesh = make_mesh("1d")
+    G = np.ones((8, 3))
+    sharded = checked(distribute_tensor, to_device(G), mesh, [S0], requires_grad=True)
+    with CommDebugMode() as comm:
+        local_out = sharded.redistribute(placements=[R]).to_local(grad_placements=[Partial()])
+        local_out.backward(to_device(np.ones((8, 3))))
+    counts = comm.get_comm_counts()
+    n = 1 if W > 1 else 0
+    ok = counts["all_gather_into_tensor"] == n and counts["reduce_scatter_tensor"] == n
+    ok = ok and np.array_equal(to_host(sharded.grad.full_tensor()), G * W)
+    assert_all(ok, f"{dict(counts)} {to_host(sharded.grad.full_tensor()).ravel()[:3]}")
+
+
+def test_full_tensor_grad_hint():
+    mesh = make_mesh("1d")
+    G = np.ones((8, 3))
+    sharded = checked(distribute_tensor, to_device(G), mesh, [S0], requires_grad=True)
+    sharded.full_tensor(grad_placements=[Partial()]).sum().backward()
+    assert_all(np.array_equal(to_host(sharded.grad.full_tensor()), G * W))
+
+
+@pytest.mark.mpi(min_size=3)
+def test_from_local_sub_mesh():
+    mesh = DeviceMesh(DEVICE, [0, 2])
+    dt = DTensor.from_local(to_device(np.ones((3, 4))), mesh, [S0])
+    ok = tuple(dt.size()) == (6, 4)
+    local = to_host(dt.to_local())
+    ok = ok and (np.array_equal(local, np.ones((3, 4))) if RANK in (0, 2) else local.size == 0)
+    # an operation on it runs on the mesh ranks only; the others keep the global shape, no data
+    full = to_host(dt.full_tensor())
+    ok = ok and (np.array_equal(full, np.ones((6, 4))) if RANK in (0, 2) else full.size == 0)
+    assert_all(ok, f"rank {RANK}: {dt.size()} {local.shape} {full.shape}")
+
+
+@pytest.mark.mpi(min_size=4)
+def test_dtensor_spec_local_shard_offset():
+    if W % 2:
+        pytest.skip("needs an even world size")
+    half = W // 2
+    mesh = DeviceMesh(DEVICE, np.arange(W).reshape(2, half))
+    shape = (3 * W, 3 * W)
+    cases = [([S0, R], (3 * half * (RANK // half), 0)), ([S1, R], (0, 3 * half * (RANK // half))),
+             ([R, S0], (3 * 2 * (RANK % half), 0)), ([R, S1], (0, 3 * 2 * (RANK % half)))]
+    G = base_array(shape, seed=30)
+    bad = []
+    for placements, want in cases:
+        dt = distribute_tensor(G, mesh, placements)
+        import mpilocal
+
+        got = mpilocal.local_shape_and_offset(dt.shape, mesh, dt.placements)[1]
+        if got != want or dt.local_offset() != want:
+            bad.append((placements, got, dt.local_offset(), want))
+    assert_all(not bad, f"{bad}")
+
+
+def test_from_local_negative_dim():
+    mesh = make_mesh("1d")
+    dt = DTensor.from_local(to_device(np.ones((3, 3))), mesh, [Shard(-1)])
+    assert_all(dt.placements[0].dim == 1 and tuple(dt.shape) == (3, 3 * W))

@@ -655,15 +655,14 @@ def test_replicate_to_local_partial_grad():
 
 
 def test_replicate_to_local_partial_grad_counts():
-    # the PyTorch test as is: out.backward(ones_like(out)) of the local tensor. Here the local ones reach
-    # `out` through from_local(out, [Replicate()]).backward(Replicate ones), which communicates nothing
+    # the PyTorch test as is: out.backward(ones_like(out)) of the local (tracked) array
     mesh = make_mesh("1d")
     G = global_array((12, 3), np.float64, seed=42)
     chk = Check()
     rep = checked(distribute_tensor, G, mesh, [R], requires_grad=True)
     with CommDebugMode() as comm:
         out = rep.redistribute(placements=[R]).to_local(grad_placements=[Partial()])
-        DTensor.from_local(out, mesh, [R]).backward(DTensor.from_local(to_device(np.ones((12, 3))), mesh, [R]))
+        out.backward(to_device(np.ones((12, 3))))
     n = 1 if W > 1 else 0
     chk(comm.get_total_counts() == n and comm.get_comm_counts().get("all_reduce", 0) == n,
         f"{comm.get_comm_counts()}")
