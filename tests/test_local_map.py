@@ -125,6 +125,22 @@ def raises_all(exc, match, fn, *args):
     assert_all(not problem, problem)
 
 
+class debug_mode:
+    """``with debug_mode():`` MPILOCAL_DEBUG=1 for the block (``debug_mode(False)``: off; switched on
+    every rank)."""
+
+    def __init__(self, on=True):
+        self.on = on
+
+    def __enter__(self):
+        self.prev = _failure.debug_enabled()
+        _failure.set_debug(self.on)
+
+    def __exit__(self, *exc):
+        _failure.set_debug(self.prev)
+        return False
+
+
 def all_placements(dt, pred):
     return all(pred(p) for p in dt.placements)
 
@@ -432,13 +448,8 @@ def test_multi_mesh_inputs():
     # PyTorch's test checks shapes only: its Replicate() label on mesh dim 0 is not true of the values
     # (the two ranks of that dim hold different products), so MPILOCAL_DEBUG's replica check, which
     # would rightly reject it, is off for this call (on every rank).
-    debug = _failure.debug_enabled()
-    _failure.set_debug(False)
-    try:
-        with comm_mode:
-            Y_dt = local_mm_forward(X_dt, W_dt)
-    finally:
-        _failure.set_debug(debug)
+    with debug_mode(False), comm_mode:
+        Y_dt = local_mm_forward(X_dt, W_dt)
 
     assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
     # output local shape should be (8, 4)
@@ -553,18 +564,6 @@ def test_local_map_explicit_device_mesh_object():
 # ------------------------------------------------------------------------------------------------
 # issue 9 / issue 17: debug-mode replica checks, aliasing, meshes, ranks outside the mesh, messages
 # ------------------------------------------------------------------------------------------------
-class debug_mode:
-    """``with debug_mode():`` MPILOCAL_DEBUG=1 for the block (switched on every rank)."""
-
-    def __enter__(self):
-        self.prev = _failure.debug_enabled()
-        _failure.set_debug(True)
-
-    def __exit__(self, *exc):
-        _failure.set_debug(self.prev)
-        return False
-
-
 def test_debug_replica_check_rejects_rank_dependent_replicate_output():
     """A local_map output labelled Replicate whose ranks hold different values raises on every rank
     under MPILOCAL_DEBUG=1, naming the output and the ranks (issue 9 item 3)."""
@@ -576,7 +575,8 @@ def test_debug_replica_check_rejects_rank_dependent_replicate_output():
     with debug_mode():
         raises_all(RuntimeError, r"output 0 of <lambda> is labelled Replicate\(\) on mesh dim 0 \('dp'\) but its "
                    r"replicas differ: world ranks \[0\] vs \[1\].*declare it Partial\(\)", f, X)
-    f(X)  # without debug mode nothing is checked (the documented default)
+    with debug_mode(False):
+        f(X)  # without debug mode nothing is checked (the documented default)
 
 
 @pytest.mark.mpi(min_size=4)
