@@ -744,3 +744,88 @@ def test_off_mesh_ranks_report_global_shape_and_empty_local():
         chk(np.array_equal(to_host(out.to_local()), G) if on else to_host(out.to_local()).size == 0,
             f"{name}: redistribute local {to_host(out.to_local()).shape}")
     chk.done()
+
+
+SIZES_AND_DIM = [((W * 3, 3), 0), ((W * 3 + 1, 3), 0), ((W * 3 + 2, 3), 0), ((3, W * 3), 1), ((3, W * 3 + 1), 1),
+                 ((3, W * 3 + 2), 1)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.complex64], ids=str)
+def test_shard_to_replicate_forward_backward(dtype):
+    mesh = make_mesh("1d")
+    chk = Check()
+    n = 1 if W > 1 else 0
+    for size, dim in SIZES_AND_DIM:
+        G = global_array(size, dtype, seed=50)
+        dt = checked(distribute_tensor, G, mesh, [Shard(dim)], requires_grad=True)
+        with CommDebugMode() as comm:
+            out = dt.redistribute(mesh, [R])
+        chk(tuple(out.size()) == size and np.array_equal(to_host(out.detach().to_local()), G), f"{size} forward")
+        chk(comm.get_comm_counts()["all_gather_into_tensor"] == n, f"{size} {dict(comm.get_comm_counts())}")
+        with CommDebugMode() as comm:
+            out.backward(DTensor.from_local(to_device(np.ones(size, dtype)), mesh, [R]))
+        chk(dt.grad.placements == (Shard(dim),), f"grad placements {dt.grad.placements}")
+        chk(np.array_equal(to_host(dt.grad.to_local()), np.ones(to_host(dt.detach().to_local()).shape, dtype)),
+            f"{size} grad")
+        chk(comm.get_total_counts() == 0, f"{size} backward {dict(comm.get_comm_counts())}")
+    chk.done()
+
+
+def test_replicate_to_shard_forward_backward():
+    mesh = make_mesh("1d")
+    chk = Check()
+    n = 1 if W > 1 else 0
+    for size, dim in SIZES_AND_DIM:
+        G = global_array(size, np.float64, seed=51)
+        rep = checked(distribute_tensor, G, mesh, [R], requires_grad=True)
+        with CommDebugMode() as comm:
+            out = rep.redistribute(mesh, [Shard(dim)])
+        chk(tuple(out.size()) == size and out.placements == (Shard(dim),), f"{size}")
+        chk(np.array_equal(to_host(out.detach().to_local()), expected_local(G, mesh, (Shard(dim),))), f"{size} local")
+        chk(comm.get_total_counts() == 0, f"{size} forward {dict(comm.get_comm_counts())}")
+        grad = DTensor.from_local(to_device(np.ones(out.to_local().shape)), mesh, [Shard(dim)], shape=size)
+        with CommDebugMode() as comm:
+            out.backward(grad)
+        chk(rep.grad.placements == (R,) and np.array_equal(to_host(rep.grad.to_local()), np.ones(size)), "grad")
+        chk(comm.get_total_counts() == n and comm.get_comm_counts()["all_gather_into_tensor"] == n,
+            f"{size} backward {dict(comm.get_comm_counts())}")
+    chk.done()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.complex64], ids=str)
+def test_partial_to_replicate_forward_backward(dtype):
+    # from_local's backward passes a Replicate gradient through to a Partial input (no communication)
+    mesh = make_mesh("1d")
+    chk = Check()
+    from mpilocal.autograd import Tracked
+
+    partial_local = Tracked(to_device(np.ones((12, 3), dtype)), requires_grad=True)
+    partial = DTensor.from_local(partial_local, mesh, [Partial()])
+    with CommDebugMode() as comm:
+        out = partial.redistribute(mesh, [R])
+    chk(tuple(partial.size()) == (12, 3), f"{partial.size()}")
+    chk(np.array_equal(to_host(out.detach().to_local()), np.full((12, 3), float(W), dtype)), "forward")
+    chk(comm.get_comm_counts()["all_reduce"] == (1 if W > 1 else 0), f"{dict(comm.get_comm_counts())}")
+    with CommDebugMode() as comm:
+        out.backward(DTensor.from_local(to_device(np.ones((12, 3), dtype)), mesh, [R]))
+    chk(partial_local.grad is not None and np.array_equal(to_host(partial_local.grad), np.ones((12, 3), dtype)),
+        "grad of the Partial local")
+    chk(comm.get_total_counts() == 0, f"backward {dict(comm.get_comm_counts())}")
+    chk.done()
+
+
+def test_partial_to_partial_forward_backward():
+    mesh = make_mesh("1d")
+    chk = Check()
+    pt = checked(distribute_tensor, to_device(np.ones((12, 3))), mesh, [Partial()], requires_grad=True)
+    with CommDebugMode() as comm:
+        out = pt.redistribute(mesh, [Partial()])
+    chk(comm.get_total_counts() == 0 and np.array_equal(to_host(out.detach().to_local()),
+                                                        to_host(pt.detach().to_local())), "forward")
+    with CommDebugMode() as comm:
+        out.backward(DTensor.from_local(to_device(np.ones((12, 3))), mesh, [Partial()]))
+    # PyTorch keeps the Partial gradient here; mpilocal's gradient of a Partial placement is Replicate
+    # (the exact gradient of a sum reaches every term), which costs one all_reduce of the Partial grad
+    chk(pt.grad.placements == (R,), f"{pt.grad.placements}")
+    chk(np.array_equal(to_host(pt.grad.to_local()), np.full((12, 3), float(W))), "grad values")
+    chk.done()
