@@ -345,8 +345,9 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                 old = flat[i]
                 new = old._redistribute(want)
                 loc = new._local
-                if new is not old and loc is not None and _arrays.is_array(loc) and \
-                        _arrays.namespace(loc).may_share_memory(loc, old._local):
+                may_share = getattr(_arrays.namespace(loc), "may_share_memory", None) \
+                    if new is not old and _arrays.is_array(loc) else None
+                if may_share is not None and may_share(loc, old._local):
                     # never hand func a view of the input (a Replicate -> Shard slice): writing into it
                     # would change the input on this rank alone (PyTorch clones here too)
                     copy = DTensor(loc.copy(), new._mesh, new._placements, new._shape, new._future, new._stride)
