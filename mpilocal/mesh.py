@@ -25,7 +25,7 @@ import weakref
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["DeviceMesh", "init_device_mesh", "current_mesh"]
+__all__ = ["DeviceMesh", "init_device_mesh", "current_mesh", "release_unused"]
 
 _DEVICE_TYPES = ("cpu", "cuda")
 
@@ -118,13 +118,13 @@ class DeviceMesh:
         self._meta_comm = None
         self._closed = False
         if parent is None:
-            self._root = self
+            self._root_mesh = None  # not `self`: a self-reference would keep meshes for the cyclic GC
             self._root_dims = tuple(range(arr.ndim))
             self._rec = None
             self._dim_comms = None
             self._subs = weakref.WeakSet()  # sub-meshes: their cached groups are dropped by close()
         else:
-            root = self._root = parent._root
+            root = self._root_mesh = parent._root
             self._root_dims = dims
             self._rec = root._rec
             self._dim_comms = [root._dim_comms[d] for d in dims] if self._coordinate is not None else None
@@ -134,6 +134,10 @@ class DeviceMesh:
         self._rec = rec
         rec.handles += 1
         self._dim_comms = rec.dims
+        # a mesh dropped without close() gives its handle back when it is collected (bookkeeping
+        # only: no MPI call from a garbage-collector callback); release_unused() frees at a safe point
+        self._handle = [True]
+        weakref.finalize(self, _drop_handle, rec, self._handle)
 
     def _bind_gpu(self):
         if self.device_type == "cuda":
@@ -212,6 +216,11 @@ class DeviceMesh:
             _COMM_CACHE[(arr.tobytes(), arr.shape, ("from_group", rec.serial))] = rec.dims
         self._bind_gpu()
         return self
+
+    @property
+    def _root(self) -> "DeviceMesh":
+        """The mesh this one was sliced from (itself for a root mesh)."""
+        return self if self._root_mesh is None else self._root_mesh
 
     # -- shape ---------------------------------------------------------------------------------
     @property
@@ -398,7 +407,9 @@ class DeviceMesh:
         rec = self._rec
         if rec is None or rec.freed:  # not in the mesh: nothing of it lives on this rank
             return
-        rec.handles -= 1
+        if self._handle[0]:
+            self._handle[0] = False
+            rec.handles -= 1
         if rec.key is not None:  # shared by equal meshes: free only when no rank holds a handle
             comm = rec.base if rec.base is not None else rec.dims[0]
             h = np.array([rec.handles, -rec.handles], dtype=np.int64)
@@ -459,6 +470,48 @@ class DeviceMesh:
                 f"DeviceMesh.{caller}: {self!r} is closed ({what} was closed with close()); its communicators "
                 f"may be freed. Create a new mesh (DeviceMesh(...) / init_device_mesh(...)) to communicate"
             )
+
+
+def _drop_handle(rec: _Comms, handle: list) -> None:
+    if handle[0]:
+        handle[0] = False
+        rec.handles -= 1
+
+
+_AGREE_COMM: list = []
+
+
+def release_unused() -> int:
+    """Free the communicators of meshes that no rank uses any more: meshes dropped (garbage-collected)
+    without :meth:`DeviceMesh.close`, on every rank of theirs. **Collective** over ``MPI.COMM_WORLD``;
+    :func:`init_device_mesh` calls it. The ranks all-gather the meshes each has no handle on, and a
+    mesh's communicators are freed, in one order, only when every rank of it reports it: the decision
+    comes from the gathered lists, never from one rank's garbage collector. Returns how many meshes'
+    communicators this rank freed."""
+    world = _world()
+    if not _AGREE_COMM:
+        _AGREE_COMM.append(world.Dup())
+    comm = _AGREE_COMM[0]
+    mine = sorted(k for k, rec in _RECORDS.items() if rec.handles == 0)
+    from .failure import in_flight
+
+    with in_flight("agreeing on unused meshes (release_unused: MPI_Allgather over MPI.COMM_WORLD)"):  # deadline
+        lists = comm.allgather(mine)
+    reported: dict = {}
+    for r, keys in enumerate(lists):
+        for k in keys:
+            reported.setdefault(k, set()).add(r)
+    freed = 0
+    for k in sorted(reported):
+        rec = _RECORDS.get(k)
+        if rec is None or rec.handles != 0:
+            continue
+        members = set(np.frombuffer(k[0], dtype=np.int64).tolist())
+        if members <= reported[k]:  # every rank of the mesh reports it unused
+            del _RECORDS[k]
+            _free(rec)
+            freed += 1
+    return freed
 
 
 def _free(rec: _Comms) -> None:
@@ -556,12 +609,14 @@ def _dim_comms(arr: np.ndarray, coordinate) -> _Comms:
             base = world.Create_group(group, tag=5)
             group.Free()
         comms = []
-        for d in range(arr.ndim):
+        for d in range(arr.ndim if arr.ndim > 1 else 0):  # 1-D: the dim's communicator is the base
             color = 0
             for e in range(arr.ndim):
                 if e != d:
                     color = color * arr.shape[e] + coordinate[e]
             comms.append(base.Split(color, coordinate[d]))
+        if arr.ndim == 1:
+            comms.append(base)
     rec = _RECORDS[key] = _Comms(key, base, comms)
     _COMM_CACHE[key] = comms
     _COMM_CACHE[key + ("all",)] = base
@@ -569,7 +624,8 @@ def _dim_comms(arr: np.ndarray, coordinate) -> _Comms:
 
 
 def init_device_mesh(device_type: str, mesh_shape, *, mesh_dim_names=None) -> DeviceMesh:
-    """A mesh of ``mesh_shape`` over all of ``MPI.COMM_WORLD`` in rank order. **Collective** (world)."""
+    """A mesh of ``mesh_shape`` over all of ``MPI.COMM_WORLD`` in rank order. **Collective** (world);
+    it first frees the communicators of meshes every rank dropped (:func:`release_unused`)."""
     if isinstance(mesh_shape, (int, np.integer)):
         mesh_shape = (int(mesh_shape),)
     try:
@@ -585,4 +641,5 @@ def init_device_mesh(device_type: str, mesh_shape, *, mesh_dim_names=None) -> De
             f"has {world}; choose a shape whose product is {world} (launch with mpiexec -n {int(np.prod(mesh_shape))})"
         )
     _check_names(mesh_dim_names, len(mesh_shape), "init_device_mesh")
+    release_unused()  # a safe point: collective over the world (as this call is)
     return DeviceMesh(device_type, np.arange(world).reshape(mesh_shape), mesh_dim_names=mesh_dim_names)
