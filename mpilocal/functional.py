@@ -790,7 +790,7 @@ def broadcast(x, src: int, group, tag: str = ""):
 
 
 # neighbour collectives (halo exchange, permute, send_recv, shift) live in mpilocal.neighbors
-from .neighbors import halo_exchange, permute, send_recv, shift  # noqa: E402,F401
+from .neighbors import halo_exchange, halo_update, permute, send_recv, shift  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from .layout import local_shape_and_offset
 from .transport import group_for
 from .transport.select import transport_for
 
-__all__ = ["halo_exchange", "permute", "send_recv", "shift", "stencil", "shard_rows"]
+__all__ = ["halo_exchange", "halo_update", "permute", "send_recv", "shift", "stencil", "shard_rows"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,23 +164,82 @@ def halo_1d(x, d, g, w, bnd, name="halo_exchange"):
     n = x.shape[d]
     out = functional._empty(x, shape)  # NumPy: pooled warm pages (large halos: no page faults)
     out[_sl(x.ndim, d, slice(wl, wl + n))] = x
-    if w == 0:
-        return out
+    if w:
+        _fill_halos(out, x, d, g, w, bnd, n, wl, left, right, name)
+    return out
+
+
+def _fill_halos(out, src, d, g, w, bnd, n, wl, left, right, name):
+    """Fill the halo rows of ``out`` (interior at ``wl`` along ``d``, ``n`` rows) from the
+    neighbours' edge rows of ``src`` (the interior itself, or ``x``); constants at the edges."""
+    nd = out.ndim
+    o = 0 if src is not out else wl  # where src's interior starts
     sends, recvs = [], []
     if left is not None:
-        sends.append((left, x[_sl(x.ndim, d, slice(0, w))]))
+        sends.append((left, src[_sl(nd, d, slice(o, o + w))]))
     if right is not None:
-        sends.append((right, x[_sl(x.ndim, d, slice(n - w, n))]))
-        recvs.append((right, out[_sl(x.ndim, d, slice(wl + n, wl + n + w))]))
+        sends.append((right, src[_sl(nd, d, slice(o + n - w, o + n))]))
+        recvs.append((right, out[_sl(nd, d, slice(wl + n, wl + n + w))]))
     if left is not None:
-        recvs.append((left, out[_sl(x.ndim, d, slice(0, w))]))
+        recvs.append((left, out[_sl(nd, d, slice(0, w))]))
     if bnd not in ("periodic", "none"):
         if left is None:
-            out[_sl(x.ndim, d, slice(0, w))] = bnd
+            out[_sl(nd, d, slice(0, w))] = bnd
         if right is None:
-            out[_sl(x.ndim, d, slice(wl + n, wl + n + w))] = bnd
-    _exchange(name, x, sends, recvs, g, dim=d, width=w, boundary=str(bnd))
-    return out
+            out[_sl(nd, d, slice(wl + n, wl + n + w))] = bnd
+    _exchange(name, src, sends, recvs, g, dim=d, width=w, boundary=str(bnd))
+
+
+def halo_update(padded, group, tensor_dim, width, boundary="periodic"):
+    """Refresh, in place, the halo rows of a padded local array (as :func:`halo_exchange` returns
+    it: ``width`` halo rows on each side of ``tensor_dim``, none on the outer side of the edge
+    shards with ``"none"``) from the neighbours' current edge rows; returns ``padded``.
+    **Collective** over ``group`` (a 1-D mesh, ``(mesh, dim)`` or a communicator).
+
+    Only the halo rows move (no new array, no interior copy): the hand-written MPI pattern of one
+    persistent padded array per rank, for time-stepping loops. Not differentiable (it writes into
+    its argument). Counted as one ``"halo_exchange"``.
+
+    Example:
+        >>> P = funcol.halo_exchange(U, 0, 0, 1, 0.0)          # once: the padded local array
+        >>> for _ in range(steps):
+        ...     P[1:-1] = step(P)                                # update the interior
+        ...     funcol.halo_update(P, (mesh, 0), 0, 1, 0.0)     # refresh the halos in place
+    """
+    caller = "halo_update"
+    if type(padded) is Tracked:
+        raise NotImplementedError(f"{caller}: writes into its argument, so it is not differentiable; use "
+                                  f"halo_exchange (a new padded array) on arrays that require grad")
+    g = resolve_group(group, caller)
+    try:  # rank-local checks; the verdict (and shapes/parameters) are agreed so every rank raises
+        _arrays.require_array(padded, caller)
+        if padded.ndim == 0:
+            raise ValueError(f"{caller}: a 0-d array has no dim to exchange halos along")
+        d = functional._norm_dim(tensor_dim, padded.ndim, caller, "tensor_dim")
+        w = _width(width, caller)
+        bnd = _boundary(boundary, caller)
+        _, wl, wr, left, right = _halo_plan(padded.shape, d, g, w, bnd)
+        n = padded.shape[d] - wl - wr
+        if n < 0:
+            raise ValueError(f"{caller}: dim {d} of size {padded.shape[d]} cannot hold {wl} + {wr} halo rows")
+        err = None
+    except (TypeError, ValueError) as e:
+        err = e
+    meta = None if err else functional._meta_with(padded, caller, tensor_dim=d, width=w, boundary=repr(bnd))
+    rows = failure.agree(g, caller, err, meta)
+    functional._check_params(rows, caller, tensor_dim=d, width=w, boundary=bnd)
+    functional._check_same(rows, caller, skip_dim=d)
+    if rows is not None:  # every rank's interior size, from its padded size and position
+        sizes = []
+        for r in range(g.size):
+            lr, rr = _neighbours(r, g.size, bnd == "periodic")
+            const = bnd not in ("periodic", "none")
+            sizes.append(int(rows[r][2 + d]) - (w if (lr is not None or const) else 0)
+                         - (w if (rr is not None or const) else 0))
+        _check_rows(sizes, w, g.size, bnd == "periodic", d, caller)
+    if w:
+        _fill_halos(padded, padded, d, g, w, bnd, n, wl, left, right, "halo_exchange")
+    return padded
 
 
 def halo_1d_adjoint(gy, d, g, w, bnd, name="halo_exchange"):

@@ -12,7 +12,9 @@ call; "bytes" is the size of one halo message, ``width * cols * itemsize``, floa
 * ``raw + pad``: ``raw Sendrecv`` plus building a new padded array (``np.empty`` + copying the
   interior): what an API that returns a new padded array must also do;
 * ``mpilocal``: ``funcol.halo_exchange(X, 0, 0, width, "periodic")`` on a DTensor (new padded array;
-  counted, watched, fingerprinted), with a stream synchronize per call on GPUs.
+  counted, watched, fingerprinted), with a stream synchronize per call on GPUs;
+* ``mpilocal in place``: ``funcol.halo_update(P, mesh, 0, width, "periodic")`` on a persistent padded
+  array (only the halo rows move, as in the raw columns; plus the public funcol argument agreement).
 
 Part 2, one explicit step of the 2-D heat equation on the mesh of ``heat2d.py`` (zero boundary):
 ``mpilocal.stencil`` against a hand-written mpi4py version (persistent padded arrays, a Cartesian
@@ -145,6 +147,8 @@ def bench_halo(args, xp, cp):
 
             fns["raw NCCL"] = raw_nccl
         fns["mpilocal"] = lambda: funcol.halo_exchange(X, 0, 0, w, "periodic")
+        P = funcol.halo_exchange(X, 0, 0, w, "periodic")
+        fns["mpilocal in place"] = lambda: funcol.halo_update(P, mesh, 0, w, "periodic")
         res = timeall(fns, args, sync)
         rows.append((cols, w, n, nbytes, res))
     return rows
@@ -237,10 +241,11 @@ def main(argv=None):
              f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
              f"- command: `mpiexec -n {W} python {' '.join(sys.argv)}`"
              f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})", ""]
-    cols = [c for c in ("raw Sendrecv", "raw NCCL", "raw + pad", "mpilocal") if any(c in r[4] for r in halo)]
+    cols = [c for c in ("raw Sendrecv", "raw NCCL", "raw + pad", "mpilocal", "mpilocal in place")
+            if any(c in r[4] for r in halo)]
     lines.append("| halo message | cols x width (rows/shard) | " + " | ".join(f"{c} (µs)" for c in cols)
-                 + " | mpilocal − raw (µs) | raw/mpilocal | (raw+pad)/mpilocal |")
-    lines.append("|---" * (len(cols) + 5) + "|")
+                 + " | mpilocal − raw (µs) | raw/mpilocal | (raw+pad)/mpilocal | in place − raw (µs) | raw/in place |")
+    lines.append("|---" * (len(cols) + 7) + "|")
     for cl, w, n, nbytes, res in halo:
         raw = res.get("raw NCCL") if args.device == "cuda" and "raw NCCL" in res else res.get("raw Sendrecv")
         ml = res["mpilocal"]
@@ -248,7 +253,8 @@ def main(argv=None):
         lines.append(f"| {human(nbytes)} | {cl} x {w} ({n}) | " + " | ".join(f"{1e6 * res[c]:.1f}" if c in res else "–"
                                                                       for c in cols)
                      + f" | {1e6 * (ml - raw):+.1f} | {100 * raw / ml:.0f}% | "
-                     + (f"{100 * rp / ml:.0f}% |" if rp else "– |"))
+                     + (f"{100 * rp / ml:.0f}% |" if rp else "– |")
+                     + f" {1e6 * (res['mpilocal in place'] - raw):+.1f} | {100 * raw / res['mpilocal in place']:.0f}% |")
     lines += ["", "| heat step, grid | mesh | mpilocal.stencil (µs/step) | hand-written mpi4py (µs/step) | ratio |",
               "|---|---|---|---|---|"]
     for N, p, t_ml, t_hand in heat:

@@ -142,6 +142,43 @@ def test_halo_non_contiguous_input():
     assert_all(np.allclose(got, oracle(full, 1, o, n, 2, "periodic"), equal_nan=True))
 
 
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+@pytest.mark.parametrize("d", [0, 1])
+def test_halo_update_in_place_time_loop(boundary, d):
+    """A persistent padded array: update the interior, refresh the halos in place, compare every
+    step against np.pad of the global array (block split, so ragged)."""
+    mesh = mesh1d()
+    N = 3 * W + 2
+    full = data((N, 4) if d == 0 else (3, N), seed=30)
+    o, n = block(N, W, RANK)
+    idx = [slice(None)] * 2
+    idx[d] = slice(o, o + n)
+    P = fc.halo_exchange(np.ascontiguousarray(full[tuple(idx)]), mesh, d, 2, boundary)
+    P = to_device(P)
+    wl = 2 if (boundary != "none" or RANK > 0) else 0
+    ck = Check()
+    for step in range(3):
+        full = full * 0.5 + step  # the new global field
+        inner = [slice(None)] * 2
+        inner[d] = slice(wl, wl + n)
+        P[tuple(inner)] = to_device(np.ascontiguousarray(full[tuple(idx)]))
+        before = id(P)
+        out = funcol.halo_update(P, mesh, d, 2, boundary)
+        ck(out is P and id(P) == before, "halo_update returns its argument")
+        ck.close(P, oracle(full, d, o, n, 2, boundary), f"step {step} d={d} b={boundary}")
+    ck.done()
+
+
+def test_halo_update_errors():
+    mesh = mesh1d()
+    from mpilocal.autograd import tensor
+
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        funcol.halo_update(tensor(np.ones((4, 2)), requires_grad=True), mesh, 0, 1)
+    with pytest.raises(ValueError, match="fewer than the halo"):  # interior of 1 row, width 2
+        funcol.halo_update(to_device(np.ones((5, 2))), mesh, 0, 2, 0.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # two sharded dims, with corners
 # ------------------------------------------------------------------------------------------------
