@@ -142,7 +142,8 @@ def bench_torch(nbytes, d, repeat, device):
         port = COMM.bcast(_free_port() if RANK == 0 else None, 0)
         os.environ.setdefault("MASTER_PORT", str(port))
         if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("MPILOCAL_LOCAL_RANK", RANK % torch.cuda.device_count())))
+            local_rank = COMM.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()  # the GPU mpilocal binds, too
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
         dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=RANK, world_size=N)
     mesh = t_mesh(device, (N,))
     rows = nbytes // 4 // 1024

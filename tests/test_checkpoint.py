@@ -25,8 +25,7 @@ from mpi4py import MPI
 
 from conftest import DEVICE, Check, assert_all, to_host, xp
 import mpilocal.functional as funcol
-from mpilocal import DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
-from mpilocal.layout import local_shape_and_offset
+from mpilocal import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 import mpilocal.checkpoint as dcp
 from mpilocal.checkpoint import CheckpointError, _format
 
