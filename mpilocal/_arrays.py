@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["is_array", "is_cupy", "namespace", "kind_name", "require_array"]
+__all__ = ["is_array", "is_cupy", "namespace", "kind_name", "require_array", "short_repr"]
 
 
 def is_cupy(x) -> bool:
@@ -31,13 +31,30 @@ def kind_name(x) -> str:
     return "cupy" if is_cupy(x) else "numpy"
 
 
+def short_repr(x, limit: int = 60) -> str:
+    """``repr(x)`` cut at a word boundary near ``limit`` characters (never mid-word), with "..."."""
+    try:
+        text = " ".join(repr(x).split())
+    except Exception:
+        text = f"<{type(x).__name__}>"
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    at = max(cut.rfind(c) for c in " ,(=")
+    return (cut[:at] if at > limit // 2 else cut).rstrip(" ,(=") + " ..."
+
+
 def require_array(x, caller: str, what: str = "input"):
     if type(x) is np.ndarray:
         return x
     if not (isinstance(x, np.ndarray) or is_cupy(x)):
+        if type(x).__name__ == "DTensor" and hasattr(x, "to_local"):  # without importing dtensor (above us)
+            hint = ("pass this rank's shard x.to_local() (or the global array x.full_tensor(), a collective); "
+                    "the functional collectives work on local arrays")
+        else:
+            hint = "convert it with numpy.asarray(...) first"
         raise TypeError(
-            f"{caller}: {what} must be a NumPy or CuPy array, got {type(x).__name__} ({x!r:.60}); "
-            f"convert it with numpy.asarray(...) first"
+            f"{caller}: {what} must be a NumPy or CuPy array, got {type(x).__name__} ({short_repr(x)}); {hint}"
         )
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(

@@ -289,3 +289,24 @@ def test_coalesced_refuse_autograd():
     g = local_map(f, out_placements=[Replicate()], in_placements=([Replicate()],))
     raises_everywhere(NotImplementedError, "not differentiable.*all_reduce once per array", lambda: g(w))
     assert mpilocal  # imported for the local_map/autograd machinery
+
+
+@pytest.mark.mpi
+def test_funcol_given_a_dtensor_says_to_local():
+    """Issue 9: funcol.all_reduce(DTensor) suggested numpy.asarray(...) (which raises) and cut the repr
+    mid-word. The hint is .to_local(); the repr is cut at a word boundary."""
+    from mpilocal import Shard, distribute_tensor
+
+    _, group, _, _ = GROUPS[0]
+    d = distribute_tensor(to_device(np.arange(100.0 * W).reshape(10 * W, 10)), make_mesh("1d"), [Shard(0)])
+    for call in (lambda: funcol.all_reduce(d, "sum", group), lambda: funcol.all_gather_tensor(d, 0, group),
+                 lambda: funcol.all_reduce_coalesced([d], "sum", group)):
+        with pytest.raises(TypeError) as info:
+            call()
+        text = str(info.value)
+        assert ".to_local()" in text and "numpy.asarray" not in text, text
+        shown = text.split("got DTensor (", 1)[1].split("); ", 1)[0]
+        assert shown.endswith(" ...") and shown[:-4] == repr(d)[:len(shown) - 4], shown
+        assert repr(d)[len(shown) - 4] in " ,(=", f"cut mid-word: {shown!r}"
+    with pytest.raises(TypeError, match=r"got list \(\[0, 1, 2, .* \.\.\.\); convert it with numpy.asarray"):
+        funcol.all_reduce(list(range(100)), "sum", group)
