@@ -194,6 +194,13 @@ def test_dtensor_catalogue(mesh, mesh2d):
         ("redistribute Shard(2)", lambda: dt.redistribute(mesh, [Shard(2)]), ValueError),
         ("redistribute placement int", lambda: dt.redistribute(mesh, [0]), (TypeError, ValueError)),
         ("DTensor to numpy implicitly", lambda: np.asarray(dt), TypeError),
+        ("DTensor == DTensor (issue 9)", lambda: dt == dt, TypeError, r"local_map"),
+        ("DTensor + array", lambda: dt + x, TypeError, r"local_map"),
+        ("pickle a DTensor", lambda: __import__("pickle").dumps(dt), TypeError, r"pickled"),
+        ("distribute_tensor None with src_data_rank=None", lambda: distribute_tensor(None, mesh, src_data_rank=None),
+         TypeError),
+        ("from_local shape= breaks the chunk rule (every rank's shard)",
+         lambda: DTensor.from_local(np.ones((7, 4)), mesh, [Shard(0)], shape=(8 * N, 4)), ValueError, r"chunk"),
     ]
     if mesh2d is not None:
         y = np.ones((4, 4))
@@ -379,7 +386,32 @@ def test_rank_divergent_dtensor(mesh):
             ("from_local(run_check) uneven shards break torch.chunk",
              lambda: DTensor.from_local(on_last(np.ones((9, 4)), np.ones((1, 4))), mesh, [Shard(0)], run_check=True),
              ValueError),
+            # issue 9: without run_check the shape agreement checks the same, when the shape is needed
+            ("from_local dtype differs (no run_check)",
+             lambda: DTensor.from_local(on_last(x.astype(np.float32), x), mesh, [Shard(0)]).full_tensor(), ValueError,
+             r"same dtype"),
+            ("from_local unsharded dim differs (no run_check)",
+             lambda: DTensor.from_local(on_last(np.ones((6, 5)), x), mesh, [Shard(0)]).shape, ValueError,
+             r"not sharded"),
+            ("from_local ndim differs (no run_check)",
+             lambda: DTensor.from_local(on_last(np.ones((6, 4, 1)), x), mesh, [Shard(0)]).shape, ValueError,
+             r"ndim"),
+            ("from_local non-array on one rank (no run_check)",
+             lambda: DTensor.from_local(on_last([1.0], x), mesh, [Shard(0)]).full_tensor(), TypeError,
+             r"from_local"),
+            ("from_local placements count on one rank (no run_check)",
+             lambda: DTensor.from_local(x, mesh, on_last([Shard(0), Shard(1)], [Shard(0)])).full_tensor(),
+             ValueError, r"placement"),
+            ("distribute_tensor None on the source",
+             lambda: distribute_tensor(None if RANK == 0 else x, mesh, [Shard(0)]), TypeError, r"source"),
         ]
+        if N > 2:  # the MPI block split differs from the chunk split from 3 ranks on
+            rows = [10 // N + (r < 10 % N) for r in range(N)]
+            cases += [
+                ("from_local MPI block split (no run_check)",
+                 lambda: DTensor.from_local(np.ones((rows[RANK], 2)), mesh, [Shard(0)]).full_tensor(), ValueError,
+                 r"block split"),
+            ]
     run_catalogue(cases, divergent=True)
 
 
