@@ -714,7 +714,8 @@ def test_ranks_outside_the_mesh_do_not_communicate():
     problem = ""
     if not inside:
         if comm.get_total_counts() or comm.get_metadata_counts():
-            problem = f"rank {RANK} (outside the mesh) communicated: {comm.get_comm_counts()} {comm.get_metadata_counts()}"
+            problem = (f"rank {RANK} (outside the mesh) communicated: {comm.get_comm_counts()} "
+                       f"{comm.get_metadata_counts()}")
         elif Y.to_local().size or P.to_local().size or Y.placements != (Shard(0),):
             problem = f"rank {RANK} (outside the mesh) holds data: {Y.to_local().shape} {P.to_local().shape}"
     else:  # full_tensor is collective over the mesh's ranks only
@@ -751,6 +752,6 @@ def test_list_arguments_are_flattened_as_in_pytorch():
     assert_close_all(to_host(Y.full_tensor()), a + b * a * 2.0)
     short = local_map(f, out_placements=row_wise, in_placements=(row_wise, row_wise, None))
     raises_all(ValueError, r"in_placements has 3 entries but f got 4 flattened positional inputs \(positional "
-               r"arguments are flattened as in PyTorch's local_map.*argument 0 \(a list of 2 leaves\) -> inputs 0\.\.1; "
-               r"argument 1 \(a dict of 1 leaves\) -> inputs 2\.\.2; argument 2 \(float\) -> input 3", short,
+               r"arguments are flattened as in PyTorch's local_map.*argument 0 \(a list of 2 leaves\) -> "
+               r"inputs 0\.\.1; argument 1 \(a dict of 1 leaves\) -> inputs 2\.\.2; argument 2 \(float\) -> input 3", short,
                [A, B], {"w": A}, 2.0)

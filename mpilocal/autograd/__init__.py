@@ -12,6 +12,6 @@
 
 from .engine import Leaf, Node
 from .function import Function, FunctionCtx
-from .tracked import SUPPORTED, Tracked, TrackedNamespace, tensor
+from .tracked import OPERATORS, SUPPORTED, Tracked, TrackedNamespace, tensor
 
-__all__ = ["Tracked", "tensor", "Function", "FunctionCtx", "SUPPORTED", "Node", "Leaf", "TrackedNamespace"]
+__all__ = ["Tracked", "tensor", "Function", "FunctionCtx", "SUPPORTED", "OPERATORS", "Node", "Leaf", "TrackedNamespace"]

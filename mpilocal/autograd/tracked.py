@@ -5,13 +5,11 @@ operations below are recorded and differentiated exactly; everything else raises
 ``NotImplementedError`` naming the operation (never a silently wrong or missing gradient). For
 anything else, write a :class:`mpilocal.autograd.Function`.
 
-Supported: operators ``+ - * / @ **`` (both sides), unary ``-``, indexing/slicing, ``.T``,
-``.sum``/``.mean`` (``axis``, ``keepdims``), ``.reshape``, ``.transpose``, ``.astype``; and, via
-``x.__array_namespace__()`` (or the NumPy functions of the same name on NumPy shards):
-``matmul, exp, log, tanh, maximum, where, sum, mean, concat (concatenate), stack, add, subtract,
-multiply, divide, negative, pow, reshape, permute_dims (transpose), matrix_transpose, astype``.
-Comparisons return plain boolean arrays (not differentiable). Array creation (``zeros``,
-``ones_like``, ``arange``, dtypes, constants, ...) passes through unchanged.
+Supported: the operators and methods in ``OPERATORS``, and the functions in ``SUPPORTED``, via
+``x.__array_namespace__()`` or the NumPy functions of the same name on NumPy shards (both are
+built from one table, ``_FUNCS``, below). Comparisons return plain boolean arrays (not
+differentiable). Array creation (``zeros``, ``ones_like``, ``arange``, dtypes, constants, ...)
+passes through unchanged.
 """
 
 from __future__ import annotations
@@ -21,14 +19,14 @@ import numpy as np
 from .. import _arrays
 from .engine import Leaf, Node, run_backward
 
-__all__ = ["Tracked", "tensor", "SUPPORTED"]
+__all__ = ["Tracked", "tensor", "SUPPORTED", "OPERATORS"]
 
 #: > 0 while local_map runs its function on Tracked inputs (error messages say where Tracked came from)
 LOCAL_MAP_DEPTH = 0
 
-SUPPORTED = ("matmul", "exp", "log", "tanh", "maximum", "where", "sum", "mean", "concat", "concatenate",
-             "stack", "add", "subtract", "multiply", "divide", "negative", "pow", "reshape", "permute_dims",
-             "transpose", "matrix_transpose", "astype")
+#: what Tracked arrays support besides the functions in SUPPORTED (shown in errors and docs)
+OPERATORS = ("operators + - * / @ ** (both sides; in place only on intermediate results), unary -, indexing, "
+             ".T, .mT, .sum/.mean (axis, keepdims), .reshape, .transpose, .astype")
 
 
 def _xp(a):
@@ -580,23 +578,31 @@ def _inplace_advice() -> str:
 def _unsupported(what):
     return NotImplementedError(
         f"{what} is not differentiable in mpilocal.autograd and received a Tracked array. {_origin()} "
-        f"Supported: operators + - * / @ **, unary -, indexing, .T, .sum/.mean, reshape, transpose, astype and "
-        f"{', '.join(SUPPORTED)}. For plain values use .detach() (it shares memory and records nothing; e.g. "
-        f"numpy.allclose(x.detach(), y), or DTensor.detach().full_tensor()); for a gradient through {what}, "
-        f"write a mpilocal.autograd.Function with forward/backward"
+        f"Supported: {OPERATORS}, and {', '.join(SUPPORTED)}. For plain values use .detach() (it shares "
+        f"memory and records nothing; e.g. numpy.allclose(x.detach(), y), or DTensor.detach().full_tensor()); "
+        f"for a gradient through {what}, write a mpilocal.autograd.Function with forward/backward"
     )
 
 
+#: the one table of supported differentiable functions (array-API name -> rule); the namespace of
+#: Tracked arrays, NumPy's protocols and SUPPORTED are built from it
+_FUNCS = {"matmul": matmul, "exp": exp, "log": log, "tanh": tanh, "maximum": maximum, "where": where, "sum": sum,
+          "mean": mean, "concat": concat, "concatenate": concat, "stack": stack, "add": add, "subtract": subtract,
+          "multiply": multiply, "divide": divide, "negative": negative, "pow": pow, "reshape": reshape,
+          "permute_dims": permute_dims, "transpose": permute_dims, "matrix_transpose": matrix_transpose,
+          "astype": astype}
+SUPPORTED = tuple(_FUNCS)
 _INPLACE = {"+=": add, "-=": subtract, "*=": multiply, "/=": divide, "**=": pow, "@=": matmul}
 _COMPARE = {"less", "less_equal", "greater", "greater_equal", "equal", "not_equal", "isnan", "isfinite",
             "isinf", "sign", "logical_not", "logical_and", "logical_or"}
-_UFUNCS = {"add": add, "subtract": subtract, "multiply": multiply, "true_divide": divide, "divide": divide,
-           "power": pow, "negative": negative, "matmul": matmul, "exp": exp, "log": log, "tanh": tanh,
-           "maximum": maximum, "positive": lambda a: a}
-_FUNCTIONS = {"sum": sum, "mean": mean, "where": where, "concatenate": concat, "stack": stack,
-              "reshape": reshape, "transpose": permute_dims, "permute_dims": permute_dims,
-              "matrix_transpose": matrix_transpose, "shape": lambda a: a.shape, "ndim": lambda a: a.ndim,
-              "size": lambda a, axis=None: a.size if axis is None else a.shape[axis]}
+# NumPy's protocols: ufuncs and array functions by NumPy's names (aliases of the table's entries)
+_UFUNCS = {n: _FUNCS[n] for n in ("add", "subtract", "multiply", "divide", "negative", "matmul", "exp", "log",
+                                  "tanh", "maximum")}
+_UFUNCS.update({"true_divide": divide, "power": pow, "positive": lambda a: a})
+_FUNCTIONS = {n: _FUNCS[n] for n in ("sum", "mean", "where", "concatenate", "stack", "reshape", "transpose",
+                                     "permute_dims", "matrix_transpose")}
+_FUNCTIONS.update({"shape": lambda a: a.shape, "ndim": lambda a: a.ndim,
+                   "size": lambda a, axis=None: a.size if axis is None else a.shape[axis]})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -619,28 +625,6 @@ class TrackedNamespace:
     def __init__(self, xp):
         self._xp = xp
 
-    matmul = staticmethod(matmul)
-    exp = staticmethod(exp)
-    log = staticmethod(log)
-    tanh = staticmethod(tanh)
-    maximum = staticmethod(maximum)
-    where = staticmethod(where)
-    sum = staticmethod(sum)
-    mean = staticmethod(mean)
-    concat = staticmethod(concat)
-    concatenate = staticmethod(concat)
-    stack = staticmethod(stack)
-    add = staticmethod(add)
-    subtract = staticmethod(subtract)
-    multiply = staticmethod(multiply)
-    divide = staticmethod(divide)
-    negative = staticmethod(negative)
-    pow = staticmethod(pow)
-    reshape = staticmethod(reshape)
-    permute_dims = staticmethod(permute_dims)
-    transpose = staticmethod(permute_dims)
-    matrix_transpose = staticmethod(matrix_transpose)
-    astype = staticmethod(astype)
 
     def asarray(self, x, *a, **k):
         return x if type(x) is Tracked else self._xp.asarray(x, *a, **k)
@@ -657,6 +641,10 @@ class TrackedNamespace:
     def __repr__(self):
         return f"<mpilocal.autograd namespace over {self._xp.__name__}>"
 
+
+for _name, _fn in _FUNCS.items():
+    setattr(TrackedNamespace, _name, staticmethod(_fn))
+del _name, _fn
 
 _NAMESPACES: dict = {}
 
