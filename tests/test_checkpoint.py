@@ -404,6 +404,10 @@ def test_async_save_error_at_result(ckdir, monkeypatch):
     f3.result()
     f2.result()
     assert_all(_format.read_array(p, "step") == 4, "last async save committed")
+    dcp.async_save(small_state(mesh, 5.0)[0], checkpoint_id=p)
+    t = small_state(mesh, 0.0)[0]
+    dcp.load(t, checkpoint_id=p)  # commits the pending async save first
+    assert_all(t["step"] == 5, f"load after a pending async_save read step {t['step']}")
 
 
 # -- one process, no MPI; the CLI ---------------------------------------------------------------------------------

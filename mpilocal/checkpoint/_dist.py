@@ -348,7 +348,12 @@ def _plan_save(comm, state_dict, checkpoint_id, caller, copy: bool) -> _PendingS
             _prepare(path, caller)
     except BaseException as e:  # noqa: BLE001 - agreed below
         err = e
-    rows = _agree(comm, err, [zlib.crc32(sig), len(sig)])
+    try:
+        rows = _agree(comm, err, [zlib.crc32(sig), len(sig)])
+    except BaseException:
+        if rank == 0 and path is not None and err is None:
+            _quiet_remove(F.tmp_dir(path))  # rank 0 prepared it; another rank failed
+        raise
     differ = [r for r in range(rows.shape[0]) if tuple(rows[r]) != tuple(rows[0])]
     if differ:
         if rank == 0:
@@ -406,8 +411,10 @@ def save(state_dict, *, checkpoint_id, process_group=None):
     Raises (on every rank): ``TypeError`` for values that cannot be stored (objects, object dtypes,
     tuples), ``ValueError`` for state_dicts that differ between ranks, ``FileExistsError`` when
     ``checkpoint_id`` is something else than a checkpoint, ``OSError`` (e.g. ``ENOSPC``) when a write
-    fails — the previous checkpoint at ``checkpoint_id`` then survives.
+    fails — the previous checkpoint at ``checkpoint_id`` then survives. A pending :func:`async_save`
+    is committed first.
     """
+    _commit_pending()
     comm = _comm(process_group, "save")
     pending = _plan_save(comm, state_dict, checkpoint_id, "save", copy=False)
     pending.write()
@@ -450,14 +457,19 @@ class AsyncSaveFuture:
 _PENDING = []
 
 
+def _commit_pending():
+    """Commit a pending async save first (collective: every rank has the same pending saves)."""
+    while _PENDING:
+        _PENDING[-1].result()
+
+
 def async_save(state_dict, *, checkpoint_id, process_group=None) -> AsyncSaveFuture:
     """Like :func:`save`, but returns once the arrays are copied to host memory (CuPy: into pinned
     buffers); the data files are written by a background thread. **Collective**, and so is the
     returned future's ``result()``, which commits the checkpoint: every rank must call it (before
     the next save at the latest). The background thread issues no MPI calls, so the program's own
     collectives may run meanwhile. A previous async save still pending is committed first."""
-    while _PENDING:
-        _PENDING[-1].result()
+    _commit_pending()
     comm = _comm(process_group, "async_save")
     pending = _plan_save(comm, state_dict, checkpoint_id, "async_save", copy=True)
     _HOST_POOL.clear()  # buffers this save did not reuse
@@ -492,6 +504,7 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
     the DTensor is replaced by a new one holding the loaded shard. Arrays and values are replaced.
     A template key missing from the checkpoint is an error unless ``strict=False`` (the entry is left
     as is); extra keys in the checkpoint are ignored. Nothing in ``state_dict`` changes on failure.
+    A pending :func:`async_save` is committed first (as its ``result()`` would).
 
     Raises (on every rank): :class:`CheckpointError` (no checkpoint at the path, another format
     version, a damaged chunk — crc32 mismatch or truncated file, naming key and file —, missing
@@ -499,6 +512,7 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
     the template has a value or the reverse).
     """
     caller = "load"
+    _commit_pending()
     comm = _comm(process_group, caller)
     rank = comm.Get_rank()
     # 1. rank 0 finds the committed checkpoint and reads the manifest; everyone gets the same bytes
