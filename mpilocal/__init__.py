@@ -4,7 +4,11 @@ Each MPI rank holds one shard (a NumPy array on CPU or a CuPy array on its GPU);
 N-D device mesh say how the shards form the global array. See DESIGN.md and README.md.
 """
 
-from . import failure as _failure
+from ._launch import check as _check_launcher
+
+_check_launcher()  # before mpi4py.MPI starts: a launcher/library mismatch gets a clear error, not an abort
+
+from . import failure as _failure  # noqa: E402
 
 _failure.install()  # first, so its exit handler runs last: abort on uncaught errors, deadlines (see failure.py)
 

@@ -1,7 +1,14 @@
 """``python -m mpilocal info``: the MPI library, CUDA-awareness, NCCL, GPUs and chosen transports.
 
 Run it under your launcher (``mpiexec -n 2 python -m mpilocal info``, ``srun ...``) to see what the
-job will use; rank 0 prints, and ``--all`` prints every rank's GPU binding.
+job will use; rank 0 prints, and ``--all`` prints every rank's GPU binding (the one ``"cuda"`` meshes
+make: :func:`mpilocal.gpu.device_index`, which honours ``MPILOCAL_GPU``).
+
+A launcher that does not match mpi4py's MPI library is named instead of failing obscurely: the
+system Open MPI's ``mpirun`` starting a Python with the pip MPICH wheel raises a clear error at
+``import mpilocal`` (:mod:`mpilocal._launch`, before MPI starts; MPICH would abort in ``MPI_Init``
+with a raw PMIx error), and processes that each see a world of 1 although the launcher started
+several say so here.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ def _info(all_ranks: bool) -> int:
     from mpi4py import MPI
 
     import mpilocal
-    from mpilocal import gpu
+    from mpilocal import _launch, gpu
     from mpilocal.transport import detect, select
 
     comm = MPI.COMM_WORLD
@@ -24,9 +31,24 @@ def _info(all_ranks: bool) -> int:
     local, per_node = gpu.node_local_rank()
     cp = gpu.cupy_or_none()
     ngpu = cp.cuda.runtime.getDeviceCount() if cp is not None else 0
-    binding = f"rank {rank}: host {platform.node()}, node-local rank {local}/{per_node}, " + (
-        f"GPU {local % ngpu} of {ngpu}" if ngpu else "no GPU")
+    if ngpu:  # the binding a "cuda" mesh makes (gpu.device_index: MPILOCAL_GPU, else node-local rank)
+        try:
+            dev, why = gpu.device_index(local, ngpu)
+            where = f"GPU {dev} of {ngpu} ({why})"
+        except ValueError as exc:
+            where = f"no valid GPU: {exc}"
+    else:
+        where = "no GPU"
+    binding = f"rank {rank}: host {platform.node()}, node-local rank {local}/{per_node}, {where}"
     bindings = comm.gather(binding, root=0)
+    started = _launch.launcher_size()
+    if started is not None and started != size and started > 1:
+        # MPICH's mpiexec starting an Open MPI build (or any launcher/library pair that do not speak the
+        # same process-management protocol): every process is a world of its own, and each prints
+        print(f"mpilocal info: {_launch.launcher() or 'the launcher'} started {started} processes but this one "
+              f"sees a world of {size}: mpi4py's MPI library ({MPI.Get_library_version().splitlines()[0].strip()}) "
+              f"does not match the launcher. Use the mpiexec of the MPI that mpi4py was built for "
+              f"(see README, 'On a cluster').", file=sys.stderr, flush=True)
     if rank != 0:
         return 0
     aware, why = detect.mpi_cuda_aware()
@@ -36,7 +58,8 @@ def _info(all_ranks: bool) -> int:
         f"{__import__('numpy').__version__}, mpi4py {__import__('mpi4py').__version__})",
         f"MPI library: {MPI.Get_library_version().splitlines()[0].strip()}",
         f"  loaded from: {detect.mpi_library_path()}",
-        f"  world size: {size}; processes on this node: {per_node}",
+        f"  world size: {size}; processes on this node: {per_node}; launched by: "
+        f"{_launch.launcher() or 'nothing recognised (a singleton, or a launcher that sets none of OMPI_*/PMI_*/SLURM_*)'}",
         f"CUDA-aware MPI: {'yes' if aware else 'no'} ({why})",
         f"CuPy: {cp.__version__ if cp is not None else 'not available'}; GPUs on this node: {ngpu}",
         f"NCCL: {ncclv if ncclv is not None else 'not available'} ({nwhy})",

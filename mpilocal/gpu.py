@@ -7,7 +7,7 @@ import os
 
 from mpi4py import MPI
 
-__all__ = ["cupy_or_none", "node_local_rank", "bind_device", "gpu_count"]
+__all__ = ["cupy_or_none", "node_local_rank", "bind_device", "gpu_count", "device_index"]
 
 _node_comm = None
 _bound = None
@@ -37,8 +37,24 @@ def gpu_count() -> int:
     return 0 if cp is None else cp.cuda.runtime.getDeviceCount()
 
 
+def device_index(local: int, n: int) -> tuple[int, str]:
+    """The GPU a rank with node-local rank ``local`` uses on a node with ``n`` GPUs, and why: the
+    index in ``MPILOCAL_GPU`` when set, else ``local % n``. The one binding rule (``bind_device`` and
+    ``python -m mpilocal info`` both use it)."""
+    visible = os.environ.get("MPILOCAL_GPU", "").strip()
+    if visible:
+        try:
+            dev = int(visible)
+        except ValueError:
+            raise ValueError(f"MPILOCAL_GPU={visible!r}: give a GPU index (0..{n - 1}) of this node") from None
+        if not 0 <= dev < n:
+            raise ValueError(f"MPILOCAL_GPU={dev}: this node has GPUs 0..{n - 1}")
+        return dev, "MPILOCAL_GPU"
+    return local % n, f"node-local rank {local} % {n} GPUs"
+
+
 def bind_device() -> int:
-    """Make this rank's GPU (node-local rank modulo GPUs on the node) CuPy's current device."""
+    """Make this rank's GPU (:func:`device_index`) CuPy's current device."""
     global _bound
     if _bound is not None:
         return _bound
@@ -49,9 +65,7 @@ def bind_device() -> int:
             "(cupy-cuda12x / cupy-cuda13x) on a machine with an NVIDIA GPU, or use device_type='cpu'"
         )
     local, _ = node_local_rank()
-    n = cp.cuda.runtime.getDeviceCount()
-    visible = os.environ.get("MPILOCAL_GPU")
-    dev = int(visible) if visible is not None else local % n
+    dev, _ = device_index(local, cp.cuda.runtime.getDeviceCount())
     cp.cuda.Device(dev).use()
     _bound = dev
     return dev
