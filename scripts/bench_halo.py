@@ -39,6 +39,7 @@ from mpi4py import MPI
 import mpilocal
 import mpilocal.functional as funcol
 from mpilocal import DTensor, Shard, distribute_tensor, init_device_mesh
+from mpilocal.transport import detect
 
 COMM = MPI.COMM_WORLD
 RANK, W = COMM.Get_rank(), COMM.Get_size()
@@ -106,7 +107,7 @@ def bench_halo(args, xp, cp):
         except Exception as e:  # noqa: BLE001
             if RANK == 0:
                 print(f"(no raw NCCL column: {e})")
-    cuda_aware = cp is None or mpilocal.transport.detect.mpi_cuda_aware()[0]
+    cuda_aware = cp is None or detect.mpi_cuda_aware()[0]
     rows = []
     for cols, w, n in halo_cases(args.small_only):
         X = DTensor.from_local(xp.ones((n, cols)), mesh, [Shard(0)], shape=(n * W, cols))
@@ -208,7 +209,7 @@ def bench_heat(args, xp, cp):
             a, b = b, a
 
         fns = {"mpilocal": ml}
-        if cp is None or mpilocal.transport.detect.mpi_cuda_aware()[0]:
+        if cp is None or detect.mpi_cuda_aware()[0]:
             fns["hand"] = hand
         res = timeall(fns, args, sync)
         t_ml, t_hand = res["mpilocal"], res.get("hand", float("nan"))
