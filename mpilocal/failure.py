@@ -1,29 +1,37 @@
 """No hangs, no silent corruption: turning MPI failure modes into a prompt, clear, non-zero exit.
 
-The worst failure of an MPI program is a hang: one rank raises while the others wait forever in a
-collective. This module gives mpilocal four defences (see README, "Failures, deadlines and debug
-mode"):
+The worst failure of an MPI program is a hang: one rank raises or leaves while the others wait
+forever in a collective. This module gives mpilocal these defences (see README, "Failures,
+deadlines and debug mode"), all set up by ``import mpilocal`` (:func:`install`):
 
-1. **A failing rank ends the job.** :func:`install` (run at ``import mpilocal``; opt out with
-   ``MPILOCAL_ABORT_ON_ERROR=0``) sets ``sys.excepthook`` so an uncaught exception on any rank of a
-   job with more than one rank prints ``[rank R] Traceback ...`` to stderr and calls
-   ``MPI.COMM_WORLD.Abort(1)``. ``python -m mpilocal.run script.py`` also turns ``sys.exit(n != 0)``
-   (and exceptions raised before mpilocal is imported) into ``Abort(n)``.
-2. **Deadlines on waits.** Every collective mpilocal issues (array data and metadata) is recorded
+1. **A failing rank ends the job.** ``sys.excepthook`` (opt out with ``MPILOCAL_ABORT_ON_ERROR=0``):
+   an uncaught exception on any rank of a job with more than one rank prints ``[rank R] Traceback
+   ...`` to stderr, tells the other ranks, and calls ``MPI.COMM_WORLD.Abort(1)``.
+   ``python -m mpilocal.run script.py`` also turns ``sys.exit(n != 0)`` (and exceptions raised
+   before mpilocal is imported) into ``Abort(n)``.
+2. **A rank that leaves tells the others** (the leave channel, below): a rank at program exit that
+   does not meet the others within ``_EXIT_GRACE`` sends each a notice (how it left, how many
+   collectives it issued per group); a rank blocked in a collective that the leaver never issued
+   reports who left, where, and where it waits, and aborts the job.
+3. **Ctrl-C** while the main thread is blocked inside MPI: Python's C-level handler writes to a
+   wakeup socket the watchdog thread waits on, and the watchdog ends the job with a report.
+4. **Deadlines on waits.** Every collective mpilocal issues (array data and metadata) is recorded
    in a per-process in-flight slot (operation, per-group sequence number, group, start time) before
-   the blocking call and cleared after it. A daemon watchdog thread, started on the first
-   collective, aborts the job when one has been in flight longer than ``MPILOCAL_TIMEOUT`` seconds
-   (default 600; ``0``/``off`` disables), after printing rank, operation, sequence number, the
-   group's world ranks / mesh and this rank's Python stack. At exit, ``MPI_Finalize`` gets the same
-   deadline (``MPILOCAL_EXIT_TIMEOUT``, default ``MPILOCAL_TIMEOUT``), so a rank that leaves early
-   never waits forever either. Asynchronous transports (NCCL) register their in-flight work with
+   the blocking call and cleared after it. A daemon watchdog thread aborts the job when one has been
+   in flight longer than ``MPILOCAL_TIMEOUT`` seconds (default 600; ``0``/``off`` disables), after
+   printing rank, operation, sequence number, the group's world ranks / mesh and this rank's Python
+   stack. At exit, ``MPI_Finalize`` gets the same deadline (``MPILOCAL_EXIT_TIMEOUT``, default
+   ``MPILOCAL_TIMEOUT``). Asynchronous transports (NCCL) register their in-flight work with
    :func:`watch_async` and abort hooks with :func:`register_abort_hook`.
-3. **Collective-mismatch detection** (``MPILOCAL_DEBUG=1``): before each collective the ranks of
+5. **Collective-mismatch detection** (``MPILOCAL_DEBUG=1``): before each collective the ranks of
    the group all-gather a fixed-size fingerprint (operation, sequence number, dtype, the shape parts
    that must agree, reduce op, root, dims/sizes) over a separate control communicator; on mismatch
    every rank raises ``RuntimeError`` with a diff.
-4. **Rank-divergent input becomes one error on all ranks**: :func:`agree` gathers each rank's
+6. **Rank-divergent input becomes one error on all ranks**: :func:`agree` gathers each rank's
    verdict on its arguments (plus shape/dtype metadata) and raises the same error everywhere.
+
+Every abort writes its report to file descriptor 2 before ``MPI_Abort`` and pauses briefly, so the
+launcher forwards it before it kills the processes.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from mpi4py import MPI
 __all__ = [
     "install", "abort", "timeout", "set_timeout", "debug_enabled", "set_debug", "begin", "agree",
     "watch_async", "watch_cuda", "register_abort_hook", "CollectiveMismatchError",
+    "waiting", "in_flight", "format_exception", "exception_summary", "register_before_report",
 ]
 
 _monotonic = time.monotonic
@@ -225,7 +234,8 @@ _INSTALLED = False
 def _excepthook(exc_type, exc, tb):
     if _size() > 1 and not issubclass(exc_type, SystemExit):
         text = format_exception(exc_type, exc, tb)
-        abort(130 if issubclass(exc_type, KeyboardInterrupt) else 1, text + f"mpilocal: uncaught {exc_type.__name__} on rank {_rank()}; aborting the MPI job "
+        code = 130 if issubclass(exc_type, KeyboardInterrupt) else 1
+        abort(code, text + f"mpilocal: uncaught {exc_type.__name__} on rank {_rank()}; aborting the MPI job "
                          f"(set MPILOCAL_ABORT_ON_ERROR=0 to let it exit alone)",
               exception_summary(exc_type, exc, tb))
     (_PREV_HOOK or sys.__excepthook__)(exc_type, exc, tb)

@@ -8,7 +8,7 @@ Two kinds of tests, both run at every world size of the suite (1-4 ranks):
   in subprocesses, mostly with ``MPILOCAL_TIMEOUT=1``. At N ranks the tests are dealt out over the
   ranks (the others skip them), so each runs once per pass; each rank starts the jobs of its tests
   at once, a few at a time in the background (``JOBS_AT_ONCE``), and every test waits for its own.
-  A job still running after ``HANG_BOUND`` seconds counts as a hang.
+  A job still running after ``JOB_TIMEOUT`` seconds counts as a hang.
 - **In-process**: at 2 and more ranks, the watchdog's real detection (deadline, leave notices) on
   the suite's own ranks, with ``failure._INTERCEPT`` recording the report instead of aborting; the
   late rank then joins, so the collective completes.
@@ -41,9 +41,10 @@ from conftest import assert_all
 HERE = Path(__file__).resolve().parent
 CASES = HERE / "failure_cases"
 ROOT = HERE.parent
-HANG_BOUND = 20.0  # seconds: far above the expected 1-3 s; only a hang exceeds it
-DEADLINE = "1"     # MPILOCAL_TIMEOUT for the jobs
-JOBS_AT_ONCE = 4
+HANG_BOUND = 20.0   # seconds from a mistake or signal to the end of the job: far above the expected 1-2 s
+JOB_TIMEOUT = 120   # a job still running after this long hangs (a loaded machine starts jobs slowly)
+DEADLINE = "1"      # MPILOCAL_TIMEOUT for the jobs
+JOBS_AT_ONCE = max(1, 4 // MPI.COMM_WORLD.Get_size())  # jobs running at once, over all ranks: 4
 LEFT = r"\[rank \d\] mpilocal: rank \d left the program \(({})\)"
 W = MPI.COMM_WORLD.Get_size()
 R = MPI.COMM_WORLD.Get_rank()
@@ -118,7 +119,7 @@ def _cmd(n, args):
     return [_mpiexec(), "-n", str(n), sys.executable] + args
 
 
-def run_job(n, args, env, timeout=HANG_BOUND + 30):
+def run_job(n, args, env, timeout=JOB_TIMEOUT):
     """Run ``mpiexec -n n python args...``; returns (returncode, output, start, end) (times from
     time.time()); returncode None: still running after ``timeout`` s (then killed)."""
     t0 = time.time()
@@ -152,7 +153,7 @@ class _Jobs:
     def submit(self, name):
         if name not in self.futures:
             n, args, env = JOBS[name]
-            timeout = 5 if name == "deadline off" else HANG_BOUND + 30
+            timeout = 5 if name == "deadline off" else JOB_TIMEOUT
             self.futures[name] = self.pool.submit(run_job, n, args, env, timeout)
         return self.futures[name]
 
@@ -160,7 +161,7 @@ class _Jobs:
         rc, out, t0, end = self.submit(name).result()
         if rc is None and name != "deadline off":
             pytest.fail(f"HANG: job {name!r} ({' '.join(_cmd(*JOBS[name][:2]))}) still running after "
-                        f"{HANG_BOUND + 30:.0f} s\n{out[-3000:]}")
+                        f"{JOB_TIMEOUT} s\n{out[-3000:]}")
         return rc, out, t0, end
 
 
@@ -184,7 +185,6 @@ def expect_abort(jobs, name, *patterns, code=None):
     assert rc != 0, f"job {name!r} exited 0, expected an abort:\n{out[-3000:]}"
     if code is not None:
         assert rc == code, f"exit status {rc}, expected {code}:\n{out[-3000:]}"
-    assert end - t0 < HANG_BOUND, f"job took {end - t0:.1f} s (bound {HANG_BOUND} s):\n{out[-3000:]}"
     for pat in patterns:
         assert re.search(pat, out), f"{pat!r} not in the output of job {name!r}:\n{out[-3000:]}"
     assert "UNREACHABLE" not in out
@@ -215,8 +215,8 @@ def test_sys_exit_on_one_rank_under_mpilocal_run(jobs, job):
 @pytest.mark.parametrize("job", [j for j in JOBS if j.split(" at ")[0] in NATURAL_MISTAKES])
 def test_natural_mistake_ends_promptly_under_plain_python(jobs, job):
     args, where, waits = NATURAL_MISTAKES[job.split(" at ")[0]]
-    out, end = expect_abort(jobs, job, LEFT.format(where), rf"but this rank waits in {waits}.*which rank \d never joins",
-                            r"this rank is waiting at:")
+    out, end = expect_abort(jobs, job, LEFT.format(where), rf"but this rank waits in {waits}.*which rank \d never "
+                            r"joins", r"this rank is waiting at:")
     assert "did not complete within" not in out and "did not reach program exit" not in out, out[-3000:]
     m = re.search(r"MISTAKE_AT (\d+\.\d+)", out)  # the leaving rank's clock just before it left
     assert m, out[-3000:]
@@ -314,7 +314,7 @@ def _interrupt(n, target):
     reader = threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, b"")), daemon=True)
     reader.start()
     t0 = time.monotonic()
-    while len(pids) < n and time.monotonic() - t0 < HANG_BOUND:
+    while len(pids) < n and time.monotonic() - t0 < JOB_TIMEOUT:
         for line in list(lines):
             m = re.match(rb"PID (\d+) (\d+)", line)
             if m:
