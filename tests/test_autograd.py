@@ -915,3 +915,17 @@ def test_all_to_all_backward_split_agreement_is_accounted(monkeypatch):
     assert_all(tracked == plain + 1, f"split agreements: plain {plain}, tracked {tracked}")
     (out * out).sum().backward()
     assert_close_all(host(t.grad), 2 * host(x))
+
+
+def test_supported_list_is_the_namespace():
+    """SUPPORTED, the namespace of Tracked arrays and NumPy's protocols come from one table."""
+    from mpilocal.autograd import SUPPORTED, TrackedNamespace
+    from mpilocal.autograd import tracked as tr
+
+    public = {n for n in vars(TrackedNamespace) if not n.startswith("_")} - {"asarray"}
+    assert public == set(SUPPORTED), public ^ set(SUPPORTED)
+    for name in SUPPORTED:
+        assert getattr(TrackedNamespace, name) is tr._FUNCS[name], name
+    for table in (tr._UFUNCS, tr._FUNCTIONS):
+        for name, fn in table.items():
+            assert fn in tr._FUNCS.values() or name in ("positive", "shape", "ndim", "size"), name

@@ -698,19 +698,23 @@ def test_inputs_on_another_mesh_raise_on_every_rank():
         raises_all(ValueError, "is on DeviceMesh", add, A, C)
 
 
-def test_ranks_outside_the_mesh_do_not_communicate():
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_ranks_outside_the_mesh_do_not_communicate(requires_grad):
     """On a mesh over some ranks, local_map with Shard outputs works on its ranks and, on the others,
-    communicates nothing and returns DTensors with empty local arrays (issue 17 item 11)."""
+    communicates nothing and returns DTensors with empty local arrays (issue 17 item 11); backward
+    too."""
     if WORLD_SIZE == 1:
         pytest.skip("needs a rank outside the mesh")
     members = list(range(0, WORLD_SIZE, 2)) if WORLD_SIZE > 2 else [0]
     mesh = DeviceMesh(DEVICE, np.array(members))
     inside = mesh.get_coordinate() is not None
     x = np.arange(30.0).reshape(10, 3)
-    X = distribute_tensor(to_device(x), mesh, row_wise)
+    X = distribute_tensor(to_device(x), mesh, row_wise, requires_grad=requires_grad)
     f = local_map(lambda a: (a * 2.0, a.sum(axis=0)), out_placements=(row_wise, [Partial()]), in_placements=(row_wise,))
     with CommDebugMode() as comm:
         Y, P = f(X)
+        if requires_grad:
+            Y.backward()
     problem = ""
     if not inside:
         if comm.get_total_counts() or comm.get_metadata_counts():
@@ -719,9 +723,11 @@ def test_ranks_outside_the_mesh_do_not_communicate():
         elif Y.to_local().size or P.to_local().size or Y.placements != (Shard(0),):
             problem = f"rank {RANK} (outside the mesh) holds data: {Y.to_local().shape} {P.to_local().shape}"
     else:  # full_tensor is collective over the mesh's ranks only
-        full, total = to_host(Y.full_tensor()), to_host(P.full_tensor())
+        full, total = to_host(Y.detach().full_tensor()), to_host(P.detach().full_tensor())
         if not (np.allclose(full, 2 * x) and np.allclose(total, x.sum(axis=0)) and tuple(Y.shape) == x.shape):
             problem = f"rank {RANK}: wrong result {Y.shape} {full} {total}"
+        elif requires_grad and not np.allclose(to_host(X.grad.full_tensor()), np.full(x.shape, 2.0)):
+            problem = f"rank {RANK}: wrong gradient {to_host(X.grad.full_tensor())}"
     assert_all(not problem, problem)
 
 
