@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 CASES = HERE / "failure_cases"
 ROOT = HERE.parent
 HANG_BOUND = 20.0   # seconds from a mistake or signal to the end of the job: far above the expected 1-2 s
-JOB_TIMEOUT = 120   # a job still running after this long hangs (a loaded machine starts jobs slowly)
+JOB_TIMEOUT = 60    # a job still running after this long hangs (a loaded machine starts jobs slowly)
 DEADLINE = "1"      # MPILOCAL_TIMEOUT for the jobs
 JOBS_AT_ONCE = max(1, 4 // MPI.COMM_WORLD.Get_size())  # jobs running at once, over all ranks: 4
 LEFT = r"\[rank \d\] mpilocal: rank \d left the program \(({})\)"
@@ -119,16 +119,33 @@ def _cmd(n, args):
     return [_mpiexec(), "-n", str(n), sys.executable] + args
 
 
+_RUNNING = set()  # jobs in flight: killed (with their process group) when this module's tests end
+
+
+def _kill(p):
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 def run_job(n, args, env, timeout=JOB_TIMEOUT):
     """Run ``mpiexec -n n python args...``; returns (returncode, output, start, end) (times from
     time.time()); returncode None: still running after ``timeout`` s (then killed)."""
     t0 = time.time()
+    p = subprocess.Popen(_cmd(n, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         env=_clean_env(**env), cwd=str(ROOT), start_new_session=True)
+    _RUNNING.add(p)
     try:
-        p = subprocess.run(_cmd(n, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                           env=_clean_env(**env), timeout=timeout, cwd=str(ROOT))
-    except subprocess.TimeoutExpired as e:
-        return None, (e.stdout or b"").decode(errors="replace"), t0, time.time()
-    return p.returncode, p.stdout.decode(errors="replace"), t0, time.time()
+        out, _ = p.communicate(timeout=timeout)
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        _kill(p)
+        out, _ = p.communicate()
+        rc = None
+    finally:
+        _RUNNING.discard(p)
+    return rc, out.decode(errors="replace"), t0, time.time()
 
 
 class _Jobs:
@@ -166,6 +183,16 @@ class _Jobs:
 
 
 _JOBS = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_jobs_left_behind():
+    """After this module (also after -x or a failure): no job keeps running or waiting to start."""
+    yield
+    if _JOBS:
+        _JOBS[0].pool.shutdown(wait=False, cancel_futures=True)
+    for p in list(_RUNNING):
+        _kill(p)
 
 
 @pytest.fixture
@@ -435,7 +462,7 @@ def _settle_notices(leaver):
         failure._notified = False
     MPI.COMM_WORLD.Barrier()
     failure._LEFT.clear()
-    assert_all(got, f"rank {R} never received rank {leaver}'s notice")
+    return got
 
 
 @needs_ranks
@@ -447,21 +474,24 @@ def test_leave_notice_ends_only_the_ranks_waiting_for_the_leaver(intercepted):
     funcol.all_reduce(np.ones(2), "sum", mesh)
     failure.set_timeout(60)  # no deadline report: only the leave notice can produce one
     leaver = W - 1
-    if R == leaver:
-        failure._notify("exit", "pretending to leave")
-        time.sleep(1.5)
-    _late_all_reduce(mesh, leaver, 0.0)
-    reports = list(intercepted)
-    if R == leaver:
-        ok, why = not reports, f"the leaver reported: {reports[:1]}"
-    else:
-        ok = bool(reports) and re.search(
-            rf"mpilocal: rank {leaver} left the program \(pretending to leave\) after issuing \d+ collective\(s\) on "
-            rf"this group, but this rank waits in .*all_reduce.*, which rank {leaver} never joins",
-            reports[0]) is not None
-        why = f"leave report missing or wrong: {reports[:1]}"
-    _settle_notices(leaver)
-    assert_all(ok, why)
+    ok, why = False, "the test body failed"
+    try:  # the notice must not outlive this test: a later blocked collective would end the suite
+        if R == leaver:
+            failure._notify("exit", "pretending to leave")
+            time.sleep(1.5)
+        _late_all_reduce(mesh, leaver, 0.0)
+        reports = list(intercepted)
+        if R == leaver:
+            ok, why = not reports, f"the leaver reported: {reports[:1]}"
+        else:
+            ok = bool(reports) and re.search(
+                rf"mpilocal: rank {leaver} left the program \(pretending to leave\) after issuing \d+ collective\(s\) "
+                rf"on this group, but this rank waits in .*all_reduce.*, which rank {leaver} never joins",
+                reports[0]) is not None
+            why = f"leave report missing or wrong: {reports[:1]}"
+    finally:
+        got = _settle_notices(leaver)
+    assert_all(ok and got, why if got else f"rank {R} never received rank {leaver}'s notice")
 
 
 @needs_ranks
