@@ -538,3 +538,33 @@ def test_close_releases_thousands_of_meshes():
         mesh.close()
     assert_all(not bad, f"wrong results: {bad[:3]}")
     assert_all(_live() == before, f"records/mirror/groups/rings after {n} meshes: {_live()} != {before}")
+
+
+@pytest.mark.mpi
+def test_close_releases_transport_state():
+    """close() drops what the transports keep per communicator: funcol's control communicator, the
+    metadata ring, and on GPUs the NCCL communicator (MPILOCAL_TEST_DEVICE=cuda) or the staged
+    window (MPILOCAL_TRANSPORT=staged), 20 meshes in a row, each checked against NumPy."""
+    import mpilocal.functional as funcol
+    from conftest import DEVICE, to_device, to_host
+    from mpilocal import DTensor, Shard, local_map
+    from mpilocal import transport
+
+    before = _baseline()
+    rev = np.arange(W)[::-1].reshape(1, W)
+    for i in range(20):
+        mesh = DeviceMesh(DEVICE, rev if i % 2 else rev.reshape(W, 1), mesh_dim_names=("a", "b"))
+        dim = "b" if i % 2 else "a"
+        x = to_device(np.full(3, float(RANK + i)))
+        got = to_host(funcol.all_reduce(x, "sum", (mesh, dim)))  # control communicator (+ NCCL on GPUs)
+        ok = np.array_equal(got, np.full(3, float(sum(range(W)) + W * i)))
+        d = DTensor.from_local(to_device(np.ones((2, 2))), mesh, [Shard(0), Shard(1)] if i % 2 else [Shard(1), Shard(0)])
+        y = local_map(lambda t: t + 1, out_placements=list(d.placements))(d)  # shape agreement: metadata ring
+        ok = ok and y.shape == d.shape and np.array_equal(to_host(y.full_tensor()), np.full(d.shape, 2.0))
+        groups = [transport.group_for(c) for c in mesh.get_all_groups()]
+        ctl = [c for g in groups for k, c in g.cache.items() if isinstance(c, MPI.Comm)]
+        mesh.close()
+        ok = ok and all(g.cache == {} for g in groups) and all(c == MPI.COMM_NULL for c in ctl)
+        ok = ok and not any(g in transport._GROUPS.values() for g in groups)
+        assert_all(ok, f"mesh {i}: results or released state ({[sorted(g.cache) for g in groups]})")
+    assert_all(_live() == before, f"{_live()} != {before}")
