@@ -118,9 +118,9 @@ def test_all_reduce_coalesced_mixed_dtypes_one_collective_per_dtype():
     _, group, k, me = GROUPS[0]
     dts = ["float64", "int64", "float64", ">f8", "int64", "bool"]
     shapes = [(3,), (2, 2), (4,), (3,), (), (5,)]
-    mine = [to_device(a) for a in arrays(me, dts, shapes)]
     if DEVICE == "cuda":
         pytest.skip("CuPy has no big-endian arrays")
+    mine = [to_device(a) for a in arrays(me, dts, shapes)]
     with CommDebugMode() as mode:
         out = funcol.all_reduce_coalesced(mine, "max", group)
     # float64, int64, >f8, bool: four dtypes, four collectives, in order of first appearance
