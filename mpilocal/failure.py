@@ -194,7 +194,7 @@ def abort(code: int = 1, message: str = "", where: str = "") -> None:
     _emit(_prefix(message) if message else "")
     try:
         if MPI.Is_initialized() and not MPI.Is_finalized():
-            first = message.strip().split("\n")[-1] if message else ""
+            first = message.strip().split("\n")[0].removeprefix("mpilocal: ") if message else ""
             if _notify("abort", where or first[:300], code):
                 _linger(_LINGER)
             else:
@@ -422,7 +422,7 @@ def _left_rank_for(s):
     for it; None when no notice explains the wait."""
     g = s[2]
     members = _members(s[5]) if len(s) > 5 and s[5] is not None else None
-    for r, note in list(_LEFT.items()):
+    for r, note in sorted(_LEFT.items()):
         if note.get("kind") == "abort":
             return r, note, None
         if members is not None:  # a synchronizing call (no counts): the leaver would have completed it
@@ -446,8 +446,10 @@ def _fire_left(s, r, note, theirs):
         code = note.get("code", 1)
     else:
         issued = f" after issuing {theirs[0]} collective(s) on this group" if theirs[0] >= 0 else ""
+        also = sorted(x for x in _LEFT if x != r)
         head = (f"mpilocal: rank {r} left the program ({note.get('where', '?')}){issued}, but this rank waits in "
-                f"{what}, which rank {r} never joins. Aborting the MPI job.")
+                f"{what}, which rank {r} never joins" + (f" (rank(s) {also} left too)" if also else "")
+                + ". Aborting the MPI job.")
         code = 1
     msg = head + ("\nthis rank is waiting at:\n" + _main_stack())
     if _INTERCEPT is not None:  # tests: record the report instead of ending the job
@@ -517,6 +519,17 @@ def _watch_signals() -> None:
         w.close()
         return
     _WAKE = (r, w)
+    os.register_at_fork(after_in_child=_forget_signals)  # a forked child has no watchdog: not ours
+
+
+def _forget_signals() -> None:
+    global _WAKE
+    if _WAKE is not None:
+        try:
+            signal.set_wakeup_fd(-1)
+        except Exception:
+            pass
+        _WAKE = None
 
 
 def _wait_tick(seconds: float) -> bytes:
