@@ -557,7 +557,7 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
             if not is_arr:
                 plan.append((key, cont, idx, v, e))
                 continue
-            dt = v.dtype if not isinstance(v, np.generic) else np.asarray(v).dtype
+            dt = v.dtype  # (np.asarray would refuse a CuPy array)
             sdt = np.dtype(e["dtype"])
             shape = tuple(v.shape)
             if tuple(e["shape"]) != shape or sdt.newbyteorder("=") != np.dtype(dt).newbyteorder("="):
@@ -583,7 +583,7 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
             else:
                 shape = tuple(e["shape"])
                 a = F.read_box(files, key, e, (0,) * len(shape), shape)
-                a = a.astype(np.asarray(v).dtype, copy=False)
+                a = a.astype(v.dtype, copy=False)
                 if isinstance(v, np.generic):
                     a = a[()]
                 elif _is_cupy(v):
