@@ -111,7 +111,7 @@ def _cast(local, dtype):
 # metadata rows: what the ranks of a mesh exchange to agree on local shards (from_local's shape
 # inference, run_check, distribute_tensor's input check), all in one fixed-width int64 row:
 #   [ndim, code, local shape (ndim entries), 0 ..., dtype name (the last 16 bytes)]
-#   code = crc32 of the dtype | flags << 32 | 23-bit hash of the given global shape << 40
+#   code = crc32 of the dtype | flags << 32 | 23-bit hash of the placements and given global shape << 40
 # An erroring rank sends its exception instead: [0, _F_ERROR << 32, "TypeName\0message" bytes].
 # ------------------------------------------------------------------------------------------------
 _F_ERROR = 1     # the rank's local argument checks failed; the row carries its message
@@ -123,8 +123,9 @@ _NAME_SLOTS = 2  # int64 slots at the end of a row for the dtype name
 
 
 @lru_cache(maxsize=1024)
-def _meta_row(shape: tuple, dtype, flags: int = 0, given=None) -> np.ndarray:
-    """The (read-only) metadata row of a local array of ``shape`` and ``dtype``."""
+def _meta_row(shape: tuple, dtype, flags: int = 0, given=None, pl=None) -> np.ndarray:
+    """The (read-only) metadata row of a local array of ``shape`` and ``dtype`` (with ``pl``: the
+    placements, with ``given``: the shape= argument, hashed so that ranks passing others differ)."""
     width = functional.META_WIDTH
     v = np.zeros(width, dtype=np.int64)
     n = len(shape)
@@ -136,8 +137,9 @@ def _meta_row(shape: tuple, dtype, flags: int = 0, given=None) -> np.ndarray:
     else:
         flags |= _F_NODTYPE
     code = zlib.crc32((dtype.str + str(dtype)).encode()) | (flags << 32)
+    if given is not None or pl is not None:
+        code |= (zlib.crc32(repr((given, pl)).encode()) & 0x7FFFFF) << 40
     if given is not None:
-        code |= (zlib.crc32(repr(tuple(given)).encode()) & 0x7FFFFF) << 40
         code |= _F_SHAPE << 32
     v[1] = code
     v.flags.writeable = False
@@ -251,8 +253,8 @@ def _check_rows_slow(rows, mesh, pl, given, caller, check_grad):
             )
         if ((rows[:, 1] >> 40) != (rows[0, 1] >> 40)).any() or ((fl & _F_SHAPE) != (fl[0] & _F_SHAPE)).any():
             raise ValueError(
-                f"{caller}: ranks pass different shape= arguments (this rank: {given}); every rank must pass the "
-                f"same global shape, or none"
+                f"{caller}: ranks pass different placements or shape= arguments (this rank: placements {list(pl)}, "
+                f"shape={given}); every rank must pass the same placements and the same global shape (or none)"
             )
     n = int(rows[0, 0])
     locals_ = rows[:, 2:2 + n]
@@ -829,7 +831,7 @@ def _wrap(local, mesh, pl, shape=None, stride=None, caller="local_map", requires
         mesh_shape = mesh.mesh.shape
         for i, p in enumerate(pl):
             if type(p) is Shard and mesh_shape[i] > 1:  # a mesh dim of size 1 shards nothing
-                vec = _meta_row(tuple(local.shape), local.dtype, _F_GRAD if requires_grad else 0)
+                vec = _meta_row(tuple(local.shape), local.dtype, _F_GRAD if requires_grad else 0, None, pl)
                 fut = functional.post_shape_agreement(mesh, local.shape, vec)
                 return DTensor(local, mesh, pl, None, _Pending(fut, caller), stride)
         shape = tuple(local.shape)
@@ -839,7 +841,7 @@ def _wrap(local, mesh, pl, shape=None, stride=None, caller="local_map", requires
 def _run_check(local, mesh, pl, shape, requires_grad):
     """Collective consistency check of from_local's inputs; returns (local, global shape)."""
     caller = "DTensor.from_local(run_check=True)"
-    vec = _meta_row(tuple(local.shape), local.dtype, _F_GRAD if requires_grad else 0, shape)
+    vec = _meta_row(tuple(local.shape), local.dtype, _F_GRAD if requires_grad else 0, shape, pl)
     rows = functional.meta_allgather(mesh._metadata_comm(), vec, "run_check")
     shape = _check_rows(rows, mesh, pl, shape, caller)
     groups = mesh_groups(mesh)

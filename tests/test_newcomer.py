@@ -264,3 +264,17 @@ def test_partial_from_replicate_grad_is_all_reduced():
     want = np.full((3, 2), W * (W + 1) / 2.0)
     assert_all(w.grad.placements == (Replicate(),) and np.array_equal(to_host(w.grad.to_local()), want),
                f"{w.grad.placements} {to_host(w.grad.to_local()).ravel()[:3]}")
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("run_check", [False, True])
+def test_ranks_passing_different_placements_raise(run_check):
+    # Shard(0) on one rank and Shard(1) on the others: both post the agreement, which now compares them
+    mesh = make_mesh("1d")
+    x = to_device(np.ones((4, 4)))
+    pl = [Shard(1)] if RANK == LAST else [Shard(0)]
+
+    def run():
+        return DTensor.from_local(x, mesh, pl, run_check=run_check).full_tensor()
+
+    every_rank_raises(ValueError, r"different placements", run)
