@@ -519,6 +519,8 @@ def _watch_signals() -> None:
         w.close()
         return
     _WAKE = (r, w)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a launcher ending the job: say where
+        signal.signal(signal.SIGTERM, _on_sigterm_main)
     os.register_at_fork(after_in_child=_forget_signals)  # a forked child has no watchdog: not ours
 
 
@@ -527,9 +529,57 @@ def _forget_signals() -> None:
     if _WAKE is not None:
         try:
             signal.set_wakeup_fd(-1)
+            if signal.getsignal(signal.SIGTERM) is _on_sigterm_main:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
         except Exception:
             pass
         _WAKE = None
+
+
+_TERMINATING = threading.Lock()
+_SIGTERM_AT = None  # when the watchdog saw SIGTERM while the main thread ran Python code
+
+
+def _terminated(text: str) -> None:
+    """Print where this rank was, then die of SIGTERM as without mpilocal (never returns)."""
+    if not _TERMINATING.acquire(blocking=False):
+        while True:
+            time.sleep(3600)
+    for fn in list(_BEFORE_REPORT):
+        try:
+            fn()
+        except Exception:
+            pass
+    _emit(_prefix(text))
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread: SIGTERM now would reach our handler again
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    os._exit(128 + signal.SIGTERM)
+
+
+def _on_sigterm_main(signum, frame) -> None:
+    """SIGTERM (a launcher ending the job, Open MPI's answer to Ctrl-C, a batch time limit) while
+    the main thread runs Python code."""
+    loc = f" at {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} in {frame.f_code.co_name}" if frame else ""
+    _terminated(f"mpilocal: terminated (SIGTERM){loc}")
+
+
+def _on_sigterm(s) -> None:
+    """SIGTERM seen by the watchdog: when the main thread waits in a collective (its Python handler
+    cannot run), or has not handled it within a second, report where it is and die."""
+    global _SIGTERM_AT
+    if s is not None:
+        name, seq, g = s[0], s[1], s[2]
+        what = (f"{name}#{seq}" if seq else name) + (f" on {describe_group(g)}" if g is not None else "")
+        _terminated(f"mpilocal: terminated (SIGTERM) while waiting in {what}\nthis rank is waiting at:\n"
+                    + _main_stack())
+    if _SIGTERM_AT is None:
+        _SIGTERM_AT = _monotonic()
 
 
 def _wait_tick(seconds: float) -> bytes:
@@ -787,6 +837,11 @@ def _watchdog():
             s = _slot
             if sigs and signal.SIGINT in sigs:
                 _on_sigint(s)
+            if (sigs and signal.SIGTERM in sigs) or _SIGTERM_AT is not None:
+                if _SIGTERM_AT is not None and _monotonic() - _SIGTERM_AT > 1.0:
+                    _terminated("mpilocal: terminated (SIGTERM); the main thread did not handle it within a second, "
+                                "it is at:\n" + _main_stack())
+                _on_sigterm(s)
             if s is not None:
                 held = _monotonic() - s[3]
                 limit = s[4] if s[4] is not None else _TIMEOUT
