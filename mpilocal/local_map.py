@@ -194,6 +194,15 @@ def _check_grads_of(node, mesh, label):
     node.backward = backward
 
 
+def _note_reshaped(exc, reshaped, mesh):
+    """Add a note to an error raised by func when an input lived on a reshape of the mesh: its shard
+    follows its own mesh, which a function written for one mesh may not expect."""
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        i, m = reshaped
+        exc.add_note(f"local_map: input {i} lives on {m}, a reshape of {mesh}; each input's shard follows its "
+                     f"own mesh and placements, so the local shapes may not be the ones the function expects")
+
+
 def _off_mesh_output(o, mesh, spec):
     """An output on a rank outside the mesh: wrapped as from_local does there, with no communication."""
     if type(o) is Tracked:
@@ -291,6 +300,7 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
         seen = False
         track = False
         todo = None
+        reshaped = None  # (index, mesh) of an input on a reshape of the mesh (for error notes)
         # 1) validate every input, before any communication
         for i in range(n):
             arg = flat[i]
@@ -298,14 +308,16 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                 am = arg._mesh
                 if mesh is None:
                     mesh = am
-                elif am is not mesh and not _same_ranks(am, mesh):
-                    src = "device_mesh" if device_mesh is not None else "the mesh of the first DTensor input"
-                    raise ValueError(
-                        f"local_map: {_input_name(func, spec, i)} is on {am} but {func.__name__} runs on {mesh} "
-                        f"({src}); every DTensor input must be on that mesh, or on a reshape of it (the same ranks "
-                        f"in the same order). Move it there first (full_tensor() + distribute_tensor(..., mesh, ...)), "
-                        f"or pass device_mesh= to local_map"
-                    )
+                elif am is not mesh and am != mesh:
+                    if not _same_ranks(am, mesh):
+                        src = "device_mesh" if device_mesh is not None else "the mesh of the first DTensor input"
+                        raise ValueError(
+                            f"local_map: {_input_name(func, spec, i)} is on {am} but {func.__name__} runs on "
+                            f"{mesh} ({src}); every DTensor input must be on that mesh, or on a reshape of it (the "
+                            f"same ranks in the same order). Move it there first (full_tensor() + "
+                            f"distribute_tensor(..., mesh, ...)), or pass device_mesh= to local_map"
+                        )
+                    reshaped = (i, am)
                 seen = True
                 if arg._ag is not None:
                     track = True
@@ -367,12 +379,23 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
             _tracked.LOCAL_MAP_DEPTH += 1
             try:
                 out = func(*local_args, **kwargs)
+            except Exception as e:
+                if reshaped is not None:
+                    _note_reshaped(e, reshaped, mesh)
+                raise
             finally:
                 _tracked.LOCAL_MAP_DEPTH -= 1
         else:
             local_flat = [a._local if type(a) is DTensor else a for a in flat]
             local_args = local_flat if spec is None else _unflatten(spec, iter(local_flat))
-            out = func(*local_args, **kwargs)
+            if reshaped is None:
+                out = func(*local_args, **kwargs)
+            else:
+                try:
+                    out = func(*local_args, **kwargs)
+                except Exception as e:
+                    _note_reshaped(e, reshaped, mesh)
+                    raise
         if not seen:
             return out
         debug = on_mesh and failure.debug_enabled()

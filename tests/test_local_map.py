@@ -761,3 +761,24 @@ def test_list_arguments_are_flattened_as_in_pytorch():
                r"arguments are flattened as in PyTorch's local_map.*argument 0 \(a list of 2 leaves\) -> "
                r"inputs 0\.\.1; argument 1 \(a dict of 1 leaves\) -> inputs 2\.\.2; argument 2 \(float\) -> input 3", short,
                [A, B], {"w": A}, 2.0)
+
+
+def test_error_in_func_notes_an_input_on_a_reshaped_mesh():
+    """Inputs on a reshape of the mesh are accepted (PyTorch's multi-mesh test); when the function
+    then fails, the error notes which input came from another mesh shape (Python 3.11+)."""
+    if not hasattr(Exception, "add_note"):
+        pytest.skip("exception notes need Python 3.11")
+    m1 = init_device_mesh(DEVICE, (WORLD_SIZE,))
+    m2 = init_device_mesh(DEVICE, (WORLD_SIZE, 1))
+    A = distribute_tensor(to_device(np.ones((4 * WORLD_SIZE, 2))), m1, row_wise)
+    B = distribute_tensor(to_device(np.ones((4 * WORLD_SIZE, 2))), m2, [Replicate(), Shard(0)])
+    add = local_map(lambda a, b: a + b, out_placements=row_wise)
+    problem = f"rank {RANK}: no error"
+    try:
+        add(A, B)  # rows 4 against 4 * WORLD_SIZE: a NumPy broadcast error at > 1 rank
+        if WORLD_SIZE == 1:
+            problem = ""
+    except ValueError as e:
+        notes = " ".join(getattr(e, "__notes__", []))
+        problem = "" if "input 1 lives on" in notes and "a reshape of" in notes else f"rank {RANK}: notes {notes!r}"
+    assert_all(not problem, problem)
