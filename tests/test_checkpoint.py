@@ -172,6 +172,21 @@ def test_crc32_is_zlibs():
     assert_all(_format._crc(b) == zlib.crc32(b) and _format._crc(b"123456789") == 0xCBF43926, _format.CRC32_MODULE)
 
 
+def test_leaf_that_requires_grad(ckdir):
+    """A parameter that requires grad is saved from its data and loaded as a leaf that requires grad."""
+    mesh = init_device_mesh(DEVICE, (N,))
+    x = np.arange(N * 6.0).reshape(N * 2, 3) - 4.0
+    W = distribute_tensor(xp.asarray(x), mesh, [Shard(0)], src_data_rank=None, requires_grad=True)
+    dcp.save({"w": W}, checkpoint_id=ckdir / "g")
+    t = {"w": distribute_tensor(xp.zeros_like(xp.asarray(x)), mesh, [Replicate()], src_data_rank=None,
+                                requires_grad=True)}
+    dcp.load(t, checkpoint_id=ckdir / "g")
+    check = Check()
+    check(t["w"].requires_grad and t["w"].is_leaf, "loaded parameter requires grad")
+    check.close(t["w"].detach().to_local(), x, "loaded values")
+    check.done()
+
+
 # -- device kinds -------------------------------------------------------------------------------------------------
 def test_device_kinds(ckdir):
     """Save from the test device's shards (CuPy under MPILOCAL_TEST_DEVICE=cuda), load into NumPy (cpu

@@ -382,7 +382,7 @@ def _plan_save(comm, state_dict, checkpoint_id, caller, copy: bool) -> _PendingS
                 it.meta = None  # the rank at the mesh's origin describes the entry
             if first:
                 lshape, off = local_shape_and_offset(shape, mesh.shape, pl, coord)
-                local = dt.to_local()
+                local = dt.detach().to_local()  # (the plain array, also for a DTensor that requires grad)
                 if tuple(local.shape) != tuple(lshape):
                     late = late or ValueError(
                         f"{caller}: {it.key!r}: the local shard has shape {tuple(local.shape)} but global shape "
@@ -602,7 +602,7 @@ def _load_dtensor(files, key, e, v: DTensor) -> DTensor:
     mesh, pl = v.device_mesh, v.placements
     shape = tuple(int(s) for s in v.shape)
     coord = mesh.get_coordinate()
-    cuda = mesh.device_type == "cuda" or _is_cupy(v.to_local())
+    cuda = mesh.device_type == "cuda" or _is_cupy(v.detach().to_local())
     if coord is None:
         xp = _cupy() if cuda else np
         return DTensor.from_local(xp.empty((0,) * len(shape), dtype=v.dtype), mesh, pl, shape=shape)
@@ -613,4 +613,5 @@ def _load_dtensor(files, key, e, v: DTensor) -> DTensor:
     host = host.astype(v.dtype, copy=False)
     _fill_partial(host, pl, coord)
     local = _cupy().asarray(host) if cuda else host
-    return DTensor.from_local(local, mesh, pl, shape=shape)
+    out = DTensor.from_local(local, mesh, pl, shape=shape)
+    return out.requires_grad_() if v.requires_grad and v.is_leaf else out
