@@ -187,6 +187,34 @@ def test_leaf_that_requires_grad(ckdir):
     check.done()
 
 
+class _Opt:
+    """A DCP Stateful: saved as its state_dict(), restored through load_state_dict()."""
+
+    def __init__(self, mesh, lr, fill):
+        self.lr = lr
+        self.m = distribute_tensor(xp.full((N * 2, 2), fill), mesh, [Shard(0)], src_data_rank=None)
+
+    def state_dict(self):
+        return {"lr": self.lr, "m": self.m}
+
+    def load_state_dict(self, sd):
+        self.lr, self.m = sd["lr"], sd["m"]
+
+
+def test_stateful_objects(ckdir):
+    mesh = init_device_mesh(DEVICE, (N,))
+    dcp.save({"opt": _Opt(mesh, 0.5, 3.0), "step": 2}, checkpoint_id=ckdir / "s")
+    _, man = _format.read_manifest(ckdir / "s")
+    opt = _Opt(mesh, 0.0, 0.0)
+    sd = {"opt": opt, "step": 0}
+    dcp.load(sd, checkpoint_id=ckdir / "s")
+    check = Check()
+    check(sorted(man["entries"]) == ["opt.lr", "opt.m", "step"], sorted(man["entries"]))
+    check(opt.lr == 0.5 and sd["step"] == 2 and sd["opt"] is opt, f"lr {opt.lr} step {sd['step']}")
+    check.close(opt.m.to_local(), np.full((2, 2), 3.0), "m restored through load_state_dict")
+    check.done()
+
+
 # -- device kinds -------------------------------------------------------------------------------------------------
 def test_device_kinds(ckdir):
     """Save from the test device's shards (CuPy under MPILOCAL_TEST_DEVICE=cuda), load into NumPy (cpu
@@ -357,7 +385,7 @@ def test_unstorable_values_raise_on_every_rank(ckdir):
     raises_everywhere(TypeError, lambda: dcp.save({"o": np.array([1, None], dtype=object)}, checkpoint_id=p),
                       "'o'", "object", "no pickle")
     raises_everywhere(TypeError, lambda: dcp.save({"t": (1, 2)}, checkpoint_id=p), "'t'", "use a list")
-    raises_everywhere(TypeError, lambda: dcp.save({"f": object()}, checkpoint_id=p), "'f'")
+    raises_everywhere(TypeError, lambda: dcp.save({"f": object()}, checkpoint_id=p), "'f'", "state_dict()")
     raises_everywhere(TypeError, lambda: dcp.save({1: 2}, checkpoint_id=p), "keys must be str")
     raises_everywhere(ValueError, lambda: dcp.save({"a.b": 1, "a": {"b": 2}}, checkpoint_id=p), "'a.b'")
     # a state_dict that differs between ranks (only on one rank) is refused on every rank

@@ -404,7 +404,8 @@ def save(state_dict, *, checkpoint_id, process_group=None):
     (default: all ranks).
 
     ``state_dict``: nested dicts/lists of DTensors (any mesh and placements; ``Partial`` is reduced
-    first), NumPy/CuPy arrays and NumPy scalars (replicated: written once, by rank 0) and JSON values.
+    first), NumPy/CuPy arrays and NumPy scalars (replicated: written once, by rank 0), JSON values and
+    objects with ``state_dict()``/``load_state_dict()`` (DCP's ``Stateful``: saved as their state dict).
     Each shard is written once, by the first rank of its replica group, into that rank's data file.
     The checkpoint replaces an existing one at ``checkpoint_id`` only at the commit (atomic rename).
 
@@ -504,7 +505,8 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
     the DTensor is replaced by a new one holding the loaded shard. Arrays and values are replaced.
     A template key missing from the checkpoint is an error unless ``strict=False`` (the entry is left
     as is); extra keys in the checkpoint are ignored. Nothing in ``state_dict`` changes on failure.
-    A pending :func:`async_save` is committed first (as its ``result()`` would).
+    A pending :func:`async_save` is committed first (as its ``result()`` would). A ``Stateful``
+    object gets ``load_state_dict()`` of its loaded ``state_dict()``.
 
     Raises (on every rank): :class:`CheckpointError` (no checkpoint at the path, another format
     version, a damaged chunk — crc32 mismatch or truncated file, naming key and file —, missing
@@ -539,7 +541,8 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
     # 2. plan against the template (same verdict on every rank: the manifest and structure are shared)
     plan, err = [], None
     try:
-        leaves = F.flatten(state_dict, _is_array, caller)
+        stateful = []
+        leaves = F.flatten(state_dict, _is_array, caller, stateful)
         missing = [k for k, *_ in leaves if k not in entries]
         if missing and strict:
             raise CheckpointError(
@@ -596,6 +599,8 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
     _agree(comm, err)
     for cont, idx, val in results:
         cont[idx] = val
+    for obj, sub in reversed(stateful):  # DCP's Stateful: inner objects first
+        obj.load_state_dict(sub)
 
 
 def _load_dtensor(files, key, e, v: DTensor) -> DTensor:

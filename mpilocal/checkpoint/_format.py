@@ -136,9 +136,17 @@ def fsync_dir(d: str) -> None:
 
 
 # -- keys and values ------------------------------------------------------------------------------
-def flatten(state_dict, is_array, caller: str) -> list:
+def is_stateful(v) -> bool:
+    """DCP's ``Stateful`` protocol: an object with ``state_dict()`` and ``load_state_dict(sd)``."""
+    return callable(getattr(v, "state_dict", None)) and callable(getattr(v, "load_state_dict", None))
+
+
+def flatten(state_dict, is_array, caller: str, stateful=None) -> list:
     """``[(dotted_key, container, index, leaf)]`` of a nested dict/list, in order (DCP's key names:
-    ``{"model": {"w": ..}}`` -> ``"model.w"``, ``{"lr": [a, b]}`` -> ``"lr.0"``, ``"lr.1"``)."""
+    ``{"model": {"w": ..}}`` -> ``"model.w"``, ``{"lr": [a, b]}`` -> ``"lr.0"``, ``"lr.1"``).
+
+    A ``Stateful`` object (``state_dict()``/``load_state_dict()``, as in DCP) stands for its
+    ``state_dict()``, walked under its key; ``(object, its state dict)`` pairs go to ``stateful``."""
     if not isinstance(state_dict, (dict, list)):
         raise TypeError(f"{caller}: state_dict must be a dict (or a list), got {type(state_dict).__name__}")
     out, seen = [], {}
@@ -150,6 +158,15 @@ def flatten(state_dict, is_array, caller: str) -> list:
                 raise TypeError(f"{caller}: state_dict key {k!r} at {prefix or '<top>'!r} is a "
                                 f"{type(k).__name__}; keys must be str")
             key = f"{prefix}.{k}" if prefix else str(k)
+            if not is_array(v) and is_stateful(v):
+                sub = v.state_dict()
+                if not isinstance(sub, (dict, list)):
+                    raise TypeError(f"{caller}: state_dict[{key!r}].state_dict() returned a {type(sub).__name__}, "
+                                    f"not a dict")
+                if stateful is not None:
+                    stateful.append((v, sub))
+                walk(sub, key)
+                continue
             if isinstance(v, (dict, list)):
                 walk(v, key)
                 continue
@@ -157,7 +174,8 @@ def flatten(state_dict, is_array, caller: str) -> list:
                 hint = " (use a list)" if isinstance(v, tuple) else ""
                 raise TypeError(
                     f"{caller}: state_dict[{key!r}] is a {type(v).__name__}{hint}; a checkpoint holds DTensors, "
-                    f"NumPy/CuPy arrays, NumPy scalars and JSON values (int, float, str, bool, None) in dicts/lists")
+                    f"NumPy/CuPy arrays, NumPy scalars, JSON values (int, float, str, bool, None) and objects "
+                    f"with state_dict()/load_state_dict(), in dicts/lists")
             if key in seen:
                 raise ValueError(f"{caller}: two entries of the state_dict have the dotted key {key!r}; rename one")
             seen[key] = True
