@@ -799,10 +799,11 @@ def _from_local(local_tensor, device_mesh, placements, run_check, shape, stride,
             d = next(i for i in range(len(exp)) if exp[i] != local.shape[i])
             raise ValueError(
                 f"{caller}: this rank (mesh rank {int(mesh.mesh[mesh._coordinate])}) holds a local array of shape "
-                f"{tuple(local.shape)}, but global shape {shape} with placements {list(pl)} gives it {exp} by the "
-                f"torch.chunk rule (dim {d}); pass shape= consistent with the chunk sizes "
-                f"(mpilocal.local_shape_and_offset gives each rank's), or omit shape= to infer it. Checked on "
-                f"this rank only: run_check=True makes every rank raise"
+                f"{tuple(local.shape)}, but global shape {shape} with placements {list(pl)} gives it {exp} (dim "
+                f"{d}; the torch.chunk rule, or a ragged Shard's sizes); pass shape= consistent with the shard "
+                f"sizes (mpilocal.local_shape_and_offset gives each rank's), omit shape= to infer it, or use "
+                f"Shard(d, sizes=...) for another split. Checked on this rank only: run_check=True makes every "
+                f"rank raise"
             )
     return _wrap(local, mesh, pl, shape, stride, caller, requires_grad)
 
@@ -817,7 +818,10 @@ def _post_error(local_tensor, device_mesh, placements, shape, err):
         mesh = _default_mesh("cuda" if _arrays.is_cupy(local_tensor) else "cpu")
     if not isinstance(mesh, DeviceMesh) or mesh._coordinate is None or not _would_agree(placements, mesh):
         return
-    functional.post_shape_agreement(mesh, (), _error_row(err))
+    try:
+        functional.post_shape_agreement(mesh, (), _error_row(err))
+    except Exception:  # noqa: BLE001 - the argument error is what this rank reports
+        pass
 
 
 def _wrap(local, mesh, pl, shape=None, stride=None, caller="local_map", requires_grad=False):
