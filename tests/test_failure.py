@@ -331,6 +331,24 @@ def test_abort_messages_are_never_lost(jobs):
 
 
 # -- 7. Ctrl-C (issue 9, item 7) -----------------------------------------------------------------------
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_until_spinning(pid, cpu=0.3, limit=10.0):
+    """Wait until process ``pid`` has used ``cpu`` more seconds of CPU: MPI busy-polls in a blocked
+    collective, while the few lines of Python before it take microseconds (a loaded machine may not
+    run the process for a while, so a fixed sleep is not enough). Falls back to 1 s without /proc."""
+    try:
+        c0, t0 = _cpu_seconds(pid), time.monotonic()
+        while _cpu_seconds(pid) - c0 < cpu and time.monotonic() - t0 < limit:
+            time.sleep(0.05)
+    except OSError:
+        time.sleep(1.0)
+
+
 def _interrupt(n, target, sig=signal.SIGINT):
     """Start the sigint_blocked job, wait until rank 0 waits in its collective, send SIGINT to
     ``target`` ("all": the job's process group, as a terminal's Ctrl-C; or a rank); returns
@@ -350,7 +368,7 @@ def _interrupt(n, target, sig=signal.SIGINT):
     dt = None
     try:
         assert len(pids) == n, b"".join(lines).decode(errors="replace")
-        time.sleep(0.5)  # rank 0 is now inside the all-gather that rank 1 has not joined
+        _wait_until_spinning(pids[0])  # rank 0 is now inside the all-gather that rank 1 has not joined
         t_sig = time.monotonic()
         if target == "all":
             os.killpg(p.pid, sig)
