@@ -360,8 +360,18 @@ def _operator_error(expr: str, compare: bool) -> TypeError:
     )
 
 
+#: operator registry (filled by mpilocal.ops when it is imported; a layer above DTensor): dunder name
+#: (``"__add__"``, ``"__getitem__"``, ``"__array_ufunc__"``, ...) -> function; empty: the TypeErrors below
+_OPERATORS: dict = {}
+#: method/property registry consulted by ``DTensor.__getattr__`` (``"sum"``, ``"T"``, ...): a descriptor
+_METHODS: dict = {}
+
+
 def _make_comparison(name, sym):
     def op(self, other):
+        f = _OPERATORS.get(name)
+        if f is not None:
+            return f(self, other)
         if other is None or isinstance(other, (str, bytes)) or not (
                 type(other) is DTensor or isinstance(other, (int, float, complex, np.generic, list, tuple))
                 or _arrays.is_array(other) or hasattr(other, "__array__")):
@@ -374,6 +384,9 @@ def _make_comparison(name, sym):
 
 def _make_binary(name, sym, how):
     def op(self, other):
+        f = _OPERATORS.get(name)
+        if f is not None:
+            return f(self, other)
         if how == "r":
             expr = f"{_operand(other)} {sym} DTensor" if sym != "divmod" else f"divmod({_operand(other)}, DTensor)"
         elif how == "i":
@@ -388,6 +401,9 @@ def _make_binary(name, sym, how):
 
 def _make_unary(name, sym):
     def op(self):
+        f = _OPERATORS.get(name)
+        if f is not None:
+            return f(self)
         raise _operator_error(f"{sym}(DTensor)" if sym == "abs" else f"{sym}DTensor", False)
 
     op.__name__ = name
@@ -661,7 +677,36 @@ class DTensor:
             "use .to_local() for this rank's shard or .full_tensor() for the whole array"
         )
 
-    __array_ufunc__ = None  # NumPy defers to the operators below (which raise) instead of converting
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        f = _OPERATORS.get("__array_ufunc__")
+        if f is None:  # no operators registered: the same TypeError as the operators below
+            cmp = ufunc.__name__ in ("equal", "not_equal", "less", "less_equal", "greater", "greater_equal")
+            raise _operator_error(f"numpy.{ufunc.__name__}({', '.join(_operand(i) for i in inputs)})", cmp)
+        return f(ufunc, method, *inputs, **kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        f = _OPERATORS.get("__array_function__")
+        if f is None:
+            raise _operator_error(f"numpy.{func.__name__}(DTensor)", False)
+        return f(func, types, args, kwargs)
+
+    def __array_namespace__(self, api_version=None):
+        f = _OPERATORS.get("__array_namespace__")
+        if f is None:
+            raise TypeError("DTensor.__array_namespace__: no operators registered (import mpilocal.ops)")
+        return f(self, api_version)
+
+    def __getitem__(self, idx):
+        f = _OPERATORS.get("__getitem__")
+        if f is None:
+            raise _operator_error("DTensor[...]", False)
+        return f(self, idx)
+
+    def __getattr__(self, name):  # only for names not found otherwise: registered methods (mpilocal.ops)
+        d = _METHODS.get(name)
+        if d is None:
+            raise AttributeError(f"'DTensor' object has no attribute {name!r}")
+        return d.__get__(self, DTensor)
     __hash__ = object.__hash__  # identity, as for torch.Tensor (== is not an equality test)
 
     # -- copying -------------------------------------------------------------------------------
