@@ -511,9 +511,10 @@ def test_close_releases_thousands_of_meshes():
     from mpilocal import DTensor, Replicate, Shard, distribute_tensor, local_map
 
     n = int(os.environ.get("MPILOCAL_TEST_MESH_LOOP", "5000"))
-    # not the identity 1-D layout: that is the default mesh's (dtensor), which lives on and shares them
-    layouts = [np.array(p) for p in itertools.permutations(range(W)) if list(p) != list(range(W))]
-    layouts += [np.array(p).reshape(2, 2) for p in itertools.permutations(range(4))] if W == 4 else []
+    # not the world in rank order: init_device_mesh's layouts, which long-lived meshes (dtensor's default
+    # mesh, other test modules') hold and share communicators with
+    perms = [np.array(p) for p in itertools.permutations(range(W)) if list(p) != list(range(W))]
+    layouts = perms + ([p.reshape(2, 2) for p in perms] if W == 4 else [])
     layouts.append(np.arange(W - 1))  # rank W-1 is outside this one
     before = _baseline()
     bad = []
