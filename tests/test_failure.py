@@ -360,10 +360,8 @@ def _interrupt(n, target, sig=signal.SIGINT):
     reader.start()
     t0 = time.monotonic()
     while len(pids) < n and time.monotonic() - t0 < JOB_TIMEOUT:
-        for line in list(lines):
-            m = re.match(rb"PID (\d+) (\d+)", line)
-            if m:
-                pids[int(m[1])] = int(m[2])
+        for m in re.finditer(rb"PID (\d+) (\d+)", b"".join(lines)):  # Open MPI may join two ranks' lines
+            pids[int(m[1])] = int(m[2])
         time.sleep(0.05)
     dt = None
     try:
