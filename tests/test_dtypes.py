@@ -135,7 +135,8 @@ def test_narrow_int_sums_wrap(dtype, op):
     ref = {"sum": np.add, "product": np.multiply}[op].reduce(np.stack(xs), axis=0, dtype=dtype)
     chk = Check()
     out = to_host(funcol.all_reduce(xs[RANK], op, MPI.COMM_WORLD))
-    chk(out.dtype == ref.dtype and np.array_equal(out, ref), f"all_reduce {op} {np.dtype(dtype)}: {out[:3]} vs {ref[:3]}")
+    chk(out.dtype == ref.dtype and np.array_equal(out, ref),
+        f"all_reduce {op} {np.dtype(dtype)}: {out[:3]} vs {ref[:3]}")
     rs = to_host(funcol.reduce_scatter_tensor(xs[RANK], op, 0, MPI.COMM_WORLD))
     sizes = _chunks(64)
     off = sum(sizes[:RANK])
@@ -295,8 +296,9 @@ def test_object_and_string_arrays_in_gathers():
 
     mesh = make_mesh("1d")
     for x in (np.array([object()] * (2 * W), dtype=object), np.array(["ab"] * (2 * W), dtype=StringDType())):
+        shape = (2 * W * W,)
         for fn in (lambda: funcol.all_gather_tensor(x, 0, MPI.COMM_WORLD),
-                   lambda: DTensor.from_local(x, mesh, [Shard(0)], shape=(2 * W * W,)).redistribute(mesh, [Replicate()])):
+                   lambda: DTensor.from_local(x, mesh, [Shard(0)], shape=shape).redistribute(mesh, [Replicate()])):
             try:
                 fn()
                 err = "no error"
