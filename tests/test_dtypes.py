@@ -35,7 +35,7 @@ def _chunks(n):
 
 
 def _same_bits_or_nan(got, want):
-    """Equal values, NaN where NumPy has NaN, and the same sign of every non-zero/inf value."""
+    """Same dtype and shape, equal values, NaN exactly where NumPy has NaN (signs of zeros not compared)."""
     got, want = np.asarray(got), np.asarray(want)
     if got.dtype != want.dtype or got.shape != want.shape:
         return False
