@@ -21,6 +21,8 @@ from .placement import Partial, Placement, Replicate, Shard
 from .neighbors import stencil  # noqa: E402  (local_map with halos)
 from .ragged import ragged_from_local  # noqa: E402  (sizes agreed from the local arrays)
 
+from . import ops  # noqa: E402  (last: registers the operators on DTensors; a layer above dtensor)
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -10,8 +10,9 @@
   nodes run in reverse creation order, the same on every rank.
 """
 
-from .engine import Leaf, Node
+from .engine import Leaf, Node, is_grad_enabled, no_grad
 from .function import Function, FunctionCtx
 from .tracked import OPERATORS, SUPPORTED, Tracked, TrackedNamespace, tensor
 
-__all__ = ["Tracked", "tensor", "Function", "FunctionCtx", "SUPPORTED", "OPERATORS", "Node", "Leaf", "TrackedNamespace"]
+__all__ = ["Tracked", "tensor", "Function", "FunctionCtx", "SUPPORTED", "OPERATORS", "Node", "Leaf", "TrackedNamespace",
+           "no_grad", "is_grad_enabled"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 
-__all__ = ["Node", "Leaf", "run_backward", "ADDERS"]
+__all__ = ["Node", "Leaf", "run_backward", "ADDERS", "no_grad", "is_grad_enabled"]
 
 _SEQ = itertools.count()
 
@@ -99,3 +99,36 @@ def _add(a, b):
     if add is not None:
         return add(a, b)
     return a + b
+
+
+_GRAD_ENABLED = [True]
+
+
+def is_grad_enabled() -> bool:
+    """False inside :class:`no_grad` (operators on DTensors then record nothing)."""
+    return _GRAD_ENABLED[0]
+
+
+class no_grad:
+    """``with mpilocal.autograd.no_grad():`` operators on DTensors (mpilocal.ops) record no graph,
+    and in-place updates of leaves that require grad (``w -= lr * w.grad``) are allowed, as in
+    ``torch.no_grad()``. Also usable as a decorator."""
+
+    def __enter__(self):
+        self._prev = _GRAD_ENABLED[0]
+        _GRAD_ENABLED[0] = False
+        return self
+
+    def __exit__(self, *exc):
+        _GRAD_ENABLED[0] = self._prev
+        return False
+
+    def __call__(self, func):
+        import functools
+
+        @functools.wraps(func)
+        def inner(*a, **k):
+            with no_grad():
+                return func(*a, **k)
+
+        return inner

@@ -1,0 +1,422 @@
+"""Operators on DTensors (mpilocal.ops): the rule oracle (every rule, every placement combination
+on 1-D and 2-D meshes, even and uneven shapes, against NumPy on the full arrays), chosen
+placements and communication, errors, gradients against finite differences."""
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import DEVICE, assert_all, make_mesh, to_device, to_host
+from mpi4py import MPI
+
+import mpilocal
+from mpilocal import CommDebugMode, DTensor, Partial, Replicate, Shard, distribute_tensor
+from mpilocal.autograd import no_grad
+from mpilocal.ops import record_plans
+
+W = MPI.COMM_WORLD.Get_size()
+R, S0, S1, P = Replicate(), Shard(0), Shard(1), Partial("sum")
+KINDS = ["1d", "1xN", "Nx1", "2x2"]
+
+
+def mesh_of(kind):
+    m = make_mesh(kind)
+    if m is None:
+        pytest.skip(f"mesh {kind} does not fit {W} ranks")
+    return m
+
+
+def ints(shape, seed, lo=-4, hi=5, nonzero=False):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(lo, hi, size=shape).astype(np.float64)
+    if nonzero:
+        a[a == 0] = 1.0
+    return a
+
+
+def make(g, mesh, pl):
+    """A DTensor of global value ``g`` with placements ``pl``: Shard/Replicate dims as distribute_tensor
+    gives them; on Partial mesh dims every rank holds a different term (the terms sum to ``g``)."""
+    pl = tuple(pl)
+    base = distribute_tensor(to_device(g), mesh, [R if p.is_partial() else p for p in pl])
+    local = to_host(base.to_local()).copy()
+    coord = mesh.get_coordinate()
+    pdims = [i for i, p in enumerate(pl) if p.is_partial()]
+    if pdims and coord is not None:
+        first = all(coord[i] == 0 for i in pdims)
+        part = local * (1.0 if first else 0.0)
+        for i in pdims:
+            if all(coord[j] == 0 for j in pdims if j != i):
+                part = part + 3.0 * (coord[i] - (mesh.shape[i] - 1) / 2)
+        local = part
+    return DTensor.from_local(to_device(np.ascontiguousarray(local)), mesh, pl, shape=g.shape)
+
+
+def options(ndim, partial=True):
+    opts = [R] + [Shard(d) for d in range(ndim)] + ([P] if partial else [])
+    return opts
+
+
+def combos(mesh, ndim, partial=True):
+    return list(itertools.product(options(ndim, partial), repeat=mesh.ndim))
+
+
+def full(x):
+    return to_host(x.full_tensor())
+
+
+class Problems(list):
+    def check(self, what, got, want):
+        want = np.asarray(want)
+        if got.shape != want.shape or got.dtype != want.dtype or not np.allclose(got, want, equal_nan=True):
+            self.append(f"{what}: got {got.shape} {got.dtype} {got.ravel()[:6]}, want {want.shape} {want.dtype} "
+                        f"{want.ravel()[:6]}")
+
+    def done(self):
+        assert_all(not self, "; ".join(self[:5]) + (f" (+{len(self) - 5})" if len(self) > 5 else ""))
+
+
+SHAPES = [(4, 6), (5, 3)]  # even at 1, 2 ranks (4 at 4 ranks); uneven (and empty shards at 4 ranks)
+
+
+# ------------------------------------------------------------------------------------------------
+# rule oracle: elementwise
+# ------------------------------------------------------------------------------------------------
+BINARY = [("add", np.add), ("subtract", np.subtract), ("multiply", np.multiply), ("divide", np.divide),
+          ("maximum", np.maximum), ("less", np.less)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_oracle_elementwise_binary(kind, shape):
+    mesh = mesh_of(kind)
+    probs = Problems()
+    a = ints(shape, 1)
+    for bshape in (shape, shape[1:], (shape[0], 1)):
+        b = ints(bshape, 2, nonzero=True)
+        for pa in combos(mesh, 2):
+            for pb in combos(mesh, len(bshape)):
+                A, B = make(a, mesh, pa), make(b, mesh, pb)
+                for name, f in BINARY:
+                    try:
+                        probs.check(f"{name} {pa} {pb} {bshape}", full(f(A, B)), f(a, b))
+                    except Exception as e:  # noqa: BLE001
+                        probs.append(f"{name} {pa} {pb} {bshape}: {type(e).__name__}: {e}")
+    probs.done()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_oracle_elementwise_scalars_unary_plain(kind, shape):
+    mesh = mesh_of(kind)
+    probs = Problems()
+    a = ints(shape, 3)
+    plain = ints(shape[1:], 4, nonzero=True)
+    cases = [("A+2", lambda A: A + 2, lambda a: a + 2), ("2-A", lambda A: 2 - A, lambda a: 2 - a),
+             ("A*3", lambda A: A * 3, lambda a: a * 3), ("A/2", lambda A: A / 2, lambda a: a / 2),
+             ("-A", lambda A: -A, lambda a: -a), ("abs", abs, np.abs), ("exp", np.exp, np.exp),
+             ("relu", lambda A: A.relu(), lambda a: np.maximum(a, 0)),
+             ("A**2", lambda A: A ** 2, lambda a: a ** 2), ("A>0", lambda A: A > 0, lambda a: a > 0),
+             ("A+plain", lambda A: A + to_device(plain), lambda a: a + plain),
+             ("plain*A", lambda A: np.multiply(to_device(plain), A), lambda a: plain * a),
+             ("where", lambda A: np.where(A > 0, A, 0.5 * A), lambda a: np.where(a > 0, a, 0.5 * a)),
+             ("astype32", lambda A: A.astype(np.float32), lambda a: a.astype(np.float32)),
+             ("astype_i", lambda A: A.astype(np.int64), lambda a: a.astype(np.int64))]
+    for pa in combos(mesh, 2):
+        A = make(a, mesh, pa)
+        for name, f, ref in cases:
+            try:
+                probs.check(f"{name} {pa}", full(f(A)), ref(a))
+            except Exception as e:  # noqa: BLE001
+                probs.append(f"{name} {pa}: {type(e).__name__}: {e}")
+    probs.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# rule oracle: reductions
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_oracle_reductions(kind, shape):
+    mesh = mesh_of(kind)
+    probs = Problems()
+    a = ints(shape, 5, lo=1, hi=4)
+    b = a > 2
+    for pa in combos(mesh, 2):
+        A = make(a, mesh, pa)
+        Bb = make(b, mesh, tuple(R if p.is_partial() else p for p in pa))
+        for op in ("sum", "mean", "max", "min", "prod"):
+            for axis in (None, 0, 1, (0, 1), -1):
+                for keep in (False, True):
+                    try:
+                        probs.check(f"{op} {axis} {keep} {pa}", full(getattr(A, op)(axis=axis, keepdims=keep)),
+                                    getattr(np, op)(a, axis=axis, keepdims=keep))
+                    except Exception as e:  # noqa: BLE001
+                        probs.append(f"{op} {axis} {pa}: {type(e).__name__}: {e}")
+        for op in ("any", "all"):
+            for axis in (None, 0, 1):
+                try:
+                    probs.check(f"{op} {axis} {pa}", full(getattr(Bb, op)(axis=axis)), getattr(np, op)(b, axis=axis))
+                except Exception as e:  # noqa: BLE001
+                    probs.append(f"{op} {axis} {pa}: {type(e).__name__}: {e}")
+        try:
+            probs.check(f"np.sum {pa}", full(np.sum(A, axis=0)), np.sum(a, axis=0))
+            probs.check(f"np.mean {pa}", full(np.mean(A)), np.mean(a))
+        except Exception as e:  # noqa: BLE001
+            probs.append(f"np.sum {pa}: {type(e).__name__}: {e}")
+    probs.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# rule oracle: matmul, shape ops, indexing, concatenation
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_oracle_matmul(kind, shape):
+    mesh = mesh_of(kind)
+    probs = Problems()
+    m, k = shape
+    a, b, v = ints((m, k), 6), ints((k, 5), 7), ints((k,), 8)
+    a3 = ints((3, m, k), 9)
+    for pa in combos(mesh, 2):
+        A = make(a, mesh, pa)
+        for pb in combos(mesh, 2):
+            B = make(b, mesh, pb)
+            try:
+                probs.check(f"{pa}@{pb}", full(A @ B), a @ b)
+            except Exception as e:  # noqa: BLE001
+                probs.append(f"{pa}@{pb}: {type(e).__name__}: {e}")
+        for pv in combos(mesh, 1):
+            try:
+                probs.check(f"{pa}@v{pv}", full(np.matmul(A, make(v, mesh, pv))), a @ v)
+            except Exception as e:  # noqa: BLE001
+                probs.append(f"{pa}@v{pv}: {type(e).__name__}: {e}")
+    for p3 in combos(mesh, 3, partial=False):
+        try:
+            probs.check(f"batched {p3}", full(make(a3, mesh, p3) @ make(b, mesh, (R,) * mesh.ndim)), a3 @ b)
+        except Exception as e:  # noqa: BLE001
+            probs.append(f"batched {p3}: {type(e).__name__}: {e}")
+    probs.done()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_oracle_shape_ops_and_indexing(kind, shape):
+    mesh = mesh_of(kind)
+    probs = Problems()
+    a = ints(shape, 10)
+    c = ints(shape, 11)
+    n0, n1 = shape
+    cases = [("T", lambda A: A.T, lambda a: a.T), ("transpose", lambda A: np.transpose(A), lambda a: a.T),
+             ("reshape-flat", lambda A: A.reshape(-1), lambda a: a.reshape(-1)),
+             ("reshape-3d", lambda A: A.reshape(n0, n1, 1), lambda a: a.reshape(n0, n1, 1)),
+             ("reshape-swap", lambda A: A.reshape(n1, n0), lambda a: a.reshape(n1, n0)),
+             ("[1:4]", lambda A: A[1:4], lambda a: a[1:4]), ("[::2]", lambda A: A[::2], lambda a: a[::2]),
+             ("[2]", lambda A: A[2], lambda a: a[2]), ("[:,1]", lambda A: A[:, 1], lambda a: a[:, 1]),
+             ("[-1,1:]", lambda A: A[-1, 1:], lambda a: a[-1, 1:]),
+             ("[...,None]", lambda A: A[..., None], lambda a: a[..., None]),
+             ("[::-1]", lambda A: A[::-1], lambda a: a[::-1]), ("[1::3,::2]", lambda A: A[1::3, ::2],
+                                                               lambda a: a[1::3, ::2]),
+             ("[1:4]+1", lambda A: A[1:4] + 1, lambda a: a[1:4] + 1),
+             ("[1:4].sum(0)", lambda A: A[1:4].sum(axis=0), lambda a: a[1:4].sum(axis=0))]
+    for pa in combos(mesh, 2):
+        A = make(a, mesh, pa)
+        for name, f, ref in cases:
+            try:
+                probs.check(f"{name} {pa}", full(f(A)), ref(a))
+            except Exception as e:  # noqa: BLE001
+                probs.append(f"{name} {pa}: {type(e).__name__}: {e}")
+        for pc in combos(mesh, 2):
+            C = make(c, mesh, pc)
+            for ax in (0, 1):
+                try:
+                    probs.check(f"concat{ax} {pa} {pc}", full(np.concatenate([A, C], axis=ax)),
+                                np.concatenate([a, c], axis=ax))
+                    probs.check(f"stack{ax} {pa} {pc}", full(np.stack([A, C], axis=ax)), np.stack([a, c], axis=ax))
+                except Exception as e:  # noqa: BLE001
+                    probs.append(f"concat {pa} {pc}: {type(e).__name__}: {e}")
+    probs.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# chosen placements and communication (DTensor's rules)
+# ------------------------------------------------------------------------------------------------
+def test_chosen_placements_and_no_communication():
+    mesh = mesh_of("1d")
+    a, b = ints((8, 6), 1), ints((6, 4), 2)
+    A0 = make(a, mesh, [S0])
+    Ar = make(a, mesh, [R])
+    B = make(b, mesh, [R])
+    got = {}
+    As1, Bs0, Bs1, Pa = make(a, mesh, [S1]), make(b, mesh, [S0]), make(b, mesh, [S1]), make(a, mesh, [P])
+    with CommDebugMode() as cm:
+        got["S0+R"] = (A0 + Ar).placements
+        got["S0*2"] = (A0 * 2).placements
+        got["S0@R"] = (A0 @ B).placements
+        got["R@S1"] = (Ar @ Bs1).placements
+        got["S1@S0"] = (As1 @ Bs0).placements
+        got["sum0"] = A0.sum(axis=0).placements
+        got["sum1"] = A0.sum(axis=1).placements
+        got["T"] = A0.T.placements
+        got["P+P"] = (Pa + Pa).placements
+        got["P*R"] = (Pa * Ar).placements
+        got["P*2"] = (Pa * 2).placements
+        got["-P"] = (-Pa).placements
+        got["P.sum"] = Pa.sum(axis=0).placements
+    comm = cm.get_total_counts()
+    with CommDebugMode() as cm2:
+        got["P+1"] = (Pa + 1).placements  # not linear: reduced first
+        got["exp(P)"] = np.exp(Pa).placements
+    want = {"S0+R": (S0,), "S0*2": (S0,), "S0@R": (S0,), "R@S1": (S1,), "S1@S0": (P,), "sum0": (Partial("sum"),),
+            "sum1": (S0,), "T": (S1,), "P+P": (P,), "P*R": (P,), "P*2": (P,), "-P": (P,), "P.sum": (P,),
+            "P+1": (R,), "exp(P)": (R,)}
+    if W == 1:
+        want = {k: v for k, v in want.items()}
+    assert_all(got == want and comm == 0 and (W == 1 or cm2.get_total_counts() == 2),
+               f"{got} vs {want}; collectives {comm}, {cm2.get_total_counts()}")
+
+
+def test_plans_are_listed_per_operator():
+    mesh = mesh_of("1d")
+    A = make(ints((8, 6), 1), mesh, [S0])
+    B = make(ints((8, 6), 2), mesh, [S1])
+    with CommDebugMode() as cm, record_plans() as plans:
+        C = A + B
+    ok = len(plans) == 1 and plans[0][0] == "add" and plans[0][2] == C.placements
+    if W > 1:
+        ok = ok and len(plans[0][1]) == 1 and cm.get_total_counts() == 1
+    assert_all(ok, f"{plans} {cm.get_comm_counts()}")
+
+
+def test_cheapest_redistribution_for_matmul():
+    """S(0) @ S(0): gathering B (k x n, small) is cheaper than gathering A: A stays S(0)."""
+    mesh = mesh_of("1d")
+    A = make(ints((64, 8), 1), mesh, [S0])
+    B = make(ints((8, 4), 2), mesh, [S0])
+    with record_plans() as plans:
+        C = A @ B
+    moved = plans[0][1]
+    ok = C.placements == (S0,) and (W == 1 or [m[0] for m in moved] == [1])
+    assert_all(ok, f"{C.placements} {plans}")
+
+
+# ------------------------------------------------------------------------------------------------
+# errors and printing
+# ------------------------------------------------------------------------------------------------
+def test_errors_are_clear_on_every_rank():
+    mesh = mesh_of("1d")
+    A = make(ints((4, 6), 1), mesh, [S0])
+    msgs = []
+    for fn, exc, words in [
+        (lambda: A[A > 0], IndexError, "boolean"),
+        (lambda: np.cumsum(A), TypeError, "local_map"),
+        (lambda: np.add.reduce(A), TypeError, "redistribute"),
+        (lambda: A + make(ints((5, 6), 1), mesh, [S0]), ValueError, "broadcast"),
+        (lambda: A @ A, ValueError, "contracted"),
+    ]:
+        try:
+            fn()
+            msgs.append("no exception")
+        except exc as e:
+            if words not in str(e):
+                msgs.append(str(e))
+    other = mpilocal.init_device_mesh(DEVICE, (W,))
+    if other is not mesh:
+        try:
+            A + make(ints((4, 6), 1), other, [S0])
+        except ValueError as e:
+            if "different meshes" not in str(e):
+                msgs.append(str(e))
+    assert_all(not msgs, f"{msgs}")
+
+
+def test_repr_does_not_communicate():
+    mesh = mesh_of("1d")
+    A = make(ints((5, 3), 1), mesh, [S0])
+    with CommDebugMode() as cm:
+        r = repr(A + 1)
+    assert_all(cm.get_total_counts() == 0 and "shape=(5, 3)" in r and "Shard(dim=0)" in r, r)
+
+
+def test_inplace_and_no_grad():
+    mesh = mesh_of("1d")
+    a = ints((5, 3), 1)
+    A = make(a, mesh, [S0])
+    A += 1
+    A *= make(a, mesh, [R])
+    probs = Problems()
+    probs.check("inplace", full(A), (a + 1) * a)
+    W_ = distribute_tensor(to_device(a.copy()), mesh, [S0], requires_grad=True)
+    (W_ * W_).sum().backward()
+    try:
+        W_ -= 0.1 * W_.grad
+        probs.append("in-place on a leaf that requires grad outside no_grad did not raise")
+    except RuntimeError:
+        pass
+    with no_grad():
+        W_ -= 0.1 * W_.grad
+    probs.check("sgd step", to_host(W_.detach().full_tensor()), a - 0.1 * 2 * a)
+    try:
+        B = make(a, mesh, [S0])
+        B += make(a, mesh, [P])  # the result is S0: fine
+        C = make(a, mesh, [R])
+        C += make(a, mesh, [S0])  # result S0, target R: clear error
+        probs.append("placement-changing in-place did not raise")
+    except RuntimeError as e:
+        if "in place needs the same" not in str(e):
+            probs.append(str(e))
+    probs.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# gradients against finite differences (on the full arrays, in NumPy)
+# ------------------------------------------------------------------------------------------------
+def numgrad(f, x, eps=1e-6):
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[i] += eps
+        xm[i] -= eps
+        g[i] = (f(xp) - f(xm)) / (2 * eps)
+    return g
+
+
+GRAD_CASES = [
+    ("x*y+x", lambda X, Y: (X * Y + X).sum(), lambda x, y: (x * y + x).sum()),
+    ("x@y.T", lambda X, Y: ((X @ Y.T) ** 2).mean(), lambda x, y: ((x @ y.T) ** 2).mean()),
+    ("exp/tanh", lambda X, Y: (np.exp(X * 0.1) + np.tanh(Y)).sum(axis=0).sum(),
+     lambda x, y: (np.exp(x * 0.1) + np.tanh(y)).sum()),
+    ("relu-mean", lambda X, Y: (X - Y).relu().mean(axis=1).sum(), lambda x, y: np.maximum(x - y, 0).mean(1).sum()),
+    ("slice", lambda X, Y: (X[1:4] * Y[1:4]).sum() + X[2].sum(), lambda x, y: (x[1:4] * y[1:4]).sum() + x[2].sum()),
+    ("reshape/T", lambda X, Y: (X.T.reshape(-1) * Y.T.reshape(-1)).sum(), lambda x, y: (x.T.ravel() * y.T.ravel()).sum()),
+    ("div", lambda X, Y: (X / (Y * Y + 1)).sum(), lambda x, y: (x / (y * y + 1)).sum()),
+    ("concat", lambda X, Y: (np.concatenate([X, Y], axis=1) ** 2).sum(), lambda x, y: (np.concatenate([x, y], 1) ** 2).sum()),
+]
+
+
+@pytest.mark.parametrize("kind", ["1d", "2x2"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_gradients_vs_finite_differences(kind, case):
+    mesh = mesh_of(kind)
+    name, f, ref = case
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
+    gx = numgrad(lambda t: ref(t, y), x)
+    gy = numgrad(lambda t: ref(x, t), y)
+    probs = Problems()
+    for px in combos(mesh, 2, partial=False):
+        for py in (px, (R,) * mesh.ndim):
+            X = distribute_tensor(to_device(x), mesh, px, requires_grad=True)
+            Y = distribute_tensor(to_device(y), mesh, py, requires_grad=True)
+            try:
+                out = f(X, Y)
+                out.backward()
+                for what, G, want in (("dx", X.grad, gx), ("dy", Y.grad, gy)):
+                    got = to_host(G.full_tensor())
+                    if not np.allclose(got, want, atol=1e-5):
+                        probs.append(f"{name} {what} {px} {py}: {got.ravel()[:4]} vs {want.ravel()[:4]}")
+                probs.check(f"{name} value {px}", np.asarray(to_host(out.detach().full_tensor())),
+                            np.asarray(ref(x, y)))
+            except Exception as e:  # noqa: BLE001
+                probs.append(f"{name} {px} {py}: {type(e).__name__}: {e}")
+    probs.done()
