@@ -53,8 +53,8 @@ def move_cost(src, dst, n: int, nbytes: float) -> float:
         return 0.0
     if dst.is_partial():
         return INF
-    if n == 1:
-        return 0.0
+    if n == 1:  # nothing moves, but the shard is copied: keep placements where nothing else differs
+        return 0.0 if src.is_replicate() else nbytes * 1e-6
     if src.is_partial():
         return nbytes * (n - 1) / n * (2 if dst.is_replicate() else 1)
     if src.is_replicate():
