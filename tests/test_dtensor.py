@@ -497,9 +497,15 @@ def test_pickle_raises_clearly():
 # operators raise until sharding propagation exists (issue 9 item 4)
 
 
-def test_operators_raise_type_error():
+def test_operators_raise_type_error(monkeypatch):
+    """Without registered operators (mpilocal.ops registers them; see tests/test_ops.py) every
+    operator raises a TypeError that says what to do."""
     import operator as op
 
+    from mpilocal import dtensor as _dtensor
+
+    monkeypatch.setattr(_dtensor, "_OPERATORS", {})
+    monkeypatch.setattr(_dtensor, "_METHODS", {})
     mesh = make_mesh("1d")
     A = checked(distribute_tensor, base_array((4, 3), seed=27), mesh, [S0])
     B = checked(distribute_tensor, base_array((4, 3), seed=27), mesh, [S0])
