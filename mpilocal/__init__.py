@@ -22,6 +22,8 @@ from .neighbors import stencil  # noqa: E402  (local_map with halos)
 from .ragged import ragged_from_local  # noqa: E402  (sizes agreed from the local arrays)
 
 from . import ops  # noqa: E402  (last: registers the operators on DTensors; a layer above dtensor)
+from .ops.random import empty, full, manual_seed, ones, rand, randn, zeros  # noqa: E402
+from . import optim  # noqa: E402  (SGD, Adam over DTensors)
 
 __version__ = "0.1.0"
 
@@ -39,4 +41,11 @@ __all__ = [
     "CommDebugMode",
     "stencil",
     "ragged_from_local",
+    "zeros",
+    "ones",
+    "full",
+    "empty",
+    "rand",
+    "randn",
+    "manual_seed",
 ]
