@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["is_array", "is_cupy", "namespace", "kind_name", "require_array", "short_repr"]
+__all__ = ["is_array", "is_cupy", "namespace", "kind_name", "require_array", "short_repr", "host_to_cupy"]
 
 
 def is_cupy(x) -> bool:
@@ -25,6 +25,23 @@ def namespace(x):
     if isinstance(x, np.ndarray):
         return np
     raise TypeError(f"expected a NumPy or CuPy array, got {type(x).__name__}")
+
+
+def host_to_cupy(a):
+    """Host array ``a`` (NumPy, or a NumPy scalar) copied to a CuPy array, bit for bit.
+
+    ``cupy.asarray`` fills a 0-d result with ``ndarray.fill(value)``, which memsets the array to zero
+    when ``value == 0``: -0.0 (and -0.0+0j) arrive as +0.0. A 0-d array therefore travels as one
+    element of a 1-d array (a plain memory copy) and is reshaped to 0-d on the device. CuPy holds
+    native byte order only: a non-native dtype is converted to the native one (same values)."""
+    import cupy
+
+    a = np.asarray(a)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    if a.ndim == 0:
+        return cupy.asarray(a.reshape(1)).reshape(())
+    return cupy.asarray(a)
 
 
 def kind_name(x) -> str:

@@ -66,9 +66,7 @@ def _on_device(x, mesh, caller):
         if _arrays.is_cupy(x):
             return x
         if isinstance(x, np.ndarray):
-            import cupy
-
-            return cupy.asarray(x)
+            return _arrays.host_to_cupy(x)  # (bit for bit: cupy.asarray turns a 0-d -0.0 into +0.0)
     raise TypeError(f"{caller}: expected a NumPy or CuPy array, got {type(x).__name__}")
 
 

@@ -125,6 +125,8 @@ xp = cupy if (DEVICE == "cuda" and cupy is not None) else np
 def to_device(a):
     """A NumPy array as an array of the test device's kind (CuPy under MPILOCAL_TEST_DEVICE=cuda)."""
     if DEVICE == "cuda" and cupy is not None and isinstance(a, np.ndarray):
+        if a.ndim == 0:  # cupy.asarray fills a 0-d array by value (memset when == 0: -0.0 would become +0.0)
+            return cupy.asarray(a.reshape(1)).reshape(())
         return cupy.asarray(a)
     return a
 

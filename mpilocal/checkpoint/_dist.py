@@ -21,6 +21,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import functional as funcol
+from .._arrays import host_to_cupy
 from ..dtensor import DTensor
 from ..layout import local_shape_and_offset, normalize_placements
 from ..placement import Partial, Replicate, Shard
@@ -590,7 +591,7 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
                 if isinstance(v, np.generic):
                     a = a[()]
                 elif _is_cupy(v):
-                    a = _cupy().asarray(a)
+                    a = host_to_cupy(a)  # (bit for bit: cupy.asarray turns a 0-d -0.0 into +0.0)
                 results.append((cont, idx, a))
     except BaseException as ex:  # noqa: BLE001 - agreed
         err = ex
@@ -617,6 +618,6 @@ def _load_dtensor(files, key, e, v: DTensor) -> DTensor:
         F.read_box(files, key, e, off, lshape, out=host)
     host = host.astype(v.dtype, copy=False)
     _fill_partial(host, pl, coord)
-    local = _cupy().asarray(host) if cuda else host
+    local = host_to_cupy(host) if cuda else host  # (cupy.asarray would turn a 0-d -0.0 into +0.0)
     out = DTensor.from_local(local, mesh, pl, shape=shape)
     return out.requires_grad_() if v.requires_grad and v.is_leaf else out

@@ -69,6 +69,15 @@ def save_placements(mesh_ndim):
             "z": [Replicate()]}
 
 
+def on_device(a, xp):
+    """Host array ``a`` as an array of kind ``xp``, bit for bit (cupy.asarray fills a 0-d array by value,
+    with a memset when it == 0, so a 0-d -0.0 would arrive as +0.0; a 1-element copy keeps the bits)."""
+    a = np.asarray(a)
+    if xp is np:
+        return a
+    return xp.asarray(a.reshape(1)).reshape(()) if a.ndim == 0 else xp.asarray(a)
+
+
 def _pieces(total, k, op):
     """k arrays whose reduction by op is exactly `total` (int sums wrap)."""
     if op == "max":
@@ -86,13 +95,13 @@ def make_dtensor(ref, mesh, pl, xp=np):
     coord = mesh.get_coordinate()
     part = [i for i, p in enumerate(pl) if p.is_partial()]
     if not part:
-        return distribute_tensor(xp.asarray(ref), mesh, pl, src_data_rank=None)
+        return distribute_tensor(on_device(ref, xp), mesh, pl, src_data_rank=None)
     shard_pl = [Replicate() if p.is_partial() else p for p in pl]
     k = int(np.prod([mesh.shape[i] for i in part]))
     idx = int(np.ravel_multi_index([coord[i] for i in part], [mesh.shape[i] for i in part]))
     piece = _pieces(ref, k, pl[part[0]].reduce_op)[idx]
     local = piece[local_slices(ref.shape, mesh.shape, shard_pl, coord)]
-    return DTensor.from_local(xp.asarray(np.ascontiguousarray(local)), mesh, pl, shape=ref.shape)
+    return DTensor.from_local(on_device(np.ascontiguousarray(local), xp), mesh, pl, shape=ref.shape)
 
 
 def nest(flat):
@@ -118,7 +127,7 @@ def saved_state(mesh, xp=np):
     arrays = device_arrays(xp)
     pls = save_placements(mesh.ndim)
     flat = {k: make_dtensor(a, mesh, pls[k], xp) for k, a in arrays.items()}
-    flat.update({k: (xp.asarray(v) if isinstance(v, np.ndarray) and xp is not np and v.dtype.isnative else v)
+    flat.update({k: (on_device(v, xp) if isinstance(v, np.ndarray) and xp is not np and v.dtype.isnative else v)
                  for k, v in plain.items()})
     flat.update(values)
     return nest(flat)
@@ -165,7 +174,7 @@ def template(mesh, variant, xp=np):
         coord = mesh.get_coordinate()
         lshape, _ = local_shape_and_offset(a.shape, mesh.shape, shard_pl, coord)
         zeros = np.zeros(lshape, a.dtype)
-        flat[k] = DTensor.from_local(xp.asarray(zeros), mesh, pl, shape=a.shape)
+        flat[k] = DTensor.from_local(on_device(zeros, xp), mesh, pl, shape=a.shape)
     for k, v in plain.items():
         flat[k] = np.zeros_like(v) if isinstance(v, np.ndarray) else type(v)(0)
     flat.update({k: 0 for k in values})

@@ -27,6 +27,19 @@ class ndarray(_np.ndarray):
     def set(self, a):
         self[...] = a
 
+    def __getitem__(self, key):
+        r = super().__getitem__(key)  # CuPy indexing gives 0-d arrays, never NumPy scalars
+        return r if isinstance(r, _np.ndarray) else _np.asarray(r).view(ndarray)
+
+    def fill(self, value):
+        # CuPy's fill memsets the array when value == 0 (so -0.0 fills +0.0)
+        if isinstance(value, _np.ndarray):
+            value = value.astype(self.dtype, copy=False).item()
+        if value == 0 and self.flags.c_contiguous:
+            _np.ndarray.fill(self.view(_np.ndarray).reshape(-1).view(_np.uint8), 0)
+        else:
+            _np.ndarray.fill(self, value)
+
     def get(self):
         return _np.array(self).view(_np.ndarray)
 
@@ -50,6 +63,28 @@ def _unwrap(x):
 
 def get_default_memory_pool():
     return cuda._Pool()
+
+
+def array(obj, dtype=None, copy=True, order="K", ndmin=0):
+    """Like cupy.array: native byte order only (CuPy converts other byte orders), and a 0-d result
+    is made with fill() (CuPy's _array_default), which turns -0.0 into +0.0."""
+    if isinstance(obj, ndarray):
+        a = _np.array(_unwrap(obj), dtype=dtype, copy=copy, order=order, ndmin=ndmin)
+        return a.view(ndarray)
+    a = _np.array(obj, dtype=dtype, order=order, ndmin=ndmin)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    if a.ndim == 0:
+        out = _np.empty((), a.dtype).view(ndarray)
+        out.fill(a)
+        return out
+    return _np.array(a, copy=True).view(ndarray)
+
+
+def asarray(a, dtype=None, order=None):
+    if isinstance(a, ndarray) and (dtype is None or _np.dtype(dtype) == a.dtype):
+        return a
+    return array(a, dtype=dtype, copy=False, order=order or "K")
 
 
 def asnumpy(x):
