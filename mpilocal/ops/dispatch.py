@@ -143,25 +143,51 @@ def _avg_nbytes(t):
     return n
 
 
-def _run(what, mesh, ops, strategies_of, compute, out_shape):
-    """Choose a strategy per mesh dim, redistribute, run ``compute(xp, *locals)``, wrap."""
+_PLANS: dict = {}  # (op, mesh shape, operand shapes/placements/itemsizes, extra) -> plan; rules are pure
+
+
+def _plan(mesh, ops, strategies_of, out_shape):
+    """(target placements per operand (None for scalars), output placements, output shape)."""
     nbytes = [_avg_nbytes(o) if type(o) is DTensor else 0 for o in ops]
     chosen = []
     for i, n in enumerate(mesh.shape):
         actual = tuple(o._placements[i] if type(o) is DTensor else None for o in ops)
         chosen.append(rules.choose(strategies_of(i, actual), actual, n, nbytes))
-    out_pl = tuple(c[1] for c in chosen)
+    targets = tuple(tuple(c[0][k] for c in chosen) if type(o) is DTensor else None for k, o in enumerate(ops))
+    return targets, tuple(c[1] for c in chosen), tuple(out_shape)
+
+
+def _key(what, mesh, ops, extra=()):
+    return (what, mesh.shape, extra) + tuple((o.shape, o._placements, o._local.dtype.itemsize) if type(o) is DTensor
+                                       else None for o in ops)
+
+
+def _cached_plan(key, mesh, ops, make):
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = make()
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _run(what, mesh, ops, strategies_of, compute, out_shape, plan=None):
+    """Choose a strategy per mesh dim, redistribute, run ``compute(xp, *locals)``, wrap."""
+    targets, out_pl, out_shape = plan if plan is not None else _plan(mesh, ops, strategies_of, out_shape)
     xp = _xp_of(ops)
     moved, args = [], []
     off = mesh._coordinate is None
     for k, o in enumerate(ops):
         if type(o) is DTensor:
-            tgt = tuple(c[0][k] for c in chosen)
+            tgt = targets[k]
             if tgt != o._placements and not off:
                 moved.append((k, o._placements, tgt))
                 o = o._redistribute(tgt)
             if off:  # off the mesh: a dummy of the right ndim and dtype gives the result's dtype
                 args.append(xp.ones((1,) * o.ndim, dtype=o._local.dtype))
+            elif o._ag is None:
+                args.append(o._local)
             else:
                 args.append(_local(o, out_pl))
         else:
@@ -199,20 +225,24 @@ def elementwise(name, *operands, **kwargs):
     what = f"{name}(...) on DTensors"
     mesh = _mesh_of(operands, what)
     ops = [_operand(o, mesh, what) for o in operands]
-    shapes = [tuple(o.shape) if type(o) is DTensor else None for o in ops]
-    try:
-        out_shape = np.broadcast_shapes(*[s if s is not None else () for s in shapes])
-    except ValueError:
-        raise ValueError(f"{name}: operands of global shapes {[s for s in shapes if s is not None]} do not "
-                         f"broadcast together (NumPy's rules)") from None
-    if all(s is None for s in shapes):
-        raise TypeError(f"{name}: no DTensor operand")
+
+    def make():
+        shapes = [tuple(o.shape) if type(o) is DTensor else None for o in ops]
+        try:
+            out_shape = np.broadcast_shapes(*[s if s is not None else () for s in shapes])
+        except ValueError:
+            raise ValueError(f"{name}: operands of global shapes {[s for s in shapes if s is not None]} do not "
+                             f"broadcast together (NumPy's rules)") from None
+        if all(s is None for s in shapes):
+            raise TypeError(f"{name}: no DTensor operand")
+        return _plan(mesh, ops, lambda i, actual: rules.elementwise(name, shapes, out_shape, actual), out_shape)
+
+    plan = _cached_plan(_key(name, mesh, ops), mesh, ops, make)
 
     def compute(xp, *args):
         return _fn(xp, name)(*args, **kwargs)
 
-    return _run(name, mesh, ops, lambda i, actual: rules.elementwise(name, shapes, out_shape, actual), compute,
-                out_shape)
+    return _run(name, mesh, ops, None, compute, None, plan)
 
 
 def where(cond, a, b):
@@ -254,15 +284,23 @@ def reduce(op, x, axis=None, keepdims=False, dtype=None):
     what = f"DTensor.{op}"
     if type(x) is not DTensor:
         raise TypeError(f"{what}: expected a DTensor, got {type(x).__name__}")
-    shape = tuple(x.shape)
+    if x._ag is not None and not engine.is_grad_enabled():
+        x = x.detach()
+    shape = x.shape
     nd = len(shape)
-    axes = _axes(axis, nd, what)
-    if op in ("max", "min") and any(shape[a] == 0 for a in axes):
-        raise ValueError(f"{what}: zero-size reduction (global shape {shape}, axis={axis!r}) has no identity, as in "
-                         f"NumPy")
-    out_shape = tuple(1 if d in axes else s for d, s in enumerate(shape) if keepdims or d not in axes)
-    count = math.prod(shape[a] for a in axes)
     mesh = x._mesh
+    key = _key(what, mesh, [x], (axis if not isinstance(axis, list) else tuple(axis), bool(keepdims)))
+    plan = _PLANS.get(key)
+    if plan is None:
+        axes = _axes(axis, nd, what)
+        if op in ("max", "min") and any(shape[a] == 0 for a in axes):
+            raise ValueError(f"{what}: zero-size reduction (global shape {shape}, axis={axis!r}) has no identity, as "
+                             f"in NumPy")
+        out_shape = tuple(1 if d in axes else s for d, s in enumerate(shape) if keepdims or d not in axes)
+        plan = _cached_plan(key, mesh, [x], lambda: _plan(
+            mesh, [x], lambda i, actual: rules.reduction(op, nd, axes, keepdims, actual[0]), out_shape))
+    axes = _axes(axis, nd, what) if axis is not None else tuple(range(nd))
+    count = math.prod(shape[a] for a in axes)
 
     def compute(xp, a):
         kw = {} if dtype is None else {"dtype": dtype}
@@ -288,8 +326,7 @@ def reduce(op, x, axis=None, keepdims=False, dtype=None):
         name = {"max": "max", "min": "min", "prod": "prod", "any": "any", "all": "all"}[op]
         return getattr(xp, name)(a, axis=axes, keepdims=keepdims, **kw)
 
-    return _run(what, mesh, [x], lambda i, actual: rules.reduction(op, nd, axes, keepdims, actual[0]), compute,
-                out_shape)
+    return _run(what, mesh, [x], None, compute, None, plan)
 
 
 # ------------------------------------------------------------------------------------------------
