@@ -67,6 +67,12 @@ def record(name: str, nbytes: int) -> None:
         mode._bytes[name] += nbytes
 
 
+def record_operator(op: str, moves: tuple, out) -> None:
+    """An operator's chosen redistributions (mpilocal.ops calls this while a mode is active)."""
+    for mode in _ACTIVE:
+        mode._plans.append((op, moves, out))
+
+
 def record_metadata(name: str, nbytes: int) -> None:
     for mode in _ACTIVE:
         mode._meta[name] += 1
@@ -90,12 +96,14 @@ class CommDebugMode:
         self._bytes = defaultdict(int)
         self._meta = defaultdict(int)
         self._meta_bytes = defaultdict(int)
+        self._plans = []
 
     def __enter__(self):
         self._counts.clear()
         self._bytes.clear()
         self._meta.clear()
         self._meta_bytes.clear()
+        self._plans.clear()
         _ACTIVE.append(self)
         return self
 
@@ -120,6 +128,11 @@ class CommDebugMode:
 
     def get_metadata_bytes(self) -> dict:
         return defaultdict(int, self._meta_bytes)
+
+    def get_operator_plans(self) -> list:
+        """Per operator on DTensors (mpilocal.ops) run inside: ``(op, moves, output placements)``,
+        ``moves`` a tuple of ``(operand index, from placements, to placements)`` (empty: none)."""
+        return list(self._plans)
 
     def __repr__(self):
         return f"CommDebugMode(comm={dict(self._counts)}, metadata={dict(self._meta)})"

@@ -288,6 +288,19 @@ def test_plans_are_listed_per_operator():
     assert_all(ok, f"{plans} {cm.get_comm_counts()}")
 
 
+def test_comm_debug_mode_lists_operator_plans():
+    mesh = mesh_of("1d")
+    A = make(ints((8, 6), 1), mesh, [S0])
+    B = make(ints((8, 6), 2), mesh, [S1])
+    with CommDebugMode() as cm:
+        C = A * B
+        D = C.sum(axis=0)
+    plans = cm.get_operator_plans()
+    ok = [p[0] for p in plans] == ["multiply", "DTensor.sum"] and plans[1][2] == D.placements
+    ok = ok and (W == 1 or (plans[0][1] == ((1, (S1,), (S0,)),) and cm.get_comm_counts()["all_to_all_single"] == 1))
+    assert_all(ok, f"{plans} {dict(cm.get_comm_counts())}")
+
+
 def test_cheapest_redistribution_for_matmul():
     """S(0) @ S(0): gathering B (k x n, small) is cheaper than gathering A: A stays S(0)."""
     mesh = mesh_of("1d")

@@ -19,7 +19,7 @@ import operator as _op
 
 import numpy as np
 
-from .. import _arrays
+from .. import _arrays, debug
 from ..autograd import dtensor_ops, engine
 from ..autograd.tracked import Tracked, namespace_for
 from ..dtensor import DTensor, _on_device
@@ -192,12 +192,19 @@ def _run(what, mesh, ops, strategies_of, compute, out_shape, plan=None):
                 args.append(_local(o, out_pl))
         else:
             args.append(o)
-    if _RECORDING[0]:
-        HISTORY.append((what, tuple(moved), out_pl))
+    if _RECORDING[0] or debug._ACTIVE:
+        _note(what, tuple(moved), out_pl)
     res = compute(_ns(args, xp), *args)
     if off:
         res = xp.empty((0,) * len(out_shape), dtype=(res.data if type(res) is Tracked else xp.asarray(res)).dtype)
     return _wrap(res, mesh, out_pl, out_shape)
+
+
+def _note(what, moves, out_pl):
+    if _RECORDING[0]:
+        HISTORY.append((what, moves, out_pl))
+    if debug._ACTIVE:
+        debug.record_operator(what, moves, out_pl)
 
 
 class record_plans:
@@ -290,17 +297,17 @@ def reduce(op, x, axis=None, keepdims=False, dtype=None):
     nd = len(shape)
     mesh = x._mesh
     key = _key(what, mesh, [x], (axis if not isinstance(axis, list) else tuple(axis), bool(keepdims)))
-    plan = _PLANS.get(key)
-    if plan is None:
+    cached = _PLANS.get(key)
+    if cached is None:
         axes = _axes(axis, nd, what)
         if op in ("max", "min") and any(shape[a] == 0 for a in axes):
             raise ValueError(f"{what}: zero-size reduction (global shape {shape}, axis={axis!r}) has no identity, as "
                              f"in NumPy")
         out_shape = tuple(1 if d in axes else s for d, s in enumerate(shape) if keepdims or d not in axes)
-        plan = _cached_plan(key, mesh, [x], lambda: _plan(
-            mesh, [x], lambda i, actual: rules.reduction(op, nd, axes, keepdims, actual[0]), out_shape))
-    axes = _axes(axis, nd, what) if axis is not None else tuple(range(nd))
-    count = math.prod(shape[a] for a in axes)
+        cached = _cached_plan(key, mesh, [x], lambda: (_plan(
+            mesh, [x], lambda i, actual: rules.reduction(op, nd, axes, keepdims, actual[0]), out_shape), axes,
+            math.prod(shape[a] for a in axes)))
+    plan, axes, count = cached
 
     def compute(xp, a):
         kw = {} if dtype is None else {"dtype": dtype}
@@ -338,6 +345,18 @@ def matmul(a, b):
     a, b = _operand(a, mesh, what), _operand(b, mesh, what)
     if _is_scalar(a) or _is_scalar(b):
         raise ValueError("matmul: an operand is a scalar (0-d); use * for scaling")
+    key = _key("matmul", mesh, [a, b])
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _cached_plan(key, mesh, [a, b], lambda: _matmul_plan(mesh, a, b))
+
+    def compute(xp, x, y):
+        return xp.matmul(x, y)
+
+    return _run("matmul", mesh, [a, b], None, compute, None, plan)
+
+
+def _matmul_plan(mesh, a, b):
     sa, sb = tuple(a.shape), tuple(b.shape)
     m, ka, kb, n, ob = rules.matmul_dims(len(sa), len(sb))
     if sa[ka] != sb[kb]:
@@ -348,11 +367,7 @@ def matmul(a, b):
     except ValueError:
         raise ValueError(f"matmul: batch dims of {sa} and {sb} do not broadcast") from None
     out_shape = tuple(batch) + ((sa[m],) if m is not None else ()) + ((sb[n],) if n is not None else ())
-
-    def compute(xp, x, y):
-        return xp.matmul(x, y)
-
-    return _run("matmul", mesh, [a, b], lambda i, actual: rules.matmul(sa, sb, actual), compute, out_shape)
+    return _plan(mesh, [a, b], lambda i, actual: rules.matmul(sa, sb, actual), out_shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,8 +447,8 @@ def reshape(x, *shape):
         else:
             target.append(p)
     if tuple(target) != x._placements:
-        if _RECORDING[0]:
-            HISTORY.append(("reshape", ((0, x._placements, tuple(target)),), tuple(target)))
+        if _RECORDING[0] or debug._ACTIVE:
+            _note("reshape", ((0, x._placements, tuple(target)),), tuple(target))
         x = x._redistribute(tuple(target))
     out_pl = tuple(Shard(_kept_dim(old, new, p.dim), p.sizes) if type(p) is Shard else p for p in target)
     xp = _arrays.namespace(x._local)
@@ -488,8 +503,8 @@ def concat(arrays, axis=0, _stack=False):
             o = o._redistribute(tgt)
         args.append(_local(o))
     out_pl = tuple(Shard(p.dim + 1) if _stack and type(p) is Shard and p.dim >= ax else p for p in tgt)
-    if _RECORDING[0]:
-        HISTORY.append((what, tuple(moved), out_pl))
+    if _RECORDING[0] or debug._ACTIVE:
+        _note(what, tuple(moved), out_pl)
     xp = _xp_of(ops)
     if mesh._coordinate is None:
         return DTensor(xp.empty((0,) * len(out_shape), dtype=np.result_type(*[o.dtype for o in ops])), mesh,
@@ -562,8 +577,8 @@ def getitem(x, idx):
             for m in mdims:
                 target[m] = R
     if tuple(target) != x._placements:
-        if _RECORDING[0]:
-            HISTORY.append(("getitem", ((0, x._placements, tuple(target)),), tuple(target)))
+        if _RECORDING[0] or debug._ACTIVE:
+            _note("getitem", ((0, x._placements, tuple(target)),), tuple(target))
         x = x._redistribute(tuple(target))
     pl = list(target)
     coord = mesh._coordinate
@@ -622,8 +637,8 @@ def getitem(x, idx):
         tgt = list(out._placements)
         for m in gather:
             tgt[m] = R
-        if _RECORDING[0]:
-            HISTORY.append(("getitem", ((0, out._placements, tuple(tgt)),), tuple(tgt)))
+        if _RECORDING[0] or debug._ACTIVE:
+            _note("getitem", ((0, out._placements, tuple(tgt)),), tuple(tgt))
         out = out._redistribute(tuple(tgt))
     ints = [j for j, (d, i) in enumerate(entries) if d is not None and isinstance(i, (int, np.integer))]
     if ints:
