@@ -433,3 +433,32 @@ def test_gradients_vs_finite_differences(kind, case):
             except Exception as e:  # noqa: BLE001
                 probs.append(f"{name} {px} {py}: {type(e).__name__}: {e}")
     probs.done()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_edge_values(kind):
+    """NaN and inf, overflowing narrow ints, 0-d results and empty arrays, against NumPy."""
+    mesh = mesh_of(kind)
+    probs = Problems()
+    f = np.array([[np.nan, 1.0, -np.inf], [np.inf, 2.0, 0.0], [3.0, -1.0, np.nan]])
+    i8 = np.array([[100, 120, -128], [127, 5, -100], [1, 2, 3]], dtype=np.int8)
+    e = np.zeros((0, 3))
+    with np.errstate(all="ignore"):
+        for pl in combos(mesh, 2, partial=False):
+            F, I, E = make(f, mesh, pl), make(i8, mesh, pl), make(e, mesh, pl)
+            try:
+                with np.errstate(all="ignore"):
+                    probs.check(f"nan+ {pl}", full(F + F * 2), f + f * 2)
+                    probs.check(f"nan sum {pl}", full(F.sum(axis=0)), f.sum(axis=0))
+                    probs.check(f"nan mean {pl}", full(F.mean()), f.mean())
+                    probs.check(f"inf/0 {pl}", full(F / make(np.zeros((3, 3)), mesh, pl)), f / np.zeros((3, 3)))
+                probs.check(f"int8 wrap {pl}", full(I + I), i8 + i8)
+                probs.check(f"int8 sum {pl}", full(I.sum(axis=1)), i8.sum(axis=1))
+                probs.check(f"int8 max {pl}", full(I.max(axis=0)), i8.max(axis=0))
+                probs.check(f"0-d {pl}", full(F[1, 1:].sum() * 2 + 1), f[1, 1:].sum() * 2 + 1)
+                probs.check(f"empty {pl}", full(E + 1), e + 1)
+                probs.check(f"empty sum {pl}", full(E.sum(axis=0)), e.sum(axis=0))
+                probs.check(f"empty T@ {pl}", full(E.T @ E), e.T @ e)
+            except Exception as ex:  # noqa: BLE001
+                probs.append(f"{pl}: {type(ex).__name__}: {ex}")
+    probs.done()
