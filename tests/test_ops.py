@@ -333,13 +333,13 @@ def test_errors_are_clear_on_every_rank():
         except exc as e:
             if words not in str(e):
                 msgs.append(str(e))
-    other = mpilocal.init_device_mesh(DEVICE, (W,))
-    if other is not mesh:
-        try:
-            A + make(ints((4, 6), 1), other, [S0])
-        except ValueError as e:
-            if "different meshes" not in str(e):
-                msgs.append(str(e))
+    other = make_mesh("1xN")  # another mesh (shape (1, W)) over the same ranks
+    try:
+        A + make(ints((4, 6), 1), other, [R, S0])
+        msgs.append("different meshes: no exception")
+    except ValueError as e:
+        if "different meshes" not in str(e):
+            msgs.append(str(e))
     assert_all(not msgs, f"{msgs}")
 
 
