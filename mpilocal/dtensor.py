@@ -660,6 +660,14 @@ class DTensor:
             _placements(grad_placements, self._mesh, self.ndim, "DTensor.full_tensor(grad_placements=...)")
         return r._local
 
+    def __bool__(self):
+        # NumPy raises for arrays of more than one element; a DTensor's elements live on several
+        # ranks, so `if A == B:` would need a collective: it raises instead of being always true
+        raise ValueError(
+            "The truth value of a DTensor is ambiguous (its elements live on several ranks): use "
+            "bool((A == B).all().full_tensor()) or compare A.full_tensor() with NumPy"
+        )
+
     def __repr__(self):
         local = tuple(self._local.shape)
         try:

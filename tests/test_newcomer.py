@@ -209,6 +209,17 @@ def test_comparing_dtensors_is_elementwise():
     assert_all(np.array_equal(to_host(A.full_tensor()), to_host(B.full_tensor())))
 
 
+def test_truth_value_of_a_dtensor_raises():
+    """`if A == B:` must not be silently true (a DTensor used to have no __bool__): it raises on
+    every rank, as NumPy does for arrays of more than one element, and says how to reduce."""
+    mesh = make_mesh("1d")
+    A = distribute_tensor(to_device(np.arange(6.0).reshape(3, 2)), mesh, [Shard(0)])
+    B = distribute_tensor(to_device(np.zeros((3, 2))), mesh, [Shard(0)])
+    every_rank_raises(ValueError, r"truth value of a DTensor is ambiguous.*full_tensor", lambda: bool(A == B),
+                      same_text=True)
+    every_rank_raises(ValueError, r"ambiguous", lambda: 1 if A else 0, same_text=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. outputs never alias inputs (except from_local/to_local, documented): replicas stay equal
 
