@@ -175,8 +175,9 @@ def test_halo_update_errors():
 
     with pytest.raises(NotImplementedError, match="not differentiable"):
         funcol.halo_update(tensor(np.ones((4, 2)), requires_grad=True), mesh, 0, 1)
-    with pytest.raises(ValueError, match="fewer than the halo"):  # interior of 1 row, width 2
-        funcol.halo_update(to_device(np.ones((5, 2))), mesh, 0, 2, 0.0)
+    if W > 1:  # at 1 rank a constant boundary needs no neighbour's rows: nothing is too narrow
+        with pytest.raises(ValueError, match="fewer than the halo"):  # interior of 1 row, width 2
+            funcol.halo_update(to_device(np.ones((5, 2))), mesh, 0, 2, 0.0)
 
 
 # ------------------------------------------------------------------------------------------------
