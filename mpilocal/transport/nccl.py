@@ -75,7 +75,15 @@ def nccl_comm(group):
         uid = group.comm.bcast(uid, root=0)
         c = n.NcclCommunicator(group.size, uid, group.rank)
         group.cache["nccl"] = c
+        _LIVE[id(c)] = c
     return c
+
+
+# Every NCCL communicator stays referenced here until _release_group destroys it at a point every rank
+# reaches in the same order. Otherwise a communicator whose Group was dropped (e.g. a stale entry
+# replaced when MPI reuses a freed communicator's handle) would be destroyed by CuPy's __dealloc__ at
+# whatever moment the garbage collector runs, a different moment on each rank.
+_LIVE: dict = {}
 
 
 def _stream():
@@ -100,6 +108,7 @@ def _release_group(g):
 
         cp.cuda.Device().synchronize()
         c.destroy()
+        _LIVE.pop(id(c), None)
 
 
 register_release_hook("30-nccl", _release_group)
