@@ -435,6 +435,105 @@ def test_gradients_vs_finite_differences(kind, case):
     probs.done()
 
 
+def _c(n):
+    return np.arange(1.0, n + 1.0)
+
+
+# (name, DTensor function, NumPy reference, input maker): max/min/prod/abs/sqrt (issue 12); inputs
+# without ties for max/min (random normals), with zeros for prod and abs (the finite difference of a
+# product is exact in each variable, and of |x| at 0 is 0: PyTorch's sign convention)
+UNARY_GRAD_CASES = [
+    ("max", lambda X: X.max() * 3.0, lambda x: x.max() * 3.0, None),
+    ("max0", lambda X: (X.max(axis=0) * _c(X.shape[1])).sum(), lambda x: (x.max(axis=0) * _c(x.shape[1])).sum(),
+     None),
+    ("max1k", lambda X: (X.max(axis=1, keepdims=True) * _c(X.shape[0])[:, None]).sum(),
+     lambda x: (x.max(axis=1, keepdims=True) * _c(x.shape[0])[:, None]).sum(), None),
+    ("min", lambda X: X.min() * 2.0, lambda x: x.min() * 2.0, None),
+    ("amin1", lambda X: (np.amin(X, axis=1) * _c(X.shape[0])).sum(), lambda x: (x.min(axis=1) * _c(x.shape[0])).sum(),
+     None),
+    ("min0k", lambda X: (X.min(dim=0, keepdim=True) ** 2).sum(), lambda x: (x.min(axis=0, keepdims=True) ** 2).sum(),
+     None),
+    ("prod", lambda X: X.prod(), lambda x: x.prod(), "near1"),
+    ("prod0", lambda X: (X.prod(axis=0) * _c(X.shape[1])).sum(), lambda x: (x.prod(axis=0) * _c(x.shape[1])).sum(),
+     "near1"),
+    ("prod1-zeros", lambda X: (X.prod(axis=1) * _c(X.shape[0])).sum(),
+     lambda x: (x.prod(axis=1) * _c(x.shape[0])).sum(), "zeros"),
+    ("prod-onezero", lambda X: X.prod() * 2.0, lambda x: x.prod() * 2.0, "onezero"),
+    ("prod0-zeros", lambda X: (np.prod(X, axis=0) * _c(X.shape[1])).sum(),
+     lambda x: (x.prod(axis=0) * _c(x.shape[1])).sum(), "zeros"),
+    ("abs", lambda X: (abs(X) * _c(X.shape[1])).sum(), lambda x: (np.abs(x) * _c(x.shape[1])).sum(), "zeros"),
+    ("np.abs", lambda X: (np.abs(X) ** 2 + X.abs()).sum(), lambda x: (np.abs(x) ** 2 + np.abs(x)).sum(), "zeros"),
+    ("sqrt", lambda X: (np.sqrt(X * X + 0.5) * _c(X.shape[1])).sum(),
+     lambda x: (np.sqrt(x * x + 0.5) * _c(x.shape[1])).sum(), None),
+    ("sqrt-method", lambda X: (X * X + 1.0).sqrt().max(axis=0).sum(), lambda x: np.sqrt(x * x + 1.0).max(axis=0).sum(),
+     None),
+]
+
+
+def _grad_input(shape, kind, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    if kind == "near1":  # products of O(1)
+        x = np.sign(x) * (0.8 + 0.4 * rng.random(shape))
+    elif kind == "zeros":  # one zero in the first reduced group, two in another, one in the whole array's
+        x = np.sign(x) * (0.8 + 0.4 * rng.random(shape))
+        x[1, 1] = 0.0
+        x[0, 2 % shape[1]] = 0.0
+        x[3, 2 % shape[1]] = 0.0
+    elif kind == "onezero":
+        x = np.sign(x) * (0.8 + 0.4 * rng.random(shape))
+        x[2, 1] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(4, 6), (5, 3)], ids=["even", "uneven"])
+@pytest.mark.parametrize("case", UNARY_GRAD_CASES, ids=[c[0] for c in UNARY_GRAD_CASES])
+def test_reduction_unary_gradients_vs_finite_differences(kind, shape, case):
+    """max/min/prod/abs/sqrt (issue 12) over sharded (Partial('max'/'min'/'product') results, reduced
+    afterwards) and replicated inputs, even and uneven (empty shards at 4 ranks): the gradient
+    against central differences of the NumPy reference, with the input's placements."""
+    mesh = mesh_of(kind)
+    name, f, ref, inp = case
+    x = _grad_input(shape, inp, 7)
+    want = numgrad(ref, x)
+    probs = Problems()
+    for px in combos(mesh, 2, partial=False):
+        X = distribute_tensor(to_device(x), mesh, px, requires_grad=True)
+        try:
+            out = f(X)
+            out.backward()
+            got = to_host(X.grad.full_tensor())
+            if not np.allclose(got, want, atol=1e-5):
+                probs.append(f"{name} {px}: {got.ravel()[:6]} vs {want.ravel()[:6]}")
+            if tuple(X.grad.placements) != tuple(px):
+                probs.append(f"{name} {px}: gradient placements {X.grad.placements}")
+            probs.check(f"{name} value {px}", np.asarray(to_host(out.detach().full_tensor())), np.asarray(ref(x)))
+        except Exception as e:  # noqa: BLE001
+            probs.append(f"{name} {px}: {type(e).__name__}: {e}")
+    probs.done()
+
+
+@pytest.mark.parametrize("kind", ["1d", "2x2"])
+def test_max_min_gradient_ties_split_evenly(kind):
+    """Ties (PyTorch's amax/amin convention): the gradient is split evenly among the elements equal
+    to the result, counted over the whole reduced dim even when it is sharded."""
+    mesh = mesh_of(kind)
+    x = np.array([[1.0, 5.0, 2.0, 5.0], [5.0, 0.0, 5.0, -1.0], [2.0, 2.0, -3.0, 2.0], [0.0, 4.0, -3.0, 1.0]])
+    want_max = (x == x.max()) / (x == x.max()).sum()
+    want_min0 = (x == x.min(axis=0)) / (x == x.min(axis=0)).sum(axis=0)
+    probs = Problems()
+    for px in combos(mesh, 2, partial=False):
+        for what, f, want in (("max", lambda X: X.max(), want_max), ("min0", lambda X: X.min(axis=0).sum(), want_min0)):
+            X = distribute_tensor(to_device(x), mesh, px, requires_grad=True)
+            try:
+                f(X).backward()
+                probs.check(f"{what} {px}", to_host(X.grad.full_tensor()), want)
+            except Exception as e:  # noqa: BLE001
+                probs.append(f"{what} {px}: {type(e).__name__}: {e}")
+    probs.done()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_edge_values(kind):
     """NaN and inf, overflowing narrow ints, 0-d results and empty arrays, against NumPy."""

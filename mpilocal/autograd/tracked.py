@@ -228,6 +228,99 @@ def sum(a, axis=None, dtype=None, keepdims=False):  # noqa: A001
     return _record("Sum", out, (a,), bw)
 
 
+def _restore_shape(shape, axes, ndim):
+    it = iter(shape)
+    return tuple(1 if d in axes else next(it) for d in range(ndim))
+
+
+def _identity_of(op, dtype):
+    dt = np.dtype(dtype)
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        return info.min if op == "max" else info.max
+    if dt.kind == "b":
+        return op == "min"
+    return -np.inf if op == "max" else np.inf
+
+
+def _extreme(op, a, axis=None, keepdims=False, global_value=None, global_sum=None):
+    """max/min. The gradient is split evenly among the elements equal to the result (ties share it,
+    as PyTorch's amax/amin do). ``global_value(out)`` / ``global_sum(count)`` (the ops layer gives
+    them when the forward reduced over a sharded dim: collectives, run in backward on every rank)
+    turn this shard's result into the global one and this shard's tie count into the global count."""
+    ra = _raw(a)
+    xp = _xp(ra)
+    ndim = ra.ndim
+    axes = _norm_axes(axis, ndim)
+    if any(ra.shape[d] == 0 for d in axes):  # an empty shard: the identity (only inside a sharded reduction)
+        oshape = tuple(1 if d in axes else s for d, s in enumerate(ra.shape) if keepdims or d not in axes)
+        out = xp.full(oshape, _identity_of(op, ra.dtype), dtype=ra.dtype)
+    else:
+        out = getattr(xp, op)(ra, axis=axes, keepdims=keepdims)
+
+    def bw(g, n):
+        full = out if global_value is None else global_value(out)
+        full = xp.asarray(full).reshape(_restore_shape(xp.asarray(full).shape, axes, ndim)) if not keepdims else full
+        mask = ra == full
+        cnt = mask.sum(axis=axes, keepdims=True).astype(g.dtype)
+        if global_sum is not None:
+            c = cnt if keepdims else cnt.reshape(tuple(s for d, s in enumerate(cnt.shape) if d not in axes))
+            c = xp.asarray(global_sum(c))
+            cnt = c if keepdims else c.reshape(_restore_shape(c.shape, axes, ndim))
+        ge = g if keepdims else g.reshape(_restore_shape(g.shape, axes, ndim))
+        return (xp.where(mask, ge / xp.where(cnt == 0, 1, cnt), 0).astype(g.dtype),)
+
+    return _record("Max" if op == "max" else "Min", out, (a,), bw)
+
+
+def max(a, axis=None, keepdims=False, **kw):  # noqa: A001 - the array API's name
+    return _extreme("max", a, axis, keepdims, **kw)
+
+
+def min(a, axis=None, keepdims=False, **kw):  # noqa: A001
+    return _extreme("min", a, axis, keepdims, **kw)
+
+
+def prod(a, axis=None, dtype=None, keepdims=False, global_product=None, global_sum=None):
+    """The gradient of x_i is the product of the other elements: prod/x_i without zeros; with one
+    zero, the product of the others at the zero and 0 elsewhere; with more zeros, 0 everywhere.
+    ``global_product`` / ``global_sum`` (from the ops layer, for a reduction over a sharded dim)
+    turn this shard's product of its nonzero elements and its zero count into the global ones."""
+    ra = _raw(a)
+    xp = _xp(ra)
+    ndim = ra.ndim
+    axes = _norm_axes(axis, ndim)
+    out = xp.prod(ra, axis=axes, dtype=dtype, keepdims=keepdims)
+
+    def bw(g, n):
+        zero = ra == 0
+        nz = xp.where(zero, 1, ra)
+        pnz = xp.asarray(xp.prod(nz, axis=axes, keepdims=keepdims))
+        zc = xp.asarray(zero.sum(axis=axes, keepdims=keepdims))
+        if global_product is not None:
+            pnz, zc = xp.asarray(global_product(pnz)), xp.asarray(global_sum(zc))
+        if not keepdims:
+            pnz = pnz.reshape(_restore_shape(pnz.shape, axes, ndim))
+            zc = zc.reshape(_restore_shape(zc.shape, axes, ndim))
+        ge = g if keepdims else g.reshape(_restore_shape(g.shape, axes, ndim))
+        gi = xp.where(zero, pnz * (zc == 1), (pnz / nz) * (zc == 0))
+        return ((ge * gi).astype(g.dtype),)
+
+    return _record("Prod", out, (a,), bw)
+
+
+def abs(a):  # noqa: A001
+    ra = _raw(a)
+    xp = _xp(ra)
+    return _record("Abs", xp.abs(ra), (a,), lambda g, n: (g * xp.sign(ra),))  # 0 at 0, as PyTorch
+
+
+def sqrt(a):
+    ra = _raw(a)
+    out = _xp(ra).sqrt(ra)
+    return _record("Sqrt", out, (a,), lambda g, n: (g * 0.5 / out,))
+
+
 def mean(a, axis=None, dtype=None, keepdims=False):
     ra = _raw(a)
     count = 1
@@ -590,17 +683,18 @@ _FUNCS = {"matmul": matmul, "exp": exp, "log": log, "tanh": tanh, "maximum": max
           "mean": mean, "concat": concat, "concatenate": concat, "stack": stack, "add": add, "subtract": subtract,
           "multiply": multiply, "divide": divide, "negative": negative, "pow": pow, "reshape": reshape,
           "permute_dims": permute_dims, "transpose": permute_dims, "matrix_transpose": matrix_transpose,
-          "astype": astype}
+          "astype": astype, "max": max, "min": min, "prod": prod, "abs": abs, "sqrt": sqrt}
 SUPPORTED = tuple(_FUNCS)
 _INPLACE = {"+=": add, "-=": subtract, "*=": multiply, "/=": divide, "**=": pow, "@=": matmul}
 _COMPARE = {"less", "less_equal", "greater", "greater_equal", "equal", "not_equal", "isnan", "isfinite",
             "isinf", "sign", "logical_not", "logical_and", "logical_or"}
 # NumPy's protocols: ufuncs and array functions by NumPy's names (aliases of the table's entries)
 _UFUNCS = {n: _FUNCS[n] for n in ("add", "subtract", "multiply", "divide", "negative", "matmul", "exp", "log",
-                                  "tanh", "maximum")}
-_UFUNCS.update({"true_divide": divide, "power": pow, "positive": lambda a: a})
+                                  "tanh", "maximum", "sqrt")}
+_UFUNCS.update({"absolute": abs, "true_divide": divide, "power": pow, "positive": lambda a: a})
 _FUNCTIONS = {n: _FUNCS[n] for n in ("sum", "mean", "where", "concatenate", "stack", "reshape", "transpose",
-                                     "permute_dims", "matrix_transpose")}
+                                     "permute_dims", "matrix_transpose", "max", "min", "prod")}
+_FUNCTIONS.update({"amax": max, "amin": min})
 _FUNCTIONS.update({"shape": lambda a: a.shape, "ndim": lambda a: a.ndim,
                    "size": lambda a, axis=None: a.size if axis is None else a.shape[axis]})
 

@@ -321,6 +321,8 @@ def reduce(op, x, axis=None, keepdims=False, dtype=None):
                 s = s.astype(np.float64)
             return s / count if count else s * np.nan
         raw = a.data if type(a) is Tracked else a
+        if type(a) is Tracked and op in ("max", "min", "prod"):
+            return _tracked_reduction(op, mesh, plan, a, axes, keepdims, dtype)
         if any(raw.shape[d] == 0 for d in axes):  # an empty local shard: the op's identity
             if type(a) is Tracked:
                 raise NotImplementedError(f"{what} of an empty shard is not differentiable")
@@ -334,6 +336,34 @@ def reduce(op, x, axis=None, keepdims=False, dtype=None):
         return getattr(xp, name)(a, axis=axes, keepdims=keepdims, **kw)
 
     return _run(what, mesh, [x], None, compute, None, plan)
+
+
+def _tracked_reduction(op, mesh, plan, a, axes, keepdims, dtype):
+    """max/min/prod of a Tracked shard. Where the result is Partial (the reduction ran over a
+    sharded dim), the backward needs the global result, not this shard's: the hooks below reduce
+    this shard's value (and tie / zero counts) over the Partial mesh dims (collectives in backward,
+    issued by every rank of the mesh, whose graphs are the same), keeping the other placements."""
+    from ..autograd import tracked as T
+    _, out_pl, out_shape = plan
+    kw = {}
+    if any(p.is_partial() for p in out_pl):
+        tgt = tuple(R if p.is_partial() else p for p in out_pl)
+
+        def over(pl_of):
+            def f(v):
+                xp = _arrays.namespace(v) if _arrays.is_array(v) else np
+                v = xp.asarray(v)
+                pl = tuple(pl_of if p.is_partial() else p for p in out_pl)
+                return DTensor(v, mesh, pl, out_shape)._redistribute(tgt)._local
+            return f
+
+        if op == "prod":
+            kw = {"global_product": over(Partial("product")), "global_sum": over(Partial("sum"))}
+        else:
+            kw = {"global_value": over(Partial(op)), "global_sum": over(Partial("sum"))}
+    if op == "prod":
+        return T.prod(a, axis=axes, dtype=dtype, keepdims=keepdims, **kw)
+    return T._extreme(op, a, axes, keepdims, **kw)
 
 
 # ------------------------------------------------------------------------------------------------
