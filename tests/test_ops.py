@@ -453,6 +453,8 @@ UNARY_GRAD_CASES = [
      None),
     ("min0k", lambda X: (X.min(dim=0, keepdim=True) ** 2).sum(), lambda x: (x.min(axis=0, keepdims=True) ** 2).sum(),
      None),
+    ("max-of-min", lambda X: X.min(axis=0).max() + X.max(axis=1).min(), lambda x: x.min(axis=0).max() + x.max(1).min(),
+     None),
     ("prod", lambda X: X.prod(), lambda x: x.prod(), "near1"),
     ("prod0", lambda X: (X.prod(axis=0) * _c(X.shape[1])).sum(), lambda x: (x.prod(axis=0) * _c(x.shape[1])).sum(),
      "near1"),
