@@ -211,6 +211,7 @@ def halo_update(padded, group, tensor_dim, width, boundary="periodic"):
         raise NotImplementedError(f"{caller}: writes into its argument, so it is not differentiable; use "
                                   f"halo_exchange (a new padded array) on arrays that require grad")
     g = resolve_group(group, caller)
+    d = w = bnd = None
     try:  # rank-local checks; the verdict (and shapes/parameters) are agreed so every rank raises
         _arrays.require_array(padded, caller)
         if padded.ndim == 0:
@@ -225,10 +226,7 @@ def halo_update(padded, group, tensor_dim, width, boundary="periodic"):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    meta = None if err else functional._meta_with(padded, caller, tensor_dim=d, width=w, boundary=repr(bnd))
-    rows = failure.agree(g, caller, err, meta)
-    functional._check_params(rows, caller, tensor_dim=d, width=w, boundary=bnd)
-    functional._check_same(rows, caller, skip_dim=d)
+    rows = _agree_args(padded, g, caller, err, d, w, bnd)
     if rows is not None:  # every rank's interior size, from its padded size and position
         sizes = []
         for r in range(g.size):
@@ -358,10 +356,21 @@ def halo_exchange(x, mesh_dim, tensor_dim, width, boundary="periodic"):
     return out
 
 
+def _agree_args(x, g, caller, err, d, w, bnd):
+    """Agree on the verdict of this rank's argument checks (``err``) and on the shapes and halo
+    parameters over ``g``: every rank raises the same error, or gets every rank's metadata row."""
+    meta = None if err else functional._meta_with(x, caller, tensor_dim=d, width=w, boundary=repr(bnd))
+    rows = failure.agree(g, caller, err, meta)
+    functional._check_params(rows, caller, tensor_dim=d, width=w, boundary=bnd)
+    functional._check_same(rows, caller, skip_dim=d)
+    return rows
+
+
 def _halo_local(x, group, tensor_dim, width, boundary, caller):
     """One tensor dim of a local array: local checks, agreed over the group, then the exchange."""
     g = resolve_group(group, caller)
     data = x.data if type(x) is Tracked else x
+    d = w = bnd = None
     try:  # rank-local checks; the verdict (and shapes/dtypes/parameters) are agreed so every rank raises
         _arrays.require_array(data, caller)
         if data.ndim == 0:
@@ -372,10 +381,7 @@ def _halo_local(x, group, tensor_dim, width, boundary, caller):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    meta = None if err else functional._meta_with(data, caller, tensor_dim=d, width=w, boundary=repr(bnd))
-    rows = failure.agree(g, caller, err, meta)
-    functional._check_params(rows, caller, tensor_dim=d, width=w, boundary=bnd)
-    functional._check_same(rows, caller, skip_dim=d)
+    rows = _agree_args(data, g, caller, err, d, w, bnd)
     sizes = [int(r[2 + d]) for r in rows] if rows is not None else (None if g.size > 1 else [data.shape[d]])
     _check_rows(sizes, w, g.size, bnd == "periodic", d, caller)
     return _halo_any(x, d, g, w, bnd)
