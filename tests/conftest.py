@@ -9,8 +9,11 @@ import pytest
 from mpi4py import MPI
 
 
-def world_size() -> int:
-    return MPI.COMM_WORLD.Get_size()
+WORLD = MPI.COMM_WORLD
+RANK = WORLD.Get_rank()
+W = WORLD.Get_size()  # the world size: the number of ranks this test run has
+
+rank0_only = pytest.mark.skipif(RANK != 0, reason="needs no MPI and gives the same answer on every rank: world rank 0 checks")
 
 
 def assert_all(ok, msg: str = "", comm=None) -> None:
