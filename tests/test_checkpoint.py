@@ -502,6 +502,68 @@ def test_read_array_without_mpi_and_ls(ckdir):
     assert p.returncode == 2 and "does not exist" in p.stderr, (p.returncode, p.stderr)
 
 
+IMPORT_NO_MPI = r"""
+import sys
+sys.modules["mpi4py"] = None          # any import of mpi4py now fails
+import mpilocal.checkpoint as c
+a = c.read_array(sys.argv[1], "model.w")
+print(a.dtype.str, a.shape, a.tobytes().hex())
+from mpilocal import checkpoint       # the from-import form as well
+print(sorted(k for k in sys.modules if k.startswith("mpi4py") and sys.modules[k] is not None))
+print("DTensor" in dir(__import__("mpilocal")), sorted(__import__("mpilocal").__all__) == sorted(set(__import__("mpilocal").__all__)))
+"""
+
+CLI_NO_MPI = r"""
+import runpy, sys
+sys.modules["mpi4py"] = None
+sys.argv = ["mpilocal.checkpoint", "ls", sys.argv[1]]
+runpy.run_module("mpilocal.checkpoint", run_name="__main__", alter_sys=True)
+"""
+
+# the library still starts on any other import path: failure handling installed, operators and autograd registered
+STARTS = r"""
+import sys
+how = sys.argv[1]
+if how == "submodule":
+    import mpilocal.functional
+elif how == "from":
+    from mpilocal import DTensor
+elif how == "attr":
+    import mpilocal
+    mpilocal.Shard
+elif how == "star":
+    from mpilocal import *
+elif how == "save":
+    import mpilocal.checkpoint as c
+    c.save
+import importlib, mpilocal, mpilocal.dtensor as d
+f = importlib.import_module("mpilocal." + mpilocal._INSTALL_MODULE)  # the module with install()
+print(f._INSTALLED, sys.excepthook is f._excepthook, "mpilocal.ops" in sys.modules, "mpilocal.autograd" in sys.modules,
+      "mpilocal.optim" in sys.modules, mpilocal.DTensor is d.DTensor, callable(mpilocal.zeros),
+      type(mpilocal.functional).__name__, mpilocal.functional.__loader__.__class__.__name__)
+"""
+
+
+@pytest.mark.skipif(N != 1, reason="runs subprocesses; 1-rank pass only")
+def test_import_mpilocal_checkpoint_reads_without_mpi4py(ckdir):
+    mesh = init_device_mesh("cpu", (1,))
+    dcp.save(cj.saved_state(mesh), checkpoint_id=ckdir / "ck")
+    p = subprocess.run([sys.executable, "-c", IMPORT_NO_MPI, str(ckdir / "ck")], capture_output=True, text=True,
+                       timeout=60, env=_clean_env(), cwd=str(ROOT))
+    assert p.returncode == 0, p.stderr
+    w = cj.reference()[0]["model.w"]
+    assert p.stdout.splitlines() == [f"<f8 (7, 5) {w.tobytes().hex()}", "[]", "True True"], p.stdout
+    p = subprocess.run([sys.executable, "-c", CLI_NO_MPI, str(ckdir / "ck")], capture_output=True, text=True,
+                       timeout=60, env=_clean_env(), cwd=str(ROOT))
+    assert p.returncode == 0, p.stderr
+    assert any(line.startswith("opt.m ") and ">f8" in line for line in p.stdout.splitlines()), p.stdout
+    for how in ("submodule", "from", "attr", "star", "save"):
+        p = subprocess.run([sys.executable, "-c", STARTS, how], capture_output=True, text=True, timeout=120,
+                           env=_clean_env(MPILOCAL_ABORT_ON_ERROR="1"), cwd=str(ROOT))
+        assert p.returncode == 0, (how, p.stderr)
+        assert p.stdout.split() == ["True"] * 7 + ["module", "SourceFileLoader"], (how, p.stdout)
+
+
 # -- mpiexec jobs: across rank counts, and kill -9 in the middle of a save ----------------------------------------
 def _mpiexec():
     exe = Path(sys.executable).with_name("mpiexec")
