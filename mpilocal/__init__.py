@@ -52,9 +52,9 @@ __all__ = [
     "manual_seed",
 ]
 
-# The failure handling (abort on uncaught errors, deadlines; see failure.py): installed first, so its
+# The failure handling (abort on uncaught errors, deadlines; see deadline.py): installed first, so its
 # exit handler is registered before any other mpilocal one and runs last (atexit is LIFO).
-_INSTALL_MODULE = "failure"
+_INSTALL_MODULE = "deadline"
 
 # (module, names) imported by the bootstrap, in this order; (module, None) imports the module itself
 # (its registrations: autograd with DTensor, ops' operators on DTensors, last).

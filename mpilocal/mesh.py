@@ -25,11 +25,13 @@ import weakref
 import numpy as np
 from mpi4py import MPI
 
+from . import deadline
+
 __all__ = ["DeviceMesh", "init_device_mesh", "current_mesh", "release_unused"]
 
 _DEVICE_TYPES = ("cpu", "cuda")
 
-# Mirror of every live communicator, for failure.describe_group (names the mesh in deadline reports):
+# Mirror of every live communicator, for _describe (names the mesh in deadline reports):
 #   (ranks bytes, shape)            -> [dim comms] of a root mesh
 #   (ranks bytes, shape, "all")     -> the communicator over all of a root mesh
 #   (root bytes, root shape, dims, serial)            -> a sub-mesh's communicator over several dims
@@ -297,9 +299,7 @@ class DeviceMesh:
         if comm is None:
             ranks = self.mesh.ravel().tolist()
             group = _world().Get_group().Incl(ranks)
-            from .failure import in_flight
-
-            with in_flight(f"creating the communicator of {self!r} (MPI_Comm_create_group)", members=ranks):  # deadline
+            with deadline.in_flight(f"creating the communicator of {self!r} (MPI_Comm_create_group)", members=ranks):  # deadline
                 comm = _world().Create_group(group, tag=7)
             group.Free()
             rec.extra[key] = _COMM_CACHE[key] = comm
@@ -315,9 +315,7 @@ class DeviceMesh:
             comm = rec.extra.get(key)
             if comm is None:
                 base = self.get_comm()
-                from .failure import in_flight
-
-                with in_flight(f"creating the metadata communicator of {self!r} (MPI_Comm_dup)",
+                with deadline.in_flight(f"creating the metadata communicator of {self!r} (MPI_Comm_dup)",
                                members=base):  # deadline
                     comm = base.Dup()
                 rec.extra[key] = _COMM_CACHE[key] = comm
@@ -414,9 +412,7 @@ class DeviceMesh:
             comm = rec.base if rec.base is not None else rec.dims[0]
             h = np.array([rec.handles, -rec.handles], dtype=np.int64)
             out = np.empty_like(h)
-            from .failure import in_flight
-
-            with in_flight(f"DeviceMesh.close of {self!r} (MPI_Allreduce of open handles)", members=comm):  # deadline
+            with deadline.in_flight(f"DeviceMesh.close of {self!r} (MPI_Allreduce of open handles)", members=comm):  # deadline
                 comm.Allreduce(h, out, op=MPI.MIN)
             if out[0] != 0 or out[1] != 0:  # some rank still holds a handle (or they differ): keep all
                 return
@@ -490,12 +486,12 @@ def release_unused() -> int:
     communicators this rank freed."""
     world = _world()
     if not _AGREE_COMM:
-        _AGREE_COMM.append(world.Dup())
+        with deadline.in_flight("creating the communicator of release_unused (MPI_Comm_dup of MPI.COMM_WORLD)",
+                                members=world):  # deadline
+            _AGREE_COMM.append(world.Dup())
     comm = _AGREE_COMM[0]
     mine = sorted(k for k, rec in _RECORDS.items() if rec.handles == 0)
-    from .failure import in_flight
-
-    with in_flight("agreeing on unused meshes (release_unused: MPI_Allgather over MPI.COMM_WORLD)"):  # deadline
+    with deadline.in_flight("agreeing on unused meshes (release_unused: MPI_Allgather over MPI.COMM_WORLD)"):  # deadline
         lists = comm.allgather(mine)
     reported: dict = {}
     for r, keys in enumerate(lists):
@@ -598,9 +594,7 @@ def _dim_comms(arr: np.ndarray, coordinate) -> _Comms:
         return rec
     ranks = arr.ravel().tolist()
     world = _world()
-    from .failure import in_flight
-
-    with in_flight(f"creating the communicators of a mesh over world ranks {ranks} (MPI_Comm_create_group, "
+    with deadline.in_flight(f"creating the communicators of a mesh over world ranks {ranks} (MPI_Comm_create_group, "
                    f"MPI_Comm_split)", members=ranks):  # deadline
         if arr.size == world.Get_size() and ranks == list(range(world.Get_size())):
             base = world.Dup()
@@ -621,6 +615,27 @@ def _dim_comms(arr: np.ndarray, coordinate) -> _Comms:
     _COMM_CACHE[key] = comms
     _COMM_CACHE[key + ("all",)] = base
     return rec
+
+
+def _describe(comm):
+    """What ``comm`` is to the meshes (a mesh dim, all of a mesh, a metadata communicator), for the
+    deadline reports (:func:`mpilocal.deadline.describe_group`); None for a communicator of no mesh."""
+    for key, val in list(_COMM_CACHE.items()):
+        if isinstance(val, list):
+            for d, c in enumerate(val):
+                if c is comm or c == comm:
+                    arr = np.frombuffer(key[0], dtype=np.int64).reshape(key[1])
+                    return f"mesh dim {d} of mesh {arr.tolist()}"
+        elif val is comm or val == comm:
+            if key[0] == "meta":
+                arr = np.frombuffer(key[1], dtype=np.int64).reshape(key[2])
+                return f"metadata communicator of mesh {arr.tolist()}"
+            arr = np.frombuffer(key[0], dtype=np.int64).reshape(key[1])
+            return f"all of mesh {arr.tolist()}"
+    return None
+
+
+deadline.register_describer(_describe)
 
 
 def init_device_mesh(device_type: str, mesh_shape, *, mesh_dim_names=None) -> DeviceMesh:

@@ -2,7 +2,7 @@
 
 Runs a program the way ``python`` would (``runpy``; ``sys.argv`` and ``sys.path[0]`` as usual). Plain
 ``mpiexec -n N python script.py`` that imports mpilocal is handled as well (``import mpilocal``
-installs the exception hook, the leave notices and the exit deadline, see ``mpilocal/failure.py``);
+installs the exception hook, the leave notices and the exit deadline, see ``mpilocal/deadline.py``);
 this runner adds two things:
 
 - an uncaught exception raised *before* ``import mpilocal`` (e.g. while importing it or mpi4py's
@@ -23,10 +23,10 @@ import sys
 USAGE = "usage: python -m mpilocal.run (script.py | -m module | -c code) [args...]"
 
 
-def _abort_exception(exc_type, exc, tb, failure):
-    failure.abort(1, failure.format_exception(exc_type, exc, tb)
-                  + f"mpilocal.run: uncaught {exc_type.__name__}; aborting the MPI job",
-                  failure.exception_summary(exc_type, exc, tb))
+def _abort_exception(exc_type, exc, tb, deadline):
+    deadline.abort(1, deadline.format_exception(exc_type, exc, tb)
+                   + f"mpilocal.run: uncaught {exc_type.__name__}; aborting the MPI job",
+                   deadline.exception_summary(exc_type, exc, tb))
 
 
 def _exit_location(tb) -> str:
@@ -50,13 +50,13 @@ def main(argv=None) -> int:
         print(USAGE, file=sys.stderr if not argv else sys.stdout)
         return 2 if not argv else 0
     try:
-        from . import failure
+        from . import deadline
     except BaseException:  # mpilocal/mpi4py itself failed to import: no MPI to abort through
         import traceback
 
         traceback.print_exc()
         os._exit(1)
-    failure.install()
+    deadline.install()
     try:
         if argv[0] == "-m":
             if len(argv) < 2:
@@ -86,12 +86,12 @@ def main(argv=None) -> int:
             code = 1
         if _world_size() > 1:
             where = f"sys.exit({e.code!r}) at {_exit_location(e.__traceback__)}"
-            failure.abort(code, f"mpilocal.run: the program called {where}; aborting the MPI job", where)
+            deadline.abort(code, f"mpilocal.run: the program called {where}; aborting the MPI job", where)
         return code
     except BaseException:
         exc_type, exc, tb = sys.exc_info()
         if _world_size() > 1:
-            _abort_exception(exc_type, exc, tb.tb_next or tb, failure)
+            _abort_exception(exc_type, exc, tb.tb_next or tb, deadline)
         raise
     return 0
 

@@ -10,7 +10,7 @@ Two kinds of tests, both run at every world size of the suite (1-4 ranks):
   at once, a few at a time in the background (``JOBS_AT_ONCE``), and every test waits for its own.
   A job still running after ``JOB_TIMEOUT`` seconds counts as a hang.
 - **In-process**: at 2 and more ranks, the watchdog's real detection (deadline, leave notices) on
-  the suite's own ranks, with ``failure._INTERCEPT`` recording the report instead of aborting; the
+  the suite's own ranks, with ``deadline._INTERCEPT`` recording the report instead of aborting; the
   late rank then joins, so the collective completes.
 
 Run alone: ``mpiexec -n 1 python -m pytest --with-mpi tests/test_failure.py`` (or -n 2, 3, 4); with
@@ -34,7 +34,7 @@ import pytest
 from mpi4py import MPI
 
 import mpilocal
-import mpilocal.failure as failure
+import mpilocal.deadline as deadline
 import mpilocal.functional as funcol
 from conftest import assert_all
 
@@ -431,14 +431,14 @@ needs_ranks = pytest.mark.skipif(W == 1, reason="needs a rank that waits for ano
 def intercepted():
     """Reports go to a list instead of aborting; the deadline and debug mode are restored after."""
     reports = []
-    old_timeout, old_debug = failure.timeout(), failure.debug_enabled()
-    failure._INTERCEPT = reports
+    old_timeout, old_debug = deadline.timeout(), deadline.debug_enabled()
+    deadline._INTERCEPT = reports
     try:
         yield reports
     finally:
-        failure._INTERCEPT = None
-        failure.set_timeout(old_timeout)
-        failure.set_debug(old_debug)
+        deadline._INTERCEPT = None
+        deadline.set_timeout(old_timeout)
+        deadline.set_debug(old_debug)
 
 
 def _late_all_reduce(mesh, late, delay):
@@ -454,11 +454,11 @@ def _late_all_reduce(mesh, late, delay):
 def test_deadline_fires_on_the_waiting_ranks(intercepted, debug):
     mesh = mpilocal.init_device_mesh("cpu", (W,))
     funcol.all_reduce(np.ones(2), "sum", mesh)  # communicators made, ranks lined up
-    failure.set_debug(debug)
-    failure.set_timeout(0.25)
+    deadline.set_debug(debug)
+    deadline.set_timeout(0.25)
     late = W - 1
     _late_all_reduce(mesh, late, 1.0)
-    failure.set_timeout(60)
+    deadline.set_timeout(60)
     reports = list(intercepted)
     ranks = list(range(W))
     if R == late:
@@ -480,17 +480,17 @@ def _settle_notices(leaver):
     """After an in-process leave test: every other rank has received the leaver's one notice; forget it."""
     if R != leaver:
         t0 = time.monotonic()
-        while leaver not in failure._LEFT and time.monotonic() - t0 < 10:
-            failure._receive_notices()
+        while leaver not in deadline._LEFT and time.monotonic() - t0 < 10:
+            deadline._receive_notices()
             time.sleep(0.01)
-        got = leaver in failure._LEFT
+        got = leaver in deadline._LEFT
     else:
         got = True
-        MPI.Request.Waitall([r for r, _ in failure._SENT])
-        failure._SENT.clear()
-        failure._notified = False
+        MPI.Request.Waitall([r for r, _ in deadline._SENT])
+        deadline._SENT.clear()
+        deadline._notified = False
     MPI.COMM_WORLD.Barrier()
-    failure._LEFT.clear()
+    deadline._LEFT.clear()
     return got
 
 
@@ -501,12 +501,12 @@ def test_leave_notice_ends_only_the_ranks_waiting_for_the_leaver(intercepted):
     second; a collective the leaver had issued is not reported."""
     mesh = mpilocal.init_device_mesh("cpu", (W,))
     funcol.all_reduce(np.ones(2), "sum", mesh)
-    failure.set_timeout(60)  # no deadline report: only the leave notice can produce one
+    deadline.set_timeout(60)  # no deadline report: only the leave notice can produce one
     leaver = W - 1
     ok, why = False, "the test body failed"
     try:  # the notice must not outlive this test: a later blocked collective would end the suite
         if R == leaver:
-            failure._notify("exit", "pretending to leave")
+            deadline._notify("exit", "pretending to leave")
             time.sleep(1.5)
         _late_all_reduce(mesh, leaver, 0.0)
         reports = list(intercepted)
@@ -532,8 +532,8 @@ def test_leave_check_compares_collective_counts():
     mesh = mpilocal.init_device_mesh("cpu", (W,))
     funcol.all_reduce(np.ones(2), "sum", mesh)
     g = group_for(mesh.get_group())
-    key = failure._group_key(g)
-    mine = [g.cache.get(failure._SEQ, 0), g.cache.get(failure._CTLN, 0)]
+    key = deadline._group_key(g)
+    mine = [g.cache.get(deadline._SEQ, 0), g.cache.get(deadline._CTLN, 0)]
     other = (R + 1) % W
     slot = ("all_reduce", mine[0], g, time.monotonic(), None)
     cases = {  # leaver's counts on this group -> must this rank be ended?
@@ -543,38 +543,38 @@ def test_leave_check_compares_collective_counts():
         "issued more": ([mine[0] + 2, mine[1] + 1], False),
     }
     problems = []
-    saved = dict(failure._LEFT)
+    saved = dict(deadline._LEFT)
     try:
         for what, (theirs, ended) in cases.items():
-            failure._LEFT.clear()
-            failure._LEFT[other] = {"kind": "exit", "where": "test", "ops": {key: theirs}, "t": 0.0}
-            got = failure._left_rank_for(slot)
+            deadline._LEFT.clear()
+            deadline._LEFT[other] = {"kind": "exit", "where": "test", "ops": {key: theirs}, "t": 0.0}
+            got = deadline._left_rank_for(slot)
             if (got is not None) != ended or (got is not None and (got[0] != other or got[2] != theirs)):
                 problems.append(f"{what}: {got}")
         # a group without the leaver: never ended by it
-        failure._LEFT.clear()
-        failure._LEFT[W + 5] = {"kind": "exit", "where": "test", "ops": {}, "t": 0.0}
-        if failure._left_rank_for(slot) is not None:
+        deadline._LEFT.clear()
+        deadline._LEFT[W + 5] = {"kind": "exit", "where": "test", "ops": {}, "t": 0.0}
+        if deadline._left_rank_for(slot) is not None:
             problems.append("a rank outside the group ended this one")
         # a rank that aborts the job: every waiting rank reports
-        failure._LEFT.clear()
-        failure._LEFT[other] = {"kind": "abort", "where": "test", "code": 7, "ops": {}, "t": 0.0}
-        got = failure._left_rank_for(slot)
+        deadline._LEFT.clear()
+        deadline._LEFT[other] = {"kind": "abort", "where": "test", "code": 7, "ops": {}, "t": 0.0}
+        got = deadline._left_rank_for(slot)
         if got is None or got[2] is not None:
             problems.append(f"abort notice: {got}")
         # a synchronizing call with a member list (communicator creation): only after the grace
         sync = ("creating a communicator", 0, None, time.monotonic(), None, list(range(W)))
-        failure._LEFT.clear()
-        failure._LEFT[other] = {"kind": "exit", "where": "test", "ops": {}, "t": time.monotonic()}
-        if failure._left_rank_for(sync) is not None:
+        deadline._LEFT.clear()
+        deadline._LEFT[other] = {"kind": "exit", "where": "test", "ops": {}, "t": time.monotonic()}
+        if deadline._left_rank_for(sync) is not None:
             problems.append("synchronizing call ended before the grace")
-        failure._LEFT[other]["t"] = time.monotonic() - 2 * failure._SYNC_GRACE
-        sync = sync[:3] + (time.monotonic() - 2 * failure._SYNC_GRACE,) + sync[4:]
-        if failure._left_rank_for(sync) is None:
+        deadline._LEFT[other]["t"] = time.monotonic() - 2 * deadline._SYNC_GRACE
+        sync = sync[:3] + (time.monotonic() - 2 * deadline._SYNC_GRACE,) + sync[4:]
+        if deadline._left_rank_for(sync) is None:
             problems.append("synchronizing call not ended after the grace")
     finally:
-        failure._LEFT.clear()
-        failure._LEFT.update(saved)
+        deadline._LEFT.clear()
+        deadline._LEFT.update(saved)
     assert_all(not problems, "; ".join(problems))
 
 
@@ -584,7 +584,7 @@ def test_from_local_mismatch_in_debug_mode_says_what_differs(intercepted):
     "ranks must issue the same collectives"."""
     from mpilocal import DTensor, Shard
 
-    failure.set_debug(True)
+    deadline.set_debug(True)
     mesh = mpilocal.init_device_mesh("cpu", (W,))
     local = np.ones((2, 3 + (R == W - 1)))  # the last rank's unsharded dim 1 differs
     try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import failure
+from .. import deadline
 from . import register_release_hook
 from . import Group, counts_key, equal_counts, issuing
 from .cuda_mpi import displs, reduce_blocks
@@ -93,7 +93,7 @@ def _stream():
 
 
 def _abort_group_comm(g):
-    """Deadline abort hook (mpilocal.failure): stop this group's NCCL work so the stream is released."""
+    """Deadline abort hook (mpilocal.deadline): stop this group's NCCL work so the stream is released."""
     c = g.cache.get("nccl") if g is not None else None
     if c is not None:
         c.abort()
@@ -116,14 +116,14 @@ register_release_hook("30-nccl", _release_group)
 
 def _watched(method):
     """Hand the NCCL work a transport method just enqueued to the deadline watchdog
-    (:func:`mpilocal.failure.watch_cuda`): it polls ``check_async_error`` and, past
+    (:func:`mpilocal.deadline.watch_cuda`): it polls ``check_async_error`` and, past
     ``MPILOCAL_TIMEOUT``, aborts the communicator and the job, naming the operation."""
     name = method.__name__
 
     def run(self, *args, **kwargs):
         group = next(a for a in args if type(a) is Group)  # not always last (alltoallv's uniform, bound)
         out = method(self, *args, **kwargs)
-        failure.watch_cuda(name, group, None, group.cache.get("nccl"))
+        deadline.watch_cuda(name, group, None, group.cache.get("nccl"))
         return out
 
     run.__name__, run.__doc__ = name, method.__doc__
@@ -137,7 +137,7 @@ class NcclTransport:
 
     def __init__(self):
         _nccl().get_version()  # raises when NCCL does not load
-        failure.register_abort_hook(_abort_group_comm)
+        deadline.register_abort_hook(_abort_group_comm)
 
     # -- data movement (bytes) -----------------------------------------------------------------
     @_watched
@@ -149,11 +149,11 @@ class NcclTransport:
         n = _nccl()
         comm, s = nccl_comm(group), _stream()
         if all(c == counts[0] for c in counts):
-            if failure._DEBUG:
+            if deadline._DEBUG:
                 issuing(group, "ncclAllGather", datatype="ncclUint8", count=counts[0] * it)
             comm.allGather(send.data.ptr, recv.data.ptr, counts[0] * it, n.NCCL_UINT8, s)
             return
-        if failure._DEBUG:
+        if deadline._DEBUG:
             issuing(group, "ncclGroup(ncclBroadcast)", datatype="ncclUint8", counts=counts_key(counts))
         offs = displs(counts)
         base = recv.data.ptr
@@ -171,7 +171,7 @@ class NcclTransport:
         # grouped send/recv: zero-size pieces are skipped on both sides alike (send_counts[p] on rank r
         # is recv_counts[r] on rank p), and point-to-point calls need no group-wide choice
         it = send.dtype.itemsize
-        if failure._DEBUG:
+        if deadline._DEBUG:
             issuing(group, "ncclGroup(ncclSend/ncclRecv)", datatype="ncclUint8")
         n = _nccl()
         comm, s = nccl_comm(group), _stream()
@@ -208,7 +208,7 @@ class NcclTransport:
             return
         n = _nccl()
         p = buf.data.ptr
-        if failure._DEBUG:
+        if deadline._DEBUG:
             issuing(group, "ncclBroadcast", datatype="ncclUint8", count=buf.nbytes, root=root)
         nccl_comm(group).broadcast(p, p, buf.nbytes, n.NCCL_UINT8, root, _stream())
 
@@ -262,7 +262,7 @@ class NcclTransport:
             recv[...] = ws.astype(recv.dtype)
             return
         s_, r_ = (send, recv) if view is None else (send.view(view), recv.view(view))
-        if failure._DEBUG:
+        if deadline._DEBUG:
             issuing(group, "ncclAllReduce", datatype=code, op=opc, count=recv.size * factor)
         nccl_comm(group).allReduce(s_.data.ptr, r_.data.ptr, recv.size * factor, code, opc, _stream())
 
@@ -287,7 +287,7 @@ class NcclTransport:
         s_, r_ = (send, recv) if view is None else (send.view(view), recv.view(view))
         comm, s = nccl_comm(group), _stream()
         it = s_.dtype.itemsize
-        if failure._DEBUG:
+        if deadline._DEBUG:
             issuing(group, "ncclReduceScatter" if equal_counts(counts) else "ncclGroup(ncclReduce)", datatype=code,
                     op=opc, counts=counts_key(counts))
         if all(c == counts[0] for c in counts):

@@ -1,0 +1,993 @@
+"""Deadlines and prompt aborts: turning MPI failure modes into a clear, non-zero exit (layer 1).
+
+The worst failure of an MPI program is a hang: one rank raises or leaves while the others wait
+forever in a collective. This module gives mpilocal these defences (see README, "Failures,
+deadlines and debug mode", and docs/architecture.md), all set up by ``import mpilocal``
+(:func:`install`). It knows no mesh and no transport: a :class:`~mpilocal.transport.Group` is any
+object with ``comm``, ``size`` and ``cache``, and the mesh names its communicators in reports
+through :func:`register_describer`.
+
+1. **A failing rank ends the job.** ``sys.excepthook`` (opt out with ``MPILOCAL_ABORT_ON_ERROR=0``):
+   an uncaught exception on any rank of a job with more than one rank prints ``[rank R] Traceback
+   ...`` to stderr, tells the other ranks, and calls ``MPI.COMM_WORLD.Abort(1)``.
+   ``python -m mpilocal.run script.py`` also turns ``sys.exit(n != 0)`` (and exceptions raised
+   before mpilocal is imported) into ``Abort(n)`` (through :func:`abort`).
+2. **A rank that leaves tells the others** (the leave channel, below): a rank at program exit that
+   does not meet the others within ``_EXIT_GRACE`` sends each a notice (how it left, how many
+   collectives it issued per group); a rank blocked in a collective that the leaver never issued
+   reports who left, where, and where it waits, and aborts the job.
+3. **Ctrl-C** while the main thread is blocked inside MPI: Python's C-level handler writes to a
+   wakeup socket the watchdog thread waits on, and the watchdog ends the job with a report.
+4. **Deadlines on waits.** Every collective mpilocal issues (array data and metadata) is recorded
+   in a per-process in-flight slot (operation, per-group sequence number, group, start time) before
+   the blocking call and cleared after it (:func:`begin`, :func:`waiting`; other blocking MPI calls
+   such as communicator creation: :func:`in_flight`). A daemon watchdog thread aborts the job when
+   one has been in flight longer than ``MPILOCAL_TIMEOUT`` seconds (default 600; ``0``/``off``
+   disables), after printing rank, operation, sequence number, the group's world ranks / mesh and
+   this rank's Python stack. At exit, ``MPI_Finalize`` gets the same deadline
+   (``MPILOCAL_EXIT_TIMEOUT``, default ``MPILOCAL_TIMEOUT``). Asynchronous transports (NCCL)
+   register their in-flight work with :func:`watch_async` / :func:`watch_cuda` and abort hooks
+   with :func:`register_abort_hook`.
+
+The settings of debug mode (``MPILOCAL_DEBUG=1``, :func:`set_debug`) live here too; the checks
+themselves (collective fingerprints, argument agreement) are :mod:`mpilocal.agreement`'s, which
+registers its fingerprint check with :func:`register_fingerprint_check` so that :func:`begin`
+runs it.
+
+Every abort writes its report to file descriptor 2 before ``MPI_Abort`` and pauses briefly, so the
+launcher forwards it before it kills the processes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import weakref
+
+from mpi4py import MPI
+
+__all__ = [
+    "install", "abort", "timeout", "set_timeout", "debug_enabled", "set_debug", "begin", "waiting", "in_flight",
+    "sequence", "count_control", "watch_async", "watch_cuda", "register_abort_hook", "register_before_report",
+    "register_describer", "register_fingerprint_check", "describe_group", "forget_group", "format_exception",
+    "exception_summary", "env_flag",
+]
+
+_monotonic = time.monotonic
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The on/off setting in environment variable ``name`` (``0``/``false``/``no``/``off``: off)."""
+    v = os.environ.get(name, "").strip().lower()
+    if not v:
+        return default
+    return v not in ("0", "false", "no", "off")
+
+
+def _env_seconds(name: str, default):
+    v = os.environ.get(name, "").strip().lower()
+    if not v:
+        return default
+    if v in ("0", "off", "none", "inf", "never"):
+        return None
+    try:
+        s = float(v)
+    except ValueError:
+        sys.stderr.write(f"mpilocal: ignoring {name}={v!r} (not a number of seconds); using {default}\n")
+        return default
+    return s if s > 0 else None
+
+
+# ------------------------------------------------------------------------------------------------
+# settings
+# ------------------------------------------------------------------------------------------------
+_TIMEOUT = _env_seconds("MPILOCAL_TIMEOUT", 600.0)        # None: no deadline
+_EXIT_TIMEOUT = _env_seconds("MPILOCAL_EXIT_TIMEOUT", _TIMEOUT)
+_DEBUG = env_flag("MPILOCAL_DEBUG", False)
+_WATCH = _TIMEOUT is not None                              # record in-flight slots at all?
+
+
+def timeout():
+    """The deadline (seconds) for one collective, or None when disabled."""
+    return _TIMEOUT
+
+
+def set_timeout(seconds) -> None:
+    """Set the collective deadline (None or 0: off). Local; call it on every rank."""
+    global _TIMEOUT, _WATCH, _EXIT_TIMEOUT
+    follow = _EXIT_TIMEOUT == _TIMEOUT
+    _TIMEOUT = float(seconds) if seconds else None
+    if follow:
+        _EXIT_TIMEOUT = _TIMEOUT
+    _WATCH = _TIMEOUT is not None
+
+
+def debug_enabled() -> bool:
+    """Whether debug mode (collective fingerprints, ``MPILOCAL_DEBUG=1``) is on."""
+    return _DEBUG
+
+
+def set_debug(on: bool) -> None:
+    """Turn collective fingerprinting on/off. **Must be the same on every rank**, switched between
+    collectives (it changes which collectives run)."""
+    global _DEBUG
+    _DEBUG = bool(on)
+
+
+def _rank() -> int:
+    try:
+        return MPI.COMM_WORLD.Get_rank()
+    except Exception:  # pragma: no cover - MPI finalized or not initialized
+        return -1
+
+
+def _size() -> int:
+    try:
+        return MPI.COMM_WORLD.Get_size()
+    except Exception:  # pragma: no cover
+        return 1
+
+
+
+# ------------------------------------------------------------------------------------------------
+# aborting
+# ------------------------------------------------------------------------------------------------
+_ABORTING = threading.Lock()
+_BEFORE_REPORT: list = []
+_INTERCEPT = None  # tests only: a list that receives the watchdog's reports instead of an abort
+_LINGER = 0.4  # seconds an aborting rank waits after telling the others, so that they report too
+
+
+def register_before_report(fn) -> None:
+    """``fn()`` runs just before an abort prints its report (e.g. to suspend pytest's capture)."""
+    _BEFORE_REPORT.append(fn)
+
+
+def _prefix(text: str, rank=None) -> str:
+    r = _rank() if rank is None else rank
+    return "".join(f"[rank {r}] {line}\n" for line in text.rstrip("\n").split("\n"))
+
+
+def _emit(text: str) -> None:
+    """Write ``text`` to file descriptor 2 at once, after flushing Python's own buffers (a message
+    left in a buffer is lost when the job is killed a moment later)."""
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:
+            pass
+    data = text.encode(errors="replace")
+    try:
+        while data:
+            data = data[os.write(2, data):]
+    except Exception:
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except Exception:
+            pass
+
+
+def abort(code: int = 1, message: str = "", where: str = "") -> None:
+    """Print ``message`` (prefixed with the rank) to stderr and end the whole MPI job with ``code``.
+
+    Never returns. The message is written to file descriptor 2 first; then the other ranks are told
+    (the leave channel: those blocked in a collective print where they wait), and after a short pause
+    for the launcher to forward the output, ``MPI_Abort`` ends the job (``os._exit`` if MPI is gone).
+    ``where``: one line for the other ranks' reports (default: the message's first line).
+    """
+    if not _ABORTING.acquire(blocking=False):  # another thread is already aborting
+        while True:
+            time.sleep(3600)
+    for fn in list(_BEFORE_REPORT):  # e.g. pytest: suspend output capture so the report is seen
+        try:
+            fn()
+        except Exception:
+            pass
+    code = int(code) if isinstance(code, int) and code else 1
+    _emit(_prefix(message) if message else "")
+    try:
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            first = message.strip().split("\n")[0].removeprefix("mpilocal: ") if message else ""
+            if _notify("abort", where or first[:300], code):
+                _linger(_LINGER)
+            else:
+                time.sleep(0.1)  # let the launcher forward the message before it kills the processes
+            MPI.COMM_WORLD.Abort(code)
+    except Exception:
+        pass
+    os._exit(code)
+
+
+def format_exception(exc_type, exc, tb) -> str:
+    return "".join(traceback.format_exception(exc_type, exc, tb))
+
+
+def _location(tb) -> str:
+    """``file:line`` of the innermost frame of traceback ``tb`` outside this module."""
+    where = ""
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename != __file__:
+            where = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
+
+
+def exception_summary(exc_type, exc, tb) -> str:
+    """One line for the other ranks: ``uncaught ValueError: msg at script.py:12``."""
+    text = f"{exc_type.__name__}: {exc}".split("\n")[0][:200]
+    loc = _location(tb)
+    return f"uncaught {text}" + (f" at {loc}" if loc else "")
+
+
+_PREV_HOOK = None
+_INSTALLED = False
+
+
+def _excepthook(exc_type, exc, tb):
+    if _size() > 1 and not issubclass(exc_type, SystemExit):
+        text = format_exception(exc_type, exc, tb)
+        code = 130 if issubclass(exc_type, KeyboardInterrupt) else 1
+        abort(code, text + f"mpilocal: uncaught {exc_type.__name__} on rank {_rank()}; aborting the MPI job "
+                         f"(set MPILOCAL_ABORT_ON_ERROR=0 to let it exit alone)",
+              exception_summary(exc_type, exc, tb))
+    (_PREV_HOOK or sys.__excepthook__)(exc_type, exc, tb)
+
+
+def install() -> None:
+    """Install the abort-on-uncaught-exception hook, the leave channel, the SIGINT watch and the
+    exit deadline (idempotent).
+
+    Called by ``import mpilocal``; ``MPILOCAL_ABORT_ON_ERROR=0`` leaves ``sys.excepthook`` alone.
+    """
+    global _PREV_HOOK, _INSTALLED
+    if _INSTALLED:
+        return
+    _INSTALLED = True
+    if env_flag("MPILOCAL_ABORT_ON_ERROR", True):
+        if sys.excepthook is not _excepthook:
+            _PREV_HOOK = sys.excepthook
+            sys.excepthook = _excepthook
+    if _size() > 1:
+        _open_channel()
+        _watch_signals()
+        _wrap_sys_exit()
+        _ensure_watchdog()
+    # atexit is LIFO: registered at the very start of `import mpilocal`, this runs after every
+    # other mpilocal exit handler (e.g. draining pending metadata requests)
+    atexit.register(_at_exit)
+
+
+# ------------------------------------------------------------------------------------------------
+# the leave channel: a rank that ends tells the others
+# ------------------------------------------------------------------------------------------------
+# A rank that leaves the program (normal end, sys.exit, an uncaught exception) while others still
+# wait for it in a collective would leave them waiting until the deadline. So every rank holds a
+# private duplicate of COMM_WORLD (MPI_Comm_idup at import: no rank waits for it), used for nothing
+# but small point-to-point notices. A leaving rank sends each other rank a notice: what happened,
+# where, and how many collectives it issued on each of its groups. A rank whose main thread has been
+# blocked in an mpilocal collective for one watchdog tick receives the notices; when the leaver is
+# in the group it waits on and issued fewer collectives there than this rank has, the leaver never
+# joins, so this rank reports who left, where, and where it waits, and aborts the job. Ranks that
+# merely finish at different times are never ended: a rank at exit first meets the others in a
+# non-blocking barrier on the channel and sends notices only when that has not completed within
+# _EXIT_GRACE, and a notice ends only a rank that issued a collective the leaver never joins.
+# Notices of kind "abort" (a rank is aborting the job) make every blocked rank report where it waits.
+_LEAVE_TAG = 77
+_EXIT_GRACE = 0.2
+_SYNC_GRACE = 0.5      # a synchronizing call still blocked this long after a member's notice: it never joins
+_TICK = 0.1            # watchdog period while MPI_COMM_WORLD has more than one rank
+_chan = None           # [communicator, MPI_Comm_idup request or None once complete]
+_CHAN_LOCK = threading.Lock()
+_MT = False            # MPI_THREAD_MULTIPLE: the watchdog thread may call MPI
+_LEFT: dict = {}       # world rank -> notice received from it
+_SENT: list = []       # (request, buffer) of the notices this rank sent
+_notified = False
+_CTLN = "mpilocal.ctln"  # per group: control-communicator operations issued (count_control)
+_KEY = "mpilocal.key"
+_MEMBERS = "mpilocal.members"
+_USED = weakref.WeakSet()  # groups this rank issued operations on
+
+
+def _open_channel() -> None:
+    global _chan, _MT
+    if not env_flag("MPILOCAL_LEAVE_NOTICES", True):
+        return
+    try:
+        if not MPI.Is_initialized() or MPI.Is_finalized():
+            return
+        _MT = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        comm, req = MPI.COMM_WORLD.Idup()
+    except Exception:
+        return
+    _chan = [comm, req]
+
+
+def _channel():
+    """The leave channel's communicator, or None (not opened, MPI_Comm_idup not complete yet, or
+    this thread may not call MPI)."""
+    ch = _chan
+    if ch is None or not (_MT or threading.current_thread() is threading.main_thread()):
+        return None
+    if ch[1] is not None:
+        with _CHAN_LOCK:
+            if ch[1] is not None:
+                try:
+                    if not ch[1].Test():
+                        return None
+                except Exception:
+                    return None
+                ch[1] = None
+    return ch[0]
+
+
+def _world_ranks(g) -> list:
+    m = g.cache.get(_MEMBERS)
+    if m is None:
+        try:
+            m = list(g.comm.Get_group().Translate_ranks(list(range(g.size)), MPI.COMM_WORLD.Get_group()))
+        except Exception:
+            m = []
+        g.cache[_MEMBERS] = m
+    return m
+
+
+def _group_key(g) -> str:
+    """A name of ``g``'s communicator that is the same on every rank of it (world, mesh dim, ...)."""
+    k = g.cache.get(_KEY)
+    if k is None:
+        try:
+            world = MPI.Comm.Compare(g.comm, MPI.COMM_WORLD) == MPI.IDENT
+        except Exception:
+            world = False
+        k = g.cache[_KEY] = "MPI.COMM_WORLD" if world else describe_group(g)
+    return k
+
+
+def _notify(kind: str, where: str, code: int = 1) -> bool:
+    """Send every other rank this rank's notice (once); False when the channel is not usable."""
+    global _notified
+    comm = _channel()
+    if comm is None:
+        return False
+    if _notified:
+        return True
+    _notified = True
+    ops: dict = {}
+    for g in list(_USED):
+        k = _group_key(g)
+        n = (g.cache.get(_SEQ, 0), g.cache.get(_CTLN, 0))
+        p = ops.get(k)
+        ops[k] = [max(n[0], p[0]), max(n[1], p[1])] if p else list(n)  # equal names: the larger counts
+    data = json.dumps({"kind": kind, "where": where, "code": int(code), "ops": ops}).encode()
+    me = _rank()
+    try:
+        with _CHAN_LOCK:
+            for r in range(_size()):
+                if r != me:
+                    _SENT.append((comm.Isend([data, MPI.BYTE], r, _LEAVE_TAG), data))
+    except Exception:
+        return False
+    return True
+
+
+def _linger(seconds: float) -> None:
+    """Wait ``seconds`` while the notices just sent make progress."""
+    t_end = _monotonic() + seconds
+    while _monotonic() < t_end:
+        try:
+            MPI.Request.Testall([r for r, _ in _SENT])
+        except Exception:
+            pass
+        time.sleep(0.02)
+
+
+def _receive_notices() -> None:
+    comm = _channel()
+    if comm is None:
+        return
+    st = MPI.Status()
+    with _CHAN_LOCK:
+        while comm.Iprobe(MPI.ANY_SOURCE, _LEAVE_TAG, st):
+            buf = bytearray(st.Get_count(MPI.BYTE))
+            src = st.Get_source()
+            comm.Recv([buf, MPI.BYTE], src, _LEAVE_TAG)
+            try:
+                note = json.loads(buf.decode())
+            except ValueError:
+                continue
+            note["t"] = _monotonic()
+            _LEFT[src] = note
+
+
+def _members(m) -> list:
+    """World ranks of ``m`` (a list of them, or an mpi4py communicator)."""
+    if isinstance(m, MPI.Comm):
+        try:
+            return list(m.Get_group().Translate_ranks(list(range(m.Get_size())), MPI.COMM_WORLD.Get_group()))
+        except Exception:
+            return []
+    return list(m)
+
+
+def _left_rank_for(s):
+    """(world rank, notice, its counts) of a rank that ended while this rank waits in slot ``s``
+    for it; None when no notice explains the wait."""
+    g = s[2]
+    members = _members(s[5]) if len(s) > 5 and s[5] is not None else None
+    for r, note in sorted(_LEFT.items()):
+        if note.get("kind") == "abort":
+            return r, note, None
+        if members is not None:  # a synchronizing call (no counts): the leaver would have completed it
+            if r in members and _monotonic() - max(note["t"], s[3]) > _SYNC_GRACE:
+                return r, note, [-1, -1]
+            continue
+        if g is None or r not in _world_ranks(g):
+            continue
+        theirs = note.get("ops", {}).get(_group_key(g), [0, 0])
+        if g.cache.get(_SEQ, 0) > theirs[0] or g.cache.get(_CTLN, 0) > theirs[1]:
+            return r, note, theirs
+    return None
+
+
+def _fire_left(s, r, note, theirs):
+    name, seq, g = s[0], s[1], s[2]
+    what = (f"{name}#{seq}" if seq else name) + (f" on {describe_group(g)}" if g is not None else "")
+    if theirs is None:
+        head = (f"mpilocal: rank {r} is ending the job ({note.get('where', '?')}); this rank was waiting in "
+                f"{what}.")
+        code = note.get("code", 1)
+    else:
+        issued = f" after issuing {theirs[0]} collective(s) on this group" if theirs[0] >= 0 else ""
+        also = sorted(x for x in _LEFT if x != r)
+        head = (f"mpilocal: rank {r} left the program ({note.get('where', '?')}){issued}, but this rank waits in "
+                f"{what}, which rank {r} never joins" + (f" (rank(s) {also} left too)" if also else "")
+                + ". Aborting the MPI job.")
+        code = 1
+    msg = head + ("\nthis rank is waiting at:\n" + _main_stack())
+    if _INTERCEPT is not None:  # tests: record the report instead of ending the job
+        _INTERCEPT.append(msg)
+        return
+    abort(code, msg, f"rank {r} left; rank {_rank()} was waiting in {what}")
+
+
+_SYS_EXIT = None
+_EXIT_CALL = None  # (status, "file:line", time) of the last sys.exit call
+
+
+def _wrap_sys_exit() -> None:
+    """Let ``sys.exit`` remember where it was called, for the notice a leaving rank sends."""
+    global _SYS_EXIT
+    if _SYS_EXIT is not None:
+        return
+    _SYS_EXIT = original = sys.exit
+
+    def exit(status=None):
+        global _EXIT_CALL
+        try:
+            f = sys._getframe(1)
+            _EXIT_CALL = (status, f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}", _monotonic())
+        except Exception:
+            pass
+        original(status)
+
+    exit.__doc__ = original.__doc__
+    exit.__wrapped__ = original
+    sys.exit = exit
+
+
+def _leaving_where() -> str:
+    """Why this rank is at program exit, for its notice."""
+    exc = getattr(sys, "last_value", None)
+    if exc is not None:
+        return "after " + exception_summary(type(exc), exc, exc.__traceback__)
+    call = _EXIT_CALL
+    if call is not None and _monotonic() - call[2] < 30:
+        return f"sys.exit({call[0]!r}) at {call[1]}"
+    return "reached the end of the program"
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C: the main thread is stuck inside MPI, so the watchdog thread sees the signal
+# ------------------------------------------------------------------------------------------------
+_WAKE = None  # (read end, write end) of the socket pair given to signal.set_wakeup_fd
+
+
+def _watch_signals() -> None:
+    """Have Python's C-level signal handler write each signal number to a socket the watchdog
+    waits on (``signal.set_wakeup_fd``), unless another wakeup fd is in use (e.g. asyncio's)."""
+    global _WAKE
+    if threading.current_thread() is not threading.main_thread() or not env_flag("MPILOCAL_SIGINT", True):
+        return
+    try:
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        old = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+    except Exception:
+        return
+    if old != -1:
+        signal.set_wakeup_fd(old)
+        r.close()
+        w.close()
+        return
+    _WAKE = (r, w)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a launcher ending the job: say where
+        signal.signal(signal.SIGTERM, _on_sigterm_main)
+    os.register_at_fork(after_in_child=_forget_signals)  # a forked child has no watchdog: not ours
+
+
+def _forget_signals() -> None:
+    global _WAKE
+    if _WAKE is not None:
+        try:
+            signal.set_wakeup_fd(-1)
+            if signal.getsignal(signal.SIGTERM) is _on_sigterm_main:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except Exception:
+            pass
+        _WAKE = None
+
+
+_TERMINATING = threading.Lock()
+_SIGTERM_AT = None  # when the watchdog saw SIGTERM while the main thread ran Python code
+
+
+def _terminated(text: str) -> None:
+    """Print where this rank was, then die of SIGTERM as without mpilocal (never returns)."""
+    if not _TERMINATING.acquire(blocking=False):
+        while True:
+            time.sleep(3600)
+    for fn in list(_BEFORE_REPORT):
+        try:
+            fn()
+        except Exception:
+            pass
+    _emit(_prefix(text))
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread: SIGTERM now would reach our handler again
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    os._exit(128 + signal.SIGTERM)
+
+
+def _on_sigterm_main(signum, frame) -> None:
+    """SIGTERM (a launcher ending the job, Open MPI's answer to Ctrl-C, a batch time limit) while
+    the main thread runs Python code."""
+    loc = f" at {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} in {frame.f_code.co_name}" if frame else ""
+    _terminated(f"mpilocal: terminated (SIGTERM){loc}")
+
+
+def _on_sigterm(s) -> None:
+    """SIGTERM seen by the watchdog: when the main thread waits in a collective (its Python handler
+    cannot run), or has not handled it within a second, report where it is and die."""
+    global _SIGTERM_AT
+    if s is not None:
+        name, seq, g = s[0], s[1], s[2]
+        what = (f"{name}#{seq}" if seq else name) + (f" on {describe_group(g)}" if g is not None else "")
+        _terminated(f"mpilocal: terminated (SIGTERM) while waiting in {what}\nthis rank is waiting at:\n"
+                    + _main_stack())
+    if _SIGTERM_AT is None:
+        _SIGTERM_AT = _monotonic()
+
+
+def _wait_tick(seconds: float) -> bytes:
+    """Sleep ``seconds`` or until a signal arrives; the signal numbers received."""
+    wake = _WAKE
+    if wake is None:
+        time.sleep(seconds)
+        return b""
+    try:
+        ready, _, _ = select.select([wake[0]], [], [], seconds)
+        return wake[0].recv(256) if ready else b""
+    except (BlockingIOError, InterruptedError):
+        return b""
+    except Exception:
+        time.sleep(seconds)
+        return b""
+
+
+def _on_sigint(s) -> None:
+    """SIGINT while the main thread waits in an mpilocal collective: Python would raise
+    KeyboardInterrupt only after the collective returns, so end the job from here."""
+    if s is None and not _ASYNC:
+        return  # the main thread runs Python code: KeyboardInterrupt is raised there as usual
+    if s is not None:
+        name, seq, g = s[0], s[1], s[2]
+        what = (f"{name}#{seq}" if seq else name) + (f" on {describe_group(g)}" if g is not None else "")
+    else:
+        what = "asynchronous GPU work"
+    stack = _main_stack()
+    abort(130, f"mpilocal: interrupted (SIGINT) while waiting in {what}; aborting the MPI job"
+               + ("\nthis rank is waiting at:\n" + stack if stack else ""),
+          f"interrupted (SIGINT) on rank {_rank()} while waiting in {what}")
+
+
+# ------------------------------------------------------------------------------------------------
+# exit
+# ------------------------------------------------------------------------------------------------
+def _at_exit():
+    # MPI_Finalize waits for the other ranks, which may be stuck in a collective this rank will never
+    # join (it returned or called sys.exit early). So first meet them in a non-blocking barrier on
+    # the leave channel; if that does not complete within _EXIT_GRACE, tell them this rank is leaving
+    # (a rank that waits for it then aborts the job with a report), and keep polling under the exit
+    # deadline; past it, leave without MPI_Finalize (os._exit: the launcher then ends the job —
+    # MPI_Abort is not safe once finalization may have begun).
+    global _slot
+    _slot = None
+    try:
+        import mpi4py
+
+        if not MPI.Is_initialized() or MPI.Is_finalized() or getattr(mpi4py.rc, "finalize", None) is False:
+            return
+        if _size() == 1:
+            return
+    except Exception:
+        return
+    t0 = _monotonic()
+    limit = _EXIT_TIMEOUT
+    where = _leaving_where()
+    comm = _channel()
+    while comm is None and _chan is not None and _chan[1] is not None:  # MPI_Comm_idup still running
+        if limit is not None and _monotonic() - t0 > limit:
+            break
+        time.sleep(0.01)
+        comm = _channel()
+    try:
+        req = (comm if comm is not None else MPI.COMM_WORLD).Ibarrier()
+    except Exception:
+        return
+    pause = 0.0005
+    while not req.Test():
+        now = _monotonic() - t0
+        if not _notified and now > _EXIT_GRACE:
+            _notify("exit", where)
+        if limit is not None and now > limit:
+            for fn in list(_BEFORE_REPORT):
+                try:
+                    fn()
+                except Exception:
+                    pass
+            try:
+                _emit(_prefix(
+                    f"mpilocal: rank {_rank()} is exiting ({where}), but other ranks did not reach program exit "
+                    f"within {limit:g} s (MPILOCAL_EXIT_TIMEOUT); they are probably waiting in a collective this "
+                    f"rank left. Ending the job."))
+            finally:
+                os._exit(1)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    try:
+        MPI.Request.Testall([r for r, _ in _SENT])
+    except Exception:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------
+# in-flight slot and watchdog
+# ------------------------------------------------------------------------------------------------
+# (operation, sequence number, Group or None, start time, deadline or None for _TIMEOUT)
+_slot = None
+_started = False
+_SEQ = "mpilocal.seq"
+_FINGERPRINT = None  # MPILOCAL_DEBUG=1: fn(name, seq, g, send, detail), registered by mpilocal.agreement
+
+
+class _Clear:
+    """Context manager returned by :func:`begin`: clears the in-flight slot on exit."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        global _slot
+        _slot = None
+        return False
+
+
+_CLEAR = _Clear()
+
+
+def begin(name: str, g, send=None, detail=None) -> _Clear:
+    """Record collective ``name`` on Group ``g`` as in flight; use as ``with begin(...): transport``.
+
+    Hot path: a sequence-number increment, a tuple and a clock read. Under ``MPILOCAL_DEBUG=1``
+    the ranks first agree on the collective's fingerprint (the check registered with
+    :func:`register_fingerprint_check`; raises :class:`mpilocal.agreement.CollectiveMismatchError`).
+    """
+    global _slot
+    c = g.cache
+    seq = c.get(_SEQ, 0) + 1
+    c[_SEQ] = seq
+    if seq == 1:
+        _USED.add(g)  # for the notice this rank sends when it leaves
+    if _DEBUG and _FINGERPRINT is not None:
+        _FINGERPRINT(name, seq, g, send, detail)
+    if _WATCH:
+        _slot = (name, seq, g, _monotonic(), None)
+        if not _started:
+            _ensure_watchdog()
+    return _CLEAR
+
+
+def waiting(name: str, g) -> _Clear:
+    """Record a wait that is not a new collective (completing a posted request)."""
+    global _slot
+    if _WATCH:
+        _slot = (name, g.cache.get(_SEQ, 0), g, _monotonic(), None)
+        if not _started:
+            _ensure_watchdog()
+    return _CLEAR
+
+
+class _Restore:
+    __slots__ = ("prev",)
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        global _slot
+        _slot = self.prev
+        return False
+
+
+def in_flight(name: str, g=None, members=None) -> _Restore:
+    """``with in_flight("creating ...", g, members=...):`` puts a blocking MPI call other than a
+    collective on array data (communicator creation, a control-communicator all-gather, ...) under
+    the deadline; restores the previous slot after (the one place that saves and restores it). ``members``: the world ranks taking part (a list, or an mpi4py communicator), so
+    that a rank which left the program is noticed; the call must complete on no rank before all
+    members entered it (communicator creation, an all-reduce)."""
+    global _slot
+    r = _Restore()
+    r.prev = _slot
+    if _WATCH:
+        _slot = (name, 0 if g is None else g.cache.get(_SEQ, 0), g, _monotonic(), None, members)
+        _ensure_watchdog()
+    return r
+
+
+_ASYNC: list = []          # [what, seq, group, t0, done, check_error, abort]
+_ASYNC_LOCK = threading.Lock()
+_ABORT_HOOKS: list = []
+
+
+def register_abort_hook(fn) -> None:
+    """``fn(group_or_None)`` runs (in the watchdog thread) just before a deadline abort, e.g. to
+    ``abort()`` the NCCL communicator of that group so the GPU work stops. Exceptions are ignored."""
+    if fn not in _ABORT_HOOKS:
+        _ABORT_HOOKS.append(fn)
+
+
+def watch_async(name: str, g, done, check_error=None, abort_fn=None) -> None:
+    """Watch asynchronous work (e.g. a NCCL collective enqueued on a stream) until ``done()`` is
+    true. The watchdog polls ``done()`` and ``check_error()`` (returns/raises an error for an
+    asynchronous failure, e.g. ``NcclCommunicator.check_async_error``); on error, or when the work
+    is older than ``MPILOCAL_TIMEOUT``, it calls ``abort_fn()`` (e.g. ``NcclCommunicator.abort``)
+    and the abort hooks, reports rank / operation / sequence number / group, and aborts the job."""
+    if _TIMEOUT is None and check_error is None:
+        return
+    seq = g.cache.get(_SEQ, 0) if g is not None else 0
+    with _ASYNC_LOCK:
+        _ASYNC.append([name, seq, g, _monotonic(), done, check_error, abort_fn])
+    _ensure_watchdog()
+
+
+def watch_cuda(name: str, g, stream=None, comm=None) -> None:
+    """Watch GPU work just enqueued on ``stream`` (default: the current CuPy stream) for collective
+    ``name`` on Group ``g``: records a CUDA event and hands it to :func:`watch_async`, with
+    ``comm.check_async_error`` / ``comm.abort`` when ``comm`` (e.g. a ``cupy.cuda.nccl``
+    ``NcclCommunicator``) is given. Call it right after enqueuing a NCCL collective."""
+    if _TIMEOUT is None and comm is None:
+        return
+    import cupy as cp
+
+    dev = cp.cuda.Device()
+    ev = cp.cuda.Event(block=False, disable_timing=True, interprocess=False)
+    ev.record(stream if stream is not None else cp.cuda.get_current_stream())
+
+    def done():
+        with dev:  # the watchdog thread has its own current device
+            return ev.done
+
+    check = getattr(comm, "check_async_error", None)
+
+    def check_error():
+        if check is None:
+            return None
+        with dev:
+            check()  # raises NcclError on an asynchronous failure
+        return None
+
+    abort_fn = getattr(comm, "abort", None)
+    watch_async(name, g, done, check_error if check is not None else None, abort_fn)
+
+
+def _ensure_watchdog():
+    global _started
+    if _started:
+        return
+    _started = True
+    t = threading.Thread(target=_watchdog, name="mpilocal-watchdog", daemon=True)
+    t.start()
+
+
+def _poll_interval():
+    t = _TIMEOUT or 60.0
+    p = min(1.0, max(0.02, t / 20))
+    return min(p, _TICK) if _chan is not None or _WAKE is not None else p
+
+
+def _watchdog():
+    while True:
+        sigs = _wait_tick(_poll_interval())
+        try:
+            s = _slot
+            if sigs and signal.SIGINT in sigs:
+                _on_sigint(s)
+            if (sigs and signal.SIGTERM in sigs) or _SIGTERM_AT is not None:
+                if _SIGTERM_AT is not None and _monotonic() - _SIGTERM_AT > 1.0:
+                    _terminated("mpilocal: terminated (SIGTERM); the main thread did not handle it within a second, "
+                                "it is at:\n" + _main_stack())
+                _on_sigterm(s)
+            if s is not None:
+                held = _monotonic() - s[3]
+                limit = s[4] if s[4] is not None else _TIMEOUT
+                if limit is not None and held > limit and _slot is s:
+                    _fire(s[0], s[1], s[2], limit, None, None)
+                elif held >= _TICK and _chan is not None:  # blocked for a tick: did someone leave?
+                    _receive_notices()
+                    left = _left_rank_for(s) if _LEFT else None
+                    if left is not None and _slot is s:
+                        _fire_left(s, *left)
+            if _ASYNC:
+                _poll_async()
+        except Exception:  # pragma: no cover - the watchdog must never die
+            pass
+
+
+_POLL_LOCK = threading.Lock()  # held while the watchdog polls: forget_group waits for a poll to end
+
+
+def forget_group(g) -> None:
+    """Stop watching Group ``g``'s asynchronous work before its communicator is freed (after any
+    poll in progress, so no freed NCCL communicator is polled). Called by the release hook that
+    :mod:`mpilocal.agreement` registers with :func:`mpilocal.transport.release`."""
+    with _POLL_LOCK, _ASYNC_LOCK:
+        _ASYNC[:] = [it for it in _ASYNC if it[2] is not g]
+
+
+def _poll_async():
+    with _POLL_LOCK:
+        _poll_async_locked()
+
+
+def _poll_async_locked():
+    now = _monotonic()
+    with _ASYNC_LOCK:
+        items = list(_ASYNC)
+    for it in items:
+        name, seq, g, t0, done, check_error, abort_fn = it
+        try:
+            finished = bool(done())
+        except Exception:
+            finished = False
+        err = None
+        if check_error is not None:
+            try:
+                r = check_error()
+                if r:
+                    err = str(r)
+            except Exception as e:
+                err = f"{type(e).__name__}: {e}"
+        if err is None and finished:
+            with _ASYNC_LOCK:
+                if it in _ASYNC:
+                    _ASYNC.remove(it)
+            continue
+        if err is not None or (_TIMEOUT is not None and now - t0 > _TIMEOUT):
+            _fire(name, seq, g, _TIMEOUT, err, abort_fn)
+
+
+_DESCRIBERS: list = []
+
+
+def register_describer(fn) -> None:
+    """``fn(comm)`` names an mpi4py communicator in deadline and mismatch reports (e.g. ``"mesh dim 0
+    of mesh [0, 1]"``), or returns None when it does not know it. The mesh registers one, so that this
+    module needs no knowledge of meshes. Exceptions are ignored."""
+    if fn not in _DESCRIBERS:
+        _DESCRIBERS.append(fn)
+
+
+def describe_group(g) -> str:
+    """World ranks of a Group and, when a describer knows its communicator (a mesh dim, ...), what it is."""
+    if g is None:
+        return "MPI.COMM_WORLD"
+    try:
+        ranks = g.comm.Get_group().Translate_ranks(list(range(g.size)), MPI.COMM_WORLD.Get_group())
+        text = f"group of world ranks {list(ranks)}"
+    except Exception:
+        text = f"group of size {g.size}"
+    for fn in list(_DESCRIBERS):
+        try:
+            what = fn(g.comm)
+        except Exception:
+            what = None
+        if what:
+            return f"{text} ({what})"
+    return text
+
+
+def _main_stack() -> str:
+    try:
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        if frame is None:
+            return ""
+        return "".join(traceback.format_stack(frame))
+    except Exception:
+        return ""
+
+
+def _fire(name, seq, g, limit, err, abort_fn):
+    what = (f"{name}#{seq}" if seq else name) + (f" on {describe_group(g)}" if g is not None else "")
+    if err is not None:
+        head = f"mpilocal: {what} failed asynchronously: {err}"
+    else:
+        if _DEBUG:  # fingerprints passed so far: no rank that got here called a different collective
+            why = ("another rank probably raised, exited early, or is still busy elsewhere (debug mode is on: the "
+                   "collectives issued so far matched)")
+        else:
+            why = ("another rank probably raised, exited early, or called a different collective "
+                   "(MPILOCAL_DEBUG=1 checks that)")
+        head = f"mpilocal: {what} did not complete within {limit:g} s (MPILOCAL_TIMEOUT); {why}. Aborting the MPI job."
+    stack = _main_stack()
+    msg = head + ("\nthis rank is waiting at:\n" + stack if stack else "")
+    if _INTERCEPT is not None:  # tests: record the report instead of ending the job
+        _INTERCEPT.append(msg)
+        return
+    for fn in ([abort_fn] if abort_fn else []) + list(_ABORT_HOOKS):
+        try:
+            fn() if fn is abort_fn else fn(g)
+        except Exception:
+            pass
+    abort(1, msg)
+
+
+# ------------------------------------------------------------------------------------------------
+# for the layers above: sequence numbers, control-operation counts, the fingerprint check
+# ------------------------------------------------------------------------------------------------
+def sequence(g) -> int:
+    """How many collectives this rank has begun on Group ``g`` (the number of the current one)."""
+    return g.cache.get(_SEQ, 0)
+
+
+def count_control(g) -> None:
+    """Count one operation on ``g``'s control communicator (agreements, fingerprints), for the leave
+    notices: a rank that left after fewer of them never joins the one this rank waits in."""
+    n = g.cache.get(_CTLN, 0) + 1
+    g.cache[_CTLN] = n
+    if n == 1:
+        _USED.add(g)
+
+
+def register_fingerprint_check(fn) -> None:
+    """Under ``MPILOCAL_DEBUG=1`` :func:`begin` calls ``fn(name, seq, g, send, detail)`` before each
+    collective (:func:`mpilocal.agreement.check_fingerprint`, registered when that module loads)."""
+    global _FINGERPRINT
+    _FINGERPRINT = fn
