@@ -4,6 +4,8 @@ Assertions on rank-dependent values go through :func:`assert_all`, which agrees 
 across ranks, so a failure is reported on every rank and no rank is left waiting in a collective.
 """
 
+import re
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -23,6 +25,35 @@ def assert_all(ok, msg: str = "", comm=None) -> None:
     if not all(flags):
         bad = [r for r, f in enumerate(flags) if not f]
         raise AssertionError(f"failed on ranks {bad}: {msg}")
+
+
+def raises_on_every_rank(exc, match, fn, *args, same_text=False, contains=(), comm=None, **kwargs):
+    """Collective ``pytest.raises``: ``fn(*args, **kwargs)`` must raise ``exc`` on every rank, with a
+    message that ``re.search(match, message, re.S)`` finds (``match=None``: any message) and that
+    holds every string in ``contains``; with ``same_text``, the same message on every rank. The
+    verdict is agreed over ``comm`` (the world), so a rank that does not raise fails the test on
+    every rank, naming the ranks, instead of leaving the others waiting. Returns this rank's exception.
+    """
+    comm = MPI.COMM_WORLD if comm is None else comm
+    want = getattr(exc, "__name__", None) or " or ".join(e.__name__ for e in exc)
+    err, problem = None, ""
+    try:
+        fn(*args, **kwargs)
+        problem = f"no exception, expected {want}"
+    except exc as e:
+        err, msg = e, str(e)
+        missing = [s for s in contains if s not in msg]
+        if match is not None and not re.search(match, msg, re.S):
+            problem = f"{type(e).__name__}({msg!r}) does not match {match!r}"
+        elif missing:
+            problem = f"{type(e).__name__}({msg!r}) does not contain {missing}"
+    except Exception as e:  # noqa: BLE001 - the wrong kind of error is reported, not raised
+        problem = f"raised {type(e).__name__}({e!s}), expected {want}"
+    assert_all(not problem, f"rank {comm.Get_rank()}: {problem}", comm)
+    if same_text:
+        texts = comm.allgather(str(err))
+        assert_all(len(set(texts)) == 1, f"the message differs between ranks: {texts}", comm)
+    return err
 
 
 def assert_close_all(actual, expected, comm=None, **kw) -> None:
@@ -210,12 +241,6 @@ class Check:
 
     def done(self):
         assert_all(not self.problems, "\n".join(self.problems[:6]))
-
-
-def checked(fn, *args, **kwargs):
-    """Call a collective on every rank. Library errors are raised identically on every rank (and the
-    library's watchdog ends a job whose ranks diverge), so no extra agreement round is spent here."""
-    return fn(*args, **kwargs)
 
 
 def make_mesh(kind):

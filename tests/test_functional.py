@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import Check, checked, DEVICE, DeviceFunctional, assert_all
+from conftest import RANK, W, Check, DEVICE, DeviceFunctional, assert_all
 from mpi4py import MPI
 
 import mpilocal.functional as funcol
@@ -18,8 +18,6 @@ if DEVICE == "cuda":  # CuPy shards: inputs go to the GPU, results must come bac
     funcol = DeviceFunctional(funcol)
 from mpilocal import init_device_mesh
 
-W = MPI.COMM_WORLD.Get_size()
-RANK = MPI.COMM_WORLD.Get_rank()
 
 pytestmark = pytest.mark.mpi
 
@@ -140,7 +138,7 @@ def test_all_reduce_ops_dtypes(op):
         shape = (3, 4)
         x = rank_input(RANK, shape, dtype, op)
         before = x.copy()
-        out = checked(funcol.all_reduce, x, op, group)
+        out = funcol.all_reduce(x, op, group)
         expected = np_reduce([rank_input(r, shape, dtype, op) for r in members], op)
         check_result(out, expected, x, before, dtype, chk, f"{op} {np.dtype(dtype).name}")
     chk.done()
@@ -154,7 +152,7 @@ def test_all_reduce_groups(kind):
         shape = (5,)
         x = rank_input(RANK, shape, np.float64, op, seed=3)
         before = x.copy()
-        out = checked(funcol.all_reduce, x, op, group)
+        out = funcol.all_reduce(x, op, group)
         expected = np_reduce([rank_input(r, shape, np.float64, op, seed=3) for r in members], op)
         check_result(out, expected, x, before, np.float64, chk, op)
     chk.done()
@@ -172,7 +170,7 @@ def test_all_reduce_non_contiguous():
         x = make(RANK)
         assert not x.flags.c_contiguous
         before = x.copy()
-        out = checked(funcol.all_reduce, x, "sum", group)
+        out = funcol.all_reduce(x, "sum", group)
         check_result(out, np_reduce([make(r) for r in members], "sum"), x, before, np.float64, chk, layout)
     chk.done()
 
@@ -183,7 +181,7 @@ def test_all_reduce_uppercase_op_names():
     x = rank_input(RANK, (4,), np.float64, seed=2)
     chk = Check()
     for op in ("SUM", "MAX"):
-        out = checked(funcol.all_reduce, x, op, group)
+        out = funcol.all_reduce(x, op, group)
         expected = np_reduce([rank_input(r, (4,), np.float64, seed=2) for r in members], op.lower())
         chk.close(out, expected, op)
     chk.done()
@@ -193,10 +191,10 @@ def test_all_reduce_0d_and_empty():
     group, members = make_group("mesh")
     chk = Check()
     x = np.full((), float(RANK + 1))
-    out = checked(funcol.all_reduce, x, "sum", group)
+    out = funcol.all_reduce(x, "sum", group)
     chk(out.shape == () and float(out) == sum(r + 1 for r in members), f"0-d: {out!r}")
     e = np.zeros((0, 3), dtype=np.float32)
-    out = checked(funcol.all_reduce, e, "max", group)
+    out = funcol.all_reduce(e, "max", group)
     chk(out.shape == (0, 3) and out.dtype == np.float32, f"empty: {out!r}")
     chk.done()
 
@@ -219,7 +217,7 @@ def test_all_gather_tensor(dtype):
 
             x = rank_input(RANK, shape_of(RANK), dtype, seed=7)
             before = x.copy()
-            out = checked(funcol.all_gather_tensor, x, gather_dim, group)
+            out = funcol.all_gather_tensor(x, gather_dim, group)
             expected = np.concatenate([rank_input(r, shape_of(r), dtype, seed=7) for r in members], axis=gather_dim)
             check_result(out, expected, x, before, dtype, chk, f"dim {gather_dim} uneven={uneven}")
     chk.done()
@@ -230,7 +228,7 @@ def test_all_gather_tensor_groups(kind):
     group, members = make_group(kind)
     x = rank_input(RANK, (RANK % 2 + 1, 3), np.float64, seed=11)
     before = x.copy()
-    out = checked(funcol.all_gather_tensor, x, 0, group)
+    out = funcol.all_gather_tensor(x, 0, group)
     expected = np.concatenate([rank_input(r, (r % 2 + 1, 3), np.float64, seed=11) for r in members])
     check_result(out, expected, x, before, np.float64)
 
@@ -247,7 +245,7 @@ def test_all_gather_tensor_non_contiguous():
 
             x = make(RANK)
             before = x.copy()
-            out = checked(funcol.all_gather_tensor, x, gather_dim, group)
+            out = funcol.all_gather_tensor(x, gather_dim, group)
             expected = np.concatenate([make(r) for r in members], axis=gather_dim)
             check_result(out, expected, x, before, np.float64, chk, f"{layout} dim {gather_dim}")
     chk.done()
@@ -281,7 +279,7 @@ def test_reduce_scatter_tensor(op):
             shape = tuple(shape)
             x = rank_input(RANK, shape, dtype, op, seed=17)
             before = x.copy()
-            out = checked(funcol.reduce_scatter_tensor, x, op, scatter_dim, group)
+            out = funcol.reduce_scatter_tensor(x, op, scatter_dim, group)
             total = np_reduce([rank_input(r, shape, dtype, op, seed=17) for r in members], op)
             expected = torch_chunk(total, k, scatter_dim)[members.index(RANK)]
             check_result(out, expected, x, before, dtype, chk, f"{np.dtype(dtype).name} dim {scatter_dim}")
@@ -295,7 +293,7 @@ def test_reduce_scatter_tensor_groups(kind):
     shape = (3 * k, 2)
     x = rank_input(RANK, shape, np.float64, seed=19)
     before = x.copy()
-    out = checked(funcol.reduce_scatter_tensor, x, "sum", 0, group)
+    out = funcol.reduce_scatter_tensor(x, "sum", 0, group)
     total = np_reduce([rank_input(r, shape, np.float64, seed=19) for r in members], "sum")
     expected = torch_chunk(total, k, 0)[members.index(RANK)]
     check_result(out, expected, x, before, np.float64)
@@ -310,7 +308,7 @@ def test_reduce_scatter_tensor_non_contiguous():
 
     x = make(RANK)
     before = x.copy()
-    out = checked(funcol.reduce_scatter_tensor, x, "sum", 0, group)
+    out = funcol.reduce_scatter_tensor(x, "sum", 0, group)
     expected = torch_chunk(np_reduce([make(r) for r in members], "sum"), k, 0)[members.index(RANK)]
     check_result(out, expected, x, before, np.float64)
 
@@ -321,7 +319,7 @@ def test_reduce_scatter_tensor_uneven_follows_torch_chunk():
     chk = Check()
     for n in (7, 1, 0):
         x = rank_input(RANK, (n, 2), np.float64, seed=29)
-        out = checked(funcol.reduce_scatter_tensor, x, "sum", 0, group)
+        out = funcol.reduce_scatter_tensor(x, "sum", 0, group)
         total = np_reduce([rank_input(r, (n, 2), np.float64, seed=29) for r in members], "sum")
         expected = torch_chunk(total, len(members), 0)[members.index(RANK)]
         check_result(out, expected, x, x.copy(), np.float64, chk, f"n={n}")
@@ -355,9 +353,9 @@ def test_all_to_all_single(kind):
         x = np.concatenate([a2a_block(RANK, j, in_splits[j], width, np.float64) for j in range(k)])
         before = x.copy()
         if uneven:
-            out = checked(funcol.all_to_all_single, x, out_splits, in_splits, group)
+            out = funcol.all_to_all_single(x, out_splits, in_splits, group)
         else:
-            out = checked(funcol.all_to_all_single, x, None, None, group)
+            out = funcol.all_to_all_single(x, None, None, group)
         expected = np.concatenate([a2a_block(members[j], me, out_splits[j], width, np.float64) for j in range(k)])
         check_result(out, expected, x, before, np.float64, chk, f"uneven={uneven}")
     chk.done()
@@ -375,13 +373,13 @@ def test_all_to_all_single_dtypes_non_contiguous(dtype):
     x_c = np.concatenate([a2a_block(RANK, j, in_splits[j], 4, dtype) for j in range(k)])
     x = np.asfortranarray(x_c)
     before = x.copy()
-    out = checked(funcol.all_to_all_single, x, out_splits, in_splits, group)
+    out = funcol.all_to_all_single(x, out_splits, in_splits, group)
     expected = np.concatenate([a2a_block(members[j], me, out_splits[j], 4, dtype) for j in range(k)])
     check_result(out, expected, x, before, dtype, chk, "fortran")
     # a strided view
     big = np.repeat(x_c, 2, axis=1)
     xs = big[:, ::2]
-    out = checked(funcol.all_to_all_single, xs, out_splits, in_splits, group)
+    out = funcol.all_to_all_single(xs, out_splits, in_splits, group)
     check_result(out, expected, xs, x_c, dtype, chk, "strided")
     chk.done()
 
@@ -394,7 +392,7 @@ def test_all_to_all_single_with_empty_blocks():
     in_splits = [2] + [0] * (k - 1)
     out_splits = [2] * k if me == 0 else [0] * k
     x = a2a_block(RANK, 0, 2, 2, np.float64)
-    out = checked(funcol.all_to_all_single, x, out_splits, in_splits, group)
+    out = funcol.all_to_all_single(x, out_splits, in_splits, group)
     if me == 0:
         expected = np.concatenate([a2a_block(members[j], 0, 2, 2, np.float64) for j in range(k)])
     else:
@@ -415,7 +413,7 @@ def test_broadcast_world():
             for src in range(W):
                 x = rank_input(RANK, (3, 2), dtype, seed=31)
                 before = x.copy()
-                out = checked(funcol.broadcast, x, src, group)
+                out = funcol.broadcast(x, src, group)
                 expected = rank_input(src, (3, 2), dtype, seed=31)
                 check_result(out, expected, x, before, dtype, chk, f"{np.dtype(dtype).name} {kind} src={src}")
     chk.done()
@@ -425,7 +423,7 @@ def test_broadcast_non_contiguous():
     group, members = make_group("mesh")
     x = rank_input(RANK, (4, 6), np.float64, seed=37).T[::2]
     before = x.copy()
-    out = checked(funcol.broadcast, x, 0, group)
+    out = funcol.broadcast(x, 0, group)
     expected = rank_input(0, (4, 6), np.float64, seed=37).T[::2]
     check_result(out, expected, x, before, np.float64)
 
@@ -438,7 +436,7 @@ def test_broadcast_src_is_group_rank(kind):
     chk = Check()
     for src in range(len(members)):
         x = rank_input(RANK, (2, 2), np.float64, seed=41)
-        out = checked(funcol.broadcast, x, src, group)
+        out = funcol.broadcast(x, src, group)
         expected = rank_input(members[src], (2, 2), np.float64, seed=41)
         check_result(out, expected, x, x.copy(), np.float64, chk, f"src={src}")
     chk.done()

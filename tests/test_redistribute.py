@@ -9,14 +9,14 @@ their reduction is the global array. After redistributing, ``to_local()`` must b
 
 import numpy as np
 import pytest
-from conftest import make_mesh, mesh_or_skip, Check, checked, DEVICE, assert_all, assert_close_all, on_device, to_device, to_host
+from conftest import (
+    RANK, W, make_mesh, mesh_or_skip, Check, DEVICE, assert_all, assert_close_all, on_device, to_device, to_host,
+)
 from mpi4py import MPI
 
 from mpilocal import CommDebugMode, DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
 from mpilocal.layout import local_slices
 
-W = MPI.COMM_WORLD.Get_size()
-RANK = MPI.COMM_WORLD.Get_rank()
 
 pytestmark = pytest.mark.mpi
 
@@ -68,16 +68,16 @@ def check_dtensor(chk, dt, G, mesh, placements, full=True, what=""):
     if local.shape == exp.shape:
         chk.close(local, exp, f"{what}: to_local()", **tol(G.dtype))
     if full:
-        whole = to_host(to_host(checked(dt.full_tensor)))
+        whole = to_host(dt.full_tensor())
         chk(whole.shape == G.shape and whole.dtype == G.dtype, f"{what}: full_tensor {whole.shape} {whole.dtype}")
         chk.close(whole, G, f"{what}: full_tensor()", **tol(G.dtype))
 
 
 def redistribute_and_check(chk, G, mesh, src, dst):
     what = f"{list(src)} -> {list(dst)} {G.shape} {G.dtype}"
-    dt = checked(distribute_tensor, G, mesh, list(src))
+    dt = distribute_tensor(G, mesh, list(src))
     check_dtensor(chk, dt, G, mesh, src, full=False, what=what + " (source)")
-    out = checked(dt.redistribute, mesh, list(dst))
+    out = dt.redistribute(mesh, list(dst))
     check_dtensor(chk, out, G, mesh, dst, what=what)
     # the source is untouched
     chk.close(to_host(dt.to_local()), expected_local(G, mesh, src), what + " (source after)", **tol(G.dtype))
@@ -120,7 +120,7 @@ def partial_local(G, mesh, placements, op, seed=1):
 
 def partial_dtensor(G, mesh, placements, op):
     local = partial_local(G, mesh, placements, op)
-    return checked(DTensor.from_local, local, mesh, list(placements), shape=G.shape)
+    return DTensor.from_local(local, mesh, list(placements), shape=G.shape)
 
 
 def op_dtype_ok(op, dtype):
@@ -170,9 +170,9 @@ def test_negative_shard_dim_is_normalized():
     mesh = make_mesh("1d")
     G = global_array((7, 5), np.float64, seed=5)
     chk = Check()
-    dt = checked(distribute_tensor, G, mesh, [Shard(-1)])
+    dt = distribute_tensor(G, mesh, [Shard(-1)])
     chk(tuple(dt.placements) == (S1,), f"{dt.placements}")
-    out = checked(dt.redistribute, mesh, [Shard(-2)])
+    out = dt.redistribute(mesh, [Shard(-2)])
     check_dtensor(chk, out, G, mesh, (S0,))
     chk.done()
 
@@ -181,9 +181,9 @@ def test_chain_of_redistributes_round_trip():
     mesh = make_mesh("1d")
     G = global_array((7, 6), np.float64, seed=6)
     chk = Check()
-    dt = checked(distribute_tensor, G, mesh, [S0])
+    dt = distribute_tensor(G, mesh, [S0])
     for pl in ([S1], [R], [S0], [S1], [S0], [R]):
-        dt = checked(dt.redistribute, mesh, pl)
+        dt = dt.redistribute(mesh, pl)
         check_dtensor(chk, dt, G, mesh, tuple(pl), full=False)
     check_dtensor(chk, dt, G, mesh, (R,))
     chk.done()
@@ -193,8 +193,8 @@ def test_redistribute_default_mesh_argument():
     mesh = make_mesh("1d")
     G = global_array((6, 4), np.float64, seed=7)
     chk = Check()
-    dt = checked(distribute_tensor, G, mesh, [S0])
-    out = checked(dt.redistribute, placements=[S1])
+    dt = distribute_tensor(G, mesh, [S0])
+    out = dt.redistribute(placements=[S1])
     chk(out.device_mesh == mesh, "device_mesh changed")
     check_dtensor(chk, out, G, mesh, (S1,))
     chk.done()
@@ -215,7 +215,7 @@ def test_1d_partial(op, dtype):
     for dst in (R, S0, S1):
         dt = partial_dtensor(G, mesh, (Partial(op),), op)
         chk(tuple(dt.placements) == (Partial(op),), f"placements {dt.placements}")
-        out = checked(dt.redistribute, mesh, [dst])
+        out = dt.redistribute(mesh, [dst])
         check_dtensor(chk, out, G, mesh, (dst,), full=(dst != R), what=f"P({op}) -> {dst!r}")
     chk.done()
 
@@ -227,7 +227,7 @@ def test_1d_partial_shapes():
         G = global_array(shape, np.float64, seed=9)
         for dst in (R, S0, S1):
             dt = partial_dtensor(G, mesh, (Partial(),), "sum")
-            out = checked(dt.redistribute, mesh, [dst])
+            out = dt.redistribute(mesh, [dst])
             check_dtensor(chk, out, G, mesh, (dst,), full=False, what=f"{shape} P -> {dst!r}")
     chk.done()
 
@@ -238,7 +238,7 @@ def test_partial_full_tensor_reduces():
     for op in ("sum", "max", "product"):
         G = global_array((5, 3), np.float64, seed=10)
         dt = partial_dtensor(G, mesh, (Partial(op),), op)
-        chk.close(to_host(checked(dt.full_tensor)), G, f"full_tensor of Partial({op})")
+        chk.close(to_host(dt.full_tensor()), G, f"full_tensor of Partial({op})")
     chk.done()
 
 
@@ -246,9 +246,9 @@ def test_partial_to_same_partial_is_noop():
     mesh = make_mesh("1d")
     G = global_array((5, 3), np.float64, seed=11)
     local = partial_local(G, mesh, (Partial(),), "sum")
-    dt = checked(DTensor.from_local, local, mesh, [Partial()], shape=G.shape)
+    dt = DTensor.from_local(local, mesh, [Partial()], shape=G.shape)
     with CommDebugMode() as comm:
-        out = checked(dt.redistribute, mesh, [Partial()])
+        out = dt.redistribute(mesh, [Partial()])
     chk = Check()
     chk(comm.get_total_counts() == 0, f"{comm.get_comm_counts()}")
     chk(tuple(out.placements) == (Partial(),) and np.array_equal(to_host(out.to_local()), local), "changed")
@@ -267,7 +267,7 @@ def test_redistribute_to_partial_is_rejected(src, dst):
     if src.is_partial():
         dt = partial_dtensor(G, mesh, (src,), src.reduce_op)
     else:
-        dt = checked(distribute_tensor, G, mesh, [src])
+        dt = distribute_tensor(G, mesh, [src])
     with CommDebugMode() as comm:
         with pytest.raises(PARTIAL_ERRORS):
             dt.redistribute(mesh, [dst])
@@ -285,12 +285,12 @@ def test_distribute_tensor_partial(op, src_data_rank):
     mesh = make_mesh("1d")
     G = global_array((5, 3), np.float64, seed=13)
     chk = Check()
-    dt = checked(distribute_tensor, G, mesh, [Partial(op)], src_data_rank=src_data_rank)
+    dt = distribute_tensor(G, mesh, [Partial(op)], src_data_rank=src_data_rank)
     local = to_host(dt.to_local())
     want = G if (op not in IDENTITY or RANK == 0) else np.full_like(G, IDENTITY[op])
     chk(tuple(dt.placements) == (Partial(op),) and tuple(dt.shape) == G.shape, f"{dt.placements} {dt.shape}")
     chk(local.shape == G.shape and np.array_equal(local, want), f"{op}: local {local.ravel()[:4]}")
-    chk.close(to_host(checked(dt.full_tensor)), G, f"full_tensor of distributed Partial({op})")
+    chk.close(to_host(dt.full_tensor()), G, f"full_tensor of distributed Partial({op})")
     chk.done()
 
 
@@ -301,7 +301,7 @@ def test_distribute_tensor_partial_2d(kind, placements):
     mesh = mesh_or_skip(kind)
     G = global_array((7, 6), np.float64, seed=14)
     chk = Check()
-    dt = checked(distribute_tensor, G, mesh, list(placements))
+    dt = distribute_tensor(G, mesh, list(placements))
     coord = mesh.get_coordinate()
     value_pl = tuple(R if p.is_partial() else p for p in placements)
     want = G[local_slices(G.shape, mesh.shape, value_pl, tuple(coord))]
@@ -310,7 +310,7 @@ def test_distribute_tensor_partial_2d(kind, placements):
         if p.is_partial() and p.reduce_op in IDENTITY and coord[m] != 0 and mesh.shape[m] > 1:
             want = np.full_like(want, IDENTITY[p.reduce_op])
     chk(np.array_equal(to_host(dt.to_local()), want), f"{placements} at {coord}")
-    chk.close(to_host(checked(dt.full_tensor)), G, f"full_tensor of {placements}")
+    chk.close(to_host(dt.full_tensor()), G, f"full_tensor of {placements}")
     chk.done()
 
 
@@ -397,7 +397,7 @@ def test_2d_partial(kind, src, dst):
         psrc = tuple(Partial(op) if p.is_partial() else p for p in src)
         G = global_array((7, 5), np.float64, seed=17, low=-3, high=4)
         dt = partial_dtensor(G, mesh, psrc, op)
-        out = checked(dt.redistribute, mesh, list(dst))
+        out = dt.redistribute(mesh, list(dst))
         check_dtensor(chk, out, G, mesh, dst, full=(op == "sum"), what=f"{list(psrc)} -> {list(dst)}")
     chk.done()
 
@@ -429,10 +429,10 @@ def test_comm_counts_1d():
         if src[0].is_partial():
             dt = partial_dtensor(G, mesh, src, src[0].reduce_op)
         else:
-            dt = checked(distribute_tensor, G, mesh, list(src))
+            dt = distribute_tensor(G, mesh, list(src))
         _ = dt.shape  # settle any pending metadata outside the counted region
         with CommDebugMode() as comm:
-            out = checked(dt.redistribute, mesh, list(dst))
+            out = dt.redistribute(mesh, list(dst))
         counts = {k: v for k, v in comm.get_comm_counts().items() if v}
         what = f"{list(src)} -> {list(dst)}"
         if name is None:
@@ -461,16 +461,16 @@ def test_comm_counts_2d():
     ]
     chk = Check()
     for src, dst, want in cases:
-        dt = checked(distribute_tensor, G, mesh, list(src))
+        dt = distribute_tensor(G, mesh, list(src))
         with CommDebugMode() as comm:
-            out = checked(dt.redistribute, mesh, list(dst))
+            out = dt.redistribute(mesh, list(dst))
         got = {k: v for k, v in comm.get_comm_counts().items() if v}
         chk(got == want, f"{src} -> {dst}: {got} != {want}")
         check_dtensor(chk, out, G, mesh, dst, full=False)
     # nested: the outer change forces the inner dim to be un-sharded too, still one collective each
-    dt = checked(distribute_tensor, G, mesh, [S0, S0])
+    dt = distribute_tensor(G, mesh, [S0, S0])
     with CommDebugMode() as comm:
-        out = checked(dt.redistribute, mesh, [R, S0])
+        out = dt.redistribute(mesh, [R, S0])
     chk(comm.get_total_counts() <= 2, f"nested: {comm.get_comm_counts()}")
     check_dtensor(chk, out, G, mesh, (R, S0), full=False)
     chk.done()
@@ -510,8 +510,8 @@ def test_subset_mesh_everyone_calls(kind):
     mesh = DeviceMesh(DEVICE, ranks)
     on = RANK in ranks
     G = global_array((7, 5), np.float64, seed=21)
-    dt = checked(distribute_tensor, G, mesh, [S0])
-    out = checked(dt.redistribute, mesh, [S1])
+    dt = distribute_tensor(G, mesh, [S0])
+    out = dt.redistribute(mesh, [S1])
     if on:
         ok = np.array_equal(to_host(out.to_local()), expected_local(G, mesh, (S1,)))
     else:
@@ -550,7 +550,7 @@ ALIAS_2D = [(a, b) for a in (S0, S1, R, Partial()) for b in (S0, S1, R, Partial(
 def _alias_source(G, mesh, placements):
     if any(p.is_partial() for p in placements):
         return partial_dtensor(G, mesh, placements, "sum")
-    return checked(distribute_tensor, G, mesh, list(placements))
+    return distribute_tensor(G, mesh, list(placements))
 
 
 def _alias_pairs(kinds):
@@ -569,7 +569,7 @@ def _alias_pairs(kinds):
 def _check_no_alias(chk, G, mesh, src, dst):
     dt = _alias_source(G, mesh, src)
     before = to_host(dt.to_local()).copy()
-    out = checked(dt.redistribute, mesh, list(dst))
+    out = dt.redistribute(mesh, list(dst))
     a, b = dt.to_local(), out.to_local()
     xp = np if isinstance(a, np.ndarray) else __import__("cupy")
     chk(not xp.shares_memory(a, b), f"{list(src)} -> {list(dst)}: the result shares memory with the input")
@@ -605,10 +605,10 @@ def test_documented_aliases():
     mesh = make_mesh("1d")
     x = to_device(np.arange(12.0).reshape(4, 3))
     chk = Check()
-    dt = checked(DTensor.from_local, x, mesh, [R])
+    dt = DTensor.from_local(x, mesh, [R])
     chk(dt.to_local() is x, "from_local(...).to_local() is not the array passed in")
-    chk(checked(dt.full_tensor) is x, "full_tensor() of a Replicate DTensor is not its local array")
-    chk(checked(dt.redistribute, mesh, [R]) is dt, "redistribute to the same placements is not the DTensor itself")
+    chk(dt.full_tensor() is x, "full_tensor() of a Replicate DTensor is not its local array")
+    chk(dt.redistribute(mesh, [R]) is dt, "redistribute to the same placements is not the DTensor itself")
     chk.done()
 
 
@@ -620,14 +620,14 @@ def test_replicate_to_replicate_forward_backward():
     mesh = make_mesh("1d")
     G = global_array((12, 3), np.float64, seed=40)
     chk = Check()
-    rep = checked(distribute_tensor, G, mesh, [R], requires_grad=True)
+    rep = distribute_tensor(G, mesh, [R], requires_grad=True)
     with CommDebugMode() as comm:
-        out = checked(rep.redistribute, mesh, [R])
+        out = rep.redistribute(mesh, [R])
     chk(comm.get_total_counts() == 0, f"forward {comm.get_comm_counts()}")
     chk(out is not rep and out.requires_grad and not out.is_leaf, "R -> R with grad: a new DTensor with a grad_fn")
     chk(np.array_equal(to_host(out.detach().to_local()), G), "R -> R forward values")
     with CommDebugMode() as comm:
-        checked(out.backward, DTensor.from_local(to_device(np.ones((12, 3))), mesh, [R]))
+        out.backward(DTensor.from_local(to_device(np.ones((12, 3))), mesh, [R]))
     chk(comm.get_total_counts() == 0, f"backward {comm.get_comm_counts()}")
     chk(rep.grad.placements == (R,) and np.array_equal(to_host(rep.grad.to_local()), np.ones((12, 3))), "grad")
     chk.done()
@@ -639,7 +639,7 @@ def test_replicate_to_local_partial_grad():
     mesh = make_mesh("1d")
     G = global_array((12, 3), np.float64, seed=41)
     chk = Check()
-    rep = checked(distribute_tensor, G, mesh, [R], requires_grad=True)
+    rep = distribute_tensor(G, mesh, [R], requires_grad=True)
     with CommDebugMode() as comm:
         out = rep.redistribute(mesh, [R]).to_local(grad_placements=[Partial()])
         loss = out * to_device(np.full((12, 3), float(RANK + 1)))  # this rank's local contribution
@@ -659,7 +659,7 @@ def test_replicate_to_local_partial_grad_counts():
     mesh = make_mesh("1d")
     G = global_array((12, 3), np.float64, seed=42)
     chk = Check()
-    rep = checked(distribute_tensor, G, mesh, [R], requires_grad=True)
+    rep = distribute_tensor(G, mesh, [R], requires_grad=True)
     with CommDebugMode() as comm:
         out = rep.redistribute(placements=[R]).to_local(grad_placements=[Partial()])
         out.backward(to_device(np.ones((12, 3))))
@@ -681,7 +681,7 @@ def test_redistribute_forward_backward_dtype(src, dst, fwd, bwd):
     for shape in [(W * 3, 3), (W * 3 + 1, 3), (3, W * 3 + 2)]:
         G = global_array(shape, np.float64, seed=43)
         chk = Check()
-        dt = checked(distribute_tensor, G, mesh, list(src), requires_grad=True)
+        dt = distribute_tensor(G, mesh, list(src), requires_grad=True)
         with CommDebugMode() as comm:
             out = dt.redistribute(mesh, list(dst), forward_dtype=fwd, backward_dtype=bwd)
         want_dtype = np.dtype(fwd) if fwd is not None else G.dtype
@@ -692,7 +692,7 @@ def test_redistribute_forward_backward_dtype(src, dst, fwd, bwd):
         g = DTensor.from_local(to_device(np.ones(out.to_local().shape, dtype=want_dtype)), mesh, list(dst),
                                shape=shape)
         with CommDebugMode() as comm:
-            checked(out.backward, g)
+            out.backward(g)
         grad = dt.grad
         chk(grad.placements == tuple(src), f"grad placements {grad.placements}")
         chk(grad.dtype == G.dtype, f"grad dtype {grad.dtype} != the input's {G.dtype}")
@@ -708,7 +708,7 @@ def test_full_tensor_grad_placements():
     mesh = make_mesh("1d")
     G = global_array((2 * W + 1, 3), np.float64, seed=44)
     chk = Check()
-    dt = checked(distribute_tensor, G, mesh, [S0], requires_grad=True)
+    dt = distribute_tensor(G, mesh, [S0], requires_grad=True)
     full = dt.full_tensor(grad_placements=[Partial()])
     chk(np.array_equal(to_host(full.detach() if hasattr(full, "detach") else full), G), "full_tensor values")
     weight = to_device(np.full(G.shape, float(RANK + 1)))
@@ -716,7 +716,7 @@ def test_full_tensor_grad_placements():
     want = np.full(G.shape, W * (W + 1) / 2.0)[local_slices(G.shape, mesh.shape, (S0,), tuple(mesh.get_coordinate()))]
     chk(dt.grad.placements == (S0,) and np.array_equal(to_host(dt.grad.to_local()), want), "grad")
     # without gradients: checked, the array returned
-    plain = checked(distribute_tensor, G, mesh, [S0])
+    plain = distribute_tensor(G, mesh, [S0])
     chk(np.array_equal(to_host(plain.full_tensor(grad_placements=[R])), G), "plain full_tensor(grad_placements)")
     chk.done()
 
@@ -733,13 +733,13 @@ def test_off_mesh_ranks_report_global_shape_and_empty_local():
     chk = Check()
     local = to_device(np.ascontiguousarray(G[local_slices(G.shape, (k,), (S0,), (ranks.index(RANK),))]
                                            if on else G[:3]))
-    a = checked(DTensor.from_local, local, mesh, [S0])
-    b = checked(DTensor.from_local, local, mesh, [S0], shape=G.shape)
-    c = checked(DTensor.from_local, local, mesh, [S0], run_check=True)
+    a = DTensor.from_local(local, mesh, [S0])
+    b = DTensor.from_local(local, mesh, [S0], shape=G.shape)
+    c = DTensor.from_local(local, mesh, [S0], run_check=True)
     for name, dt in (("from_local", a), ("from_local(shape=)", b), ("from_local(run_check)", c)):
         chk(tuple(dt.shape) == G.shape, f"{name}: shape {dt.shape} on rank {RANK} (on mesh: {on})")
         chk(on or to_host(dt.to_local()).size == 0, f"{name}: off-mesh local {to_host(dt.to_local()).shape}")
-        out = checked(dt.redistribute, mesh, [R])
+        out = dt.redistribute(mesh, [R])
         chk(tuple(out.shape) == G.shape, f"{name}: redistribute shape {out.shape}")
         chk(np.array_equal(to_host(out.to_local()), G) if on else to_host(out.to_local()).size == 0,
             f"{name}: redistribute local {to_host(out.to_local()).shape}")
@@ -757,7 +757,7 @@ def test_shard_to_replicate_forward_backward(dtype):
     n = 1 if W > 1 else 0
     for size, dim in SIZES_AND_DIM:
         G = global_array(size, dtype, seed=50)
-        dt = checked(distribute_tensor, G, mesh, [Shard(dim)], requires_grad=True)
+        dt = distribute_tensor(G, mesh, [Shard(dim)], requires_grad=True)
         with CommDebugMode() as comm:
             out = dt.redistribute(mesh, [R])
         chk(tuple(out.size()) == size and np.array_equal(to_host(out.detach().to_local()), G), f"{size} forward")
@@ -777,7 +777,7 @@ def test_replicate_to_shard_forward_backward():
     n = 1 if W > 1 else 0
     for size, dim in SIZES_AND_DIM:
         G = global_array(size, np.float64, seed=51)
-        rep = checked(distribute_tensor, G, mesh, [R], requires_grad=True)
+        rep = distribute_tensor(G, mesh, [R], requires_grad=True)
         with CommDebugMode() as comm:
             out = rep.redistribute(mesh, [Shard(dim)])
         chk(tuple(out.size()) == size and out.placements == (Shard(dim),), f"{size}")
@@ -817,7 +817,7 @@ def test_partial_to_replicate_forward_backward(dtype):
 def test_partial_to_partial_forward_backward():
     mesh = make_mesh("1d")
     chk = Check()
-    pt = checked(distribute_tensor, to_device(np.ones((12, 3))), mesh, [Partial()], requires_grad=True)
+    pt = distribute_tensor(to_device(np.ones((12, 3))), mesh, [Partial()], requires_grad=True)
     with CommDebugMode() as comm:
         out = pt.redistribute(mesh, [Partial()])
     chk(comm.get_total_counts() == 0 and np.array_equal(to_host(out.detach().to_local()),
