@@ -29,6 +29,7 @@ __all__ = [
     "chunk_sizes",
     "chunk_size_and_offset",
     "block_sizes",
+    "block_size_and_offset",
     "shard_sizes",
     "shards",
     "local_shape_and_offset",
@@ -113,13 +114,19 @@ def chunk_sizes(n: int, k: int) -> tuple:
     return tuple(chunk_size_and_offset(n, k, i)[0] for i in range(k))
 
 
+def block_size_and_offset(n: int, k: int, i: int) -> tuple[int, int]:
+    """Size and offset of piece ``i`` of ``n`` elements split ``k`` ways by the MPI block rule
+    (:func:`block_sizes`); the transports cut buffers into pieces by it."""
+    q, r = divmod(n, k)
+    return q + (i < r), i * q + min(i, r)
+
+
 def block_sizes(n: int, k: int) -> tuple:
     """The MPI block split of ``n`` rows over ``k`` ranks: ``n // k + (i < n % k)`` (PETSc's and most
     hand-written MPI codes'; the slack on the first ranks, unlike ``torch.chunk``)."""
     if k <= 0 or n < 0:
         raise ValueError(f"block_sizes: need n >= 0 and k >= 1, got n={n}, k={k}")
-    q, r = divmod(n, k)
-    return tuple(q + (i < r) for i in range(k))
+    return tuple(block_size_and_offset(n, k, i)[0] for i in range(k))
 
 
 def shard_sizes(p, n: int, k: int) -> tuple:

@@ -8,10 +8,9 @@ is their reduction by ``op``. Names, equality and repr follow ``torch.distribute
 
 from __future__ import annotations
 
-__all__ = ["Placement", "Shard", "Replicate", "Partial", "REDUCE_OPS"]
+from .names import REDUCE_OPS
 
-#: The reduce ops a ``Partial`` placement (and the functional collectives) accept.
-REDUCE_OPS = ("sum", "avg", "max", "min", "product")
+__all__ = ["Placement", "Shard", "Replicate", "Partial", "REDUCE_OPS"]
 
 
 class Placement:

@@ -544,3 +544,17 @@ def test_redistribute_plan_round_trip(layout):
     global_shape, mesh_shape, src, dst = layout
     check_plan(global_shape, mesh_shape, src, dst)
     check_plan(global_shape, mesh_shape, dst, src)
+
+
+def test_block_size_and_offset_is_numpy_array_split():
+    """The MPI block rule that the transports cut buffers by (``cuda_mpi`` all-reduce blocks,
+    ``staged`` pipeline pieces) is ``np.array_split``'s: the first ``n % k`` pieces one larger."""
+    from mpilocal.layout import block_size_and_offset, block_sizes
+
+    for n in range(0, 23):
+        for k in range(1, 9):
+            pieces = np.array_split(np.arange(n), k)
+            want = [(len(p), int(p[0]) if len(p) else sum(len(q) for q in pieces[:i])) for i, p in enumerate(pieces)]
+            got = [block_size_and_offset(n, k, i) for i in range(k)]
+            assert got == want, (n, k, got, want)
+            assert block_sizes(n, k) == tuple(s for s, _ in want)
