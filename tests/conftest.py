@@ -27,7 +27,7 @@ def assert_all(ok, msg: str = "", comm=None) -> None:
         raise AssertionError(f"failed on ranks {bad}: {msg}")
 
 
-def raises_on_every_rank(exc, match, fn, *args, same_text=False, contains=(), comm=None, **kwargs):
+def raises_all(exc, match, fn, *args, same_text=False, contains=(), comm=None, **kwargs):
     """Collective ``pytest.raises``: ``fn(*args, **kwargs)`` must raise ``exc`` on every rank, with a
     message that ``re.search(match, message, re.S)`` finds (``match=None``: any message) and that
     holds every string in ``contains``; with ``same_text``, the same message on every rank. The
@@ -75,7 +75,7 @@ def world():
 
 # ------------------------------------------------------------------------------------------------
 # failure handling (issue 5): a failing or hung rank ends the job, promptly and with its traceback.
-# - Every collective mpilocal issues has a deadline (mpilocal.failure); in tests it defaults to 90 s,
+# - Every collective mpilocal issues has a deadline (mpilocal.deadline); in tests it defaults to 90 s,
 #   below the per-test pytest-timeout (120 s), unless MPILOCAL_TIMEOUT is set.
 # - A test that fails on some rank prints that rank's failure to stderr at once (prefixed with the
 #   rank), so it is visible even when the job is then aborted.
@@ -87,25 +87,41 @@ import os as _os
 import sys as _sys
 import time as _time
 
-import mpilocal.failure as _failure
+import mpilocal.deadline as _deadline
 
 if not _os.environ.get("MPILOCAL_TIMEOUT"):
-    _failure.set_timeout(90)
+    _deadline.set_timeout(90)
+
+
+class debug_mode:
+    """``with debug_mode():`` MPILOCAL_DEBUG=1 (collective fingerprints and checks) for the block;
+    ``debug_mode(False)``: off. Switch it on every rank."""
+
+    def __init__(self, on=True):
+        self.on = on
+
+    def __enter__(self):
+        self.prev = _deadline.debug_enabled()
+        _deadline.set_debug(self.on)
+
+    def __exit__(self, *exc):
+        _deadline.set_debug(self.prev)
+        return False
 
 _SYNC_COMM = []
 
 
 def _end_of_test_sync(nodeid):
-    if MPI.COMM_WORLD.Get_size() == 1 or _failure.timeout() is None:
+    if MPI.COMM_WORLD.Get_size() == 1 or _deadline.timeout() is None:
         return
     from mpilocal.transport import group_for
 
     if not _SYNC_COMM:
         _SYNC_COMM.append(group_for(MPI.COMM_WORLD.Dup()))
     g = _SYNC_COMM[0]
-    with _failure.begin(f"end-of-test sync after {nodeid}", g):
+    with _deadline.begin(f"end-of-test sync after {nodeid}", g):
         # polled with sleeps, not a blocking Barrier: MPICH busy-waits in a Barrier, which would take
-        # the cores from the jobs one rank launches while the others wait here (test_failure.py)
+        # the cores from the jobs one rank launches while the others wait here (test_deadline.py)
         req = g.comm.Ibarrier()
         pause = 0.0
         while not req.Test():
@@ -122,13 +138,13 @@ def pytest_runtest_protocol(item, nextitem):
 def pytest_configure(config):
     capman = config.pluginmanager.getplugin("capturemanager")
     if capman is not None:  # an abort report must reach the terminal, not pytest's capture buffer
-        _failure.register_before_report(lambda: capman.suspend_global_capture(in_=False))
+        _deadline.register_before_report(lambda: capman.suspend_global_capture(in_=False))
 
 
 def pytest_runtest_logreport(report):
     if report.failed and MPI.COMM_WORLD.Get_size() > 1:
         text = f"{report.when} of {report.nodeid} FAILED on this rank:\n{report.longreprtext}"
-        _sys.stderr.write(_failure._prefix(text[-4000:]))
+        _sys.stderr.write(_deadline._prefix(text[-4000:]))
         _sys.stderr.flush()
 
 
@@ -312,15 +328,15 @@ class _RankReport:
             from _pytest.config import create_terminal_writer
 
             self.reporter._tw = create_terminal_writer(config, open(_os.devnull, "w"))
-        _failure.register_before_report(self._name_current_test)
+        _deadline.register_before_report(self._name_current_test)
 
     def _name_current_test(self):
         if self.current:
-            self.stderr.write(_failure._prefix(f"pytest was running {self.current}", self.rank))
+            self.stderr.write(_deadline._prefix(f"pytest was running {self.current}", self.rank))
             self.stderr.flush()
 
     def _to_stderr(self, text):
-        self.stderr.write(_failure._prefix(text, self.rank))
+        self.stderr.write(_deadline._prefix(text, self.rank))
         self.stderr.flush()
 
     def header(self):
@@ -367,7 +383,7 @@ class _RankReport:
 
         sent = {k: v for k, v in self.outcomes.items() if any(c in _BAD_CATEGORIES for c, _ in v)}
         worst = {k: _worst([c for c, _ in v]) for k, v in self.outcomes.items()}
-        with _failure.begin("end-of-session report gather", group_for(self.comm)):
+        with _deadline.begin("end-of-session report gather", group_for(self.comm)):
             everything = self.comm.gather((sent, worst) if self.rank else None, root=0)
         if self.rank != 0 or self.reporter is None:
             return

@@ -17,12 +17,9 @@ Run: ``mpiexec -n N python -m pytest --with-mpi tests/test_autograd.py`` for N =
   ``mpilocal.autograd.Function``, and that without grad nothing is tracked.
 """
 
-import os
-
 import numpy as np
 import pytest
-from conftest import assert_all, assert_close_all
-from mpi4py import MPI
+from conftest import DEVICE, RANK, W, WORLD, assert_all, assert_close_all, debug_mode, raises_all, xp
 
 import mpilocal.functional as funcol
 from mpilocal import (
@@ -40,16 +37,6 @@ from mpilocal.autograd import Function, Tracked, tensor
 
 pytestmark = pytest.mark.mpi
 
-WORLD = MPI.COMM_WORLD
-RANK = WORLD.Get_rank()
-W = WORLD.Get_size()
-
-DEVICE = os.environ.get("MPILOCAL_TEST_DEVICE", "cpu")
-if DEVICE == "cuda":
-    import cupy as xp
-else:
-    xp = np
-    DEVICE = "cpu"
 
 MESH_SIZES = sorted({k for k in (1, 2, 4) if k <= W} | {W})
 
@@ -757,31 +744,8 @@ def test_argument_errors():
 # 7. issue 9: MPILOCAL_DEBUG checks the gradients local_map labels Replicate; Tracked errors
 #    outside local_map name .detach(); issue 10: the backward split agreement is accounted
 # ------------------------------------------------------------------------------------------------
-import re  # noqa: E402
 
 import mpilocal.failure as _failure  # noqa: E402
-
-
-class debug_mode:
-    def __enter__(self):
-        self.prev = _failure.debug_enabled()
-        _failure.set_debug(True)
-
-    def __exit__(self, *exc):
-        _failure.set_debug(self.prev)
-        return False
-
-
-def raises_all(exc, match, fn, *args):
-    """``fn(*args)`` must raise ``exc`` matching ``match`` on every rank (checked collectively)."""
-    problem = f"rank {RANK}: no exception"
-    try:
-        fn(*args)
-    except exc as e:
-        problem = "" if re.search(match, str(e)) else f"rank {RANK}: {e!s} does not match {match!r}"
-    except Exception as e:  # noqa: BLE001 - reported below
-        problem = f"rank {RANK}: {type(e).__name__}: {e!s}"
-    assert_all(not problem, problem)
 
 
 def _dp_step(mesh, in_grad_placements):

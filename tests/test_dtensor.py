@@ -4,7 +4,7 @@ run_check), to_local, full_tensor, placements, device_mesh, shape, dtype, ndim, 
 import numpy as np
 import pytest
 from conftest import (
-    RANK, W, make_mesh, mesh_or_skip, Check, DEVICE, on_device, to_device, to_host, assert_all, raises_on_every_rank,
+    RANK, W, make_mesh, mesh_or_skip, Check, DEVICE, on_device, to_device, to_host, assert_all, raises_all,
 )
 
 from mpilocal import DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
@@ -369,14 +369,14 @@ def test_distribute_tensor_none_errors():
     mesh = make_mesh("1d")
     G = base_array((4, 3), seed=22)
     # the source passes None: every rank raises
-    raises_on_every_rank(TypeError, r"source", lambda: distribute_tensor(None if RANK == 0 else G, mesh, [S0]))
+    raises_all(TypeError, r"source", lambda: distribute_tensor(None if RANK == 0 else G, mesh, [S0]))
     # src_data_rank=None needs the array everywhere (no communication: each rank raises for itself)
-    raises_on_every_rank(TypeError, r"src_data_rank", lambda: distribute_tensor(None, mesh, [S0], src_data_rank=None))
+    raises_all(TypeError, r"src_data_rank", lambda: distribute_tensor(None, mesh, [S0], src_data_rank=None))
     if W > 1:
         st = np.zeros(4, dtype=[("a", "i1"), ("b", "f8")])
-        raises_on_every_rank(NotImplementedError, r"structured",
+        raises_all(NotImplementedError, r"structured",
                              lambda: distribute_tensor(st if RANK == 0 else None, mesh, [R]))
-        raises_on_every_rank(ValueError, r"shape", lambda: distribute_tensor(G if RANK != 1 else G[:2], mesh, [S0]))
+        raises_all(ValueError, r"shape", lambda: distribute_tensor(G if RANK != 1 else G[:2], mesh, [S0]))
 
 
 def test_distribute_tensor_of_a_dtensor():
@@ -385,10 +385,10 @@ def test_distribute_tensor_of_a_dtensor():
     G = base_array((5, 3), seed=23)
     dt = distribute_tensor(G, mesh, [S0])
     assert_all(distribute_tensor(dt, mesh, [S0]) is dt and distribute_tensor(dt, None, [Shard(-2)]) is dt)
-    raises_on_every_rank(ValueError, r"redistribute", lambda: distribute_tensor(dt, mesh, [R]))
+    raises_all(ValueError, r"redistribute", lambda: distribute_tensor(dt, mesh, [R]))
     other = DeviceMesh(DEVICE, np.arange(W)[::-1].copy()) if W > 1 else None
     if other is not None:
-        raises_on_every_rank(ValueError, r"mesh", lambda: distribute_tensor(dt, other, [S0]))
+        raises_all(ValueError, r"mesh", lambda: distribute_tensor(dt, other, [S0]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,9 +425,9 @@ def test_local_shape_and_offset_errors():
     import mpilocal
 
     mesh = make_mesh("1d")
-    raises_on_every_rank(TypeError, r"DeviceMesh", lambda: mpilocal.local_shape_and_offset((4,), "cpu", [S0]))
-    raises_on_every_rank(ValueError, r"coordinate", lambda: mpilocal.local_shape_and_offset((4,), mesh, [S0], (W,)))
-    raises_on_every_rank(ValueError, r"out of range", lambda: mpilocal.local_shape_and_offset((4,), mesh, [S1]))
+    raises_all(TypeError, r"DeviceMesh", lambda: mpilocal.local_shape_and_offset((4,), "cpu", [S0]))
+    raises_all(ValueError, r"coordinate", lambda: mpilocal.local_shape_and_offset((4,), mesh, [S0], (W,)))
+    raises_all(ValueError, r"out of range", lambda: mpilocal.local_shape_and_offset((4,), mesh, [S1]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -458,7 +458,7 @@ def test_deepcopy():
     chk(np.array_equal(to_host(wc.grad.to_local()), to_host(w.grad.to_local())), "grad values")
     chk.done()
     nonleaf = w.redistribute(mesh, [R])
-    raises_on_every_rank(RuntimeError, r"leaves|leaf", lambda: copy.deepcopy(nonleaf))
+    raises_all(RuntimeError, r"leaves|leaf", lambda: copy.deepcopy(nonleaf))
     # copy.copy: a DTensor on the same local array (as .detach())
     s = copy.copy(dt)
     assert_all(s is not dt and s.to_local() is dt.to_local())
@@ -469,7 +469,7 @@ def test_pickle_raises_clearly():
 
     mesh = make_mesh("1d")
     dt = distribute_tensor(base_array((4, 3), seed=26), mesh, [S0])
-    raises_on_every_rank(TypeError, r"cannot be pickled.*communicators.*to_local", lambda: pickle.dumps(dt))
+    raises_all(TypeError, r"cannot be pickled.*communicators.*to_local", lambda: pickle.dumps(dt))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -521,7 +521,7 @@ def test_operators_raise_type_error(monkeypatch):
     # identity semantics stay: hashing, membership, comparison with non-arrays
     ok = (A == None) is False and (A != "x") is True and A in {A} and A in [A] and len({A, B}) == 2  # noqa: E711
     assert_all(ok and not problems, f"{problems}")
-    raises_on_every_rank(TypeError, r"DTensor == DTensor.*np\.array_equal", lambda: A == B, same_text=True)
+    raises_all(TypeError, r"DTensor == DTensor.*np\.array_equal", lambda: A == B, same_text=True)
 
 
 # ------------------------------------------------------------------------------------------------

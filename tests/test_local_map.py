@@ -37,16 +37,15 @@ Deliberate differences from PyTorch, per DESIGN.md:
   the ``torch.chunk`` rule only at 2 ranks; here the expected sizes follow ``torch.chunk``.
 """
 
-import re
-
 import numpy as np
 import pytest
-from mpi4py import MPI
 
-import mpilocal.failure as _failure
 import mpilocal.functional as funcol
 from mpilocal import _arrays
-from conftest import DEVICE, on_device, to_device, to_host, assert_all, assert_close_all
+from conftest import (
+    RANK, W as WORLD_SIZE, DEVICE, on_device, to_device, to_host, assert_all, assert_close_all, debug_mode,
+    raises_all,
+)
 from mpilocal import (
     CommDebugMode,
     DeviceMesh,
@@ -59,9 +58,6 @@ from mpilocal import (
     local_map,
 )
 
-WORLD = MPI.COMM_WORLD
-RANK = WORLD.Get_rank()
-WORLD_SIZE = WORLD.Get_size()
 
 row_wise = [Shard(0)]  # row-wise sharding placements on 1-d mesh
 col_wise = [Shard(1)]  # col-wise sharding placements on 1-d mesh
@@ -111,34 +107,6 @@ def mm_allreduce_forward_decorated(device_mesh, A, B):
 
 def mul_forward(X, scalar):  # no device mesh needed since we don't do collective
     return X * scalar
-
-
-def raises_all(exc, match, fn, *args):
-    """Collective ``pytest.raises``: ``fn(*args)`` must raise ``exc`` matching ``match`` on every rank."""
-    problem = f"rank {RANK}: no exception"
-    try:
-        fn(*args)
-    except exc as e:
-        problem = "" if re.search(match, str(e)) else f"rank {RANK}: {e!s} does not match {match!r}"
-    except Exception as e:
-        problem = f"rank {RANK}: {type(e).__name__}: {e!s}"
-    assert_all(not problem, problem)
-
-
-class debug_mode:
-    """``with debug_mode():`` MPILOCAL_DEBUG=1 for the block (``debug_mode(False)``: off; switched on
-    every rank)."""
-
-    def __init__(self, on=True):
-        self.on = on
-
-    def __enter__(self):
-        self.prev = _failure.debug_enabled()
-        _failure.set_debug(self.on)
-
-    def __exit__(self, *exc):
-        _failure.set_debug(self.prev)
-        return False
 
 
 def all_placements(dt, pred):
