@@ -10,15 +10,12 @@ Run: ``mpiexec -n N python -m pytest --with-mpi tests/test_coalesced.py`` for N 
 
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 import mpilocal.functional as funcol
-from conftest import DEVICE, assert_all, make_mesh, to_device, to_host
+from conftest import RANK, W, DEVICE, assert_all, make_mesh, to_device, to_host, raises_all
 from mpilocal import CommDebugMode
 from mpilocal.layout import chunk_sizes
 
-W = MPI.COMM_WORLD.Get_size()
-RANK = MPI.COMM_WORLD.Get_rank()
 
 
 def groups():
@@ -226,52 +223,37 @@ def test_coalesced_empty_list_is_no_collective():
     assert_all(mode.get_total_counts() == 0)
 
 
-def raises_everywhere(exc, match, fn):
-    try:
-        fn()
-        err = None
-    except exc as e:
-        err = str(e)
-    except Exception as e:  # wrong type: report it
-        err = f"WRONG {type(e).__name__}: {e}"
-    import re
-
-    ok = err is not None and not err.startswith("WRONG") and re.search(match, err) is not None
-    assert_all(ok, f"expected {exc.__name__} matching {match!r}, got {err!r}")
-
-
 @pytest.mark.mpi
 def test_coalesced_errors_on_every_rank():
     _, group, k, me = GROUPS[0]
     x = to_device(np.ones(4))
     if k > 1:
         n = 2 if me == 0 else 3  # rank-divergent list lengths
-        raises_everywhere(ValueError, "different list of arrays",
-                          lambda: funcol.all_reduce_coalesced([x] * n, "sum", group))
+        raises_all(ValueError, "different list of arrays",
+                   lambda: funcol.all_reduce_coalesced([x] * n, "sum", group))
     if k > 1:
         shape = (4,) if me == 0 else (5,)  # rank-divergent shapes
-        raises_everywhere(ValueError, "different list of arrays",
-                          lambda: funcol.all_gather_into_tensor_coalesced([to_device(np.ones(shape))], group))
+        raises_all(ValueError, "different list of arrays",
+                   lambda: funcol.all_gather_into_tensor_coalesced([to_device(np.ones(shape))], group))
         op = "sum" if me == 0 else "max"
-        raises_everywhere(ValueError, "parameters", lambda: funcol.all_reduce_coalesced([x], op, group))
+        raises_all(ValueError, "parameters", lambda: funcol.all_reduce_coalesced([x], op, group))
         dims = [0] if me == 0 else [-1]
         y = to_device(np.ones((2 * k, 2 * k)))
-        raises_everywhere(ValueError, "parameters", lambda: funcol.reduce_scatter_tensor_coalesced([y], "sum", dims,
-                                                                                                 group))
+        raises_all(ValueError, "parameters", lambda: funcol.reduce_scatter_tensor_coalesced([y], "sum", dims, group))
         bad = "nope" if me == k - 1 else x  # one rank passes a non-array
-        raises_everywhere(TypeError, r"inputs\[1\] must be a NumPy or CuPy array",
-                          lambda: funcol.all_reduce_coalesced([x, bad], "sum", group))
-    raises_everywhere(ValueError, "0-d array", lambda: funcol.all_gather_into_tensor_coalesced(
+        raises_all(TypeError, r"inputs\[1\] must be a NumPy or CuPy array",
+                   lambda: funcol.all_reduce_coalesced([x, bad], "sum", group))
+    raises_all(ValueError, "0-d array", lambda: funcol.all_gather_into_tensor_coalesced(
         [x, to_device(np.array(1.0))], group))
-    raises_everywhere(TypeError, "'avg' of int", lambda: funcol.all_reduce_coalesced(
+    raises_all(TypeError, "'avg' of int", lambda: funcol.all_reduce_coalesced(
         [to_device(np.ones(2, np.int64))], "avg", group))
-    raises_everywhere(TypeError, "complex", lambda: funcol.all_reduce_coalesced(
+    raises_all(TypeError, "complex", lambda: funcol.all_reduce_coalesced(
         [to_device(np.ones(2, np.complex128))], "max", group))
-    raises_everywhere(ValueError, "one dim per array", lambda: funcol.reduce_scatter_tensor_coalesced(
+    raises_all(ValueError, "one dim per array", lambda: funcol.reduce_scatter_tensor_coalesced(
         [x, x], "sum", [0], group))
-    raises_everywhere(TypeError, "must be a list", lambda: funcol.all_reduce_coalesced(x, "sum", group))
+    raises_all(TypeError, "must be a list", lambda: funcol.all_reduce_coalesced(x, "sum", group))
     if DEVICE == "cpu":
-        raises_everywhere(TypeError, "Python objects", lambda: funcol.all_gather_into_tensor_coalesced(
+        raises_all(TypeError, "Python objects", lambda: funcol.all_gather_into_tensor_coalesced(
             [np.array([None, 1], dtype=object)], group))
 
 
@@ -287,7 +269,7 @@ def test_coalesced_refuse_autograd():
         return funcol.all_reduce_coalesced([a], "sum", mesh)[0]
 
     g = local_map(f, out_placements=[Replicate()], in_placements=([Replicate()],))
-    raises_everywhere(NotImplementedError, "not differentiable.*all_reduce once per array", lambda: g(w))
+    raises_all(NotImplementedError, "not differentiable.*all_reduce once per array", lambda: g(w))
     assert mpilocal  # imported for the local_map/autograd machinery
 
 
