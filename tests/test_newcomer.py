@@ -6,19 +6,14 @@ wrong result or a hang. Oracles: NumPy on the full arrays; PyTorch DTensor's doc
 """
 
 import copy
-import re
 
 import numpy as np
 import pytest
-from conftest import assert_all, make_mesh, to_device, to_host
-from mpi4py import MPI
+from conftest import RANK, W, assert_all, make_mesh, to_device, to_host, raises_all
 
 from mpilocal import DTensor, Partial, Replicate, Shard, distribute_tensor, local_map, local_shape_and_offset
 from mpilocal.layout import chunk_sizes
 
-WORLD = MPI.COMM_WORLD
-RANK = WORLD.Get_rank()
-W = WORLD.Get_size()
 LAST = W - 1
 
 pytestmark = pytest.mark.mpi
@@ -27,26 +22,6 @@ pytestmark = pytest.mark.mpi
 def block_sizes(n, p):
     """The standard MPI block split: rank r holds n // p + (r < n % p) rows."""
     return [n // p + (r < n % p) for r in range(p)]
-
-
-def every_rank_raises(exc, match, fn, same_text=False):
-    """``fn()`` raises ``exc`` matching ``match`` on every rank (the verdict is agreed, so a rank that
-    does not raise fails the test everywhere instead of hanging). Returns this rank's message."""
-    msg, err = "", ""
-    try:
-        fn()
-        err = "no exception"
-    except exc as e:
-        msg = str(e)
-        if not re.search(match, msg, re.S):
-            err = f"{type(e).__name__}({msg!r}) does not match {match!r}"
-    except Exception as e:  # noqa: BLE001
-        err = f"raised {type(e).__name__}({e}), expected {exc.__name__}"
-    assert_all(not err, f"rank {RANK}: {err}")
-    if same_text:
-        texts = WORLD.allgather(msg)
-        assert_all(len(set(texts)) == 1, f"the message differs between ranks: {texts}")
-    return msg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,9 +43,9 @@ def test_block_split_from_local_raises_everywhere(use):
            "redistribute": lambda: dt.redistribute(mesh, [Replicate()]),
            "repr-then-full_tensor": lambda: (repr(dt), dt.full_tensor())}[use]
     bad = next(r for r in range(W) if rows[r] != chunk_sizes(n, W)[r])
-    msg = every_rank_raises(ValueError, rf"mesh rank {bad} holds {rows[bad]} rows, the torch\.chunk rule gives it "
-                                        rf"{chunk_sizes(n, W)[bad]}.*block split.*local_shape_and_offset",
-                            act, same_text=True)
+    msg = str(raises_all(ValueError, rf"mesh rank {bad} holds {rows[bad]} rows, the torch\.chunk rule gives it "
+                                     rf"{chunk_sizes(n, W)[bad]}.*block split.*local_shape_and_offset",
+                         act, same_text=True))
     assert_all(str(list(chunk_sizes(n, W))) in msg and str(rows) in msg, msg)
 
 
@@ -82,7 +57,7 @@ def test_block_split_2d_and_dim1():
     if rows == list(chunk_sizes(7, W)):
         assert_all(dt.shape == (3, 7))
         return
-    every_rank_raises(ValueError, r"entries along dim 1.*torch\.chunk", lambda: dt.shape, same_text=True)
+    raises_all(ValueError, r"entries along dim 1.*torch\.chunk", lambda: dt.shape, same_text=True)
 
 
 def test_block_split_with_run_check_and_with_shape():
@@ -92,8 +67,8 @@ def test_block_split_with_run_check_and_with_shape():
     x = to_device(np.ones((rows[RANK], 2)))
     if rows == list(chunk_sizes(n, W)):
         pytest.skip("the block split is the chunk split at this world size")
-    every_rank_raises(ValueError, r"torch\.chunk", lambda: DTensor.from_local(x, mesh, [Shard(0)], run_check=True),
-                      same_text=True)
+    raises_all(ValueError, r"torch\.chunk", lambda: DTensor.from_local(x, mesh, [Shard(0)], run_check=True),
+               same_text=True)
     # shape= given: nothing is communicated, so each rank checks its own shard; a wrong one raises
     mine_ok = rows[RANK] == chunk_sizes(n, W)[RANK]
     try:
@@ -125,7 +100,7 @@ def test_local_map_output_breaking_the_chunk_rule_raises():
     f = local_map(lambda a: a[:0].sum() + to_device(np.ones((rows[RANK], 2))), out_placements=[Shard(0)],
                   in_placements=([Shard(0)],))
     out = f(A)
-    every_rank_raises(ValueError, r"local_map.*torch\.chunk", out.full_tensor, same_text=True)
+    raises_all(ValueError, r"local_map.*torch\.chunk", out.full_tensor, same_text=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,10 +128,10 @@ def test_from_local_mismatch_without_run_check(case):
         w = distribute_tensor(x, mesh, [Replicate()], requires_grad=RANK != LAST)
         x = w.to_local()  # a tracked array on all ranks but the last
     dt = DTensor.from_local(x, mesh, [Shard(0)])  # non-blocking: the check runs when the shape is needed
-    every_rank_raises(ValueError, match, dt.full_tensor, same_text=True)
+    raises_all(ValueError, match, dt.full_tensor, same_text=True)
     # run_check=True checks the same at once
-    every_rank_raises(ValueError, match, lambda: DTensor.from_local(x, mesh, [Shard(0)], run_check=True),
-                      same_text=True)
+    raises_all(ValueError, match, lambda: DTensor.from_local(x, mesh, [Shard(0)], run_check=True),
+               same_text=True)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -177,7 +152,7 @@ def test_rank_divergent_bad_argument_on_the_non_blocking_path(case):
         dt = DTensor.from_local(*args)
         return dt.full_tensor()
 
-    msg = every_rank_raises(exc, r"DTensor\.from_local", run)
+    msg = str(raises_all(exc, r"DTensor\.from_local", run))
     if RANK != LAST:
         assert_all(f"mesh rank {LAST} rejected its arguments" in msg, msg)
     else:
@@ -205,7 +180,7 @@ def test_comparing_dtensors_is_elementwise():
     eq = A == B
     ok = type(eq) is DTensor and eq.dtype == np.bool_ and eq.placements == A.placements
     assert_all(ok and bool(to_host(eq.all().full_tensor())) and not bool(to_host((A != B).any().full_tensor())))
-    every_rank_raises(TypeError, r"numpy\.cumsum.*local_map", lambda: np.cumsum(A), same_text=True)
+    raises_all(TypeError, r"numpy\.cumsum.*local_map", lambda: np.cumsum(A), same_text=True)
     assert_all(np.array_equal(to_host(A.full_tensor()), to_host(B.full_tensor())))
 
 
@@ -215,9 +190,9 @@ def test_truth_value_of_a_dtensor_raises():
     mesh = make_mesh("1d")
     A = distribute_tensor(to_device(np.arange(6.0).reshape(3, 2)), mesh, [Shard(0)])
     B = distribute_tensor(to_device(np.zeros((3, 2))), mesh, [Shard(0)])
-    every_rank_raises(ValueError, r"truth value of a DTensor is ambiguous.*full_tensor", lambda: bool(A == B),
-                      same_text=True)
-    every_rank_raises(ValueError, r"ambiguous", lambda: 1 if A else 0, same_text=True)
+    raises_all(ValueError, r"truth value of a DTensor is ambiguous.*full_tensor", lambda: bool(A == B),
+               same_text=True)
+    raises_all(ValueError, r"ambiguous", lambda: 1 if A else 0, same_text=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +241,7 @@ def test_deepcopy_and_pickle():
     c.to_local()[...] = 7.0
     ok = c.device_mesh is dt.device_mesh and np.array_equal(to_host(dt.full_tensor()), np.arange(8.0).reshape(4, 2))
     assert_all(ok)
-    every_rank_raises(TypeError, r"cannot be pickled", lambda: pickle.dumps(dt), same_text=True)
+    raises_all(TypeError, r"cannot be pickled", lambda: pickle.dumps(dt), same_text=True)
 
 
 def test_partial_from_replicate_grad_is_all_reduced():
@@ -291,4 +266,4 @@ def test_ranks_passing_different_placements_raise(run_check):
     def run():
         return DTensor.from_local(x, mesh, pl, run_check=run_check).full_tensor()
 
-    every_rank_raises(ValueError, r"different placements", run)
+    raises_all(ValueError, r"different placements", run)
