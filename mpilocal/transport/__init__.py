@@ -27,9 +27,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 from mpi4py import MPI
 
-from .. import failure
-
 __all__ = ["Group", "Transport", "group_for", "displs", "equal_counts", "register_release_hook", "release", "issuing",
+           "register_call_check",
            "count_limit", "counts_key"]
 
 
@@ -98,9 +97,22 @@ def issuing(group: Group, call: str, **detail) -> None:
     """Under ``MPILOCAL_DEBUG=1``: agree over ``group`` on the MPI/NCCL call about to be made
     (``call``, e.g. ``"MPI_Alltoall"``, and the group-wide part of its arguments: datatype, counts
     every rank knows, root, op). Ranks about to make different calls raise
-    :class:`~mpilocal.failure.CollectiveMismatchError` on every rank. Callers guard it with
-    ``if failure._DEBUG`` so the normal path pays one attribute lookup."""
-    failure.check_call(group, call, detail)
+    :class:`~mpilocal.agreement.CollectiveMismatchError` on every rank (the check registered with
+    :func:`register_call_check`). Callers guard it with ``if deadline._DEBUG`` so the normal path
+    pays one attribute lookup."""
+    check = _CALL_CHECK[0]
+    if check is not None:
+        check(group, call, detail)
+
+
+_CALL_CHECK = [None]
+
+
+def register_call_check(fn) -> None:
+    """``fn(group, call, detail)`` checks, under ``MPILOCAL_DEBUG=1``, that every rank is about to make
+    the same call (:func:`mpilocal.agreement.check_call`, registered when that module loads: the
+    check is a layer above the transports)."""
+    _CALL_CHECK[0] = fn
 
 
 def group_for(comm) -> Group:
@@ -120,9 +132,6 @@ def register_release_hook(name: str, fn) -> None:
     communicators, control communicators, persistent requests, windows) before the group's
     communicator is freed. Hooks run in the order of their ``name``, the same on every rank."""
     _RELEASE_HOOKS[name] = fn
-
-
-register_release_hook("05-failure", failure.release_group)  # first: the watchdog lets go; control comm
 
 
 def release(comm) -> None:
