@@ -5,7 +5,7 @@ N-D device mesh say how the shards form the global array. See DESIGN.md and READ
 
 ``import mpilocal`` itself does not load mpi4py (so the one-process checkpoint reader,
 ``mpilocal.checkpoint.read_array`` and ``python -m mpilocal.checkpoint ls``, never initializes MPI).
-The library starts (:func:`_bootstrap`: the failure handling of ``failure.install()`` first, then
+The library starts (:func:`_bootstrap`: the failure handling of ``deadline.install()`` first, then
 every public module, the autograd and operator registrations on DTensor included) on the first of:
 
 * access to a public name (``mpilocal.DTensor``, ``from mpilocal import Shard``, ``import *``) or to

@@ -15,7 +15,7 @@ interleaved round by round, so machine noise hits them alike), for:
   ``watchdog on``    the default: in-flight slot per collective + daemon watchdog thread
   ``debug``          MPILOCAL_DEBUG=1: + one fingerprint all-gather per collective
 
-Run it with PYTHONPATH pointing at an older checkout (without mpilocal.failure) to get the numbers
+Run it with PYTHONPATH pointing at an older checkout (without mpilocal.deadline/failure) to get the numbers
 before failure handling existed: only the "watchdog off" row is printed then, as "before".
 """
 
@@ -32,9 +32,12 @@ import mpilocal.functional as funcol
 from mpilocal import Replicate, Shard, distribute_tensor, init_device_mesh, local_map
 
 try:
-    from mpilocal import failure
+    from mpilocal import deadline as failure  # the failure handling
 except ImportError:  # an old checkout
-    failure = None
+    try:
+        from mpilocal import failure
+    except ImportError:
+        failure = None
 
 
 def per_call(fn, args, repeat):

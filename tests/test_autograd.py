@@ -745,7 +745,7 @@ def test_argument_errors():
 #    outside local_map name .detach(); issue 10: the backward split agreement is accounted
 # ------------------------------------------------------------------------------------------------
 
-import mpilocal.failure as _failure  # noqa: E402
+import mpilocal.deadline as _deadline  # noqa: E402
 
 
 def _dp_step(mesh, in_grad_placements):
@@ -860,7 +860,7 @@ def test_all_to_all_backward_split_agreement_is_accounted(monkeypatch):
         pytest.skip("one rank: every split is even, nothing to agree")
     mesh = init_device_mesh(DEVICE, (W,))
     seen = []
-    begin = _failure.begin
+    begin = _deadline.begin
 
     def spy(name, g, send=None, detail=None):
         seen.append(name)

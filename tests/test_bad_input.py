@@ -20,7 +20,7 @@ import mpilocal.functional as funcol
 from conftest import assert_all
 from mpilocal import (DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh,
                       local_map)
-from mpilocal.failure import CollectiveMismatchError  # noqa: F401  (public name exists)
+from mpilocal.agreement import CollectiveMismatchError  # noqa: F401  (public name exists)
 
 WORLD = MPI.COMM_WORLD
 RANK = WORLD.Get_rank()

@@ -313,14 +313,14 @@ def test_object_and_string_arrays_in_gathers():
 def test_mixed_array_kinds_raise_on_every_rank():
     """The agreed metadata carries the array kind; a CuPy array on one rank and NumPy elsewhere is a
     TypeError on every rank (the kind bit is set by hand here: no GPU needed)."""
-    from mpilocal import failure
+    from mpilocal import agreement
     from mpilocal.transport import group_for
 
     if W == 1:
         pytest.skip("needs 2 ranks")
     g = group_for(MPI.COMM_WORLD)
     vec = _funcol.meta_vector((3,), np.float64, cupy=RANK == W - 1)
-    rows = failure.agree(g, "test", None, vec)
+    rows = agreement.agree(g, "test", None, vec)
     try:
         _funcol._check_same(rows, "all_reduce")
         err = "no error"

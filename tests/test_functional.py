@@ -451,18 +451,18 @@ def test_uneven_shard_to_shard_every_rank_same_call(shape, debug):
     """S(0) -> S(1) with shards that are uneven or empty on some ranks: the count matrix is uniform
     on no rank or on every rank, never on some (Open MPI 4.1 hung on (1, 1) at 2 ranks, where rank 1's
     own counts were all 0 and it chose MPI_Alltoall while rank 0 chose MPI_Alltoallv)."""
-    from mpilocal import Shard, distribute_tensor, failure, init_device_mesh
+    from mpilocal import Shard, deadline, distribute_tensor, init_device_mesh
 
     mesh = init_device_mesh("cpu", (W,))
     G = np.arange(float(np.prod(shape))).reshape(shape)
-    prev = failure.debug_enabled()
-    failure.set_debug(debug)
+    prev = deadline.debug_enabled()
+    deadline.set_debug(debug)
     try:
         out = distribute_tensor(G, mesh, [Shard(0)]).redistribute(mesh, [Shard(1)])
         back = out.redistribute(mesh, [Shard(0)])
         ok = np.array_equal(out.full_tensor(), G) and np.array_equal(back.full_tensor(), G)
     finally:
-        failure.set_debug(prev)
+        deadline.set_debug(prev)
     assert_all(ok, f"shape {shape}")
 
 
@@ -470,7 +470,7 @@ def test_debug_names_divergent_mpi_calls():
     """MPILOCAL_DEBUG=1 fingerprints the call the transport makes: ranks that would make different
     MPI calls (here forced: rank 0 claims a uniform count matrix, the others do not) raise
     CollectiveMismatchError on every rank, naming both calls, instead of hanging."""
-    from mpilocal import failure
+    from mpilocal import agreement, deadline
     from mpilocal.transport import group_for
     from mpilocal.transport.host import HostTransport
 
@@ -478,37 +478,37 @@ def test_debug_names_divergent_mpi_calls():
         pytest.skip("needs 2 ranks")
     g = group_for(MPI.COMM_WORLD)
     send, recv = np.zeros(W), np.zeros(W)
-    prev = failure.debug_enabled()
-    failure.set_debug(True)
+    prev = deadline.debug_enabled()
+    deadline.set_debug(True)
     try:
-        with failure.begin("all_to_all_single", g):
+        with deadline.begin("all_to_all_single", g):
             HostTransport().alltoallv(send, [1] * W, recv, [1] * W, g, uniform=RANK == 0)
         err = "no error"
-    except failure.CollectiveMismatchError as e:
+    except agreement.CollectiveMismatchError as e:
         err = "" if "MPI_Alltoall#" in str(e) and "MPI_Alltoallv#" in str(e) else f"unclear: {e}"
     finally:
-        failure.set_debug(prev)
+        deadline.set_debug(prev)
     assert_all(not err, err)
 
 
 def test_debug_fingerprint_includes_placements():
     """Internal collectives take the caller's placements into the fingerprint."""
-    from mpilocal import Replicate, Shard, failure, functional
+    from mpilocal import Replicate, Shard, agreement, deadline, functional
     from mpilocal.transport import group_for
 
     if W == 1:
         pytest.skip("needs 2 ranks")
     g = group_for(MPI.COMM_WORLD)
     pl = ((Shard(0),), (Replicate(),)) if RANK == 0 else ((Shard(1),), (Replicate(),))
-    prev = failure.debug_enabled()
-    failure.set_debug(True)
+    prev = deadline.debug_enabled()
+    deadline.set_debug(True)
     try:
         functional.gather(np.ones((1, 2)), 0, g, [1] * W, placements=pl)
         err = "no error"
-    except failure.CollectiveMismatchError as e:
+    except agreement.CollectiveMismatchError as e:
         err = "" if "placements" in str(e) and "Shard(dim=1)" in str(e) else f"unclear: {e}"
     finally:
-        failure.set_debug(prev)
+        deadline.set_debug(prev)
     assert_all(not err, err)
 
 

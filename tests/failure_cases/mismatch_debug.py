@@ -5,7 +5,7 @@ from mpi4py import MPI
 
 import mpilocal
 from mpilocal import DTensor, Partial, Replicate, Shard
-from mpilocal.failure import CollectiveMismatchError
+from mpilocal.agreement import CollectiveMismatchError
 
 rank = MPI.COMM_WORLD.Get_rank()
 mesh = mpilocal.init_device_mesh("cpu", (MPI.COMM_WORLD.Get_size(),))

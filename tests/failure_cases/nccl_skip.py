@@ -1,6 +1,6 @@
 """GPU machine only: the NCCL watchdog. Rank 1 skips a NCCL all-reduce that rank 0 enqueued through
 the nccl transport; rank 0 then waits on its stream. The transport hands every enqueued collective
-to mpilocal.failure.watch_cuda, so after MPILOCAL_TIMEOUT the watchdog aborts the NCCL communicator
+to mpilocal.deadline.watch_cuda, so after MPILOCAL_TIMEOUT the watchdog aborts the NCCL communicator
 and the job, naming the operation.
 
     MPILOCAL_TIMEOUT=5 MPILOCAL_TRANSPORT=nccl MPILOCAL_CHECK_ARGS=0 mpirun -n 2 python tests/failure_cases/nccl_skip.py
