@@ -1,4 +1,11 @@
-"""DTensor: one rank's shard plus the mesh and placements that say how shards form the array."""
+"""DTensor: one rank's shard plus the mesh and placements that say how shards form the array.
+
+Layer "api" (docs/architecture.md). Package API (for :mod:`mpilocal.local_map`,
+:mod:`mpilocal.autograd` and :mod:`mpilocal.ops`; not exported): :func:`norm_placements`,
+:func:`on_device`, :func:`wrap_local`, :func:`from_local_array`. Gradients: nothing here imports
+autograd; :mod:`mpilocal.autograd.dtensor_ops` registers its rules in :data:`AUTOGRAD` when it is
+imported (``import mpilocal`` imports it).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +16,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import _arrays, failure, functional
+from . import _arrays, agreement, collectives
 from .layout import (global_shape_from_locals, local_shape_and_offset as _layout_shape_and_offset, local_slices,
                      mesh_coords, normalize_placements)
 from .mesh import DeviceMesh, current_mesh, init_device_mesh
 from .placement import Partial, Replicate, Shard
-from .redistribute import mesh_groups, redistribute_local, to_partial
+from .redistribute import check_target, mesh_groups, redistribute_local, to_partial
 from .transport import group_for
-from .autograd.engine import Leaf
-from .autograd.tracked import Tracked
+from .metadata import META_WIDTH, meta_shape
 
 __all__ = ["DTensor", "distribute_tensor", "local_shape_and_offset"]
 
@@ -41,7 +47,9 @@ def _norm_cached(placements: tuple, mesh_ndim: int, ndim: int, caller: str) -> t
     return normalize_placements(placements, mesh_ndim, ndim, caller=caller)
 
 
-def _placements(placements, mesh, ndim, caller):
+def norm_placements(placements, mesh, ndim, caller):
+    """``placements`` (None: all Replicate) checked and normalized for an ``ndim``-D array on ``mesh``
+    (a tuple of placements, negative Shard dims made non-negative; cached for hashable input)."""
     if placements is None:
         return (Replicate(),) * mesh.ndim
     if isinstance(placements, list):
@@ -55,7 +63,7 @@ def _placements(placements, mesh, ndim, caller):
     return normalize_placements(placements, mesh.ndim, ndim, caller=caller)
 
 
-def _on_device(x, mesh, caller):
+def on_device(x, mesh, caller):
     """``x`` as an array of the mesh's kind (NumPy for 'cpu', CuPy for 'cuda')."""
     if mesh.device_type == "cpu":
         if isinstance(x, np.ndarray):
@@ -70,15 +78,23 @@ def _on_device(x, mesh, caller):
     raise TypeError(f"{caller}: expected a NumPy or CuPy array, got {type(x).__name__}")
 
 
-def _ops():
-    """mpilocal.autograd.dtensor_ops (imported on first use: only gradient code paths need it)."""
-    from .autograd import dtensor_ops
+#: Autograd's rules for DTensors, registered by :mod:`mpilocal.autograd.dtensor_ops` when it is
+#: imported (the registration pattern of ``engine.ADDERS``): ``"Tracked"`` (the type of tracked local
+#: arrays: ``from_local`` of one records a node), ``"from_local"``, ``"make_leaf"``, ``"to_local"``,
+#: ``"redistribute"``, ``"backward"``.
+AUTOGRAD: dict = {}
 
-    return dtensor_ops
+
+def _ops(name):
+    f = AUTOGRAD.get(name)
+    if f is None:
+        raise RuntimeError(f"DTensor gradients need mpilocal.autograd, which registers them when imported "
+                           f"(import mpilocal imports it); {name} is not registered")
+    return f
 
 
 def _check_group(mesh, x):
-    """The Group over which argument checks are agreed (failure.agreed); None off the mesh."""
+    """The Group over which argument checks are agreed (agreement.agreed); None off the mesh."""
     if mesh is None:
         mesh = _default_mesh("cuda" if _arrays.is_cupy(x) else "cpu")
     if not isinstance(mesh, DeviceMesh) or mesh._coordinate is None:
@@ -124,7 +140,7 @@ _NAME_SLOTS = 2  # int64 slots at the end of a row for the dtype name
 def _meta_row(shape: tuple, dtype, flags: int = 0, given=None, pl=None) -> np.ndarray:
     """The (read-only) metadata row of a local array of ``shape`` and ``dtype`` (with ``pl``: the
     placements, with ``given``: the shape= argument, hashed so that ranks passing others differ)."""
-    width = functional.META_WIDTH
+    width = META_WIDTH
     v = np.zeros(width, dtype=np.int64)
     n = len(shape)
     v[0] = n
@@ -145,7 +161,7 @@ def _meta_row(shape: tuple, dtype, flags: int = 0, given=None, pl=None) -> np.nd
 
 
 def _error_row(err: BaseException) -> np.ndarray:
-    width = functional.META_WIDTH
+    width = META_WIDTH
     v = np.zeros(width, dtype=np.int64)
     v[1] = _F_ERROR << 32
     raw = f"{type(err).__name__}\0{err}".encode()[:8 * (width - 2)]
@@ -455,10 +471,10 @@ class DTensor:
         ``shape``, or (without ``shape``) the local shape with every sharded dim multiplied by its
         mesh dim's size, as PyTorch computes it there.
         """
-        if type(local_tensor) is Tracked:  # differentiable: backward redistributes the grad to `placements`
-            return _ops().from_local(local_tensor, device_mesh, placements, run_check=run_check, shape=shape,
+        if type(local_tensor) is AUTOGRAD.get("Tracked"):  # differentiable: the grad goes back to `placements`
+            return _ops("from_local")(local_tensor, device_mesh, placements, run_check=run_check, shape=shape,
                                      stride=stride)
-        return _from_local(local_tensor, device_mesh, placements, run_check, shape, stride, False)
+        return from_local_array(local_tensor, device_mesh, placements, run_check, shape, stride, False)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -536,7 +552,7 @@ class DTensor:
         """Make this (leaf) DTensor record gradients into ``.grad``; returns ``self``."""
         if requires_grad:
             if self._ag is None:
-                self._ag = _ops().make_leaf(self)
+                self._ag = _ops("make_leaf")(self)
         elif self._ag is not None:
             if not self.is_leaf:
                 raise RuntimeError("DTensor.requires_grad_(False): only leaves can stop requiring grad; "
@@ -547,7 +563,7 @@ class DTensor:
     @property
     def is_leaf(self) -> bool:
         ag = self._ag
-        return ag is None or type(ag.node) is Leaf
+        return ag is None or ag.is_leaf
 
     @property
     def grad_fn(self):
@@ -584,7 +600,7 @@ class DTensor:
         ``gradient``: a DTensor of this shape on this mesh; ``None`` means ones with this DTensor's
         placements (``Partial`` taken as ``Replicate``).
         """
-        _ops().backward(self, gradient)
+        _ops("backward")(self, gradient)
 
     # -- conversions ---------------------------------------------------------------------------
     def to_local(self, *, grad_placements=None):
@@ -594,7 +610,7 @@ class DTensor:
         DTensor's placements); use ``.detach().to_local()`` for the plain array."""
         if self._ag is None:
             return self._local
-        return _ops().to_local(self, grad_placements)
+        return _ops("to_local")(self, grad_placements)
 
     def redistribute(self, device_mesh=None, placements=None, *, async_op=False, forward_dtype=None,
                      backward_dtype=None):
@@ -620,20 +636,15 @@ class DTensor:
                 f"{caller}: moving a DTensor to another mesh ({device_mesh} from {self._mesh}) is not supported; "
                 f"use full_tensor() and distribute_tensor() on the new mesh"
             )
-        pl = _placements(placements, self._mesh, self.ndim, caller)
-        for i, (c, t) in enumerate(zip(self._placements, pl)):
-            if t.is_partial() and c != t:
-                raise ValueError(
-                    f"{caller}: cannot redistribute {c!r} to {t!r} on mesh dim {i}: redistributing to Partial is "
-                    f"for internal use only; target Replicate() or Shard(dim) instead"
-                )
+        pl = norm_placements(placements, self._mesh, self.ndim, caller)
+        check_target(self._placements, pl, caller)
         fdt = _check_dtype_arg(forward_dtype, caller, "forward_dtype")
         bdt = _check_dtype_arg(backward_dtype, caller, "backward_dtype")
         return self._redistribute(pl, fdt, bdt)
 
     def _redistribute(self, pl, forward_dtype=None, backward_dtype=None):
         if self._ag is not None:
-            return _ops().redistribute(self, pl, forward_dtype, backward_dtype)
+            return _ops("redistribute")(self, pl, forward_dtype, backward_dtype)
         src = self
         if forward_dtype is not None and forward_dtype != self._local.dtype:
             src = DTensor(self._local.astype(forward_dtype), self._mesh, self._placements, self._shape,
@@ -655,9 +666,9 @@ class DTensor:
         through the result (see ``to_local``; default: Replicate)."""
         r = self._redistribute((Replicate(),) * self._mesh.ndim)
         if r._ag is not None:
-            return _ops().to_local(r, grad_placements)
+            return _ops("to_local")(r, grad_placements)
         if grad_placements is not None:  # checked (after the collective, so a bad value cannot strand a rank)
-            _placements(grad_placements, self._mesh, self.ndim, "DTensor.full_tensor(grad_placements=...)")
+            norm_placements(grad_placements, self._mesh, self.ndim, "DTensor.full_tensor(grad_placements=...)")
         return r._local
 
     def __bool__(self):
@@ -772,7 +783,7 @@ def local_shape_and_offset(global_shape, device_mesh, placements, coordinate=Non
     if not isinstance(device_mesh, DeviceMesh):
         raise TypeError(f"{caller}: device_mesh must be a DeviceMesh, got {type(device_mesh).__name__}")
     shape = _check_shape(global_shape, None, caller)
-    pl = _placements(placements, device_mesh, len(shape), caller)
+    pl = norm_placements(placements, device_mesh, len(shape), caller)
     if coordinate is None:
         coordinate = device_mesh._coordinate
         if coordinate is None:
@@ -813,8 +824,8 @@ def _from_local_args(local_tensor, device_mesh, placements, shape, stride, calle
     _arrays.require_array(local_tensor, caller, "local_tensor")
     _check_mesh(device_mesh, caller)
     mesh = device_mesh if device_mesh is not None else _default_mesh("cuda" if _arrays.is_cupy(local_tensor) else "cpu")
-    local = _on_device(local_tensor, mesh, caller)
-    pl = _placements(placements, mesh, local.ndim, caller)
+    local = on_device(local_tensor, mesh, caller)
+    pl = norm_placements(placements, mesh, local.ndim, caller)
     if shape is not None:
         shape = _check_shape(shape, local.ndim, caller)
     if stride is not None:
@@ -822,12 +833,12 @@ def _from_local_args(local_tensor, device_mesh, placements, shape, stride, calle
     return local, mesh, pl, shape, stride
 
 
-def _from_local(local_tensor, device_mesh, placements, run_check, shape, stride, requires_grad):
+def from_local_array(local_tensor, device_mesh, placements, run_check, shape, stride, requires_grad):
     """DTensor.from_local of a plain array (``requires_grad``: the caller's array requires grad)."""
     caller = "DTensor.from_local"
     if run_check:
-        # the verdict of the local checks is agreed, so every rank raises (failure.agreed)
-        with failure.agreed(_check_group(device_mesh, local_tensor), caller):
+        # the verdict of the local checks is agreed, so every rank raises (agreement.agreed)
+        with agreement.agreed(_check_group(device_mesh, local_tensor), caller):
             local, mesh, pl, shape, stride = _from_local_args(local_tensor, device_mesh, placements, shape, stride,
                                                               caller)
     else:
@@ -856,7 +867,7 @@ def _from_local(local_tensor, device_mesh, placements, run_check, shape, stride,
                 f"Shard(d, sizes=...) for another split. Checked on this rank only: run_check=True makes every "
                 f"rank raise"
             )
-    return _wrap(local, mesh, pl, shape, stride, caller, requires_grad)
+    return wrap_local(local, mesh, pl, shape, stride, caller, requires_grad)
 
 
 def _post_error(local_tensor, device_mesh, placements, shape, err):
@@ -870,12 +881,12 @@ def _post_error(local_tensor, device_mesh, placements, shape, err):
     if not isinstance(mesh, DeviceMesh) or mesh._coordinate is None or not _would_agree(placements, mesh):
         return
     try:
-        functional.post_shape_agreement(mesh, (), _error_row(err))
+        collectives.post_shape_agreement(mesh, (), _error_row(err))
     except Exception:  # noqa: BLE001 - the argument error is what this rank reports
         pass
 
 
-def _wrap(local, mesh, pl, shape=None, stride=None, caller="local_map", requires_grad=False):
+def wrap_local(local, mesh, pl, shape=None, stride=None, caller="local_map", requires_grad=False):
     """A DTensor around ``local``; without ``shape``, sharded dims are agreed non-blockingly (and
     checked, see :func:`_check_rows`, when the shape is first needed)."""
     if mesh._coordinate is None:  # off the mesh: an empty local array (PyTorch's global shape)
@@ -887,7 +898,7 @@ def _wrap(local, mesh, pl, shape=None, stride=None, caller="local_map", requires
         for i, p in enumerate(pl):
             if type(p) is Shard and mesh_shape[i] > 1:  # a mesh dim of size 1 shards nothing
                 vec = _meta_row(tuple(local.shape), local.dtype, _F_GRAD if requires_grad else 0, None, pl)
-                fut = functional.post_shape_agreement(mesh, local.shape, vec)
+                fut = collectives.post_shape_agreement(mesh, local.shape, vec)
                 return DTensor(local, mesh, pl, None, _Pending(fut, caller), stride)
         shape = tuple(local.shape)
     return DTensor(local, mesh, pl, shape, None, stride)
@@ -897,12 +908,12 @@ def _run_check(local, mesh, pl, shape, requires_grad):
     """Collective consistency check of from_local's inputs; returns (local, global shape)."""
     caller = "DTensor.from_local(run_check=True)"
     vec = _meta_row(tuple(local.shape), local.dtype, _F_GRAD if requires_grad else 0, shape, pl)
-    rows = functional.meta_allgather(mesh._metadata_comm(), vec, "run_check")
+    rows = collectives.meta_allgather(mesh._metadata_comm(), vec, "run_check")
     shape = _check_rows(rows, mesh, pl, shape, caller)
     groups = mesh_groups(mesh)
     for i, p in enumerate(pl):
         if type(p) is Replicate and mesh.shape[i] > 1:
-            local = functional.bcast(local, 0, groups[i])
+            local = collectives.bcast(local, 0, groups[i])
     return local, shape
 
 
@@ -936,7 +947,7 @@ def _distribute_dtensor(t, device_mesh, placements):
     if mesh != t._mesh:
         raise ValueError(f"{caller}: the DTensor lives on {t._mesh}, not on {mesh}; a DTensor cannot be distributed "
                          f"to another mesh (use full_tensor() and distribute_tensor on the new mesh)")
-    pl = _placements(placements, mesh, t.ndim, caller)
+    pl = norm_placements(placements, mesh, t.ndim, caller)
     if pl != t._placements:
         raise ValueError(f"{caller}: the DTensor has placements {list(t._placements)}, not {list(pl)}; use "
                          f"dt.redistribute(device_mesh, {list(pl)}) to change them")
@@ -947,7 +958,7 @@ def _distribute_tensor(tensor, device_mesh, placements, src_data_rank):
     caller = "distribute_tensor"
     mesh = pl = x = None
     # with communication ahead, the verdict of the local checks is agreed so every rank raises
-    with failure.agreed(_check_group(device_mesh, tensor) if src_data_rank is not None else None, caller):
+    with agreement.agreed(_check_group(device_mesh, tensor) if src_data_rank is not None else None, caller):
         _check_mesh(device_mesh, caller)
         if tensor is None:
             if src_data_rank is None:
@@ -958,8 +969,8 @@ def _distribute_tensor(tensor, device_mesh, placements, src_data_rank):
             _arrays.require_array(tensor, caller, "tensor")
             mesh = device_mesh if device_mesh is not None else _default_mesh(
                 "cuda" if _arrays.is_cupy(tensor) else "cpu")
-            x = _on_device(tensor, mesh, caller)
-            pl = _placements(placements, mesh, x.ndim, caller)
+            x = on_device(tensor, mesh, caller)
+            pl = norm_placements(placements, mesh, x.ndim, caller)
         if src_data_rank is not None:
             if isinstance(src_data_rank, bool) or not isinstance(src_data_rank, (int, np.integer)):
                 raise TypeError(f"{caller}: src_data_rank must be an int or None, got {src_data_rank!r}")
@@ -986,7 +997,7 @@ def _distribute_tensor(tensor, device_mesh, placements, src_data_rank):
         return DTensor(_partial_values(local, mesh, pl, coord), mesh, pl, shape)
     comm = mesh._metadata_comm()
     vec = _meta_row((), np.dtype(np.uint8), _F_NONE) if x is None else _meta_row(tuple(x.shape), x.dtype)
-    rows = functional.meta_allgather(comm, vec, "input_check")
+    rows = collectives.meta_allgather(comm, vec, "input_check")
     root_coord = (int(src_data_rank),) * mesh.ndim
     root = int(np.ravel_multi_index(root_coord, mesh.shape))
     ranks = mesh.mesh.ravel()
@@ -994,11 +1005,11 @@ def _distribute_tensor(tensor, device_mesh, placements, src_data_rank):
     for r in given:
         if not np.array_equal(rows[r], rows[root]):
             raise ValueError(
-                f"{caller}: mesh rank {int(ranks[r])} passes shape {functional.meta_shape(rows[r])} but the "
-                f"source (mesh rank {int(ranks[root])}) passes {functional.meta_shape(rows[root])} "
+                f"{caller}: mesh rank {int(ranks[r])} passes shape {meta_shape(rows[r])} but the "
+                f"source (mesh rank {int(ranks[root])}) passes {meta_shape(rows[root])} "
                 f"(or another dtype); every rank must pass the same global shape and dtype (or None)"
             )
-    shape = functional.meta_shape(rows[root])
+    shape = meta_shape(rows[root])
     if len(given) < len(ranks):  # some ranks passed None: shape and dtype from the source's row
         dtype = _row_dtype(rows[root])
         if dtype is None:
@@ -1008,18 +1019,18 @@ def _distribute_tensor(tensor, device_mesh, placements, src_data_rank):
                 f"global shape and dtype (any values) on every rank"
             )
         if x is None:
-            pl = _placements(placements, mesh, len(shape), caller)
+            pl = norm_placements(placements, mesh, len(shape), caller)
             xp = np if mesh.device_type == "cpu" else _cupy()
             x = xp.empty(shape if all(p.is_replicate() or p.is_partial() for p in pl) else (0,) * len(shape), dtype)
     g = group_for(mesh.get_comm())
     if not any(type(p) is Shard for p in pl):
-        local = functional.bcast(x, root, g)
+        local = collectives.bcast(x, root, g)
     else:
         coords = mesh_coords(mesh.shape)
         counts = [math.prod(_layout_shape_and_offset(shape, mesh.shape, pl, c)[0]) for c in coords]
         pieces = [x[local_slices(shape, mesh.shape, pl, c)] for c in coords] if g.rank == root else None
         local_shape, _ = _layout_shape_and_offset(shape, mesh.shape, pl, coord)
-        local = functional.scatter(pieces, x, local_shape, counts, root, g)
+        local = collectives.scatter(pieces, x, local_shape, counts, root, g)
     return DTensor(_partial_values(local, mesh, pl, coord), mesh, pl, shape)
 
 

@@ -18,14 +18,20 @@ import zlib
 
 import numpy as np
 
-from . import _arrays, failure
-from .autograd import tracked as _tracked
-from .autograd.tracked import Tracked
+from . import _arrays, collectives, deadline
+from .dtensor import DTensor, norm_placements, on_device, wrap_local
 from .mesh import DeviceMesh
 from .placement import Placement, Shard
-from .dtensor import DTensor, _on_device, _placements, _wrap
+from .redistribute import check_target
 
 __all__ = ["local_map"]
+
+#: Autograd's rules, registered by :mod:`mpilocal.autograd.dtensor_ops` when it is imported (as
+#: ``engine.ADDERS``; nothing here imports autograd): ``"Tracked"`` (the type of tracked local
+#: arrays), ``"local_inputs"`` (the local arrays func receives), ``"run"`` (calls func on them while
+#: recording), ``"node_of"`` (the node of a tracked array, or None), ``"wrap_output"`` (a tracked
+#: output as a DTensor that backpropagates into it), ``"from_local"`` (the same off the mesh).
+AUTOGRAD: dict = {}
 
 
 # -- pytree-lite: lists, tuples (incl. namedtuples) and dicts, as PyTorch's pytree ---------------------
@@ -143,9 +149,7 @@ def _check_replicas(mesh, items) -> None:
     differs between the ranks of a mesh dim where it is labelled Replicate. **Collective** over the
     mesh; call it on every rank with the same items (they come from the static placements)."""
     vec = np.array([_checksum(a) for _, a, _, _ in items], dtype=np.int64)
-    from . import functional
-
-    rows = functional.meta_allgather(mesh._metadata_comm(), vec, "replicate_check")
+    rows = collectives.meta_allgather(mesh._metadata_comm(), vec, "replicate_check")
     sums = rows.reshape(mesh.shape + (len(items),))
     ranks = mesh.mesh
     names = mesh.mesh_dim_names
@@ -205,11 +209,9 @@ def _note_reshaped(exc, reshaped, mesh):
 
 def _off_mesh_output(o, mesh, spec):
     """An output on a rank outside the mesh: wrapped as from_local does there, with no communication."""
-    if type(o) is Tracked:
-        from .autograd import dtensor_ops
-
-        return dtensor_ops.from_local(o, mesh, spec)
-    return DTensor.from_local(_on_device(o, mesh, "local_map"), mesh, spec)
+    if type(o) is AUTOGRAD.get("Tracked"):
+        return AUTOGRAD["from_local"](o, mesh, spec)
+    return DTensor.from_local(on_device(o, mesh, "local_map"), mesh, spec)
 
 
 def local_map(func=None, out_placements=None, in_placements=None, in_grad_placements=None, device_mesh=None,
@@ -272,7 +274,7 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
     def norm(key, spec, mesh, ndim):
         got = norm_cache.get((key, mesh.ndim, ndim))
         if got is None:
-            got = norm_cache[(key, mesh.ndim, ndim)] = _placements(spec, mesh, ndim, "local_map")
+            got = norm_cache[(key, mesh.ndim, ndim)] = norm_placements(spec, mesh, ndim, "local_map")
         return got
 
     def norm_out(k, spec, mesh, ndim):
@@ -337,12 +339,7 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                                 f"for {want}; set redistribute_inputs=True to local_map to redistribute it, "
                                 f"or pass it with the expected placements"
                             )
-                        for j, (c, t) in enumerate(zip(arg._placements, want)):
-                            if t.is_partial() and c != t:
-                                raise ValueError(
-                                    f"local_map: input {i} would need {c!r} -> {t!r} on mesh dim {j}; "
-                                    f"redistributing to Partial is for internal use only"
-                                )
+                        check_target(arg._placements, want, f"local_map: input {i}")
                         if todo is None:
                             todo = []
                         todo.append((i, want))
@@ -368,23 +365,20 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                 flat[i] = new
         on_mesh = seen and mesh._coordinate is not None
         if track:  # an input requires grad: differentiate through func (mpilocal.autograd)
-            from .autograd import dtensor_ops
-
-            local_flat = dtensor_ops.local_inputs(flat, in_grad_placements, n)
-            if on_mesh and failure.debug_enabled():
+            ag = AUTOGRAD
+            local_flat = ag["local_inputs"](flat, in_grad_placements, n)
+            if on_mesh and deadline.debug_enabled():
                 for i, (a, la) in enumerate(zip(flat, local_flat)):
-                    if type(la) is Tracked and la._node is not None and type(a) is DTensor:
-                        _check_grads_of(la._node, mesh, _input_name(func, spec, i))
+                    node = ag["node_of"](la)
+                    if node is not None and type(a) is DTensor:
+                        _check_grads_of(node, mesh, _input_name(func, spec, i))
             local_args = local_flat if spec is None else _unflatten(spec, iter(local_flat))
-            _tracked.LOCAL_MAP_DEPTH += 1
             try:
-                out = func(*local_args, **kwargs)
+                out = ag["run"](func, local_args, kwargs)
             except Exception as e:
                 if reshaped is not None:
                     _note_reshaped(e, reshaped, mesh)
                 raise
-            finally:
-                _tracked.LOCAL_MAP_DEPTH -= 1
         else:
             local_flat = [a._local if type(a) is DTensor else a for a in flat]
             local_args = local_flat if spec is None else _unflatten(spec, iter(local_flat))
@@ -398,11 +392,11 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                     raise
         if not seen:
             return out
-        debug = on_mesh and failure.debug_enabled()
+        debug = on_mesh and deadline.debug_enabled()
         # 3) wrap outputs
         if type(out) is np.ndarray and len(out_specs) == 1 and out_specs[0] is not None \
                 and mesh.device_type == "cpu" and on_mesh and not debug:  # fast path: one NumPy output
-            return _wrap(out, mesh, norm_out(0, out_specs[0], mesh, out.ndim))
+            return wrap_local(out, mesh, norm_out(0, out_specs[0], mesh, out.ndim))
         out_leaves = []
         out_spec = _flatten(out, out_leaves)
         if len(out_leaves) != len(out_specs):
@@ -419,7 +413,7 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                 )
             if isinstance(o, np.generic):  # NumPy reductions return scalars; PyTorch's are 0-d tensors
                 o = np.asarray(o)
-            is_tracked = type(o) is Tracked
+            is_tracked = type(o) is AUTOGRAD.get("Tracked")
             if is_tracked or _arrays.is_array(o):
                 if s is None:
                     raise ValueError(
@@ -431,11 +425,9 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
                     wrapped_out.append(_off_mesh_output(o, mesh, pl))
                     continue
                 if is_tracked:
-                    from .autograd import dtensor_ops
-
-                    d = dtensor_ops.wrap_output(o, mesh, pl)
+                    d = AUTOGRAD["wrap_output"](o, mesh, pl)
                 else:
-                    d = _wrap(_on_device(o, mesh, "local_map"), mesh, pl)
+                    d = wrap_local(on_device(o, mesh, "local_map"), mesh, pl)
                 wrapped_out.append(d)
                 if debug and _replica_dims(mesh, pl):
                     checks.append((f"output {k} of {func.__name__}", d._local, pl, _OUT_FIX))

@@ -1,7 +1,10 @@
 """Neighbour collectives: halo exchange, permute (JAX's ``ppermute``), send_recv and shift.
 
-Re-exported by :mod:`mpilocal.functional` (``funcol.halo_exchange``, ``funcol.permute``,
-``funcol.send_recv``, ``funcol.shift``); :func:`stencil` is ``mpilocal.stencil``. Every function
+Part of the funcol API: this module adds them to :mod:`mpilocal.functional` when it loads
+(``funcol.halo_exchange``, ``funcol.halo_update``, ``funcol.permute``, ``funcol.send_recv``,
+``funcol.shift``); :func:`stencil` is ``mpilocal.stencil``. Layer "api", above ``dtensor`` and
+``local_map`` (``halo_exchange`` takes DTensors, ``stencil`` is a ``local_map``), so functional
+does not import it. Every function
 here is **collective** over its group: all ranks of the group call it, even those that send or
 receive nothing (the ends of a non-periodic line, ranks outside a permutation), so the deadline
 watchdog, ``MPILOCAL_DEBUG=1`` fingerprints and :class:`~mpilocal.CommDebugMode` see one logical
@@ -21,7 +24,8 @@ A halo comes from the adjacent shard alone: every shard that sends must hold at 
 else every rank raises the same ``ValueError`` (the sizes are global metadata). Several dims at
 once (``tensor_dim=(0, 1)``) are exchanged one after the other, the second exchange including the
 first's halos, so corners come from the diagonal neighbours. Everything here is differentiable on
-:class:`~mpilocal.autograd.Tracked` arrays (``mpilocal.autograd.neighbors``): the adjoint of a
+:class:`~mpilocal.autograd.Tracked` arrays (``mpilocal.autograd.neighbors`` registers the rules in
+:data:`AUTOGRAD` when imported): the adjoint of a
 halo exchange sends the halo gradients back and adds them to the rows they came from; that of a
 permutation is the inverse permutation.
 """
@@ -33,14 +37,29 @@ import zlib
 
 import numpy as np
 
-from . import _arrays, failure, functional
-from .autograd.tracked import Tracked
-from .functional import _issue, resolve_group
+from . import _arrays, agreement, collectives, functional
+from .dtensor import DTensor
+from .functional import resolve_group
 from .layout import local_shape_and_offset
+from .local_map import local_map
+from .mesh import DeviceMesh
+from .metadata import check_params, check_same, meta_shape, meta_vector, meta_with
 from .transport import group_for
-from .transport.select import transport_for
 
 __all__ = ["halo_exchange", "halo_update", "permute", "send_recv", "shift", "stencil", "shard_rows"]
+
+#: Autograd's rules, registered by :mod:`mpilocal.autograd.neighbors` when it is imported (as
+#: ``engine.ADDERS``): ``"Tracked"`` (the type of tracked local arrays), ``"halo_1d"``, ``"permute"``.
+AUTOGRAD: dict = {}
+
+
+def _is_tracked(x) -> bool:
+    return type(x) is AUTOGRAD.get("Tracked")
+
+
+def _data(x):
+    """The plain array of ``x`` (a tracked one's data)."""
+    return x.data if _is_tracked(x) else x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,8 +112,7 @@ def _exchange(name, like, sends, recvs, g, accumulate=False, **detail):
             f = _flat_send(xp, a)
             nbytes += f.nbytes
             fs.append((p, f))
-    with _issue(name, _Sent(nbytes, like.dtype, tuple(like.shape)), g, **detail):
-        transport_for(like, "sendrecv").sendrecv(fs, fr, g)
+    collectives.sendrecv(name, like, _Sent(nbytes, like.dtype, tuple(like.shape)), fs, fr, g, **detail)
     for t, tmp in back:
         if accumulate:
             t += tmp
@@ -162,7 +180,7 @@ def halo_1d(x, d, g, w, bnd, name="halo_exchange"):
     """The padded local array (plain arrays; checks already done). **Collective** over ``g``."""
     shape, wl, wr, left, right = _halo_plan(x.shape, d, g, w, bnd)
     n = x.shape[d]
-    out = functional._empty(x, shape)  # NumPy: pooled warm pages (large halos: no page faults)
+    out = collectives.empty(x, shape)  # NumPy: pooled warm pages (large halos: no page faults)
     out[_sl(x.ndim, d, slice(wl, wl + n))] = x
     if w:
         _fill_halos(out, x, d, g, w, bnd, n, wl, left, right, name)
@@ -207,7 +225,7 @@ def halo_update(padded, group, tensor_dim, width, boundary="periodic"):
         ...     funcol.halo_update(P, (mesh, 0), 0, 1, 0.0)     # refresh the halos in place
     """
     caller = "halo_update"
-    if type(padded) is Tracked:
+    if _is_tracked(padded):
         raise NotImplementedError(f"{caller}: writes into its argument, so it is not differentiable; use "
                                   f"halo_exchange (a new padded array) on arrays that require grad")
     g = resolve_group(group, caller)
@@ -268,10 +286,8 @@ def halo_1d_adjoint(gy, d, g, w, bnd, name="halo_exchange"):
 
 
 def _halo_any(x, d, g, w, bnd):
-    if type(x) is Tracked:
-        from .autograd import neighbors as ag
-
-        return ag.halo_1d(x, d, g, w, bnd)
+    if _is_tracked(x):
+        return AUTOGRAD["halo_1d"](x, d, g, w, bnd)
     return halo_1d(x, d, g, w, bnd)
 
 
@@ -295,8 +311,6 @@ def _as_list(v, n, what, caller):
 
 
 def _is_group_spec(v):
-    from .mesh import DeviceMesh
-
     return isinstance(v, DeviceMesh) or (isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], DeviceMesh))
 
 
@@ -332,8 +346,6 @@ def halo_exchange(x, mesh_dim, tensor_dim, width, boundary="periodic"):
         >>> p = funcol.halo_exchange(U, (0, 1), (0, 1), 1, boundary=0.0)   # (n0 + 2, n1 + 2) local
     """
     caller = "halo_exchange"
-    from .dtensor import DTensor
-
     multi = isinstance(tensor_dim, (list, tuple))
     tdims = list(tensor_dim) if multi else [tensor_dim]
     if type(x) is DTensor:
@@ -359,17 +371,17 @@ def halo_exchange(x, mesh_dim, tensor_dim, width, boundary="periodic"):
 def _agree_args(x, g, caller, err, d, w, bnd):
     """Agree on the verdict of this rank's argument checks (``err``) and on the shapes and halo
     parameters over ``g``: every rank raises the same error, or gets every rank's metadata row."""
-    meta = None if err else functional._meta_with(x, caller, tensor_dim=d, width=w, boundary=repr(bnd))
-    rows = failure.agree(g, caller, err, meta)
-    functional._check_params(rows, caller, tensor_dim=d, width=w, boundary=bnd)
-    functional._check_same(rows, caller, skip_dim=d)
+    meta = None if err else meta_with(x, caller, tensor_dim=d, width=w, boundary=repr(bnd))
+    rows = agreement.agree(g, caller, err, meta)
+    check_params(rows, caller, tensor_dim=d, width=w, boundary=bnd)
+    check_same(rows, caller, skip_dim=d)
     return rows
 
 
 def _halo_local(x, group, tensor_dim, width, boundary, caller):
     """One tensor dim of a local array: local checks, agreed over the group, then the exchange."""
     g = resolve_group(group, caller)
-    data = x.data if type(x) is Tracked else x
+    data = _data(x)
     d = w = bnd = None
     try:  # rank-local checks; the verdict (and shapes/dtypes/parameters) are agreed so every rank raises
         _arrays.require_array(data, caller)
@@ -389,15 +401,16 @@ def _halo_local(x, group, tensor_dim, width, boundary, caller):
 
 def _halo_dtensor(x, mdims, tdims, widths, bnds, caller):
     """DTensor input: every check is on global metadata (the same verdict on every rank). The plan
-    (groups, dims, widths) is cached on the mesh per (placements, global shape, arguments)."""
+    (groups, dims, widths) is cached per (mesh, placements, global shape, arguments) in the cache of
+    the mesh's first dim's Group (dropped with its communicator when the mesh is closed)."""
     mesh = x._mesh
     local = x.to_local()  # Tracked when x requires grad: the halo is differentiable
     if mesh._coordinate is None:
         return local
     try:
-        key = (x._placements, x.shape, tuple(mdims), tuple(tdims), tuple(widths),
-               tuple((type(b), repr(b)) for b in bnds))
-        cache = mesh.__dict__.setdefault("_halo_plans", {})
+        key = (hash(mesh), mesh.ndim, x._placements, x.shape, tuple(mdims), tuple(tdims),
+               tuple(widths), tuple((type(b), repr(b)) for b in bnds))
+        cache = group_for(mesh.get_group(0)).cache.setdefault("halo_plans", {})
         plan = cache.get(key)
     except TypeError:  # unhashable arguments: checked (and rejected) below
         key, plan = None, None
@@ -448,7 +461,7 @@ def permute_raw(x, pairs, g, name="permute"):
     me = g.rank
     sends = [(dst, x) for src, dst in pairs if src == me]
     srcs = [src for src, dst in pairs if dst == me]
-    out = functional._empty(x, x.shape)
+    out = collectives.empty(x, x.shape)
     if not srcs:
         out[...] = 0
     recvs = [(s, out) for s in srcs]
@@ -475,24 +488,22 @@ def _check_perm(perm, k, caller):
 
 def _agreed_same(x, g, caller, check, **params):
     """Run ``check()`` (local argument checks) and agree the verdict, shapes, dtypes and ``params``."""
-    data = x.data if type(x) is Tracked else x
+    data = _data(x)
     try:
         _arrays.require_array(data, caller)
         res = check()
         err = None
     except (TypeError, ValueError) as e:
         res, err = None, e
-    rows = failure.agree(g, caller, err, None if err else functional._meta_with(data, caller, **params))
-    functional._check_params(rows, caller, **params)
-    functional._check_same(rows, caller)
+    rows = agreement.agree(g, caller, err, None if err else meta_with(data, caller, **params))
+    check_params(rows, caller, **params)
+    check_same(rows, caller)
     return res
 
 
 def _permute_any(x, pairs, g, name):
-    if type(x) is Tracked:
-        from .autograd import neighbors as ag
-
-        return ag.permute(x, pairs, g, name)
+    if _is_tracked(x):
+        return AUTOGRAD["permute"](x, pairs, g, name)
     return permute_raw(x, pairs, g, name)
 
 
@@ -536,7 +547,7 @@ def send_recv(x, dst, src, group, tag: str = ""):
     (unless ``MPILOCAL_CHECK_ARGS=0``). Counts one ``"send_recv"``. Differentiable."""
     caller = "send_recv"
     g = resolve_group(group, caller)
-    data = x.data if type(x) is Tracked else x
+    data = _data(x)
     k = g.size
 
     def peer(v, what):
@@ -555,9 +566,9 @@ def send_recv(x, dst, src, group, tag: str = ""):
         err = e
     meta = None
     if err is None:
-        meta = functional.meta_vector(data.shape, data.dtype)
+        meta = meta_vector(data.shape, data.dtype)
         meta[-3], meta[-2] = d_, s_  # past any real ndim
-    rows = failure.agree(g, caller, err, meta)
+    rows = agreement.agree(g, caller, err, meta)
     if rows is not None:
         _same_shapes(rows, caller)
         dsts, srcs = rows[:, -3].tolist(), rows[:, -2].tolist()
@@ -578,9 +589,9 @@ def _same_shapes(rows, caller):
     ref = rows[0]
     for r, row in enumerate(rows):
         if row[0] != ref[0] or row[1] != ref[1] or \
-                functional.meta_shape(row) != functional.meta_shape(ref):
-            raise ValueError(f"{caller}: group rank 0 passes shape {functional.meta_shape(ref)} but rank {r} passes "
-                             f"{functional.meta_shape(row)} (or another dtype); every rank must pass one shape and dtype")
+                meta_shape(row) != meta_shape(ref):
+            raise ValueError(f"{caller}: group rank 0 passes shape {meta_shape(ref)} but rank {r} passes "
+                             f"{meta_shape(row)} (or another dtype); every rank must pass one shape and dtype")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -613,8 +624,6 @@ def stencil(func=None, *, halo=1, boundary="periodic"):
 
     @functools.wraps(func)
     def wrapped(*args):
-        from .dtensor import DTensor
-
         key = tuple((id(a._mesh), a._placements, a.shape) if type(a) is DTensor else None for a in args)
         hit = cache.get(key)
         if hit is None or any(type(a) is DTensor and a._mesh is not hit[2] for a in args):
@@ -626,9 +635,6 @@ def stencil(func=None, *, halo=1, boundary="periodic"):
 
 def _stencil_build(func, args, halo, boundary):
     """(halo plans, local_map-wrapped function, mesh) of a stencil for one layout of ``args``."""
-    from .dtensor import DTensor
-    from .local_map import local_map
-
     caller = "stencil"
     name = getattr(func, "__name__", "func")
     first = next((a for a in args if type(a) is DTensor), None)
@@ -699,7 +705,7 @@ def _self_group():
 
 def _interior(o, local_shape, plan, caller):
     """The local-shape interior of a stencil output (padded outputs are cropped by ``plan``)."""
-    data = o.data if type(o) is Tracked else o
+    data = _data(o)
     shape = tuple(data.shape)
     if shape == local_shape:
         return o
@@ -713,3 +719,9 @@ def _interior(o, local_shape, plan, caller):
         raise ValueError(f"{caller}: the stencil function returned shape {shape}; return the local shape "
                          f"{local_shape} (the interior) or the padded input shape {tuple(padded)}")
     return o[tuple(idx)]
+
+
+# the neighbour collectives are funcol functions too (see the module docstring)
+for _name in ("halo_exchange", "halo_update", "permute", "send_recv", "shift"):
+    setattr(functional, _name, globals()[_name])
+del _name

@@ -8,9 +8,10 @@ into ``Shard(d, sizes=...)`` with the sizes the ranks hold.
 
 from __future__ import annotations
 
-from . import _arrays, failure, functional
+from . import _arrays, agreement, collectives
 from .dtensor import DTensor
 from .layout import mesh_coords, normalize_placements
+from .metadata import meta_shape, meta_vector
 from .placement import Shard
 from .transport import group_for
 
@@ -42,11 +43,11 @@ def ragged_from_local(local, device_mesh, placements, *, run_check=False):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    meta = None if err else functional.meta_vector(local.shape, local.dtype)
-    rows = failure.agree(g, caller, err, meta, "ragged_sizes")
+    meta = None if err else meta_vector(local.shape, local.dtype)
+    rows = agreement.agree(g, caller, err, meta, "ragged_sizes")
     if rows is None and g.size > 1:  # argument agreement is off: the shapes are still needed
-        rows = functional.meta_allgather(g.comm, meta, "ragged_sizes")
-    shapes = [functional.meta_shape(r) for r in rows] if rows is not None else [tuple(local.shape)]
+        rows = collectives.meta_allgather(g.comm, meta, "ragged_sizes")
+    shapes = [meta_shape(r) for r in rows] if rows is not None else [tuple(local.shape)]
     if any(len(s) != local.ndim for s in shapes):
         raise ValueError(f"{caller}: ranks pass arrays of different ndim ({sorted({len(s) for s in shapes})}); "
                          f"every rank passes its shard of one global array")

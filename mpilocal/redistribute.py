@@ -1,20 +1,35 @@
-"""Execute redistribute plans (from :func:`mpilocal.layout.redistribute_plan`) on local shards."""
+"""Execute redistribute plans (from :func:`mpilocal.layout.redistribute_plan`) on local shards.
+
+Layer "api" (docs/architecture.md): the plan is pure layout arithmetic, each communicating step one
+collective of :mod:`mpilocal.collectives`. :func:`check_target` is the one place of the rule that
+no redistribute goes *to* a Partial placement (``DTensor.redistribute`` and ``local_map``'s
+``redistribute_inputs`` both ask it).
+"""
 
 from __future__ import annotations
 
-from . import _arrays, functional
+from . import _arrays, collectives, functional
 from .layout import redistribute_plan
 from .transport import group_for
 
-__all__ = ["redistribute_local", "mesh_groups", "to_partial"]
+__all__ = ["redistribute_local", "mesh_groups", "to_partial", "check_target"]
+
+
+def check_target(src, dst, what: str) -> None:
+    """PyTorch's rule: a ``Partial`` target is only reachable from the same ``Partial``
+    (Replicate -> Partial is reserved for internal use). ``ValueError`` naming ``what`` (the caller
+    and the value moved) otherwise. Local: placements are the same on every rank."""
+    for i, (c, t) in enumerate(zip(src, dst)):
+        if t.is_partial() and c != t:
+            raise ValueError(
+                f"{what}: cannot redistribute {c!r} to {t!r} on mesh dim {i}: redistributing to Partial is for "
+                f"internal use only; target Replicate() or Shard(dim) instead"
+            )
 
 
 def mesh_groups(mesh):
-    """The transport :class:`Group` of each mesh dim (cached on the mesh)."""
-    groups = mesh.__dict__.get("_groups")
-    if groups is None:
-        groups = mesh._groups = [group_for(c) for c in mesh.get_all_groups()]
-    return groups
+    """The transport :class:`Group` of each mesh dim (the mesh's communicators; a closed mesh raises)."""
+    return [group_for(c) for c in mesh.get_all_groups()]
 
 
 def redistribute_local(local, mesh, global_shape, src, dst):
@@ -33,14 +48,14 @@ def redistribute_local(local, mesh, global_shape, src, dst):
         g = groups[step.mesh_dim]
         op = step.op
         if op == "all_gather":
-            x = functional.gather(x, step.tensor_dim, g, step.sizes, placements=(src, dst))
+            x = collectives.all_gather(x, step.tensor_dim, g, step.sizes, placements=(src, dst))
         elif op == "all_reduce":
-            x = functional.reduce(x, step.reduce_op, g, placements=(src, dst))
+            x = collectives.all_reduce(x, step.reduce_op, g, placements=(src, dst))
         elif op == "reduce_scatter":
-            x = functional.reduce_scatter(x, step.reduce_op, step.tensor_dim, g, step.sizes, placements=(src, dst))
+            x = collectives.reduce_scatter(x, step.reduce_op, step.tensor_dim, g, step.sizes, placements=(src, dst))
         elif op == "all_to_all":
-            x = functional.all_to_all_dims(x, step.tensor_dim, step.dst_dim, g, step.sizes, step.dst_sizes,
-                                           placements=(src, dst))
+            x = collectives.all_to_all_dims(x, step.tensor_dim, step.dst_dim, g, step.sizes, step.dst_sizes,
+                                            placements=(src, dst))
         elif op == "chunk":
             i = coord[step.mesh_dim]
             off = sum(step.sizes[:i])

@@ -7,7 +7,7 @@ interleaved round by round, so machine noise hits them alike), for:
 
 - ``local_map`` with Replicate in/out (no communication) and Shard(0) in/out (one posted metadata
   all-gather of the output shape), next to the raw local function;
-- ``functional.reduce`` (the internal all-reduce redistribute uses) and the public
+- ``collectives.all_reduce`` (the internal all-reduce redistribute uses) and the public
   ``funcol.all_reduce`` (which also agrees on the arguments' verdict, shapes, dtypes and reduce op),
   next to a raw ``comm.Allreduce`` of the same 8 float64 — for each mode:
 
@@ -29,6 +29,7 @@ from mpi4py import MPI
 
 import mpilocal
 import mpilocal.functional as funcol
+from mpilocal import collectives
 from mpilocal import Replicate, Shard, distribute_tensor, init_device_mesh, local_map
 
 try:
@@ -81,7 +82,7 @@ def main():
         ("local_map Replicate", lm_rep, (X_rep,)),
         ("local_map Shard(0) (+ .shape)", lm_shard, (X_sh,)),
         ("raw comm.Allreduce 8 x f64", raw_allreduce, (v,)),
-        ("functional.reduce (internal)", lambda v_: funcol.reduce(v_, "sum", g), (v,)),
+        ("collectives.all_reduce (internal)", lambda v_: collectives.all_reduce(v_, "sum", g), (v,)),
         ("funcol.all_reduce (public)", lambda v_: funcol.all_reduce(v_, "sum", mesh), (v,)),
     ]
     if failure is not None:

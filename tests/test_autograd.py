@@ -855,7 +855,8 @@ def test_tracked_errors_outside_local_map_name_detach():
 
 def test_all_to_all_backward_split_agreement_is_accounted(monkeypatch):
     """The backward of a differentiable all_to_all_single with agreed output splits learns them
-    through functional's accounted metadata path (deadline, fingerprint, count), not a raw MPI call."""
+    through the accounted metadata path of mpilocal.collectives (deadline, fingerprint, count), not a raw
+    MPI call."""
     if W == 1:
         pytest.skip("one rank: every split is even, nothing to agree")
     mesh = init_device_mesh(DEVICE, (W,))
@@ -868,7 +869,7 @@ def test_all_to_all_backward_split_agreement_is_accounted(monkeypatch):
 
     ins = [RANK + 1 if q % 2 == 0 else 0 for q in range(W)]  # uneven: output splits must be agreed
     x = rand(130 + RANK, sum(ins), 2)
-    monkeypatch.setattr(_failure, "begin", spy)
+    monkeypatch.setattr(_deadline, "begin", spy)
     funcol.all_to_all_single(x, None, ins, mesh)
     plain = seen.count("metadata:split_agreement")
     seen.clear()

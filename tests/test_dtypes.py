@@ -319,10 +319,12 @@ def test_mixed_array_kinds_raise_on_every_rank():
     if W == 1:
         pytest.skip("needs 2 ranks")
     g = group_for(MPI.COMM_WORLD)
-    vec = _funcol.meta_vector((3,), np.float64, cupy=RANK == W - 1)
+    from mpilocal import metadata
+
+    vec = metadata.meta_vector((3,), np.float64, cupy=RANK == W - 1)
     rows = agreement.agree(g, "test", None, vec)
     try:
-        _funcol._check_same(rows, "all_reduce")
+        metadata.check_same(rows, "all_reduce")
         err = "no error"
     except TypeError as e:
         err = "" if "NumPy" in str(e) and "CuPy" in str(e) else f"unclear: {e}"

@@ -493,7 +493,7 @@ def test_debug_names_divergent_mpi_calls():
 
 def test_debug_fingerprint_includes_placements():
     """Internal collectives take the caller's placements into the fingerprint."""
-    from mpilocal import Replicate, Shard, agreement, deadline, functional
+    from mpilocal import Replicate, Shard, agreement, collectives, deadline
     from mpilocal.transport import group_for
 
     if W == 1:
@@ -503,7 +503,7 @@ def test_debug_fingerprint_includes_placements():
     prev = deadline.debug_enabled()
     deadline.set_debug(True)
     try:
-        functional.gather(np.ones((1, 2)), 0, g, [1] * W, placements=pl)
+        collectives.all_gather(np.ones((1, 2)), 0, g, [1] * W, placements=pl)
         err = "no error"
     except agreement.CollectiveMismatchError as e:
         err = "" if "placements" in str(e) and "Shard(dim=1)" in str(e) else f"unclear: {e}"

@@ -393,11 +393,10 @@ def test_from_group_bad_arguments():
 # --------------------------------------------------------------------------- close(): releasing meshes
 def _live():
     """What mpilocal keeps per communicator: the mesh records and mirror, transport Groups, rings."""
-    import mpilocal.functional as funcol
     from mpilocal import mesh as mesh_mod
-    from mpilocal import transport
+    from mpilocal import metadata, transport
 
-    return (len(mesh_mod._RECORDS), len(mesh_mod._COMM_CACHE), len(transport._GROUPS), len(funcol._RINGS))
+    return (len(mesh_mod._RECORDS), len(mesh_mod._COMM_CACHE), len(transport._GROUPS), len(metadata._RINGS))
 
 
 def _baseline():

@@ -14,5 +14,9 @@ from .engine import Leaf, Node, is_grad_enabled, no_grad
 from .function import Function, FunctionCtx
 from .tracked import OPERATORS, SUPPORTED, Tracked, TrackedNamespace, tensor
 
+# registrations with the layers below (which never import autograd): DTensor and local_map
+# (dtensor_ops), funcol's collectives (collectives) and neighbour collectives (neighbors)
+from . import collectives, dtensor_ops, neighbors  # noqa: E402,F401
+
 __all__ = ["Tracked", "tensor", "Function", "FunctionCtx", "SUPPORTED", "OPERATORS", "Node", "Leaf", "TrackedNamespace",
            "no_grad", "is_grad_enabled"]

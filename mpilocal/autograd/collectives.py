@@ -1,6 +1,9 @@
 """Differentiable functional collectives on :class:`Tracked` arrays.
 
-``mpilocal.functional``'s public collectives dispatch here when given a Tracked array. Backward
+``mpilocal.functional``'s public collectives dispatch here when given a Tracked array (this
+module registers itself in ``functional.AUTOGRAD`` when imported). The forward is the public
+function on the plain array (its checks and agreement); backward collectives are issued through
+:mod:`mpilocal.collectives` (accounting, deadline, fingerprints). Backward
 rules (each is itself one collective, run on every rank in reverse creation order):
 
 * ``all_reduce`` sum/avg  <->  ``all_reduce`` sum/avg of the gradient (max/min/product: not
@@ -13,11 +16,10 @@ rules (each is itself one collective, run on every rank in reverse creation orde
 
 from __future__ import annotations
 
-import numpy as np
-
-from .. import _arrays, functional
+from .. import _arrays, collectives, functional
 from ..layout import chunk_sizes
-from .tracked import _record
+from ..metadata import meta_vector
+from .tracked import Tracked, _record
 
 __all__ = ["all_reduce", "all_gather_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast"]
 
@@ -36,7 +38,7 @@ def all_reduce(x, reduceOp, group):
     _diff_op(op, caller)
     g = functional.resolve_group(group, caller)
     out = functional.all_reduce(x.data, reduceOp, group)
-    return _record("AllReduce", out, (x,), lambda gr, n: (functional.reduce(gr, op, g),))
+    return _record("AllReduce", out, (x,), lambda gr, n: (collectives.all_reduce(gr, op, g),))
 
 
 def all_gather_tensor(x, gather_dim, group):
@@ -46,9 +48,9 @@ def all_gather_tensor(x, gather_dim, group):
     dim = functional._norm_dim(gather_dim, data.ndim, caller, "gather_dim")
     out = functional.all_gather_tensor(data, gather_dim, group)  # validates (the same error on every rank)
     # every rank's size along dim, for the backward reduce_scatter (one small metadata all-gather)
-    rows = functional.meta_allgather(g.comm, functional.meta_vector(data.shape, None), "gather_sizes")
+    rows = collectives.meta_allgather(g.comm, meta_vector(data.shape, None), "gather_sizes")
     sizes = [int(r[2 + dim]) for r in rows]
-    return _record("AllGather", out, (x,), lambda gr, n: (functional.reduce_scatter(gr, "sum", dim, g, sizes),))
+    return _record("AllGather", out, (x,), lambda gr, n: (collectives.reduce_scatter(gr, "sum", dim, g, sizes),))
 
 
 def reduce_scatter_tensor(x, reduceOp, scatter_dim, group):
@@ -62,7 +64,7 @@ def reduce_scatter_tensor(x, reduceOp, scatter_dim, group):
     out = functional.reduce_scatter_tensor(data, reduceOp, scatter_dim, group)
 
     def bw(gr, n):
-        full = functional.gather(gr, dim, g, sizes)
+        full = collectives.all_gather(gr, dim, g, sizes)
         return (full / g.size if op == "avg" else full,)
 
     return _record("ReduceScatter", out, (x,), bw)
@@ -79,10 +81,9 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group):
         outs = [int(s) for s in output_split_sizes]
     elif ins == [n0 // k] * k and n0 % k == 0:
         outs = ins
-    else:  # the forward agreed them; the backward needs them here: one small metadata all-gather of
-        # every rank's input splits (through functional's accounted path: deadline, fingerprint, count)
-        rows = functional.meta_allgather(g.comm, np.asarray(ins, dtype=np.int64), "split_agreement")
-        outs = [int(r) for r in rows[:, g.rank]]
+    else:  # the forward agreed them; the backward needs them here: every rank's input split for this
+        # rank, one small metadata all-to-all (accounted: deadline, fingerprint, count)
+        outs = [int(r) for r in collectives.exchange_splits(g, ins)]
     return _record("AllToAll", out, (x,), lambda gr, n: (functional.all_to_all_single(gr, ins, outs, group),))
 
 
@@ -92,8 +93,14 @@ def broadcast(x, src, group):
     out = functional.broadcast(x.data, src, group)
     root = int(src)  # a group rank (PyTorch funcol's convention)
 
-    def bw(gr, n):
-        total = functional.reduce(gr, "sum", g)
+    def bw(gr, n):  # the transports have no rooted reduce: an all-reduce, kept on the root
+        total = collectives.all_reduce(gr, "sum", g)
         return (total if g.rank == root else _arrays.namespace(total).zeros_like(total),)
 
     return _record("Broadcast", out, (x,), bw)
+
+
+# registration (nothing below autograd imports it): funcol's public functions dispatch Tracked here
+functional.AUTOGRAD[Tracked] = {"all_reduce": all_reduce, "all_gather_tensor": all_gather_tensor,
+                                "reduce_scatter_tensor": reduce_scatter_tensor,
+                                "all_to_all_single": all_to_all_single, "broadcast": broadcast}

@@ -14,15 +14,17 @@ Gradients of DTensors are plain DTensors (no grad of their own). Rules (PyTorch'
 
 from __future__ import annotations
 
-from .. import _arrays
-from ..dtensor import DTensor, _from_local, _on_device, _placements, _wrap
+from .. import _arrays, dtensor as _dtensor
+from ..local_map import AUTOGRAD as _LOCAL_MAP_AUTOGRAD
+from ..dtensor import DTensor, from_local_array, norm_placements, on_device, wrap_local
 from ..placement import Replicate
 from . import engine
 from .engine import Leaf, Node, run_backward
+from . import tracked as _tracked
 from .tracked import Tracked, _edge
 
 __all__ = ["GradMeta", "make_leaf", "redistribute", "to_local", "from_local", "wrap_output", "backward",
-           "add_grads", "local_inputs"]
+           "add_grads", "local_inputs", "run_local"]
 
 
 class GradMeta:
@@ -33,6 +35,10 @@ class GradMeta:
 
     def __init__(self, node=None, idx=0):
         self.node, self.idx, self.grad = node, idx, None
+
+    @property
+    def is_leaf(self) -> bool:
+        return type(self.node) is Leaf
 
 
 def grad_placements_of(pl):
@@ -124,7 +130,7 @@ def to_local(t, grad_placements=None):
     if grad_placements is None:  # the forward placements, Partial as Replicate (a Partial's exact gradient)
         gpl = grad_placements_of(t._placements)
     else:
-        gpl = _placements(grad_placements, mesh, t.ndim, "to_local(grad_placements=...)")
+        gpl = norm_placements(grad_placements, mesh, t.ndim, "to_local(grad_placements=...)")
     local = t._local
 
     def bw(gs):
@@ -146,7 +152,7 @@ def _from_local_node(out, tracked, pl):
 
 
 def from_local(local, device_mesh=None, placements=None, *, run_check=False, shape=None, stride=None):
-    out = _from_local(local.data, device_mesh, placements, run_check, shape, stride, local._node is not None)
+    out = from_local_array(local.data, device_mesh, placements, run_check, shape, stride, local._node is not None)
     if local._node is None:
         return out
     return _from_local_node(out, local, out._placements)
@@ -154,8 +160,8 @@ def from_local(local, device_mesh=None, placements=None, *, run_check=False, sha
 
 def wrap_output(o, mesh, spec):
     """A local_map output: a Tracked array wrapped as a DTensor that backpropagates into it."""
-    data = _on_device(o.data, mesh, "local_map")
-    out = _wrap(data, mesh, _placements(spec, mesh, data.ndim, "local_map"))
+    data = on_device(o.data, mesh, "local_map")
+    out = wrap_local(data, mesh, norm_placements(spec, mesh, data.ndim, "local_map"))
     if o._node is None:
         return out
     return _from_local_node(out, o, out._placements)
@@ -182,6 +188,16 @@ def local_inputs(flat, in_grad_placements, n):
     return res
 
 
+def run_local(func, args, kwargs):
+    """``func(*args, **kwargs)`` as local_map's local function on tracked inputs (error messages of
+    Tracked say that they come from local_map)."""
+    _tracked.LOCAL_MAP_DEPTH += 1
+    try:
+        return func(*args, **kwargs)
+    finally:
+        _tracked.LOCAL_MAP_DEPTH -= 1
+
+
 def backward(t, gradient=None):
     """``t.backward(gradient)``. **Collective** wherever the graph communicates."""
     if t._ag is None:
@@ -200,3 +216,11 @@ def backward(t, gradient=None):
             )
         gradient = _plain(gradient)
     run_backward(t._ag.node, t._ag.idx, gradient)
+
+
+# registration (nothing below autograd imports it): DTensor's gradient paths call these
+_dtensor.AUTOGRAD.update(Tracked=Tracked, from_local=from_local, make_leaf=make_leaf, to_local=to_local,
+                         redistribute=redistribute, backward=backward)
+_LOCAL_MAP_AUTOGRAD.update(Tracked=Tracked, local_inputs=local_inputs, run=run_local,
+                           node_of=lambda a: a._node if type(a) is Tracked else None,
+                           wrap_output=wrap_output, from_local=from_local)

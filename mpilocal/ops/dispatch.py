@@ -22,7 +22,7 @@ import numpy as np
 from .. import _arrays, debug
 from ..autograd import dtensor_ops, engine
 from ..autograd.tracked import Tracked, namespace_for
-from ..dtensor import DTensor, _on_device
+from ..dtensor import DTensor, on_device as _on_device
 from ..layout import local_shape_and_offset, shard_sizes, chunk_sizes
 from ..placement import Partial, Replicate, Shard
 from . import rules

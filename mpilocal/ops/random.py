@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
-from .. import functional
-from ..dtensor import DTensor, _check_mesh, _default_mesh, _placements
+from .. import collectives
+from ..dtensor import DTensor, _check_mesh, _default_mesh, norm_placements as _placements
 from ..layout import local_shape_and_offset
 from ..placement import Replicate
 
@@ -53,7 +53,7 @@ def manual_seed(seed: int) -> None:
         raise TypeError(f"mpilocal.manual_seed: seed must be an int in [0, 2**64), got {seed!r}")
     mesh = _default_mesh("cpu")
     vec = np.array([int(seed) & _MASK, int(seed) >> 32], dtype=np.int64)
-    rows = functional.meta_allgather(mesh._metadata_comm(), vec, "manual_seed")
+    rows = collectives.meta_allgather(mesh._metadata_comm(), vec, "manual_seed")
     seeds = sorted({(int(r[0]) | (int(r[1]) << 32)) for r in np.asarray(rows).reshape(len(rows), -1)})
     if len(seeds) != 1:
         raise ValueError(f"mpilocal.manual_seed: ranks passed different seeds {seeds}; pass the same seed on every "

@@ -1,0 +1,371 @@
+"""The collectives mpilocal issues: the one caller of the transports.
+
+Layer "collectives" (docs/architecture.md). Every array-data collective of the library
+(:mod:`mpilocal.functional`, :mod:`mpilocal.redistribute`, :mod:`mpilocal.dtensor`, the neighbour
+collectives, autograd's backward rules) goes through a function of this module, which hands flat
+contiguous buffers to the transport that :func:`~mpilocal.transport.select.transport_for` picks and,
+around every call, does the three things each collective needs (:func:`issue`):
+
+* accounting: :class:`~mpilocal.debug.CommDebugMode` counts one logical collective;
+* deadline: the collective is in flight for the watchdog (``MPILOCAL_TIMEOUT``);
+* fingerprints: under ``MPILOCAL_DEBUG=1`` the ranks first agree that they issue the same call.
+
+The metadata exchanges (shape agreement, sizes, checksums; :mod:`mpilocal.metadata` holds the rows
+and requests) are accounted here as well: :func:`post_shape_agreement`, :func:`post_meta_allgather`,
+:func:`meta_allgather` and :func:`exchange_splits`.
+
+Arguments are trusted: sizes, dims and ops were checked (and agreed) by the caller. There is no
+rooted gather or reduce here: the transports have none, so reductions are all-reduces (a rooted
+result, e.g. the backward of ``broadcast``, keeps the root's copy) and gathers all-gathers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _arrays, _pool, deadline, debug, metadata
+from . import agreement  # noqa: F401  (registers the fingerprint check that deadline.begin runs)
+from .metadata import META_WIDTH, MetaFuture
+from .transport import Group, group_for
+from .transport.select import transport_for
+
+__all__ = ["issue", "empty", "contiguous", "leading", "restore", "all_gather", "all_reduce", "reduce_scatter",
+           "all_to_all_dims", "all_to_all_rows", "bcast", "scatter", "sendrecv", "post_shape_agreement",
+           "post_meta_allgather", "meta_allgather", "exchange_splits"]
+
+
+def issue(name: str, send, g: Group, **detail):
+    """Account one logical collective. Every array-data collective calls this exactly once, just
+    before handing buffers to the transport: ``send`` is this rank's send buffer (or None),
+    ``detail`` names what must agree across ranks (reduce op, root, dims, sizes).
+
+    Use as ``with issue(...): transport call`` — the context marks the collective in flight for
+    the deadline watchdog (mpilocal.deadline), which also checks fingerprints under MPILOCAL_DEBUG=1."""
+    if debug._ACTIVE:
+        debug.record(name, 0 if send is None else send.nbytes)
+    return deadline.begin(name, g, send, detail)  # in-flight slot / fingerprint
+
+
+# ------------------------------------------------------------------------------------------------
+# internal collectives with known sizes (used by redistribute and the public functions)
+# ------------------------------------------------------------------------------------------------
+def empty(like, shape, dtype=None):
+    """An output buffer of ``like``'s kind: NumPy ones from the recycling pool (warm pages for
+    large results), CuPy ones from CuPy's own memory pool."""
+    if type(like) is np.ndarray:
+        return _pool.empty(shape, like.dtype if dtype is None else dtype)
+    return _arrays.namespace(like).empty(shape, dtype=like.dtype if dtype is None else dtype)
+
+
+def contiguous(x):
+    """``x`` itself when C-contiguous, else a C-contiguous copy (in a pooled buffer for NumPy)."""
+    if x.flags.c_contiguous:
+        return x
+    out = empty(x, x.shape)
+    out[...] = x
+    return out
+
+
+def leading(x, dim):
+    """``x`` with ``dim`` moved to axis 0, C-contiguous (a view when it already is)."""
+    if dim != 0:
+        x = _arrays.namespace(x).moveaxis(x, dim, 0)
+    return contiguous(x)
+
+
+def restore(y, dim):
+    if dim == 0:
+        return y
+    return contiguous(_arrays.namespace(y).moveaxis(y, 0, dim))
+
+
+def _detail(detail, placements):
+    if placements is not None:
+        detail["placements"] = placements
+    return detail
+
+
+def all_gather(x, dim: int, g: Group, sizes, placements=None):
+    """All-gather ``x`` along ``dim``; rank r contributes ``sizes[r]`` rows along ``dim``.
+    ``placements`` (optional, e.g. ``(src, dst)`` of a redistribute) joins the debug fingerprint."""
+    send = leading(x, dim)
+    inner = math.prod(send.shape[1:])
+    recv = empty(x, (sum(sizes),) + send.shape[1:])
+    with issue("all_gather_into_tensor", send, g, **_detail(dict(dim=dim, sizes=tuple(sizes)), placements)):
+        transport_for(x, "all_gather").allgatherv(send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], g)
+    return restore(recv, dim)
+
+
+# -- reductions: what the transports get -----------------------------------------------------------
+# Transports reduce native-order buffers with sum/max/min/product. On the way in:
+# - non-native byte order ('>f8' on x86) is converted: the result has the native dtype, as NumPy's;
+# - float max/min become integer max/min of order-preserving keys (below), so NaN propagates as in
+#   np.maximum/np.minimum on every transport (MPI's and NCCL's float MAX/MIN drop NaN or depend
+#   on the operand order), in the same single collective;
+# - float16 avg is summed and divided in float32 (60000 + 60000 averages to 60000, as np.mean).
+_KEY_INT = {2: np.int16, 4: np.int32, 8: np.int64}
+_NAN_KEY: dict = {}
+
+
+def _nan_key(dtype, op):
+    """The key of NaN: above +inf's for max, below -inf's for min."""
+    k = _NAN_KEY.get((dtype, op))
+    if k is None:
+        kt = _KEY_INT[dtype.itemsize]
+        nan = np.array([np.nan if op == "max" else -np.nan], dtype).view(kt)
+        k = _NAN_KEY[(dtype, op)] = int(_keys_inplace(nan.copy())[0])
+    return k
+
+
+def _keys_inplace(b):
+    """Float bits (viewed as signed ints) -> order-preserving signed ints, and back (an involution):
+    non-negative floats keep their bits, negative ones get their magnitude bits flipped, so
+    -inf < ... < -0.0 < +0.0 < ... < +inf as integers."""
+    xp = _arrays.namespace(b)
+    m = empty(b, b.shape)  # pooled: a fresh large temporary costs page faults on every call
+    xp.right_shift(b, 8 * b.dtype.itemsize - 1, out=m)  # -1 for negative floats, 0 otherwise
+    m &= np.iinfo(b.dtype).max
+    b ^= m
+    return b
+
+
+def _float_keys(send, op):
+    """Integer keys of the contiguous float buffer ``send`` for a NaN-propagating ``op`` (max/min).
+    Cost: about six elementwise passes here and three in :func:`_from_keys`, no extra collective."""
+    xp = _arrays.namespace(send)
+    b = send.view(_KEY_INT[send.dtype.itemsize])
+    k = empty(b, b.shape)
+    xp.right_shift(b, 8 * b.dtype.itemsize - 1, out=k)  # as _keys_inplace, without a copy of the input
+    k &= np.iinfo(b.dtype).max
+    k ^= b
+    nan = empty(send, send.shape, np.bool_)
+    xp.isnan(send, out=nan)
+    xp.putmask(k, nan, _nan_key(send.dtype, op))
+    return k
+
+
+def _from_keys(k, dtype, op):
+    out = _keys_inplace(k).view(dtype)
+    if op == "min":  # the NaN key maps back to a negative NaN: give NumPy's default NaN
+        xp = _arrays.namespace(out)
+        nan = empty(out, out.shape, np.bool_)
+        xp.isnan(out, out=nan)
+        xp.putmask(out, nan, np.nan)
+    return out
+
+
+def _reduce_input(x, op):
+    """(contiguous native-order send buffer, transport op, finish(recv, g) -> result)."""
+    dt = x.dtype
+    if not dt.isnative:
+        dt = dt.newbyteorder("=")
+        x = x.astype(dt)
+    kind = dt.kind
+    if op == "avg":
+        if dt == np.float16:  # sum and divide in float32
+            send = x.astype(np.float32)
+            return send, "sum", lambda r, g: _avg_narrow(r, g, dt)
+        return contiguous(x), "sum", _divide
+    if kind == "f" and op in ("max", "min"):
+        send = contiguous(x)
+        if dt.itemsize in _KEY_INT:
+            return _float_keys(send, op), op, lambda r, g: _from_keys(r, dt, op)
+        return send, "gather:" + op, None  # long double: gather and reduce in rank order
+    return contiguous(x), op, None
+
+
+def _divide(r, g):
+    r /= g.size
+    return r
+
+
+def _avg_narrow(r, g, dt):
+    r /= g.size
+    return r.astype(dt)
+
+
+def _gather_reduce(send, op, g, kind):
+    """Every rank's ``send`` (flat) reduced with ``op`` in rank order (NumPy's own ufunc)."""
+    k, n = g.size, send.size
+    buf = empty(send, (k * n,))
+    transport_for(send, kind).allgatherv(send.reshape(-1), buf, [n] * k, g)
+    f = {"max": _arrays.namespace(send).maximum, "min": _arrays.namespace(send).minimum}[op]
+    return f.reduce(buf.reshape(k, n), axis=0)
+
+
+def all_reduce(x, op: str, g: Group, placements=None):
+    """All-reduce ``x`` with ``op`` (``avg`` divides the sum by the group size). The result has
+    ``x``'s dtype in native byte order."""
+    send, top, finish = _reduce_input(x, op)
+    with issue("all_reduce", send, g, **_detail(dict(op=op), placements)):
+        if top.startswith("gather:"):
+            return _gather_reduce(send, top[7:], g, "all_gather").reshape(x.shape)
+        recv = empty(send, send.shape)
+        transport_for(x, "all_reduce").allreduce(send.reshape(-1), recv.reshape(-1), top, g)
+    if finish is not None:
+        recv = finish(recv, g)
+    return recv.reshape(x.shape)
+
+
+def reduce_scatter(x, op: str, dim: int, g: Group, sizes, placements=None):
+    """Reduce ``x`` and give rank r its ``sizes[r]`` rows along ``dim``."""
+    send, top, finish = _reduce_input(leading(x, dim), op)
+    inner = math.prod(send.shape[1:])
+    counts = [s * inner for s in sizes]
+    with issue("reduce_scatter_tensor", send, g, **_detail(dict(op=op, dim=dim, sizes=tuple(sizes)), placements)):
+        if top.startswith("gather:"):
+            off = sum(counts[:g.rank])
+            full = _gather_reduce(send, top[7:], g, "all_gather")
+            recv = full[off:off + counts[g.rank]].reshape((sizes[g.rank],) + send.shape[1:]).copy()
+            return restore(recv, dim)
+        recv = empty(send, (sizes[g.rank],) + send.shape[1:])
+        transport_for(x, "reduce_scatter").reduce_scatterv(send.reshape(-1), recv.reshape(-1), counts, top, g)
+    if finish is not None:
+        recv = finish(recv, g)
+    return restore(recv, dim)
+
+
+def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_sizes, placements=None):
+    """Shard(src_dim) -> Shard(dst_dim) within ``g``: send piece p of ``dst_dim`` (``dst_sizes[p]``)
+    to rank p, receive rank p's ``src_sizes[p]`` rows of ``src_dim`` and concatenate them.
+
+    ``src_sizes``/``dst_sizes`` are every rank's sizes (the same on every rank), so rank r sends
+    ``src_sizes[r] * dst_sizes[p] * other`` elements to rank p: the count matrix is uniform iff
+    its smallest and largest entries agree, which every rank computes alike."""
+    xp = _arrays.namespace(x)
+    xa = xp.moveaxis(x, src_dim, 0) if src_dim else x
+    b = dst_dim + 1 if dst_dim < src_dim else dst_dim
+    send = empty(x, (x.size,))
+    per_row = x.size // x.shape[dst_dim] if x.shape[dst_dim] else 0
+    pos, off, send_counts = 0, 0, []
+    if _arrays.is_cupy(xa) and xa.flags.c_contiguous:  # GPU: each piece is one strided 2-D memcpy
+        from .transport.gpu_common import pack_pieces
+
+        send_counts = pack_pieces(xa, b, dst_sizes, send)
+    for s in dst_sizes if not send_counts else ():
+        n = s * per_row
+        if n:
+            idx = (slice(None),) * b + (slice(off, off + s),)
+            send[pos:pos + n].reshape(xa[idx].shape)[...] = xa[idx]
+        send_counts.append(n)
+        pos += n
+        off += s
+    mine = dst_sizes[g.rank]
+    rest = list(xa.shape[1:])
+    rest[b - 1] = mine
+    inner = math.prod(rest)
+    recv = empty(x, (sum(src_sizes),) + tuple(rest))
+    other = math.prod(n for i, n in enumerate(x.shape) if i != src_dim and i != dst_dim)
+    uniform = other * min(src_sizes) * min(dst_sizes) == other * max(src_sizes) * max(dst_sizes)
+    bound = other * max(max(src_sizes) * sum(dst_sizes), sum(src_sizes) * max(dst_sizes))
+    detail = _detail(dict(src_dim=src_dim, dst_dim=dst_dim, src_sizes=tuple(src_sizes), dst_sizes=tuple(dst_sizes)),
+                     placements)
+    with issue("all_to_all_single", send, g, **detail):
+        transport_for(x, "all_to_all").alltoallv(send, send_counts, recv.reshape(-1), [s * inner for s in src_sizes], g,
+                                                 uniform, bound)
+    return restore(recv, dim=src_dim)
+
+
+def bcast(x, root: int, g: Group, placements=None):
+    """A copy of group rank ``root``'s ``x`` on every rank (``x`` gives shape and dtype elsewhere)."""
+    buf = empty(x, x.shape)
+    buf[...] = x
+    with issue("broadcast", buf, g, **_detail(dict(root=root), placements)):
+        transport_for(x, "broadcast").bcast(buf.reshape(-1), root, g)
+    return buf
+
+
+def scatter(pieces, like, shape, counts, root: int, g: Group):
+    """Scatter: rank r receives ``pieces[r]`` (arrays given on ``root`` only; ``counts[r]`` elements,
+    known everywhere) as an array of ``shape``."""
+    recv = empty(like, shape)
+    send = None
+    if g.rank == root:
+        send = empty(like, (sum(counts),))
+        pos = 0
+        for p in pieces:
+            send[pos:pos + p.size].reshape(p.shape)[...] = p
+            pos += p.size
+    with issue("scatter", send, g, root=root, dtype=str(like.dtype), counts=tuple(counts)):
+        transport_for(like, "scatter").scatterv(send, counts, recv.reshape(-1), root, g)
+    return recv
+
+
+def all_to_all_rows(x, send_rows, recv_rows, g: Group, uniform: bool, bound, **detail):
+    """all_to_all_single's data movement: block p of ``x`` (``send_rows[p]`` rows along dim 0) to
+    rank p, rank p's ``recv_rows[p]`` rows concatenated. ``uniform``/``bound``: the group-wide
+    choice of MPI call (every rank passes the same; see :meth:`Transport.alltoallv`)."""
+    send = contiguous(x)
+    inner = math.prod(x.shape[1:])
+    recv = empty(x, (sum(recv_rows),) + x.shape[1:])
+    with issue("all_to_all_single", send, g, **detail):
+        transport_for(x, "all_to_all").alltoallv(
+            send.reshape(-1), [s * inner for s in send_rows], recv.reshape(-1), [s * inner for s in recv_rows], g,
+            uniform, bound,
+        )
+    return recv
+
+
+def sendrecv(name, like, sent, sends, recvs, g: Group, **detail):
+    """One logical point-to-point collective ``name`` over ``g``: ``sends``/``recvs`` as
+    :meth:`Transport.sendrecv` (flat contiguous buffers); ``sent``: what accounting and fingerprints
+    read of the send side (``nbytes``, ``dtype``, ``shape``)."""
+    with issue(name, sent, g, **detail):
+        transport_for(like, "sendrecv").sendrecv(sends, recvs, g)
+
+
+# ------------------------------------------------------------------------------------------------
+# metadata exchanges (rows and requests: mpilocal.metadata), accounted like the collectives
+# ------------------------------------------------------------------------------------------------
+def post_shape_agreement(mesh, shape, vec=None) -> MetaFuture:
+    """Start the agreement of a local ``shape`` over ``mesh`` (collective; the local_map hot path:
+    the persistent-collective ring of the mesh's metadata communicator, without building a metadata
+    vector). ``vec``: the full metadata vector to agree on instead (dtype, flags; see mpilocal.dtensor)."""
+    comm = mesh._metadata_comm()
+    g = group_for(comm)
+    ring = metadata.ring_of(g)
+    if ring is None:
+        return post_meta_allgather(comm, metadata.meta_vector(shape, None) if vec is None else vec,
+                                   "shape_agreement")
+    if debug._ACTIVE:
+        debug.record_metadata("shape_agreement", META_WIDTH * 8)
+    with deadline.begin("metadata:shape_agreement", g, None):  # deadline / fingerprint
+        return ring.post(vec, shape)
+
+
+def post_meta_allgather(comm, vec: np.ndarray, what: str) -> MetaFuture:
+    """Start a non-blocking all-gather of ``vec`` over ``comm`` (collective); complete it later."""
+    if debug._ACTIVE:
+        debug.record_metadata(what, vec.nbytes)
+    g = group_for(comm)
+    if vec.size == META_WIDTH:
+        ring = metadata.ring_of(g, create=True)
+        if ring is not None:
+            with deadline.begin("metadata:" + what, g, vec):  # deadline / fingerprint
+                return ring.post(vec)
+    with deadline.begin("metadata:" + what, g, vec):  # deadline / fingerprint
+        return metadata.post_iallgather(comm, vec)
+
+
+def meta_allgather(comm, vec: np.ndarray, what: str) -> np.ndarray:
+    """Blocking all-gather of metadata vectors (collective over ``comm``)."""
+    recv = np.empty((comm.Get_size(), vec.size), dtype=vec.dtype)
+    if debug._ACTIVE:
+        debug.record_metadata(what, vec.nbytes)
+    with deadline.begin("metadata:" + what, group_for(comm), vec):  # deadline / fingerprint
+        comm.Allgather(vec, recv)
+    return recv
+
+
+def exchange_splits(g: Group, counts) -> list:
+    """Every rank's ``counts[me]``: the split sizes of all_to_all_single, exchanged as metadata (one
+    small ``MPI_Alltoall`` over ``g``). **Collective.**"""
+    counts = np.asarray(counts, dtype=np.int64)
+    recv = np.empty_like(counts)
+    if debug._ACTIVE:
+        debug.record_metadata("split_agreement", counts.nbytes)
+    with deadline.begin("metadata:split_agreement", g, counts):  # deadline / fingerprint
+        g.comm.Alltoall(counts, recv)
+    return recv.tolist()

@@ -1,0 +1,249 @@
+"""Metadata vectors and their non-blocking all-gathers: the ring of persistent requests, futures.
+
+Layer "agree" (docs/architecture.md). What the ranks exchange to agree on shapes, dtypes and call
+parameters is one fixed-width int64 row per rank (:data:`META_WIDTH` entries); this module owns its
+format (:func:`meta_vector`, :func:`meta_shape`, the parameter bits of :func:`meta_with`), the checks
+on gathered rows (:func:`check_params`, :func:`check_same`) and the requests that move rows:
+
+* :class:`MetaRing`: K persistent all-gathers (MPI-4 ``MPI_Allgather_init``) per communicator,
+  kept in the communicator's :class:`~mpilocal.transport.Group` cache and freed by a transport
+  release hook (:meth:`mpilocal.DeviceMesh.close`) or at exit;
+* :class:`MetaFuture`: a posted all-gather, completed by :meth:`MetaFuture.result`.
+
+Nothing here counts, fingerprints or puts a call under the deadline when it is *posted*: the
+accounted entry points are :func:`mpilocal.collectives.post_shape_agreement`,
+:func:`~mpilocal.collectives.post_meta_allgather` and :func:`~mpilocal.collectives.meta_allgather`.
+Completing a request (:meth:`MetaFuture.result`) is a wait under the deadline.
+"""
+
+from __future__ import annotations
+
+import atexit
+import zlib
+from collections import deque
+
+import numpy as np
+
+from . import _arrays, deadline
+from .transport import group_for, register_release_hook
+
+__all__ = ["META_WIDTH", "meta_vector", "meta_shape", "meta_with", "check_params", "check_same", "MetaFuture",
+           "MetaRing", "ring_of", "post_iallgather", "row_flags"]
+
+META_WIDTH = 66  # [ndim, dtype code | kind bit | call bits, shape padded to 64 dims (NumPy's maximum)]
+# entry 1: bits 0-31 the dtype's crc32, bit 32 set for CuPy arrays, bits 33-62 the call's parameters
+# (a hash, or flags): so a 64-D shape keeps all its slots
+CUPY_BIT = 1 << 32
+P_SHIFT = 33
+P_MASK = (1 << 30) - 1
+TYPE_MASK = (1 << P_SHIFT) - 1
+
+
+def meta_vector(shape, dtype, cupy: bool = False) -> np.ndarray:
+    v = np.zeros(META_WIDTH, dtype=np.int64)
+    v[0] = len(shape)
+    v[1] = (zlib.crc32(np.dtype(dtype).str.encode()) if dtype is not None else 0) | (CUPY_BIT if cupy else 0)
+    v[2:2 + len(shape)] = shape
+    return v
+
+
+def meta_shape(row) -> tuple:
+    return tuple(int(s) for s in row[2:2 + int(row[0])])
+
+
+def meta_with(x, caller, flags=None, **params):
+    """meta_vector of ``x`` (with its kind, NumPy or CuPy) with the call's parameters (reduce op, dim,
+    src) hashed into the parameter bits of entry 1 (or ``flags`` put there as they are), so that
+    :func:`check_params` finds ranks that pass different ones."""
+    vec = meta_vector(x.shape, x.dtype, _arrays.is_cupy(x))
+    p = flags if flags is not None else zlib.crc32(repr(tuple(params.values())).encode())
+    vec[1] |= (p & P_MASK) << P_SHIFT
+    return vec
+
+
+def row_flags(rows):
+    """The parameter bits of every gathered row (the ``flags`` of :func:`meta_with`)."""
+    return (rows[:, 1] >> P_SHIFT) & P_MASK
+
+
+def check_params(rows, caller, **params):
+    if rows is not None and len(set((rows[:, 1] >> P_SHIFT).tolist())) > 1:
+        raise ValueError(f"{caller}: ranks pass different {', '.join(params)} (this rank: "
+                         f"{', '.join(f'{k}={v!r}' for k, v in params.items())}); every rank must pass the same")
+
+
+def check_same(rows, caller, skip_dim=None):
+    """Raise the same ValueError on every rank when the gathered metadata rows disagree."""
+    if rows is None or len(rows) == 1:
+        return
+    rows = rows.copy()
+    rows[:, 1] &= TYPE_MASK  # the parameter bits are checked by check_params
+    diff = rows != rows[0]
+    if skip_dim is not None:
+        diff[:, 2 + skip_dim] = False
+    if not diff.any():
+        return
+    ref = rows[0]
+    kinds = ["CuPy" if row[1] & CUPY_BIT else "NumPy" for row in rows]
+    if len(set(kinds)) > 1:
+        r = next(i for i, k in enumerate(kinds) if k != kinds[0])
+        raise TypeError(
+            f"{caller}: group rank 0 passes a {kinds[0]} array but rank {r} a {kinds[r]} array; every rank must "
+            f"pass arrays of one kind (all NumPy or all CuPy), since each kind moves through a different transport"
+        )
+    for r, row in enumerate(rows):
+        if row[0] != ref[0] or row[1] != ref[1]:
+            raise ValueError(
+                f"{caller}: ranks disagree on ndim/dtype: group rank 0 has shape {meta_shape(ref)} and rank {r} "
+                f"has shape {meta_shape(row)} (or a different dtype); every rank must pass arrays of one dtype and ndim"
+            )
+        a, b = list(meta_shape(ref)), list(meta_shape(row))
+        if skip_dim is not None:
+            a[skip_dim] = b[skip_dim] = 0
+        if a != b:
+            rule = "shapes may differ only along the gather dim" if skip_dim is not None else \
+                "every rank must pass the same shape"
+            raise ValueError(
+                f"{caller}: group rank 0 has shape {meta_shape(ref)} but rank {r} has {meta_shape(row)}; {rule}"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# posted all-gathers: futures, the persistent ring, Iallgather
+# ------------------------------------------------------------------------------------------------
+class MetaFuture:
+    """A pending all-gather of metadata vectors; :meth:`result` completes it (a local wait: every
+    rank of the communicator posted the same request)."""
+
+    __slots__ = ("req", "recv", "done", "g", "ring", "slot")
+
+    def __init__(self, req, recv, g=None, ring=None, slot=-1):
+        self.req, self.recv, self.done, self.g, self.ring, self.slot = req, recv, False, g, ring, slot
+
+    def result(self) -> np.ndarray:
+        if not self.done:
+            with deadline.waiting("metadata all-gather (completing a posted request)", self.g):  # deadline
+                self.req.Wait()
+            self._finish()
+        return self.recv
+
+    def test(self) -> bool:
+        if not self.done and self.req.Test():
+            self._finish()
+        return self.done
+
+    def _finish(self):
+        ring = self.ring
+        if ring is not None:  # the slot's buffers are reused by later posts: keep a copy
+            self.recv = ring.recv[self.slot].copy()
+            ring.owner[self.slot] = None
+        self.done = True
+
+
+class MetaRing:
+    """K persistent all-gathers (MPI-4 ``MPI_Allgather_init``) of fixed-width metadata vectors on one
+    communicator, reused round-robin: starting one costs far less than building a new
+    ``MPI_Iallgather`` schedule, which keeps the shape agreement of ``local_map`` outputs cheap.
+    Before a slot is reused its previous request is completed (posted K calls ago on every rank)."""
+
+    K = 8
+
+    def __init__(self, comm, g):
+        n = comm.Get_size()
+        self.g = g
+        self.send = np.zeros((self.K, META_WIDTH), dtype=np.int64)
+        self.recv = np.zeros((self.K, n, META_WIDTH), dtype=np.int64)
+        self.reqs = [comm.Allgather_init(self.send[j], self.recv[j]) for j in range(self.K)]
+        self.owner = [None] * self.K
+        self.next = 0
+        _RINGS.append(self)
+
+    def post(self, vec=None, shape=None) -> MetaFuture:
+        """Start slot ``j``'s all-gather of ``vec`` (or of a shape-only metadata vector of ``shape``)."""
+        j = self.next
+        self.next = (j + 1) % self.K
+        prev = self.owner[j]
+        if prev is not None:
+            prev.result()
+        row = self.send[j]
+        if vec is not None:
+            row[:] = vec
+        else:  # meta_vector(shape, None) written in place
+            n = len(shape)
+            row[0] = n
+            row[2:2 + n] = shape
+        req = self.reqs[j]
+        req.Start()
+        fut = self.owner[j] = MetaFuture(req, None, self.g, self, j)
+        return fut
+
+
+_RINGS: list = []
+_NO_RING = False
+_PENDING: deque = deque()
+_MAX_PENDING = 8
+_RING_KEY = "meta_ring"
+
+
+def ring_of(g, create: bool = False):
+    """The :class:`MetaRing` of Group ``g`` (None without one; ``create``: make it, **collective**).
+    None as well where the MPI build has no persistent collectives (MPI < 4): a property of the build,
+    the same on every rank, so every rank then takes the ``Iallgather`` path."""
+    global _NO_RING
+    ring = g.cache.get(_RING_KEY)
+    if ring is None and create and not _NO_RING:
+        try:
+            ring = g.cache[_RING_KEY] = MetaRing(g.comm, g)
+        except (NotImplementedError, AttributeError):
+            # an MPI error in Allgather_init is not caught: ranks must never mix the two kinds of call
+            _NO_RING = True
+    return None if _NO_RING else ring
+
+
+def post_iallgather(comm, vec: np.ndarray) -> MetaFuture:
+    """Start an ``MPI_Iallgather`` of ``vec`` over ``comm`` (any width). Earlier requests are retired
+    so they never pile up: MPI progresses every active request on each call, so many outstanding ones
+    make every MPI call slower. Beyond a few, the oldest is waited for: every rank posted it calls
+    ago, so the wait is short and cannot deadlock."""
+    while _PENDING and (_PENDING[0].test() or len(_PENDING) >= _MAX_PENDING):
+        _PENDING.popleft().result()
+    recv = np.empty((comm.Get_size(), vec.size), dtype=vec.dtype)
+    fut = MetaFuture(comm.Iallgather(vec, recv), recv, group_for(comm))
+    _PENDING.append(fut)
+    return fut
+
+
+# ------------------------------------------------------------------------------------------------
+# releasing a group (DeviceMesh.close) and exit: metadata requests on its communicator end first
+# ------------------------------------------------------------------------------------------------
+def _release_group(g) -> None:
+    """Release hook (:func:`mpilocal.transport.release`): complete the pending metadata all-gathers
+    posted on ``g`` (every rank posted them, so the waits are short) and free its persistent ring."""
+    for fut in [f for f in _PENDING if f.g is g]:
+        fut.result()
+        _PENDING.remove(fut)
+    ring = g.cache.pop(_RING_KEY, None)
+    if ring is not None:
+        for fut in ring.owner:
+            if fut is not None:
+                fut.result()
+        for req in ring.reqs:
+            req.Free()
+        if ring in _RINGS:
+            _RINGS.remove(ring)
+
+
+register_release_hook("10-metadata", _release_group)
+
+
+@atexit.register
+def _drain_pending():  # runs before mpi4py's MPI_Finalize (registered later, so earlier in LIFO)
+    while _PENDING:
+        _PENDING.popleft().result()
+    for ring in _RINGS:
+        for fut in ring.owner:
+            if fut is not None:
+                fut.result()
+        for req in ring.reqs:
+            req.Free()
+    _RINGS.clear()
