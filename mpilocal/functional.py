@@ -106,7 +106,9 @@ def check_redistribute(dtype, src, dst, caller: str = "redistribute") -> None:
             check_movable(dtype, caller)
 
 
-def _norm_dim(dim, ndim, caller, what="dim"):
+def norm_dim(dim, ndim, caller, what="dim"):
+    """``dim`` as a non-negative axis of an ``ndim``-D array (``TypeError``/``ValueError`` naming
+    ``what`` otherwise). Package API (neighbors, autograd)."""
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
         raise TypeError(f"{caller}: {what} must be an int, got {dim!r}")
     if ndim == 0:
@@ -148,7 +150,7 @@ def all_gather_tensor(x, gather_dim: int, group, tag: str = ""):
     g = resolve_group(group, caller)
     try:  # rank-local checks; the verdict is agreed below so that every rank raises (agreement.agree)
         _arrays.require_array(x, caller)
-        dim = _norm_dim(gather_dim, x.ndim, caller, "gather_dim")
+        dim = norm_dim(gather_dim, x.ndim, caller, "gather_dim")
         check_movable(x.dtype, caller)
         err = None
     except (TypeError, ValueError) as e:
@@ -196,7 +198,7 @@ def reduce_scatter_tensor(x, reduceOp: str, scatter_dim: int, group, tag: str = 
         _arrays.require_array(x, caller)
         op = normalize_op(reduceOp, caller)
         check_op_dtype(op, x.dtype, caller)
-        dim = _norm_dim(scatter_dim, x.ndim, caller, "scatter_dim")
+        dim = norm_dim(scatter_dim, x.ndim, caller, "scatter_dim")
         err = None
     except (TypeError, ValueError) as e:
         err = e
@@ -423,7 +425,7 @@ def all_gather_into_tensor_coalesced(inputs, group, tag: str = "") -> list:
     try:
         xs = _coalesced_list(inputs, caller)
         for i, x in enumerate(xs):
-            _norm_dim(0, x.ndim, f"{caller}: inputs[{i}]", "gather dim")
+            norm_dim(0, x.ndim, f"{caller}: inputs[{i}]", "gather dim")
             check_movable(x.dtype, caller)
         err = None
     except (TypeError, ValueError, NotImplementedError) as e:
@@ -469,7 +471,7 @@ def reduce_scatter_tensor_coalesced(inputs, reduceOp: str, scatter_dim, group, t
                              f"{scatter_dim!r}")
         for i, (x, d) in enumerate(zip(xs, scatter_dim)):
             check_op_dtype(op, x.dtype, caller)
-            dims.append(_norm_dim(d, x.ndim, f"{caller}: inputs[{i}]", "scatter_dim"))
+            dims.append(norm_dim(d, x.ndim, f"{caller}: inputs[{i}]", "scatter_dim"))
         err = None
     except (TypeError, ValueError, NotImplementedError) as e:
         err = e

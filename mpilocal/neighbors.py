@@ -234,7 +234,7 @@ def halo_update(padded, group, tensor_dim, width, boundary="periodic"):
         _arrays.require_array(padded, caller)
         if padded.ndim == 0:
             raise ValueError(f"{caller}: a 0-d array has no dim to exchange halos along")
-        d = functional._norm_dim(tensor_dim, padded.ndim, caller, "tensor_dim")
+        d = functional.norm_dim(tensor_dim, padded.ndim, caller, "tensor_dim")
         w = _width(width, caller)
         bnd = _boundary(boundary, caller)
         _, wl, wr, left, right = _halo_plan(padded.shape, d, g, w, bnd)
@@ -387,7 +387,7 @@ def _halo_local(x, group, tensor_dim, width, boundary, caller):
         _arrays.require_array(data, caller)
         if data.ndim == 0:
             raise ValueError(f"{caller}: a 0-d array has no dim to exchange halos along")
-        d = functional._norm_dim(tensor_dim, data.ndim, caller, "tensor_dim")
+        d = functional.norm_dim(tensor_dim, data.ndim, caller, "tensor_dim")
         w = _width(width, caller)
         bnd = _boundary(boundary, caller)
         err = None
@@ -428,7 +428,7 @@ def _halo_dtensor_plan(x, mesh, mdims, tdims, widths, bnds, caller):
     plan = []
     for m, td, w, b in zip(mdims, tdims, widths, bnds):
         m = mesh._dim_index(m, caller)
-        d = functional._norm_dim(td, ndim, caller, "tensor_dim")
+        d = functional.norm_dim(td, ndim, caller, "tensor_dim")
         w = _width(w, caller)
         b = _boundary(b, caller)
         pl = x._placements

@@ -45,7 +45,7 @@ def all_gather_tensor(x, gather_dim, group):
     caller = "all_gather_tensor"
     data = x.data
     g = functional.resolve_group(group, caller)
-    dim = functional._norm_dim(gather_dim, data.ndim, caller, "gather_dim")
+    dim = functional.norm_dim(gather_dim, data.ndim, caller, "gather_dim")
     out = functional.all_gather_tensor(data, gather_dim, group)  # validates (the same error on every rank)
     # every rank's size along dim, for the backward reduce_scatter (one small metadata all-gather)
     rows = collectives.meta_allgather(g.comm, meta_vector(data.shape, None), "gather_sizes")
@@ -59,7 +59,7 @@ def reduce_scatter_tensor(x, reduceOp, scatter_dim, group):
     _diff_op(op, caller)
     data = x.data
     g = functional.resolve_group(group, caller)
-    dim = functional._norm_dim(scatter_dim, data.ndim, caller, "scatter_dim")
+    dim = functional.norm_dim(scatter_dim, data.ndim, caller, "scatter_dim")
     sizes = chunk_sizes(data.shape[dim], g.size)
     out = functional.reduce_scatter_tensor(data, reduceOp, scatter_dim, group)
 
