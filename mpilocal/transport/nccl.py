@@ -55,9 +55,33 @@ def _op_code(op: str):
     return {"sum": n.NCCL_SUM, "product": n.NCCL_PROD, "max": n.NCCL_MAX, "min": n.NCCL_MIN}[op]
 
 
+def _members(group) -> tuple:
+    """This group's world ranks in group-rank order and this rank's CUDA device: the same key on
+    every member (``MPI_Group_translate_ranks`` against the world)."""
+    key = group.cache.get("nccl_key")
+    if key is None:
+        import cupy as cp
+        from mpi4py import MPI
+
+        mine, world = group.comm.Get_group(), MPI.COMM_WORLD.Get_group()
+        try:
+            ranks = tuple(int(r) for r in mine.Translate_ranks(list(range(group.size)), world))
+        finally:
+            mine.Free()
+            world.Free()
+        key = group.cache["nccl_key"] = (ranks, cp.cuda.Device().id)
+    return key
+
+
 def nccl_comm(group):
-    """The NCCL communicator of ``group``: created once (collective over the group), then cached."""
+    """The NCCL communicator of ``group``: one per set of members (world ranks in group order) and
+    device, created the first time any group of those members needs one (collective over the
+    group), then shared by every later group with the same members, for the life of the process."""
     c = group.cache.get("nccl")
+    if c is not None:
+        return c
+    key = _members(group)
+    c = _BY_MEMBERS.get(key)
     if c is None:
         import platform
 
@@ -74,16 +98,28 @@ def nccl_comm(group):
         uid = n.get_unique_id() if group.rank == 0 else None
         uid = group.comm.bcast(uid, root=0)
         c = n.NcclCommunicator(group.size, uid, group.rank)
-        group.cache["nccl"] = c
-        _LIVE[id(c)] = c
+        _BY_MEMBERS[key] = c
+        _keep_forever(c)
+    group.cache["nccl"] = c
     return c
 
 
-# Every NCCL communicator stays referenced here until _release_group destroys it at a point every rank
-# reaches in the same order. Otherwise a communicator whose Group was dropped (e.g. a stale entry
-# replaced when MPI reuses a freed communicator's handle) would be destroyed by CuPy's __dealloc__ at
-# whatever moment the garbage collector runs, a different moment on each rank.
-_LIVE: dict = {}
+# NCCL communicators are keyed by their members and never destroyed while the process runs. Creating
+# and destroying one per mesh (meshes come and go: init_device_mesh releases dropped ones) hung NCCL
+# 2.28 on 2xH200 after a few dozen cycles: both ranks waited forever for their proxy thread, in the
+# connection setup of a fresh communicator or in ncclCommDestroy. A set of members that was used
+# once is used again (the same sub-meshes are rebuilt), so the count stays small. Every member finds
+# the same entry: an entry is made only by a creation every member took part in.
+_BY_MEMBERS: dict = {}
+
+
+def _keep_forever(c) -> None:
+    """Never let CuPy's ``__dealloc__`` destroy ``c`` (at garbage collection or interpreter shutdown,
+    a different moment on each rank, where ``ncclCommDestroy`` can wait on its peers): the process's
+    exit frees it."""
+    import ctypes
+
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(c))
 
 
 def _stream():
@@ -100,15 +136,10 @@ def _abort_group_comm(g):
 
 
 def _release_group(g):
-    """Release hook (:func:`mpilocal.transport.release`, run after the watchdog let go of ``g``):
-    wait for this device's work, then destroy the group's NCCL communicator."""
-    c = g.cache.pop("nccl", None)
-    if c is not None:
-        import cupy as cp
-
-        cp.cuda.Device().synchronize()
-        c.destroy()
-        _LIVE.pop(id(c), None)
+    """Release hook (:func:`mpilocal.transport.release`): the group forgets its NCCL communicator;
+    the communicator stays for the next group with the same members (see ``_BY_MEMBERS``)."""
+    g.cache.pop("nccl", None)
+    g.cache.pop("nccl_key", None)
 
 
 register_release_hook("30-nccl", _release_group)
