@@ -58,7 +58,7 @@ __all__ = [
     "install", "abort", "timeout", "set_timeout", "debug_enabled", "set_debug", "begin", "waiting", "in_flight",
     "sequence", "count_control", "watch_async", "watch_cuda", "register_abort_hook", "register_before_report",
     "register_describer", "register_fingerprint_check", "describe_group", "forget_group", "format_exception",
-    "exception_summary", "env_flag",
+    "exception_summary", "env_flag", "DEBUG",
 ]
 
 _monotonic = time.monotonic
@@ -91,7 +91,9 @@ def _env_seconds(name: str, default):
 # ------------------------------------------------------------------------------------------------
 _TIMEOUT = _env_seconds("MPILOCAL_TIMEOUT", 600.0)        # None: no deadline
 _EXIT_TIMEOUT = _env_seconds("MPILOCAL_EXIT_TIMEOUT", _TIMEOUT)
-_DEBUG = env_flag("MPILOCAL_DEBUG", False)
+# debug mode (MPILOCAL_DEBUG=1): read it here (the transports do, on their hot path: one attribute
+# lookup), change it with set_debug()
+DEBUG = env_flag("MPILOCAL_DEBUG", False)
 _WATCH = _TIMEOUT is not None                              # record in-flight slots at all?
 
 
@@ -112,14 +114,14 @@ def set_timeout(seconds) -> None:
 
 def debug_enabled() -> bool:
     """Whether debug mode (collective fingerprints, ``MPILOCAL_DEBUG=1``) is on."""
-    return _DEBUG
+    return DEBUG
 
 
 def set_debug(on: bool) -> None:
     """Turn collective fingerprinting on/off. **Must be the same on every rank**, switched between
     collectives (it changes which collectives run)."""
-    global _DEBUG
-    _DEBUG = bool(on)
+    global DEBUG
+    DEBUG = bool(on)
 
 
 def _rank() -> int:
@@ -716,7 +718,7 @@ def begin(name: str, g, send=None, detail=None) -> _Clear:
     c[_SEQ] = seq
     if seq == 1:
         _USED.add(g)  # for the notice this rank sends when it leaves
-    if _DEBUG and _FINGERPRINT is not None:
+    if DEBUG and _FINGERPRINT is not None:
         _FINGERPRINT(name, seq, g, send, detail)
     if _WATCH:
         _slot = (name, seq, g, _monotonic(), None)
@@ -949,7 +951,7 @@ def _fire(name, seq, g, limit, err, abort_fn):
     if err is not None:
         head = f"mpilocal: {what} failed asynchronously: {err}"
     else:
-        if _DEBUG:  # fingerprints passed so far: no rank that got here called a different collective
+        if DEBUG:  # fingerprints passed so far: no rank that got here called a different collective
             why = ("another rank probably raised, exited early, or is still busy elsewhere (debug mode is on: the "
                    "collectives issued so far matched)")
         else:

@@ -147,7 +147,9 @@ class DeviceMesh:
             # rank takes part (PyTorch likewise asks every rank to build every mesh)
             from .gpu import bind_device, node_local_rank
 
-            node_local_rank()
+            with deadline.in_flight("binding GPUs (MPI_Comm_split_type of MPI.COMM_WORLD, on the first CUDA mesh)",
+                                    members=_world()):  # deadline
+                node_local_rank()
             if self._coordinate is not None:
                 bind_device()
 

@@ -98,7 +98,7 @@ def issuing(group: Group, call: str, **detail) -> None:
     (``call``, e.g. ``"MPI_Alltoall"``, and the group-wide part of its arguments: datatype, counts
     every rank knows, root, op). Ranks about to make different calls raise
     :class:`~mpilocal.agreement.CollectiveMismatchError` on every rank (the check registered with
-    :func:`register_call_check`). Callers guard it with ``if deadline._DEBUG`` so the normal path
+    :func:`register_call_check`). Callers guard it with ``if deadline.DEBUG`` so the normal path
     pays one attribute lookup."""
     check = _CALL_CHECK[0]
     if check is not None:

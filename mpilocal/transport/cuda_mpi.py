@@ -192,13 +192,13 @@ class CudaMpiTransport(ExchangeReduce):
             from .host import _alltoallw
 
             b = _bytes(counts, it)
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "MPI_Alltoallw", purpose="allgatherv", counts=counts_key(b))
             _sync_current_stream()
             _alltoallw(group.comm, send, [(0, b[group.rank])] * group.size, recv, list(zip(displs(b), b)), limit)
             return
         if all(c == counts[0] for c in counts):  # the plain collective: MPI's own (fastest) algorithm
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "MPI_Allgather", datatype="BYTE", count=counts[0] * it)
             _sync_current_stream()
             group.comm.Allgather([_b(send), MPI.BYTE], [_b(recv), MPI.BYTE])
@@ -215,14 +215,14 @@ class CudaMpiTransport(ExchangeReduce):
             self.allgatherv(recv[off:off + counts[group.rank]].copy(), recv, counts, group)
             return
         b = _bytes(counts, recv.dtype.itemsize)
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "MPI_Allgatherv", datatype="BYTE", counts=counts_key(b))
         _sync_current_stream()
         group.comm.Allgatherv(MPI.IN_PLACE, [_b(recv), (b, displs(b)), MPI.BYTE])
 
     def alltoallv(self, send, send_counts, recv, recv_counts, group, uniform=False, bound=None):
         it = send.dtype.itemsize
-        if deadline._DEBUG:  # point-to-point: no collective to match, but the ranks must all be here
+        if deadline.DEBUG:  # point-to-point: no collective to match, but the ranks must all be here
             issuing(group, "MPI_Isend/Irecv (alltoallv)", datatype="BYTE")
         _sync_current_stream()
         comm, me = group.comm, group.rank
@@ -274,7 +274,7 @@ class CudaMpiTransport(ExchangeReduce):
     def bcast(self, buf, root, group):
         if not buf.size:
             return
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "MPI_Bcast", datatype="BYTE", count=buf.nbytes, root=root)
         _sync_current_stream()
         b, n = _b(buf), buf.nbytes
@@ -290,14 +290,14 @@ class CudaMpiTransport(ExchangeReduce):
         if limit is not None:
             from .host import _alltoallw
 
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "MPI_Alltoallw", purpose="scatterv", counts=counts_key(b), root=root)
             me, k = group.rank, group.size
             s_spans = list(zip(displs(b), b)) if me == root else [(0, 0)] * k
             r_spans = [(0, b[me]) if p == root else (0, 0) for p in range(k)]
             _alltoallw(group.comm, send if me == root else recv, s_spans, recv, r_spans, limit)
             return
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "MPI_Scatterv", datatype="BYTE", counts=counts_key(b), root=root)
         sendspec = [_b(send), (b, displs(b)), MPI.BYTE] if group.rank == root else None
         group.comm.Scatterv(sendspec, [_b(recv), MPI.BYTE], root=root)

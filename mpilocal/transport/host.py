@@ -176,18 +176,18 @@ class HostTransport:
         b = _bytes(counts, it)
         limit = count_limit()
         if limit is not None and sum(b) > limit:  # group-wide: every rank holds `counts`
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "MPI_Alltoallw", purpose="allgatherv", counts=counts_key(b))
             d = displs(b)
             me = group.rank
             _alltoallw(group.comm, send, [(0, b[me])] * group.size, recv, list(zip(d, b)), limit)
             return
         if equal_counts(counts):
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "MPI_Allgather", datatype="BYTE", count=b[0])
             group.comm.Allgather([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE])
             return
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "MPI_Allgatherv", datatype="BYTE", counts=counts_key(b))
         group.comm.Allgatherv([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), (b, displs(b)), MPI.BYTE])
 
@@ -198,7 +198,7 @@ class HostTransport:
         n = recv.size
         limit = count_limit()
         same = send is recv
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "MPI_Allreduce", datatype=_name(t), op=op, count=n)
         if limit is None or n <= limit:
             group.comm.Allreduce(MPI.IN_PLACE if same else [send, t], [recv, t], o)
@@ -216,7 +216,7 @@ class HostTransport:
         limit = count_limit()
         if limit is not None and sum(counts) > limit:
             # one MPI_Reduce per block (rooted at its owner), each in pieces of at most `limit`
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "MPI_Reduce (per block)", datatype=_name(t), op=op, counts=counts_key(counts))
             d = displs(counts)
             for p, c in enumerate(counts):
@@ -227,11 +227,11 @@ class HostTransport:
                     dst = [recv[off:off + ln], t] if p == group.rank else None
                     group.comm.Reduce([src, t], dst, o, root=p)
         elif equal_counts(counts):
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "MPI_Reduce_scatter_block", datatype=_name(t), op=op, count=counts[0])
             group.comm.Reduce_scatter_block([send, t], [recv, t], o)
         else:
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "MPI_Reduce_scatter", datatype=_name(t), op=op, counts=counts_key(counts))
             group.comm.Reduce_scatter([send, t], [recv, t], list(counts), o)
         if back is not None:
@@ -243,17 +243,17 @@ class HostTransport:
         it = send.dtype.itemsize
         limit = count_limit()
         if limit is not None and bound is not None and bound * it > limit:
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "MPI_Alltoallw", purpose="alltoallv")
             sb, rb = _bytes(send_counts, it), _bytes(recv_counts, it)
             _alltoallw(group.comm, send, list(zip(displs(sb), sb)), recv, list(zip(displs(rb), rb)), limit)
             return
         if uniform:
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "MPI_Alltoall", datatype="BYTE", count=send_counts[0] * it)
             group.comm.Alltoall([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE])
             return
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "MPI_Alltoallv", datatype="BYTE")
         sb, rb = _bytes(send_counts, it), _bytes(recv_counts, it)
         group.comm.Alltoallv([_as_bytes(send), (sb, displs(sb)), MPI.BYTE],
@@ -262,7 +262,7 @@ class HostTransport:
     def bcast(self, buf, root, group):
         n = buf.nbytes
         limit = count_limit()
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "MPI_Bcast", datatype="BYTE", count=n, root=root)
         if limit is None or n <= limit:
             group.comm.Bcast([_as_bytes(buf), MPI.BYTE], root=root)
@@ -276,7 +276,7 @@ class HostTransport:
         limit = count_limit()
         me = group.rank
         if limit is not None and sum(b) > limit:
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "MPI_Alltoallw", purpose="scatterv", counts=counts_key(b), root=root)
             k = group.size
             s_spans = list(zip(displs(b), b)) if me == root else [(0, 0)] * k
@@ -284,12 +284,12 @@ class HostTransport:
             _alltoallw(group.comm, send if me == root else recv, s_spans, recv, r_spans, limit)
             return
         if equal_counts(counts):
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "MPI_Scatter", datatype="BYTE", count=b[0], root=root)
             sendspec = [_as_bytes(send), MPI.BYTE] if me == root else None
             group.comm.Scatter(sendspec, [_as_bytes(recv), MPI.BYTE], root=root)
             return
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "MPI_Scatterv", datatype="BYTE", counts=counts_key(b), root=root)
         sendspec = [_as_bytes(send), (b, displs(b)), MPI.BYTE] if me == root else None
         group.comm.Scatterv(sendspec, [_as_bytes(recv), MPI.BYTE], root=root)

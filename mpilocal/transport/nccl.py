@@ -180,11 +180,11 @@ class NcclTransport:
         n = _nccl()
         comm, s = nccl_comm(group), _stream()
         if all(c == counts[0] for c in counts):
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "ncclAllGather", datatype="ncclUint8", count=counts[0] * it)
             comm.allGather(send.data.ptr, recv.data.ptr, counts[0] * it, n.NCCL_UINT8, s)
             return
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "ncclGroup(ncclBroadcast)", datatype="ncclUint8", counts=counts_key(counts))
         offs = displs(counts)
         base = recv.data.ptr
@@ -202,7 +202,7 @@ class NcclTransport:
         # grouped send/recv: zero-size pieces are skipped on both sides alike (send_counts[p] on rank r
         # is recv_counts[r] on rank p), and point-to-point calls need no group-wide choice
         it = send.dtype.itemsize
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "ncclGroup(ncclSend/ncclRecv)", datatype="ncclUint8")
         n = _nccl()
         comm, s = nccl_comm(group), _stream()
@@ -239,7 +239,7 @@ class NcclTransport:
             return
         n = _nccl()
         p = buf.data.ptr
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "ncclBroadcast", datatype="ncclUint8", count=buf.nbytes, root=root)
         nccl_comm(group).broadcast(p, p, buf.nbytes, n.NCCL_UINT8, root, _stream())
 
@@ -293,7 +293,7 @@ class NcclTransport:
             recv[...] = ws.astype(recv.dtype)
             return
         s_, r_ = (send, recv) if view is None else (send.view(view), recv.view(view))
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "ncclAllReduce", datatype=code, op=opc, count=recv.size * factor)
         nccl_comm(group).allReduce(s_.data.ptr, r_.data.ptr, recv.size * factor, code, opc, _stream())
 
@@ -318,7 +318,7 @@ class NcclTransport:
         s_, r_ = (send, recv) if view is None else (send.view(view), recv.view(view))
         comm, s = nccl_comm(group), _stream()
         it = s_.dtype.itemsize
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "ncclReduceScatter" if equal_counts(counts) else "ncclGroup(ncclReduce)", datatype=code,
                     op=opc, counts=counts_key(counts))
         if all(c == counts[0] for c in counts):

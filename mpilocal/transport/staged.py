@@ -219,7 +219,7 @@ class StagedTransport(ExchangeReduce):
         me = group.rank
         w = self._window(group)
         if w is not None and self._ensure(w, group, max(b)):
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "staged allgatherv (node window + MPI_Barrier)", counts=counts_key(b))
             rt, cur = self._cp.cuda.runtime, self._cp.cuda.get_current_stream()
             self._copy(w.ptrs[me], send.data.ptr, b[me], rt.memcpyDeviceToHost, cur.ptr)
@@ -234,7 +234,7 @@ class StagedTransport(ExchangeReduce):
             group.comm.Barrier()  # every segment read: the next call may overwrite
             return
         k = _pieces(max(b))
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "staged allgatherv (MPI_Allgatherv pieces)", steps=k, counts=counts_key(b))
         pieces = [[_split(bp, k, j) for j in range(k)] for bp in b]
         src_ranges = [[pieces[me][j]] for j in range(k)]
@@ -255,7 +255,7 @@ class StagedTransport(ExchangeReduce):
         rb = [c * it for c in recv_counts]
         sd, rd = displs(sb), displs(rb)
         w = self._window(group)
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "staged alltoallv (" + ("node window" if w is not None else "MPI_Alltoallv pieces") + ")")
         if w is not None:
             me, k = group.rank, group.size
@@ -305,7 +305,7 @@ class StagedTransport(ExchangeReduce):
             return
         w = self._window(group)
         if w is not None and self._ensure(w, group, n):
-            if deadline._DEBUG:
+            if deadline.DEBUG:
                 issuing(group, "staged bcast (node window + MPI_Barrier)", count=n, root=root)
             rt, cur = self._cp.cuda.runtime, self._cp.cuda.get_current_stream()
             if group.rank == root:
@@ -318,7 +318,7 @@ class StagedTransport(ExchangeReduce):
             group.comm.Barrier()
             return
         k = _pieces(n)
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "staged bcast (MPI_Bcast pieces)", count=n, root=root, steps=k)
         pcs = [_split(n, k, j) for j in range(k)]
         me = group.rank
@@ -340,7 +340,7 @@ class StagedTransport(ExchangeReduce):
         hr = np.empty(b[me], np.uint8)
         d = displs(b)
         sendspec = [hs if hs is not None else np.empty(0, np.uint8), (b, d), MPI.BYTE] if me == root else None
-        if deadline._DEBUG:
+        if deadline.DEBUG:
             issuing(group, "MPI_Scatterv", datatype="BYTE", counts=counts_key(b), root=root)
         group.comm.Scatterv(sendspec, [hr, MPI.BYTE], root=root)
         if b[me]:
