@@ -26,10 +26,10 @@ import numpy as np
 from mpi4py import MPI
 
 from . import deadline, debug, transport
+from .metadata import META_WIDTH
 
 __all__ = [
     "CollectiveMismatchError", "control_comm", "fingerprint", "check_fingerprint", "check_call", "agree", "agreed",
-    "META_WIDTH",
 ]
 
 # MPILOCAL_CHECK_ARGS=0 skips the cross-rank agreement of the public funcol functions' arguments
@@ -147,7 +147,6 @@ def check_call(g, call, detail=None) -> None:
 # ------------------------------------------------------------------------------------------------
 # agreeing on argument checks
 # ------------------------------------------------------------------------------------------------
-from .metadata import META_WIDTH  # noqa: E402  (int64 entries of a metadata row, mpilocal.metadata: the rows agree() returns)
 _MSG_BYTES = 240
 _EXC_TYPES = {"TypeError": TypeError, "ValueError": ValueError, "NotImplementedError": NotImplementedError,
               "RuntimeError": RuntimeError, "IndexError": IndexError}
@@ -156,9 +155,10 @@ _EXC_TYPES = {"TypeError": TypeError, "ValueError": ValueError, "NotImplementedE
 def agree(g, caller: str, err, meta=None, what: str = "argument_check"):
     """Collective over Group ``g``: every rank contributes its verdict on its arguments (``err``: the
     exception its local checks raised, or None) and optionally a metadata vector ``meta`` (int64,
-    :data:`META_WIDTH` entries, as :func:`mpilocal.functional.meta_vector`). If any rank failed, **every** rank
-    raises: its own exception, or one of the same type naming the failing rank and its message.
-    Returns the gathered metadata rows (``(g.size, META_WIDTH)`` int64) otherwise (None for one rank)."""
+    :data:`mpilocal.metadata.META_WIDTH` entries, as :func:`mpilocal.metadata.meta_vector`). If any
+    rank failed, **every** rank raises: its own exception, or one of the same type naming the failing
+    rank and its message. Returns the gathered metadata rows (``(g.size, META_WIDTH)`` int64)
+    otherwise (None for one rank)."""
     on_debug = deadline.debug_enabled()
     if g.size == 1 or not (_CHECK_ARGS or on_debug):
         if err is not None:

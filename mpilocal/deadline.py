@@ -752,9 +752,10 @@ class _Restore:
 def in_flight(name: str, g=None, members=None) -> _Restore:
     """``with in_flight("creating ...", g, members=...):`` puts a blocking MPI call other than a
     collective on array data (communicator creation, a control-communicator all-gather, ...) under
-    the deadline; restores the previous slot after (the one place that saves and restores it). ``members``: the world ranks taking part (a list, or an mpi4py communicator), so
-    that a rank which left the program is noticed; the call must complete on no rank before all
-    members entered it (communicator creation, an all-reduce)."""
+    the deadline; restores the previous slot after (the one place that saves and restores it).
+    ``members``: the world ranks taking part (a list, or an mpi4py communicator), so that a rank
+    which left the program is noticed; the call must complete on no rank before all members entered
+    it (communicator creation, an all-reduce)."""
     global _slot
     r = _Restore()
     r.prev = _slot
