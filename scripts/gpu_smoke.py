@@ -9,7 +9,7 @@ import cupy as cp
 from mpilocal import gpu
 gpu.bind_device()
 from mpilocal.transport import group_for
-from mpilocal.transport import gpu_select
+from mpilocal.transport import select
 comm = MPI.COMM_WORLD
 g = group_for(comm)
 k, me = g.size, g.rank
@@ -17,7 +17,7 @@ names = sys.argv[1:] or ["nccl", "cuda_mpi", "staged"]
 rng = np.random.default_rng(0)
 bad = 0
 for name in names:
-    t = gpu_select.get(name)
+    t = select.gpu_transport(name)
     for dt in [np.float32, np.float64, np.int32, np.int16, np.uint8, np.bool_, np.complex64, np.float16, np.int64]:
         for n in [0, 1, 7, 1000, 3 << 20]:
             allx = [rng.integers(0, 3, n).astype(dt) for _ in range(k)]

@@ -56,13 +56,13 @@ def test_binding_uses_node_local_rank():
 
 
 def test_default_choice_follows_ladder(monkeypatch):
-    from mpilocal.transport import detect, gpu_select, select
+    from mpilocal.transport import detect, select
 
     monkeypatch.delenv("MPILOCAL_TRANSPORT", raising=False)
     have_nccl = detect.nccl_version()[0] is not None
     aware = detect.mpi_cuda_aware()[0]
     for op in ("all_gather", "all_reduce", "reduce_scatter", "all_to_all", "broadcast", "scatter"):
-        t, why = gpu_select.choose(op)
+        t, why = select.choose_gpu(op)
         want = "nccl" if have_nccl else ("cuda_mpi" if aware else "staged")
         assert_all(t.name == want and why, f"{op}: {t.name} ({why}), expected {want}")
     x = cp.ones(3, cp.float32)
@@ -90,32 +90,32 @@ def test_forced_transport(monkeypatch, name):
 
 
 def test_cupy_never_reaches_unaware_mpi(monkeypatch):
-    from mpilocal.transport import detect, gpu_select
+    from mpilocal.transport import detect, select
     from mpilocal.transport.cuda_mpi import CudaMpiTransport
 
     monkeypatch.setenv("MPILOCAL_CUDA_AWARE", "0")
     detect.mpi_cuda_aware.cache_clear()
-    saved = gpu_select._INSTANCES.pop("cuda_mpi", None)
+    saved = select._INSTANCES.pop("cuda_mpi", None)
     try:
         with pytest.raises(RuntimeError, match="not CUDA-aware"):
             CudaMpiTransport()
         monkeypatch.setenv("MPILOCAL_TRANSPORT", "cuda_mpi")
         with pytest.raises(RuntimeError, match="not CUDA-aware"):
-            gpu_select.choose("all_gather")
+            select.choose_gpu("all_gather")
     finally:
         monkeypatch.delenv("MPILOCAL_CUDA_AWARE")
         detect.mpi_cuda_aware.cache_clear()
         if saved is not None:
-            gpu_select._INSTANCES["cuda_mpi"] = saved
+            select._INSTANCES["cuda_mpi"] = saved
 
 
 @pytest.mark.skipif("nccl" not in TRANSPORTS, reason="NCCL not usable here")
 def test_nccl_communicator_created_once_per_group():
     from mpilocal import init_device_mesh
     from mpilocal.redistribute import mesh_groups
-    from mpilocal.transport import gpu_select
+    from mpilocal.transport import select
 
-    t = gpu_select.get("nccl")
+    t = select.gpu_transport("nccl")
     mesh = init_device_mesh("cuda", (W,))
     g = mesh_groups(mesh)[0]
     x = cp.ones(4, cp.float32)
@@ -156,9 +156,9 @@ def _inputs(dtype, n, seed=0):
 @pytest.mark.parametrize("name", TRANSPORTS)
 @pytest.mark.parametrize("dtype", [np.bool_, np.complex64, np.complex128, np.int16, np.uint16, np.float16, np.int8])
 def test_reductions_of_dtypes_nccl_lacks(name, dtype):
-    from mpilocal.transport import gpu_select
+    from mpilocal.transport import select
 
-    t, g = gpu_select.get(name), _world_group()
+    t, g = select.gpu_transport(name), _world_group()
     ops = ["sum", "product"] + ([] if np.dtype(dtype).kind == "c" else ["max", "min"])
     n = 37
     for op in ops:

@@ -2,7 +2,7 @@
 
 Data movement is done in bytes (``MPI.BYTE``), so any dtype moves; reductions use the MPI datatype
 of the NumPy dtype. Dtypes MPI cannot reduce (``float16``) are widened to ``float32`` for the
-reduction; ``bool`` sums/maxima are logical OR, minima/products logical AND.
+reduction; ``bool`` reduces logically (:data:`mpilocal.names.BOOL_OPS`: sums/maxima OR, minima/products AND).
 
 Exact on every MPI:
 
@@ -25,12 +25,13 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import deadline
+from ..names import op_tables
 from . import count_limit, counts_key, displs, equal_counts, issuing
 
-__all__ = ["HostTransport", "narrow_sums_saturate", "p2p"]
+__all__ = ["HostTransport", "narrow_sums_saturate", "p2p", "alltoallw_bytes"]
 
-_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "product": MPI.PROD}
-_BOOL_OPS = {"sum": MPI.LOR, "max": MPI.LOR, "min": MPI.LAND, "product": MPI.LAND}
+_OPS, _BOOL_OPS = op_tables(sum=MPI.SUM, max=MPI.MAX, min=MPI.MIN, product=MPI.PROD,
+                            logical_or=MPI.LOR, logical_and=MPI.LAND)
 _NARROW = {np.dtype(np.int8): np.int32, np.dtype(np.uint8): np.uint32,
            np.dtype(np.int16): np.int32, np.dtype(np.uint16): np.uint32}
 
@@ -132,9 +133,11 @@ def _span(off: int, n: int, limit: int):
     return t
 
 
-def _alltoallw(comm, send, s_spans, recv, r_spans, limit):
+def alltoallw_bytes(comm, send, s_spans, recv, r_spans, limit):
     """``MPI_Alltoallw`` where peer p gets bytes ``s_spans[p] = (off, n)`` of ``send`` and bytes
-    ``r_spans[p]`` of ``recv`` come from peer p; every count is 0 or 1, offsets live in the types."""
+    ``r_spans[p]`` of ``recv`` come from peer p; every count is 0 or 1, offsets live in the types
+    (64-bit, any length, in pieces of at most ``limit`` bytes). ``send``/``recv``: host buffers, or
+    device buffers for a CUDA-aware MPI (:mod:`mpilocal.transport.cuda_mpi`)."""
     made = []
 
     def spec(buf, spans):
@@ -180,7 +183,7 @@ class HostTransport:
                 issuing(group, "MPI_Alltoallw", purpose="allgatherv", counts=counts_key(b))
             d = displs(b)
             me = group.rank
-            _alltoallw(group.comm, send, [(0, b[me])] * group.size, recv, list(zip(d, b)), limit)
+            alltoallw_bytes(group.comm, send, [(0, b[me])] * group.size, recv, list(zip(d, b)), limit)
             return
         if equal_counts(counts):
             if deadline.DEBUG:
@@ -246,7 +249,7 @@ class HostTransport:
             if deadline.DEBUG:
                 issuing(group, "MPI_Alltoallw", purpose="alltoallv")
             sb, rb = _bytes(send_counts, it), _bytes(recv_counts, it)
-            _alltoallw(group.comm, send, list(zip(displs(sb), sb)), recv, list(zip(displs(rb), rb)), limit)
+            alltoallw_bytes(group.comm, send, list(zip(displs(sb), sb)), recv, list(zip(displs(rb), rb)), limit)
             return
         if uniform:
             if deadline.DEBUG:
@@ -281,7 +284,7 @@ class HostTransport:
             k = group.size
             s_spans = list(zip(displs(b), b)) if me == root else [(0, 0)] * k
             r_spans = [(0, b[me]) if p == root else (0, 0) for p in range(k)]
-            _alltoallw(group.comm, send if me == root else recv, s_spans, recv, r_spans, limit)
+            alltoallw_bytes(group.comm, send if me == root else recv, s_spans, recv, r_spans, limit)
             return
         if equal_counts(counts):
             if deadline.DEBUG:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import deadline
-from . import register_release_hook
-from . import Group, counts_key, equal_counts, issuing
-from .cuda_mpi import displs, reduce_blocks
+from ..names import op_tables
+from . import Group, counts_key, displs, equal_counts, issuing, register_release_hook
+from .gpu_common import reduce_blocks
 
 __all__ = ["NcclTransport", "nccl_comm"]
 
@@ -50,9 +50,17 @@ def _dtype_table():
     return _DT
 
 
-def _op_code(op: str):
-    n = _nccl()
-    return {"sum": n.NCCL_SUM, "product": n.NCCL_PROD, "max": n.NCCL_MAX, "min": n.NCCL_MIN}[op]
+_OPS: list = []  # [(ops, bool ops)] of NCCL op codes, built on first use
+
+
+def _op_codes():
+    """(NCCL op per transport op, NCCL op per transport op on bool arrays seen as uint8 0/1, where
+    OR is ``max`` and AND is ``min``)."""
+    if not _OPS:
+        n = _nccl()
+        _OPS.append(op_tables(sum=n.NCCL_SUM, max=n.NCCL_MAX, min=n.NCCL_MIN, product=n.NCCL_PROD,
+                              logical_or=n.NCCL_MAX, logical_and=n.NCCL_MIN))
+    return _OPS[0]
 
 
 def _members(group) -> tuple:
@@ -179,7 +187,7 @@ class NcclTransport:
             return
         n = _nccl()
         comm, s = nccl_comm(group), _stream()
-        if all(c == counts[0] for c in counts):
+        if equal_counts(counts):
             if deadline.DEBUG:
                 issuing(group, "ncclAllGather", datatype="ncclUint8", count=counts[0] * it)
             comm.allGather(send.data.ptr, recv.data.ptr, counts[0] * it, n.NCCL_UINT8, s)
@@ -268,16 +276,17 @@ class NcclTransport:
         """(view dtype or None, NCCL dtype code, NCCL op code, element factor, widen dtype or None)."""
         dt = np.dtype(dtype)
         table = _dtype_table()
+        ops, bool_ops = _op_codes()
         if dt in table:
-            return None, table[dt], _op_code(op), 1, None
+            return None, table[dt], ops[op], 1, None
         if dt == np.bool_:
-            return np.uint8, table[np.dtype(np.uint8)], _op_code("max" if op in ("sum", "max") else "min"), 1, None
+            return np.uint8, table[np.dtype(np.uint8)], bool_ops[op], 1, None
         if dt.kind == "c" and op == "sum":
             real = np.dtype(np.float32 if dt == np.complex64 else np.float64)
-            return real, table[real], _op_code("sum"), 2, None
+            return real, table[real], ops["sum"], 2, None
         if dt in (np.dtype(np.int16), np.dtype(np.uint16)):
             wide = np.dtype(np.int32 if dt == np.int16 else np.uint32)
-            return None, table[wide], _op_code(op), 1, wide
+            return None, table[wide], ops[op], 1, wide
         return "gather", None, None, None, None
 
     @_watched
@@ -321,7 +330,7 @@ class NcclTransport:
         if deadline.DEBUG:
             issuing(group, "ncclReduceScatter" if equal_counts(counts) else "ncclGroup(ncclReduce)", datatype=code,
                     op=opc, counts=counts_key(counts))
-        if all(c == counts[0] for c in counts):
+        if equal_counts(counts):
             comm.reduceScatter(s_.data.ptr, r_.data.ptr, counts[0] * factor, code, opc, s)
             return
         n = _nccl()

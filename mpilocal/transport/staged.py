@@ -15,7 +15,7 @@ from the others' segments straight to its GPU. Groups across nodes use the pipel
 ``MPILOCAL_STAGED_SHM=0`` turns the window off.
 
 Reductions run on the GPU (all-to-all of blocks + elementwise reduction + all-gather, as in
-:mod:`cuda_mpi`): MPI only moves bytes, the host never adds numbers.
+:class:`~mpilocal.transport.gpu_common.ExchangeReduce`): MPI only moves bytes, the host never adds numbers.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import os
 import numpy as np
 from mpi4py import MPI
 
-from . import register_release_hook
 from .. import deadline
-from . import counts_key, issuing
-from .cuda_mpi import ExchangeReduce, displs
+from ..layout import block_size_and_offset
+from . import counts_key, displs, issuing, register_release_hook
+from .gpu_common import ExchangeReduce
+from .host import p2p
 
 __all__ = ["StagedTransport"]
 
@@ -41,10 +42,10 @@ def _pieces(nbytes_max: int) -> int:
 
 
 def _split(n: int, k: int, j: int):
-    """(offset, length) of piece j of n bytes cut into k pieces."""
-    q, r = divmod(n, k)
-    off = j * q + min(j, r)
-    return off, q + (1 if j < r else 0)
+    """(offset, length) of piece j of n bytes cut into k pieces (the MPI block rule of
+    :func:`mpilocal.layout.block_size_and_offset`)."""
+    size, off = block_size_and_offset(n, k, j)
+    return off, size
 
 
 class _Pinned:
@@ -347,8 +348,6 @@ class StagedTransport(ExchangeReduce):
             recv[...] = self._cp.asarray(hr).view(recv.dtype).reshape(recv.shape)
 
     def sendrecv(self, sends, recvs, group):
-        from .host import p2p
-
         cp = self._cp
         hs = [(p, cp.asnumpy(b).view(np.uint8)) for p, b in sends]  # asnumpy syncs the stream
         hr = [(p, np.empty(b.nbytes, np.uint8)) for p, b in recvs]
@@ -356,8 +355,3 @@ class StagedTransport(ExchangeReduce):
         for (_, b), (_, h) in zip(recvs, hr):
             if b.nbytes:
                 b[...] = cp.asarray(h).view(b.dtype)
-
-    def allgatherv_inplace(self, recv, counts, group):
-        off = displs(counts)[group.rank]
-        mine = recv[off:off + counts[group.rank]].copy()
-        self.allgatherv(mine, recv, counts, group)
