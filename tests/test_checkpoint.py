@@ -27,6 +27,7 @@ import mpilocal.functional as funcol
 from mpilocal import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 import mpilocal.checkpoint as dcp
 from mpilocal.checkpoint import CheckpointError, _format
+from mpilocal.checkpoint import _dist as dcp_dist
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -45,6 +46,13 @@ def ckdir():
     COMM.Barrier()
     if RANK == 0:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def removals_done():
+    """Wait for rank 0's background deletion of replaced checkpoints (off the save's critical path)."""
+    if RANK == 0:
+        dcp_dist._wait_removals()
+    COMM.Barrier()
 
 
 def meshes(n):
@@ -232,6 +240,7 @@ def test_replace_is_atomic_and_recovers(ckdir):
     dcp.save(small_state(mesh, 2.0)[0], checkpoint_id=p)
     check = Check()
     check(_format.read_array(p, "step") == 2, "second save replaced the first")
+    removals_done()
     check(sorted(os.listdir(ckdir)) == ["ck"], f"leftovers: {os.listdir(ckdir)}")
     COMM.Barrier()  # every rank looked before rank 0 starts the next save
     # crash between the commit's two renames: PATH moved aside, the new one complete in tmp
@@ -247,6 +256,7 @@ def test_replace_is_atomic_and_recovers(ckdir):
     check.close(t["w"].to_local(), small_state(mesh, 2.0)[0]["w"].to_local(), "w of the last committed")
     check(_format.read_array(p, "step") == 2, "read_array recovers too")
     dcp.save(small_state(mesh, 3.0)[0], checkpoint_id=p)
+    removals_done()
     check(sorted(os.listdir(ckdir)) == ["ck"], f"leftovers after the next save: {os.listdir(ckdir)}")
     check(_format.read_array(p, "step") == 3, "next save committed")
     COMM.Barrier()
@@ -594,4 +604,5 @@ def test_kill_9_during_save_keeps_previous(ckdir):
     assert t["step"] == 1 and np.array_equal(t["w"].to_local(), np.arange(12.0).reshape(4, 3))
     assert os.path.exists(_format.tmp_dir(p)), "the killed save left its temporary directory"
     dcp.save({"step": 3}, checkpoint_id=p)  # the next save clears it
+    removals_done()
     assert sorted(os.listdir(ckdir)) == ["ck"] and _format.read_array(p, "step") == 3

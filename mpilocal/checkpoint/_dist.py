@@ -9,6 +9,7 @@ the first failing rank's message, so that every rank raises the same exception.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
@@ -281,16 +282,36 @@ class _PendingSave:
         """The commit: PATH -> .ckpt-old, tmp -> PATH, fsync the parent, delete the old one."""
         path, old = self.path, F.old_dir(self.path)
         parent = os.path.dirname(path)
-        if os.path.lexists(path):
+        moved = os.path.lexists(path)
+        if moved:
             os.rename(path, old)
         os.rename(self.tmp, path)
-        F.fsync_dir(parent)
-        F.remove_tree(old)
+        F.fsync_dir(parent)  # the commit point: from here on PATH is the new checkpoint
+        if moved or os.path.lexists(old):  # (also the one a crash between the renames left)
+            _remove_later(old)
         if _commit_hook is not None:
             _commit_hook(path)
 
 
 _commit_hook = None  # tests: called on rank 0 after a commit
+
+# The replaced checkpoint (PATH's .ckpt-old sibling after the commit) is deleted by a thread of rank 0,
+# off the save's critical path: the next save's _prepare, and the interpreter's exit, wait for it. A
+# crash meanwhile leaves .ckpt-old next to a committed PATH, which load ignores and the next save
+# deletes (step 1 of the protocol).
+_REMOVERS = []
+
+
+def _remove_later(d: str) -> None:
+    t = threading.Thread(target=_quiet_remove, args=(d,), name="mpilocal-ckpt-remove-old", daemon=True)
+    _REMOVERS.append(t)
+    t.start()
+
+
+@atexit.register
+def _wait_removals() -> None:
+    while _REMOVERS:
+        _REMOVERS.pop().join()
 
 
 def _quiet_remove(d):
@@ -303,6 +324,7 @@ def _quiet_remove(d):
 def _prepare(path: str, caller: str):
     """Rank 0, before any rank writes: check the target, clear leftovers of crashed saves, make tmp."""
     old, tmp = F.old_dir(path), F.tmp_dir(path)
+    _wait_removals()  # a previous save's deletion of its replaced checkpoint
     if os.path.lexists(path):
         if not os.path.isdir(path):
             raise FileExistsError(errno.EEXIST, f"{caller}: {path} exists and is a file, not a checkpoint; "
@@ -316,8 +338,7 @@ def _prepare(path: str, caller: str):
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise FileNotFoundError(errno.ENOENT, f"{caller}: the parent directory of {path} does not exist; create it")
-    os.mkdir(tmp)
-    F.fsync_dir(parent)
+    os.mkdir(tmp)  # (not fsynced: a crash that loses it loses nothing; the commit fsyncs the parent)
 
 
 def _plan_save(comm, state_dict, checkpoint_id, caller, copy: bool) -> _PendingSave:
