@@ -2,7 +2,7 @@
 
 Run it under your launcher (``mpiexec -n 2 python -m mpilocal info``, ``srun ...``) to see what the
 job will use; rank 0 prints, and ``--all`` prints every rank's GPU binding (the one ``"cuda"`` meshes
-make: :func:`mpilocal.gpu.device_index`, which honours ``MPILOCAL_GPU``).
+make: :func:`mpilocal.gpu.binding`, which honours ``MPILOCAL_GPU``).
 
 A launcher that does not match mpi4py's MPI library is named instead of failing obscurely: the
 system Open MPI's ``mpirun`` starting a Python with the pip MPICH wheel raises a clear error at
@@ -24,6 +24,7 @@ def _info(all_ranks: bool) -> int:
 
     import mpilocal
     from mpilocal import _launch, gpu
+    from mpilocal.names import COLLECTIVES
     from mpilocal.transport import detect, select
 
     comm = MPI.COMM_WORLD
@@ -31,9 +32,9 @@ def _info(all_ranks: bool) -> int:
     local, per_node = gpu.node_local_rank()
     cp = gpu.cupy_or_none()
     ngpu = cp.cuda.runtime.getDeviceCount() if cp is not None else 0
-    if ngpu:  # the binding a "cuda" mesh makes (gpu.device_index: MPILOCAL_GPU, else node-local rank)
+    if ngpu:  # the binding a "cuda" mesh makes (MPILOCAL_GPU, else node-local rank)
         try:
-            dev, why = gpu.device_index(local, ngpu)
+            dev, why = gpu.binding(ngpu)
             where = f"GPU {dev} of {ngpu} ({why})"
         except ValueError as exc:
             where = f"no valid GPU: {exc}"
@@ -66,7 +67,7 @@ def _info(all_ranks: bool) -> int:
         f"MPILOCAL_TRANSPORT: {os.environ.get('MPILOCAL_TRANSPORT', '(unset: automatic)')}",
         "Transports per operation:",
     ]
-    ops = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all", "broadcast", "scatter")
+    ops = tuple(COLLECTIVES)
     kinds = ["numpy"] + (["cupy"] if cp is not None else [])
     for kind in kinds:
         for op in ops:

@@ -7,7 +7,7 @@ import os
 
 from mpi4py import MPI
 
-__all__ = ["cupy_or_none", "node_local_rank", "bind_device", "gpu_count", "device_index"]
+__all__ = ["cupy_or_none", "node_local_rank", "bind_device", "binding", "device_index"]
 
 _node_comm = None
 _bound = None
@@ -32,15 +32,9 @@ def node_local_rank() -> tuple[int, int]:
     return _node_comm.Get_rank(), _node_comm.Get_size()
 
 
-def gpu_count() -> int:
-    cp = cupy_or_none()
-    return 0 if cp is None else cp.cuda.runtime.getDeviceCount()
-
-
 def device_index(local: int, n: int) -> tuple[int, str]:
     """The GPU a rank with node-local rank ``local`` uses on a node with ``n`` GPUs, and why: the
-    index in ``MPILOCAL_GPU`` when set, else ``local % n``. The one binding rule (``bind_device`` and
-    ``python -m mpilocal info`` both use it)."""
+    index in ``MPILOCAL_GPU`` when set, else ``local % n``. The one binding rule (:func:`binding`)."""
     visible = os.environ.get("MPILOCAL_GPU", "").strip()
     if visible:
         try:
@@ -53,8 +47,16 @@ def device_index(local: int, n: int) -> tuple[int, str]:
     return local % n, f"node-local rank {local} % {n} GPUs"
 
 
+def binding(ngpu: int) -> tuple[int, str]:
+    """(GPU index, why) of this rank on a node with ``ngpu`` GPUs: :func:`device_index` of its
+    node-local rank. What :func:`bind_device` makes current and ``python -m mpilocal info`` reports.
+    Collective on first call (:func:`node_local_rank`)."""
+    local, _ = node_local_rank()
+    return device_index(local, ngpu)
+
+
 def bind_device() -> int:
-    """Make this rank's GPU (:func:`device_index`) CuPy's current device."""
+    """Make this rank's GPU (:func:`binding`) CuPy's current device."""
     global _bound
     if _bound is not None:
         return _bound
@@ -64,8 +66,7 @@ def bind_device() -> int:
             "device_type='cuda' needs CuPy and a GPU: install mpilocal[cuda12] or mpilocal[cuda13] "
             "(cupy-cuda12x / cupy-cuda13x) on a machine with an NVIDIA GPU, or use device_type='cpu'"
         )
-    local, _ = node_local_rank()
-    dev, _ = device_index(local, cp.cuda.runtime.getDeviceCount())
+    dev, _ = binding(cp.cuda.runtime.getDeviceCount())
     cp.cuda.Device(dev).use()
     _bound = dev
     return dev
