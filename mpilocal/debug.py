@@ -2,23 +2,23 @@
 
 Data collectives (array data) and metadata agreements (shape inference, ``run_check``) are kept
 apart, so ``local_map`` on aligned inputs shows 0 collectives even when its outputs' global shapes
-are agreed. The counting itself happens in :mod:`mpilocal.functional`, the one place where
-collectives are issued; this module only keeps the books.
+are agreed. The counting itself happens where collectives are issued (:mod:`mpilocal.collectives`
+for array data, :mod:`mpilocal.agreement` and :mod:`mpilocal.collectives` for metadata,
+:mod:`mpilocal.ops` for operator plans), each call guarded by ``if debug.ACTIVE:`` so that the
+normal path pays one attribute lookup; this module only keeps the books. Collectives are booked
+under PyTorch's names (:data:`mpilocal.names.COLLECTIVES` maps the short names to them).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-__all__ = ["CommDebugMode", "COLLECTIVE_NAMES"]
+from .names import COLLECTIVES
 
-COLLECTIVE_NAMES = (
-    "all_gather_into_tensor",
-    "all_reduce",
-    "reduce_scatter_tensor",
-    "all_to_all_single",
-    "broadcast",
-    "scatter",
+__all__ = ["CommDebugMode", "COLLECTIVE_NAMES", "ACTIVE", "counted_as", "record", "record_metadata",
+           "record_operator"]
+
+COLLECTIVE_NAMES = tuple(COLLECTIVES.values()) + (
     "all_reduce_coalesced",
     "all_gather_into_tensor_coalesced",
     "reduce_scatter_tensor_coalesced",
@@ -27,11 +27,9 @@ COLLECTIVE_NAMES = (
     "send_recv",
 )
 
-_ACTIVE: list = []
-
-
-def active() -> bool:
-    return bool(_ACTIVE)
+#: The modes active now, innermost last (empty: nothing is counted).
+ACTIVE: list = []
+_ACTIVE = ACTIVE  # the old private name, read by modules of other helpers until they read ACTIVE
 
 
 _BOOK_AS: dict = {}  # collective name -> the name it is booked under (set by counted_as)
@@ -62,19 +60,19 @@ class counted_as:
 def record(name: str, nbytes: int) -> None:
     if _BOOK_AS:
         name = _BOOK_AS.get(name, name)
-    for mode in _ACTIVE:
+    for mode in ACTIVE:
         mode._counts[name] += 1
         mode._bytes[name] += nbytes
 
 
 def record_operator(op: str, moves: tuple, out) -> None:
     """An operator's chosen redistributions (mpilocal.ops calls this while a mode is active)."""
-    for mode in _ACTIVE:
+    for mode in ACTIVE:
         mode._plans.append((op, moves, out))
 
 
 def record_metadata(name: str, nbytes: int) -> None:
-    for mode in _ACTIVE:
+    for mode in ACTIVE:
         mode._meta[name] += 1
         mode._meta_bytes[name] += nbytes
 
@@ -104,11 +102,11 @@ class CommDebugMode:
         self._meta.clear()
         self._meta_bytes.clear()
         self._plans.clear()
-        _ACTIVE.append(self)
+        ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc):
-        _ACTIVE.remove(self)
+        ACTIVE.remove(self)
         return False
 
     def get_total_counts(self) -> int:
