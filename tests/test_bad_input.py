@@ -17,14 +17,11 @@ import pytest
 from mpi4py import MPI
 
 import mpilocal.functional as funcol
-from conftest import assert_all
+from conftest import RANK, WORLD, W as N, assert_all
 from mpilocal import (DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh,
                       local_map)
 from mpilocal.agreement import CollectiveMismatchError  # noqa: F401  (public name exists)
 
-WORLD = MPI.COMM_WORLD
-RANK = WORLD.Get_rank()
-N = WORLD.Get_size()
 LAST = N - 1
 ERRORS = (TypeError, ValueError, NotImplementedError, RuntimeError, KeyError, IndexError)
 

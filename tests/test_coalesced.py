@@ -17,7 +17,6 @@ from mpilocal import CommDebugMode
 from mpilocal.layout import chunk_sizes
 
 
-
 def groups():
     """(id, group, its size, this rank's index in it): the world mesh, and a 2x2 mesh's dim 1 at 4 ranks."""
     out = [("1d", make_mesh("1d"), W, RANK)]

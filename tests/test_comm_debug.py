@@ -13,11 +13,10 @@ Run: ``mpiexec -n N python -m pytest --with-mpi tests/test_comm_debug.py`` for N
 
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 import mpilocal
 import mpilocal.functional as funcol
-from conftest import DEVICE, on_device, to_device, to_host, assert_all, assert_close_all
+from conftest import RANK, W as WORLD_SIZE, DEVICE, on_device, to_device, to_host, assert_all, assert_close_all
 from mpilocal import (
     CommDebugMode,
     DTensor,
@@ -29,9 +28,6 @@ from mpilocal import (
     local_map,
 )
 
-WORLD = MPI.COMM_WORLD
-RANK = WORLD.Get_rank()
-WORLD_SIZE = WORLD.Get_size()
 
 NAMES = (
     "all_gather_into_tensor",

@@ -29,7 +29,6 @@ from mpilocal import (
 )
 
 
-
 def raises_all_before_comm(exc, match, fn, *args, **kwargs):
     """:func:`conftest.raises_all`, and no collective ran before the error (the verdict's own
     agreement goes through mpi4py directly, which CommDebugMode does not count)."""

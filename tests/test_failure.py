@@ -36,7 +36,7 @@ from mpi4py import MPI
 import mpilocal
 import mpilocal.deadline as deadline
 import mpilocal.functional as funcol
-from conftest import assert_all
+from conftest import RANK as R, W, assert_all
 
 HERE = Path(__file__).resolve().parent
 CASES = HERE / "failure_cases"
@@ -44,10 +44,8 @@ ROOT = HERE.parent
 HANG_BOUND = 20.0   # seconds from a mistake or signal to the end of the job: far above the expected 1-2 s
 JOB_TIMEOUT = 60    # a job still running after this long hangs (a loaded machine starts jobs slowly)
 DEADLINE = "1"      # MPILOCAL_TIMEOUT for the jobs
-JOBS_AT_ONCE = max(1, 4 // MPI.COMM_WORLD.Get_size())  # jobs running at once, over all ranks: 4
+JOBS_AT_ONCE = max(1, 4 // W)  # jobs running at once, over all ranks: 4
 LEFT = r"\[rank \d\] mpilocal: rank \d left the program \(({})\)"
-W = MPI.COMM_WORLD.Get_size()
-R = MPI.COMM_WORLD.Get_rank()
 OPEN_MPI = "Open MPI" in MPI.Get_library_version()
 FAR = {"MPILOCAL_TIMEOUT": 60, "MPILOCAL_EXIT_TIMEOUT": 60}  # deadlines out of the way
 

@@ -13,10 +13,9 @@ import sys
 import pytest
 from mpi4py import MPI
 
-from conftest import assert_all
+from conftest import RANK, assert_all
 from mpilocal import _launch, gpu
 
-RANK = MPI.COMM_WORLD.Get_rank()
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 

@@ -11,15 +11,13 @@ import math
 
 import numpy as np
 import pytest
-from conftest import DEVICE, Check, DeviceFunctional, assert_all, to_device, to_host
+from conftest import RANK, W, DEVICE, Check, DeviceFunctional, assert_all, to_device, to_host
 from mpi4py import MPI
 
 import mpilocal
 import mpilocal.functional as funcol
 from mpilocal import CommDebugMode, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh, local_map
 
-W = MPI.COMM_WORLD.Get_size()
-RANK = MPI.COMM_WORLD.Get_rank()
 pytestmark = pytest.mark.mpi
 fc = DeviceFunctional(funcol) if DEVICE == "cuda" else funcol
 

@@ -6,15 +6,13 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import DEVICE, assert_all, make_mesh, to_device, to_host
-from mpi4py import MPI
+from conftest import W, DEVICE, assert_all, make_mesh, to_device, to_host
 
 import mpilocal
 from mpilocal import CommDebugMode, DTensor, Partial, Replicate, Shard, distribute_tensor
 from mpilocal.autograd import no_grad
 from mpilocal.ops import record_plans
 
-W = MPI.COMM_WORLD.Get_size()
 R, S0, S1, P = Replicate(), Shard(0), Shard(1), Partial("sum")
 KINDS = ["1d", "1xN", "Nx1", "2x2"]
 

@@ -6,14 +6,12 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import DEVICE, assert_all, make_mesh, to_host
-from mpi4py import MPI
+from conftest import RANK, W, DEVICE, assert_all, make_mesh, to_host
 
 import mpilocal
 from mpilocal import Partial, Replicate, Shard
 from mpilocal.ops.random import philox4x32, random_values
 
-W = MPI.COMM_WORLD.Get_size()
 R, S0, S1 = Replicate(), Shard(0), Shard(1)
 
 
@@ -93,7 +91,7 @@ def test_creation_functions():
 def test_manual_seed_must_agree():
     msg = ""
     try:
-        mpilocal.manual_seed(MPI.COMM_WORLD.Get_rank() if W > 1 else -1)
+        mpilocal.manual_seed(RANK if W > 1 else -1)
         msg = "no exception"
     except (ValueError, TypeError) as e:
         msg = "" if ("different seeds" in str(e) or "seed must be" in str(e)) else str(e)

@@ -9,16 +9,13 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import DEVICE, Check, assert_all, to_device, to_host
-from mpi4py import MPI
+from conftest import RANK, W, WORLD, DEVICE, Check, assert_all, to_device, to_host
 
 import mpilocal
 import mpilocal.functional as funcol
 from mpilocal import CommDebugMode, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh, local_map
 from mpilocal import layout
 
-W = MPI.COMM_WORLD.Get_size()
-RANK = MPI.COMM_WORLD.Get_rank()
 pytestmark = pytest.mark.mpi
 
 
@@ -319,7 +316,7 @@ def test_checkpoint_ragged_save_load_any_layout(tmp_path):
     mesh = init_device_mesh(DEVICE, (W,))
     N = 2 * W + 3
     full = data((N, 2), seed=22)
-    path = MPI.COMM_WORLD.bcast(str(tmp_path) if RANK == 0 else None) + "/ragged"
+    path = WORLD.bcast(str(tmp_path) if RANK == 0 else None) + "/ragged"
     ckpt.save({"x": distribute_tensor(to_device(full), mesh, [Shard(0, sizes=ragged_sizes(N, W, "block"))])},
               checkpoint_id=path)
     ck = Check()

@@ -19,14 +19,10 @@ import time
 
 import numpy as np
 import pytest
-from mpi4py import MPI
 
-from conftest import assert_all
+from conftest import RANK, WORLD, W as N, assert_all
 from mpilocal import DeviceMesh, DTensor, Partial, Replicate, Shard, distribute_tensor, local_map
 
-WORLD = MPI.COMM_WORLD
-RANK = WORLD.Get_rank()
-N = WORLD.Get_size()
 SEED = int(os.environ.get("MPILOCAL_DIFF_SEED", "20261126"))
 CASES = int(os.environ.get("MPILOCAL_DIFF_CASES", "400"))
 DTYPES = (np.float64, np.float32, np.int64, np.int32, np.complex128, np.float16)
