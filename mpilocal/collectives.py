@@ -28,6 +28,7 @@ import numpy as np
 from . import _arrays, _pool, deadline, debug, metadata
 from . import agreement  # noqa: F401  (registers the fingerprint check that deadline.begin runs)
 from .metadata import META_WIDTH, MetaFuture
+from .names import COLLECTIVES
 from .transport import Group, group_for
 from .transport.select import transport_for
 
@@ -43,7 +44,7 @@ def issue(name: str, send, g: Group, **detail):
 
     Use as ``with issue(...): transport call`` — the context marks the collective in flight for
     the deadline watchdog (mpilocal.deadline), which also checks fingerprints under MPILOCAL_DEBUG=1."""
-    if debug._ACTIVE:
+    if debug.ACTIVE:
         debug.record(name, 0 if send is None else send.nbytes)
     return deadline.begin(name, g, send, detail)  # in-flight slot / fingerprint
 
@@ -93,7 +94,7 @@ def all_gather(x, dim: int, g: Group, sizes, placements=None):
     send = leading(x, dim)
     inner = math.prod(send.shape[1:])
     recv = empty(x, (sum(sizes),) + send.shape[1:])
-    with issue("all_gather_into_tensor", send, g, **_detail(dict(dim=dim, sizes=tuple(sizes)), placements)):
+    with issue(COLLECTIVES["all_gather"], send, g, **_detail(dict(dim=dim, sizes=tuple(sizes)), placements)):
         transport_for(x, "all_gather").allgatherv(send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], g)
     return restore(recv, dim)
 
@@ -199,7 +200,7 @@ def all_reduce(x, op: str, g: Group, placements=None):
     """All-reduce ``x`` with ``op`` (``avg`` divides the sum by the group size). The result has
     ``x``'s dtype in native byte order."""
     send, top, finish = _reduce_input(x, op)
-    with issue("all_reduce", send, g, **_detail(dict(op=op), placements)):
+    with issue(COLLECTIVES["all_reduce"], send, g, **_detail(dict(op=op), placements)):
         if top.startswith("gather:"):
             return _gather_reduce(send, top[7:], g, "all_gather").reshape(x.shape)
         recv = empty(send, send.shape)
@@ -214,7 +215,8 @@ def reduce_scatter(x, op: str, dim: int, g: Group, sizes, placements=None):
     send, top, finish = _reduce_input(leading(x, dim), op)
     inner = math.prod(send.shape[1:])
     counts = [s * inner for s in sizes]
-    with issue("reduce_scatter_tensor", send, g, **_detail(dict(op=op, dim=dim, sizes=tuple(sizes)), placements)):
+    detail = _detail(dict(op=op, dim=dim, sizes=tuple(sizes)), placements)
+    with issue(COLLECTIVES["reduce_scatter"], send, g, **detail):
         if top.startswith("gather:"):
             off = sum(counts[:g.rank])
             full = _gather_reduce(send, top[7:], g, "all_gather")
@@ -262,7 +264,7 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
     bound = other * max(max(src_sizes) * sum(dst_sizes), sum(src_sizes) * max(dst_sizes))
     detail = _detail(dict(src_dim=src_dim, dst_dim=dst_dim, src_sizes=tuple(src_sizes), dst_sizes=tuple(dst_sizes)),
                      placements)
-    with issue("all_to_all_single", send, g, **detail):
+    with issue(COLLECTIVES["all_to_all"], send, g, **detail):
         transport_for(x, "all_to_all").alltoallv(send, send_counts, recv.reshape(-1), [s * inner for s in src_sizes], g,
                                                  uniform, bound)
     return restore(recv, dim=src_dim)
@@ -272,7 +274,7 @@ def bcast(x, root: int, g: Group, placements=None):
     """A copy of group rank ``root``'s ``x`` on every rank (``x`` gives shape and dtype elsewhere)."""
     buf = empty(x, x.shape)
     buf[...] = x
-    with issue("broadcast", buf, g, **_detail(dict(root=root), placements)):
+    with issue(COLLECTIVES["broadcast"], buf, g, **_detail(dict(root=root), placements)):
         transport_for(x, "broadcast").bcast(buf.reshape(-1), root, g)
     return buf
 
@@ -288,7 +290,7 @@ def scatter(pieces, like, shape, counts, root: int, g: Group):
         for p in pieces:
             send[pos:pos + p.size].reshape(p.shape)[...] = p
             pos += p.size
-    with issue("scatter", send, g, root=root, dtype=str(like.dtype), counts=tuple(counts)):
+    with issue(COLLECTIVES["scatter"], send, g, root=root, dtype=str(like.dtype), counts=tuple(counts)):
         transport_for(like, "scatter").scatterv(send, counts, recv.reshape(-1), root, g)
     return recv
 
@@ -300,7 +302,7 @@ def all_to_all_rows(x, send_rows, recv_rows, g: Group, uniform: bool, bound, **d
     send = contiguous(x)
     inner = math.prod(x.shape[1:])
     recv = empty(x, (sum(recv_rows),) + x.shape[1:])
-    with issue("all_to_all_single", send, g, **detail):
+    with issue(COLLECTIVES["all_to_all"], send, g, **detail):
         transport_for(x, "all_to_all").alltoallv(
             send.reshape(-1), [s * inner for s in send_rows], recv.reshape(-1), [s * inner for s in recv_rows], g,
             uniform, bound,
@@ -329,7 +331,7 @@ def post_shape_agreement(mesh, shape, vec=None) -> MetaFuture:
     if ring is None:
         return post_meta_allgather(comm, metadata.meta_vector(shape, None) if vec is None else vec,
                                    "shape_agreement")
-    if debug._ACTIVE:
+    if debug.ACTIVE:
         debug.record_metadata("shape_agreement", META_WIDTH * 8)
     with deadline.begin("metadata:shape_agreement", g, None):  # deadline / fingerprint
         return ring.post(vec, shape)
@@ -337,7 +339,7 @@ def post_shape_agreement(mesh, shape, vec=None) -> MetaFuture:
 
 def post_meta_allgather(comm, vec: np.ndarray, what: str) -> MetaFuture:
     """Start a non-blocking all-gather of ``vec`` over ``comm`` (collective); complete it later."""
-    if debug._ACTIVE:
+    if debug.ACTIVE:
         debug.record_metadata(what, vec.nbytes)
     g = group_for(comm)
     if vec.size == META_WIDTH:
@@ -352,7 +354,7 @@ def post_meta_allgather(comm, vec: np.ndarray, what: str) -> MetaFuture:
 def meta_allgather(comm, vec: np.ndarray, what: str) -> np.ndarray:
     """Blocking all-gather of metadata vectors (collective over ``comm``)."""
     recv = np.empty((comm.Get_size(), vec.size), dtype=vec.dtype)
-    if debug._ACTIVE:
+    if debug.ACTIVE:
         debug.record_metadata(what, vec.nbytes)
     with deadline.begin("metadata:" + what, group_for(comm), vec):  # deadline / fingerprint
         comm.Allgather(vec, recv)
@@ -364,7 +366,7 @@ def exchange_splits(g: Group, counts) -> list:
     small ``MPI_Alltoall`` over ``g``). **Collective.**"""
     counts = np.asarray(counts, dtype=np.int64)
     recv = np.empty_like(counts)
-    if debug._ACTIVE:
+    if debug.ACTIVE:
         debug.record_metadata("split_agreement", counts.nbytes)
     with deadline.begin("metadata:split_agreement", g, counts):  # deadline / fingerprint
         g.comm.Alltoall(counts, recv)
