@@ -173,7 +173,7 @@ def agree(g, caller: str, err, meta=None, what: str = "argument_check"):
         buf[META_WIDTH] = 1
         raw = f"{type(err).__name__}\0{err}".encode()[:_MSG_BYTES]
         buf[META_WIDTH + 1:].view(np.uint8)[:len(raw)] = np.frombuffer(raw, np.uint8)
-    if debug._ACTIVE:
+    if debug.ACTIVE:
         debug.record_metadata(what, buf.nbytes)
     rows = _ctl_allgather(g, buf, f"{caller} ({what})")
     failed = np.flatnonzero(rows[:, META_WIDTH])

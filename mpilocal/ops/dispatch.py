@@ -192,7 +192,7 @@ def _run(what, mesh, ops, strategies_of, compute, out_shape, plan=None):
                 args.append(_local(o, out_pl))
         else:
             args.append(o)
-    if _RECORDING[0] or debug._ACTIVE:
+    if _RECORDING[0] or debug.ACTIVE:
         _note(what, tuple(moved), out_pl)
     res = compute(_ns(args, xp), *args)
     if off:
@@ -203,7 +203,7 @@ def _run(what, mesh, ops, strategies_of, compute, out_shape, plan=None):
 def _note(what, moves, out_pl):
     if _RECORDING[0]:
         HISTORY.append((what, moves, out_pl))
-    if debug._ACTIVE:
+    if debug.ACTIVE:
         debug.record_operator(what, moves, out_pl)
 
 
@@ -477,7 +477,7 @@ def reshape(x, *shape):
         else:
             target.append(p)
     if tuple(target) != x._placements:
-        if _RECORDING[0] or debug._ACTIVE:
+        if _RECORDING[0] or debug.ACTIVE:
             _note("reshape", ((0, x._placements, tuple(target)),), tuple(target))
         x = x._redistribute(tuple(target))
     out_pl = tuple(Shard(_kept_dim(old, new, p.dim), p.sizes) if type(p) is Shard else p for p in target)
@@ -533,7 +533,7 @@ def concat(arrays, axis=0, _stack=False):
             o = o._redistribute(tgt)
         args.append(_local(o))
     out_pl = tuple(Shard(p.dim + 1) if _stack and type(p) is Shard and p.dim >= ax else p for p in tgt)
-    if _RECORDING[0] or debug._ACTIVE:
+    if _RECORDING[0] or debug.ACTIVE:
         _note(what, tuple(moved), out_pl)
     xp = _xp_of(ops)
     if mesh._coordinate is None:
@@ -607,7 +607,7 @@ def getitem(x, idx):
             for m in mdims:
                 target[m] = R
     if tuple(target) != x._placements:
-        if _RECORDING[0] or debug._ACTIVE:
+        if _RECORDING[0] or debug.ACTIVE:
             _note("getitem", ((0, x._placements, tuple(target)),), tuple(target))
         x = x._redistribute(tuple(target))
     pl = list(target)
@@ -667,7 +667,7 @@ def getitem(x, idx):
         tgt = list(out._placements)
         for m in gather:
             tgt[m] = R
-        if _RECORDING[0] or debug._ACTIVE:
+        if _RECORDING[0] or debug.ACTIVE:
             _note("getitem", ((0, out._placements, tuple(tgt)),), tuple(tgt))
         out = out._redistribute(tuple(tgt))
     ints = [j for j, (d, i) in enumerate(entries) if d is not None and isinstance(i, (int, np.integer))]
