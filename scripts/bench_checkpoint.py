@@ -1,48 +1,131 @@
-"""Checkpoint bandwidth: mpilocal.checkpoint save/load against the machine's own sequential file
-bandwidth on the same filesystem, in the same run (and torch.distributed.checkpoint with --torch).
+"""Checkpoint bandwidth: mpilocal.checkpoint save/load side by side with plain NumPy file I/O of the
+same bytes by the same ranks, in one run (and torch.distributed.checkpoint with --torch).
 
-    mpiexec -n 2 python scripts/bench_checkpoint.py --sizes 256M,512M --dir /tmp/ckbench
-    mpiexec -n 2 python scripts/bench_checkpoint.py --device cuda --sizes 1G,4G,8G --torch --dir /scratch/x
+    mpiexec -n 2 python scripts/bench_checkpoint.py --per-rank 64M,256M,1G --repeat 5 --dir /work
+    mpiexec -n 2 python scripts/bench_checkpoint.py --device cuda --per-rank 512M,1G,2G,4G --torch --dir /scratch/x
 
-Per total size S (float32, one DTensor sharded over dim 0 of a 1-D mesh; every rank holds S/N bytes):
+Per size (float32, one DTensor sharded over dim 0 of a 1-D mesh of all ranks; every rank holds
+``--per-rank`` bytes, or ``--sizes`` bytes in total), interleaved per repeat so that each figure
+and its baseline see the same machine (the order alternates between repeats):
 
-* ``raw write 1``: one process writes S bytes with ``np.ndarray.tofile`` + ``fsync``;
-  ``raw write N``: every rank writes its S/N bytes that way at once (aggregate, slowest rank);
-* ``raw read 1`` / ``raw read N``: ``np.fromfile`` of those files after evicting them from the page
-  cache (``posix_fadvise(DONTNEED)``, so reads come from the device, not from memory);
-* ``save``: ``mpilocal.checkpoint.save`` (chunks, crc32, fsync, manifest, atomic rename), aggregate
-  S / time of the slowest rank; ``load``: ``mpilocal.checkpoint.load`` into the same layout after
-  evicting the checkpoint's files; ``async``: the blocking part of ``async_save`` (host copies);
-* ``torch save`` / ``torch load`` (``--torch``): ``torch.distributed.checkpoint`` of a DTensor of the
-  same size and layout (gloo on cpu, nccl on cuda).
+* ``raw write``: every rank writes its bytes with ``np.ndarray.tofile`` + ``fsync`` into its own
+  file, all at once; aggregate bandwidth = total bytes / the slowest rank's time;
+* ``save``: ``mpilocal.checkpoint.save`` of the DTensor (chunks, crc32, fsync, manifest, atomic
+  rename), aggregate likewise;
+* ``raw read`` / ``load``: ``np.fromfile`` of the raw files / ``mpilocal.checkpoint.load`` into the
+  same layout, each after evicting the files from the page cache (``posix_fadvise(DONTNEED)``);
+* ``crc32``: every rank computes the crc32 of its bytes with the checkpoint's crc32 function at
+  once: the CPU cost that save and load add to the raw I/O (overlapped with it on a pool of threads);
+* ``async``: the blocking part of ``async_save`` (the host copies);
+* ``torch save`` / ``torch load`` (``--torch``): ``torch.distributed.checkpoint`` of a torch DTensor
+  of the same size and layout (gloo on cpu, ``cpu:gloo,cuda:nccl`` on cuda), in the same repeats.
 
-The measurements are interleaved per repeat (raw write N, save, raw write 1, evict, raw read N,
-load, raw read 1, async save), so each figure and its baseline see the same machine. Bandwidths are
-medians of ``--repeat`` runs; the percentages are the medians of the per-repeat ratios save/load
-against the faster raw figure (1 or N processes) of the same repeat. Rank 0 prints a markdown table (and writes it to ``--out``).
+Every table cell gives the best and the median of ``--repeat`` runs (``best / median``); the ratios
+are the medians of the per-repeat ratios save/raw write and load/raw read (and best/best).
+
+Never hangs: every rank takes the same branches (torch/CuPy availability is agreed), every step's
+errors are gathered so that any rank's error is raised on all ranks, torch.distributed gets its
+rendezvous from MPI (MASTER_ADDR=127.0.0.1 on one host, a port chosen by rank 0 and broadcast) and
+``--timeout``, and a watchdog ends the job (``MPI_Abort``, with every thread's stack) when one step
+runs longer than ``--timeout`` seconds. ``--profile`` prints a cProfile of one save and one load per
+rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import faulthandler
+import io
 import os
+import pstats
 import shutil
 import socket
 import statistics
 import sys
+import threading
 import time
+import traceback
 
 import numpy as np
 from mpi4py import MPI
 
-import mpilocal
-import mpilocal.checkpoint as dcp
-from mpilocal import Shard, distribute_tensor, init_device_mesh
-
 COMM = MPI.COMM_WORLD
 N, RANK = COMM.Get_size(), COMM.Get_rank()
+G = 1e9
 
 
+# -- no hangs: agreed steps and a watchdog ----------------------------------------------------------
+class Watchdog:
+    """Ends the job when one step runs longer than ``timeout`` seconds (every rank has its own)."""
+
+    def __init__(self, timeout: float):
+        self.timeout, self.step, self.t0 = timeout, None, None
+        self.lock = threading.Lock()
+        if timeout and timeout > 0:
+            threading.Thread(target=self._run, daemon=True, name="bench-watchdog").start()
+
+    def begin(self, step: str):
+        with self.lock:
+            self.step, self.t0 = step, time.monotonic()
+        if self.timeout and self.timeout > 0:
+            # the backstop that needs no GIL (native code may hold it): stacks, then _exit; the launcher
+            # then ends the other ranks
+            faulthandler.dump_traceback_later(self.timeout + 15, exit=True)
+
+    def end(self):
+        with self.lock:
+            self.step = None
+        if self.timeout and self.timeout > 0:
+            faulthandler.cancel_dump_traceback_later()
+
+    def _run(self):
+        while True:
+            time.sleep(0.5)
+            with self.lock:
+                late = self.step is not None and time.monotonic() - self.t0 > self.timeout
+                step = self.step
+            if late:
+                sys.stderr.write(f"[rank {RANK}] bench_checkpoint: step {step!r} ran longer than --timeout "
+                                 f"{self.timeout:g} s; ending the job. Stacks of rank {RANK}:\n")
+                sys.stderr.flush()
+                faulthandler.dump_traceback(all_threads=True)
+                time.sleep(1.0)  # let the launcher forward the report
+                COMM.Abort(124)
+                os._exit(124)
+
+
+WATCHDOG: Watchdog | None = None
+
+
+class StepError(RuntimeError):
+    pass
+
+
+def step(name: str, fn, *args):
+    """Run ``fn(*args)`` on every rank as one step: errors of any rank are raised on every rank (after
+    an all-gather of the verdicts); the watchdog ends the job when the step does not finish."""
+    WATCHDOG.begin(name)
+    err, out = None, None
+    try:
+        out = fn(*args)
+    except Exception as e:  # noqa: BLE001 - agreed below
+        err = f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exc(limit=8))
+    verdicts = COMM.allgather(err)
+    WATCHDOG.end()
+    bad = [(r, v) for r, v in enumerate(verdicts) if v is not None]
+    if bad:
+        r, v = bad[0]
+        raise StepError(f"step {name!r} failed on rank(s) {[b[0] for b in bad]}; rank {r}: {v}")
+    return out
+
+
+def agreed(flag: bool) -> bool:
+    """True only when ``flag`` is true on every rank (so every rank takes the same branch)."""
+    return bool(COMM.allreduce(int(bool(flag)), op=MPI.MIN))
+
+
+# -- helpers ------------------------------------------------------------------------------------------
 def parse_size(s: str) -> int:
     s = s.strip().upper().rstrip("B").rstrip("I")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:], 1)
@@ -61,7 +144,7 @@ def evict(paths):
     for p in paths:
         try:
             fd = os.open(p, os.O_RDONLY)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             continue
         try:
             os.fsync(fd)
@@ -70,12 +153,21 @@ def evict(paths):
             os.close(fd)
 
 
-def timed(fn):
-    """Seconds from a common start to the slowest rank's end."""
-    COMM.Barrier()
-    t0 = time.perf_counter()
-    fn()
-    dt = time.perf_counter() - t0
+def files_under(path):
+    out = []
+    for root, _, names in os.walk(path):
+        out += [os.path.join(root, n) for n in names]
+    return out
+
+
+def timed(name, fn):
+    """Seconds from a common start to the slowest rank's end (one agreed step)."""
+    def run():
+        COMM.Barrier()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    dt = step(name, run)
     return COMM.allreduce(dt, op=MPI.MAX)
 
 
@@ -86,84 +178,12 @@ def raw_write(a, path):
     os.close(fd)
 
 
-def bench(nbytes, d, repeat, device):
-    """Per repeat, interleaved so that each figure and its baseline share the machine's state:
-    raw write N, save, raw write 1; evict; raw read N, load, raw read 1; async save. Returns a dict of
-    lists of seconds."""
-    mesh = init_device_mesh(device, (N,))
-    xp = np
-    if device == "cuda":
-        import cupy as xp
-    rows = nbytes // 4 // 1024
-    full = np.ones(nbytes // 4, np.float32) if RANK == 0 else None
-    part = np.ones(nbytes // 4 // N, np.float32)
-    p1, pn = os.path.join(d, "raw_one.bin"), os.path.join(d, f"raw_{RANK}.bin")
-    local = xp.ones((rows // N, 1024), np.float32)
-    W = mpilocal.DTensor.from_local(local, mesh, [Shard(0)], shape=(rows // N * N, 1024))
-    tmpl = {"w": mpilocal.DTensor.from_local(xp.empty_like(local), mesh, [Shard(0)], shape=W.shape)}
-    path = os.path.join(d, "ck")
-    t = {k: [] for k in ("w1", "wn", "save", "r1", "rn", "load", "async")}
-    for _ in range(repeat):
-        t["wn"].append(timed(lambda: raw_write(part, pn)))
-        t["save"].append(timed(lambda: dcp.save({"w": W}, checkpoint_id=path)))
-        t["w1"].append(timed(lambda: raw_write(full, p1) if RANK == 0 else None))
-        evict([p1, pn] + (ck_files(path) if RANK == 0 else []))
-        COMM.Barrier()
-        t["rn"].append(timed(lambda: np.fromfile(pn, np.float32)))
-        t["load"].append(timed(lambda: dcp.load(tmpl, checkpoint_id=path)))
-        t["r1"].append(timed(lambda: np.fromfile(p1, np.float32) if RANK == 0 else None))
-        fut = []
-        t["async"].append(timed(lambda: fut.append(dcp.async_save({"w": W}, checkpoint_id=path))))
-        fut[0].result()
-        evict([p1, pn])
-    COMM.Barrier()
-    for p in (p1, pn):
-        if os.path.exists(p):
-            os.remove(p)
-    if RANK == 0:
-        shutil.rmtree(path, ignore_errors=True)
-    return t
-
-
-def ck_files(path):
-    return [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else []
-
-
-def bench_torch(nbytes, d, repeat, device):
-    import torch
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as tdcp
-    from torch.distributed.device_mesh import init_device_mesh as t_mesh
-    from torch.distributed.tensor import DTensor as TDT
-    from torch.distributed.tensor import Shard as TShard
-
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        port = COMM.bcast(_free_port() if RANK == 0 else None, 0)
-        os.environ.setdefault("MASTER_PORT", str(port))
-        if device == "cuda":
-            local_rank = COMM.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()  # the GPU mpilocal binds, too
-            torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=RANK, world_size=N)
-    mesh = t_mesh(device, (N,))
-    rows = nbytes // 4 // 1024
-    local = torch.ones((rows // N, 1024), dtype=torch.float32, device=device)
-    W = TDT.from_local(local, mesh, [TShard(0)], shape=(rows // N * N, 1024), stride=(1024, 1))
-    path = os.path.join(d, "torch_ck")
-    saves, loads = [], []
-    for _ in range(repeat):
-        if RANK == 0:
-            shutil.rmtree(path, ignore_errors=True)
-        COMM.Barrier()
-        saves.append(timed(lambda: (tdcp.save({"w": W}, checkpoint_id=path), _sync(torch, device))))
-        if RANK == 0:
-            evict(ck_files(path))
-        tmpl = {"w": TDT.from_local(torch.empty_like(local), mesh, [TShard(0)], shape=W.shape, stride=(1024, 1))}
-        loads.append(timed(lambda: (tdcp.load(tmpl, checkpoint_id=path), _sync(torch, device))))
-    COMM.Barrier()
-    if RANK == 0:
-        shutil.rmtree(path, ignore_errors=True)
-    return [statistics.median(x) for x in (saves, loads)]
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def _fs(path):
@@ -180,82 +200,301 @@ def _fs(path):
         return "?"
 
 
-def _sync(torch, device):
+# -- torch.distributed.checkpoint ---------------------------------------------------------------------
+class Torch:
+    """torch.distributed initialized from MPI: env rendezvous on 127.0.0.1 (one host; else rank 0's
+    host name) and a port rank 0 picked, broadcast; the same device binding as mpilocal's."""
+
+    def __init__(self, device: str, timeout: float):
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        self.torch, self.dist, self.device = torch, dist, device
+        hosts = COMM.allgather(socket.gethostname())
+        local = COMM.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank = local.Get_rank()
+        local.Free()
+        addr = "127.0.0.1" if len(set(hosts)) == 1 else hosts[0]
+        port = COMM.bcast(_free_port() if RANK == 0 else None, 0)
+
+        def init():
+            if dist.is_initialized():
+                return
+            os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(RANK), WORLD_SIZE=str(N),
+                              LOCAL_RANK=str(self.local_rank))
+            if device == "cuda":
+                torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+            backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method="env://", rank=RANK, world_size=N,
+                                    timeout=datetime.timedelta(seconds=timeout))
+
+        step("torch.distributed init", init)
+
+        def smoke():  # one collective on each backend, so that a broken one fails here, with a name
+            t = torch.ones(1, device=device)
+            dist.all_reduce(t)
+            if int(t.item()) != N:
+                raise RuntimeError(f"torch all_reduce gave {t.item()}, expected {N}")
+            dist.barrier()
+
+        step("torch.distributed smoke test", smoke)
+
+    def make(self, rows_per_rank: int):
+        from torch.distributed.device_mesh import init_device_mesh as t_mesh
+        from torch.distributed.tensor import DTensor as TDT
+        from torch.distributed.tensor import Shard as TShard
+
+        torch = self.torch
+        mesh = t_mesh(self.device, (N,))
+        local = torch.ones((rows_per_rank, 1024), dtype=torch.float32, device=self.device)
+        shape = (rows_per_rank * N, 1024)
+        w = TDT.from_local(local, mesh, [TShard(0)], shape=shape, stride=(1024, 1))
+        t = TDT.from_local(torch.empty_like(local), mesh, [TShard(0)], shape=shape, stride=(1024, 1))
+        return w, t
+
+    def save(self, w, path):
+        import torch.distributed.checkpoint as tdcp
+
+        tdcp.save({"w": w}, checkpoint_id=path)
+        self.sync()
+
+    def load(self, t, path):
+        import torch.distributed.checkpoint as tdcp
+
+        tdcp.load({"w": t}, checkpoint_id=path)
+        self.sync()
+
+    def sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def close(self):
+        if self.dist.is_initialized():
+            step("torch.distributed destroy", self.dist.destroy_process_group)
+
+
+# -- the measurements -----------------------------------------------------------------------------------
+def bench(per_rank, d, repeat, device, torch_side):
+    import mpilocal
+    import mpilocal.checkpoint as dcp
+    from mpilocal import Shard, init_device_mesh
+    from mpilocal.checkpoint import _format
+
+    mesh = init_device_mesh(device, (N,))
+    xp = np
     if device == "cuda":
-        torch.cuda.synchronize()
+        import cupy as xp
+    rows = per_rank // 4 // 1024
+    total = rows * 1024 * 4 * N
+    part = np.ones(rows * 1024, np.float32)          # the raw figures' bytes (host memory)
+    raw = os.path.join(d, f"raw_{RANK}.bin")
+    local = xp.ones((rows, 1024), np.float32)
+    W = mpilocal.DTensor.from_local(local, mesh, [Shard(0)], shape=(rows * N, 1024))
+    tmpl = {"w": mpilocal.DTensor.from_local(xp.empty_like(local), mesh, [Shard(0)], shape=W.shape)}
+    path, tpath = os.path.join(d, "ck"), os.path.join(d, "torch_ck")
+    crc_in = memoryview(part).cast("B")
+    tw = tt = None
+    if torch_side is not None:
+        tw, tt = step("torch DTensors", torch_side.make, rows)
+    keys = ["wraw", "save", "rraw", "load", "crc", "async"] + (["tsave", "tload"] if torch_side else [])
+    t = {k: [] for k in keys}
+
+    def evict_all():
+        evict([raw])
+        if RANK == 0:
+            evict(files_under(path) + files_under(tpath))
+
+    for i in range(repeat):
+        h = f"{human(per_rank)}/rank #{i}"
+        writes = [("wraw", lambda: raw_write(part, raw)), ("save", lambda: dcp.save({"w": W}, checkpoint_id=path))]
+        reads = [("rraw", lambda: np.fromfile(raw, np.float32)), ("load", lambda: dcp.load(tmpl, checkpoint_id=path))]
+        if torch_side is not None:
+            if RANK == 0:
+                shutil.rmtree(tpath, ignore_errors=True)
+            COMM.Barrier()
+            writes.append(("tsave", lambda: torch_side.save(tw, tpath)))
+            reads.append(("tload", lambda: torch_side.load(tt, tpath)))
+        if i % 2:
+            writes.reverse()
+            reads.reverse()
+        for k, fn in writes:
+            t[k].append(timed(f"{k} {h}", fn))
+        step(f"evict {h}", evict_all)
+        for k, fn in reads:
+            t[k].append(timed(f"{k} {h}", fn))
+            step(f"evict {h}", evict_all)
+        t["crc"].append(timed(f"crc32 {h}", lambda: _format._crc(crc_in)))
+        fut = []
+        t["async"].append(timed(f"async_save {h}", lambda: fut.append(dcp.async_save({"w": W}, checkpoint_id=path))))
+        step(f"async_save result {h}", lambda: fut[0].result())
+        step(f"evict {h}", evict_all)
+    step("check", lambda: _check(tmpl["w"], 1.0))
+
+    def clean():
+        if os.path.exists(raw):
+            os.remove(raw)
+        if RANK == 0:
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(tpath, ignore_errors=True)
+    step("clean", clean)
+    return total, t
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+def _check(w, value):
+    loc = w.to_local()
+    loc = loc.get() if hasattr(loc, "get") else loc
+    if not np.all(loc == value):
+        raise RuntimeError("load did not give back the saved values")
+
+
+def profile(per_rank, d, device):
+    """cProfile of one save and one load (files evicted) per rank; rank 0 prints every rank's top."""
+    import mpilocal
+    import mpilocal.checkpoint as dcp
+    from mpilocal import Shard, init_device_mesh
+
+    mesh = init_device_mesh(device, (N,))
+    xp = np
+    if device == "cuda":
+        import cupy as xp
+    rows = per_rank // 4 // 1024
+    local = xp.ones((rows, 1024), np.float32)
+    W = mpilocal.DTensor.from_local(local, mesh, [Shard(0)], shape=(rows * N, 1024))
+    tmpl = {"w": mpilocal.DTensor.from_local(xp.empty_like(local), mesh, [Shard(0)], shape=W.shape)}
+    path = os.path.join(d, "ck")
+    step("profile: first save", lambda: dcp.save({"w": W}, checkpoint_id=path))
+    for what, fn in (("save", lambda: dcp.save({"w": W}, checkpoint_id=path)),
+                     ("load", lambda: dcp.load(tmpl, checkpoint_id=path))):
+        if RANK == 0:
+            evict(files_under(path))
+        COMM.Barrier()
+
+        def run():
+            pr = cProfile.Profile()
+            t0 = time.perf_counter()
+            pr.enable()
+            fn()
+            pr.disable()
+            dt = time.perf_counter() - t0
+            s = io.StringIO()
+            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(12)
+            return dt, s.getvalue()
+        dt, text = step(f"profile {what}", run)
+        got = COMM.gather((dt, text), 0)
+        if RANK == 0:
+            for r, (dt, text) in enumerate(got):
+                print(f"===== {what}, rank {r}: {dt:.3f} s ({per_rank * N / dt / G:.2f} GB/s aggregate)")
+                print("\n".join(line for line in text.splitlines()[6:] if line.strip()), flush=True)
+    if RANK == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def cell(nbytes, secs):
+    """``best / median`` bandwidth of a list of seconds."""
+    return f"{nbytes / min(secs) / G:.2f} / {nbytes / statistics.median(secs) / G:.2f}"
+
+
+def ratio(num, den):
+    """median of per-repeat ratios (den time / num time), and best / best."""
+    med = statistics.median(d / n for n, d in zip(num, den))
+    return f"{100 * med:.0f}% ({100 * min(den) / min(num):.0f}%)"
 
 
 def main():
+    global WATCHDOG
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="64M,256M", help="total checkpoint sizes, comma-separated (K/M/G)")
-    ap.add_argument("--dir", default=None, help="directory on the filesystem to measure (default: a temp dir)")
+    ap.add_argument("--per-rank", default=None, help="bytes per rank, comma-separated (K/M/G), e.g. 64M,256M,1G")
+    ap.add_argument("--sizes", default=None, help="total bytes (all ranks), comma-separated; default 128M,512M")
+    ap.add_argument("--dir", default=None, help="directory on the filesystem to measure (default: /tmp)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--torch", action="store_true", help="also torch.distributed.checkpoint (needs torch)")
-    ap.add_argument("--out", default=None, help="write the markdown table here (rank 0)")
+    ap.add_argument("--timeout", type=float, default=900.0,
+                    help="seconds one step (one save, load, init, ...) may take before the job is ended (0: never)")
+    ap.add_argument("--profile", action="store_true", help="cProfile one save and one load of the first size")
+    ap.add_argument("--out", default=None, help="also write the table here (rank 0)")
     a = ap.parse_args()
+    WATCHDOG = Watchdog(a.timeout)
+    if a.per_rank:
+        per = [parse_size(x) for x in a.per_rank.split(",")]
+    else:
+        per = [parse_size(x) // N for x in (a.sizes or "128M,512M").split(",")]
+    per = [max(4096, p - p % 4096) for p in per]
     base = a.dir or "/tmp"
-    d = os.path.join(base, f"mpilocal-ckbench-{os.getpid() if RANK == 0 else 0}")
-    d = COMM.bcast(d, 0)
-    if RANK == 0:
-        os.makedirs(d, exist_ok=True)
-    COMM.Barrier()
-    have_torch = False
-    if a.torch:
+    d = COMM.bcast(os.path.join(base, f"mpilocal-ckbench-{os.getpid()}") if RANK == 0 else None, 0)
+    step("mkdir", lambda: os.makedirs(d, exist_ok=True) if RANK == 0 else None)
+
+    def has(mod):
         try:
-            import torch  # noqa: F401
-            import torch.distributed.checkpoint  # noqa: F401
-            have_torch = True
-        except ImportError:
-            if RANK == 0:
-                print("--torch: torch is not importable here; skipping torch.distributed.checkpoint", file=sys.stderr)
-    G = 1e9
-    head = ["size", "raw write 1", f"raw write {N}", "save", "save/raw", "raw read 1", f"raw read {N}", "load",
-            "load/raw", "async blocking"]
-    if have_torch:
-        head += ["torch save", "torch load"]
+            __import__(mod)
+            return True
+        except Exception:  # noqa: BLE001 - a broken install counts as absent
+            return False
+    if a.device == "cuda" and not agreed(has("cupy")):
+        raise StepError("--device cuda: CuPy is not importable on every rank")
+    torch_side = None
+    if a.torch:
+        if agreed(has("torch.distributed.checkpoint")):
+            torch_side = Torch(a.device, a.timeout)
+        elif RANK == 0:
+            print("--torch: torch.distributed.checkpoint is not importable on every rank; measuring mpilocal only",
+                  file=sys.stderr, flush=True)
+    from mpilocal.checkpoint import _format
+
+    head = ["per rank", "total", "raw write", "save", "save/raw", "raw read", "load", "load/raw", "crc32 alone",
+            "async blocking"]
+    if torch_side is not None:
+        head += ["torch save", "torch load", "save/torch", "load/torch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if RANK == 0:
+        print(f"{N} ranks, device {a.device}, dir {base} ({_fs(base)}), crc32 from {_format.CRC32_MODULE}, "
+              f"{os.cpu_count()} CPUs, load average at the start {os.getloadavg()[0]:.1f}; cells: best / median "
+              f"of {a.repeat} in GB/s (aggregate); ratios: median of per-repeat ratios (best/best)", flush=True)
+        print("\n".join(lines), flush=True)
     try:
-        for s in [parse_size(x) for x in a.sizes.split(",")]:
-            s -= s % (4 * 1024 * N)
-            t = bench(s, d, a.repeat, a.device)
-            med = {k: statistics.median(v) for k, v in t.items()}
-            # ratio per repeat (against the faster raw figure of the same repeat), then the median
-            save_pct = statistics.median(min(w1, wn) / sv for w1, wn, sv in zip(t["w1"], t["wn"], t["save"]))
-            load_pct = statistics.median(min(r1, rn) / ld for r1, rn, ld in zip(t["r1"], t["rn"], t["load"]))
-            row = [human(s), f"{s / med['w1'] / G:.2f} GB/s", f"{s / med['wn'] / G:.2f} GB/s",
-                   f"{s / med['save'] / G:.2f} GB/s", f"{100 * save_pct:.0f}%", f"{s / med['r1'] / G:.2f} GB/s",
-                   f"{s / med['rn'] / G:.2f} GB/s", f"{s / med['load'] / G:.2f} GB/s", f"{100 * load_pct:.0f}%",
-                   f"{med['async'] * 1e3:.0f} ms"]
-            if have_torch:
-                ts, tl = bench_torch(s, d, a.repeat, a.device)
-                row += [f"{s / ts / G:.2f} GB/s", f"{s / tl / G:.2f} GB/s"]
+        if a.profile:
+            profile(per[0], d, a.device)
+        for p in per:
+            total, t = bench(p, d, a.repeat, a.device, torch_side)
+            row = [human(p), human(total), cell(total, t["wraw"]), cell(total, t["save"]), ratio(t["save"], t["wraw"]),
+                   cell(total, t["rraw"]), cell(total, t["load"]), ratio(t["load"], t["rraw"]), cell(total, t["crc"]),
+                   f"{1e3 * min(t['async']):.0f} / {1e3 * statistics.median(t['async']):.0f} ms"]
+            if torch_side is not None:
+                row += [cell(total, t["tsave"]), cell(total, t["tload"]), ratio(t["save"], t["tsave"]),
+                        ratio(t["load"], t["tload"])]
             lines.append("| " + " | ".join(row) + " |")
             if RANK == 0:
                 print(lines[-1], flush=True)
+        if torch_side is not None:
+            torch_side.close()
     finally:
-        COMM.Barrier()
         if RANK == 0:
             shutil.rmtree(d, ignore_errors=True)
     if RANK == 0:
-        from mpilocal.checkpoint import _format
-
         info = (f"{N} ranks, device {a.device}, dir {base} ({_fs(base)}), crc32 from {_format.CRC32_MODULE}, "
-                f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f}")
+                f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f}; cells: best / median of "
+                f"{a.repeat} in GB/s (aggregate); ratios: median of per-repeat ratios (best/best)")
         table = info + "\n\n" + "\n".join(lines)
-        print("\n" + table)
+        print("\n" + table, flush=True)
         if a.out:
             with open(a.out, "w") as fh:
                 fh.write(table + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except StepError as e:  # raised on every rank alike: report once, exit non-zero everywhere
+        if RANK == 0:
+            print(f"bench_checkpoint: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)
+    except BaseException:  # anything else may be on this rank only: end the whole job, never wait
+        traceback.print_exc()
+        sys.stderr.flush()
+        if N > 1:
+            time.sleep(0.5)
+            COMM.Abort(4)
+        raise
