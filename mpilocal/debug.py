@@ -29,7 +29,6 @@ COLLECTIVE_NAMES = tuple(COLLECTIVES.values()) + (
 
 #: The modes active now, innermost last (empty: nothing is counted).
 ACTIVE: list = []
-_ACTIVE = ACTIVE  # the old private name, read by modules of other helpers until they read ACTIVE
 
 
 _BOOK_AS: dict = {}  # collective name -> the name it is booked under (set by counted_as)
