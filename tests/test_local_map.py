@@ -113,9 +113,10 @@ def all_placements(dt, pred):
     return all(pred(p) for p in dt.placements)
 
 
-# simple correctness check
+# simple correctness check: local_map called as a function, and used as a decorator
 @pytest.mark.mpi
-def test_local_map_correctness():
+@pytest.mark.parametrize("form", ["call", "decorator"])
+def test_local_map_correctness(form):
     device_mesh = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE,))
     comm_mode = CommDebugMode()
 
@@ -127,15 +128,17 @@ def test_local_map_correctness():
     X_dt = distribute_tensor(X, device_mesh, col_wise)  # col-wisely sharded X tensor
     W_dt = distribute_tensor(W, device_mesh, row_wise)  # row-wisely sharded W tensor
 
-    # Test 1: use the function returned from calling local_map
-    local_mm_allreduce_forward = local_map(
-        mm_allreduce_forward,
-        out_placements=replicate,
-        in_placements=(None, col_wise, row_wise),
-        device_mesh=device_mesh,
-    )
+    if form == "call":  # use the function returned from calling local_map
+        f = local_map(
+            mm_allreduce_forward,
+            out_placements=replicate,
+            in_placements=(None, col_wise, row_wise),
+            device_mesh=device_mesh,
+        )
+    else:  # use the local_map decorator
+        f = mm_allreduce_forward_decorated
     with comm_mode:
-        Y_dt = local_mm_allreduce_forward(device_mesh, X_dt, W_dt)
+        Y_dt = f(device_mesh, X_dt, W_dt)
 
     # the all_reduce inside the function is the only collective
     assert_all(comm_mode.get_total_counts() == 1, f"counts {comm_mode.get_comm_counts()}")
@@ -145,22 +148,14 @@ def test_local_map_correctness():
     assert_all(all_placements(Y_dt, lambda p: p.is_replicate()), f"{Y_dt.placements}")
     # check output value
     assert_close_all(to_host(Y_dt.to_local()), Y)
-
-    # Test 2: use the local_map decorator
-    with comm_mode:
-        Y_dt = mm_allreduce_forward_decorated(device_mesh, X_dt, W_dt)
-
-    assert_all(comm_mode.get_total_counts() == 1, f"counts {comm_mode.get_comm_counts()}")
-    assert_all(all_placements(Y_dt, lambda p: p.is_replicate()), f"{Y_dt.placements}")
-    assert_close_all(to_host(Y_dt.to_local()), Y)
-    # the decorated form picks the mesh of the first DTensor argument
+    # the given mesh, or (decorated form) the mesh of the first DTensor argument
     assert_all(Y_dt.device_mesh == device_mesh, f"{Y_dt.device_mesh}")
 
 
 # check for `out_placements`
 @pytest.mark.mpi
-def test_local_map_out_placements():
-    # Test 1: wrap out into DTensor w/ `out_placements`
+def test_local_map_out_placements_none():
+    """out_placements=None: the function's result comes back as it is (here a bool), not as a DTensor."""
     device_mesh = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE,))
     comm_mode = CommDebugMode()
 
@@ -180,8 +175,12 @@ def test_local_map_out_placements():
     assert_all(isinstance(equal_dt, bool) and not equal_dt, f"got {equal_dt!r}")
     assert_all(not np.array_equal(X, Y))
 
-    # Test 2: directly return out if no argument is DTensor
-    # matmul in DDP
+
+@pytest.mark.mpi
+def test_local_map_out_placements_without_dtensor_arguments():
+    """Directly return out if no argument is DTensor (matmul in DDP)."""
+    device_mesh = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE,))
+    comm_mode = CommDebugMode()
     X = randn(4 + RANK, 4 // WORLD_SIZE, 4)
     W = randn(5, 4, 4)
     local_mm_all_gather_forward = local_map(
@@ -202,112 +201,60 @@ def test_local_map_out_placements():
     assert_close_all(Y, Y_replicate)
 
 
-# check for `in_placements` handling
+# check for `in_placements` handling: name -> (function, local_map keywords, inputs, what comes back).
+# Inputs: X_dt (row-wise) and W_dt (replicated) as DTensors, X_dt and a scalar, or their local arrays.
+# Back: a row-wise DTensor of the result, this rank's rows of the result as a local array, or an error.
+IN_PLACEMENTS_CASES = {
+    "explicit": (mm_forward, {"in_placements": (row_wise, replicate), "out_placements": row_wise}, "dtensors",
+                 "dtensor"),
+    "in_placements_None": (mm_forward, {"out_placements": row_wise}, "dtensors", "dtensor"),
+    "None_for_a_scalar": (mul_forward, {"in_placements": (row_wise, None), "out_placements": row_wise}, "scalar",
+                          "dtensor"),
+    "None_for_arrays": (mm_forward, {"in_placements": (None, None), "out_placements": None}, "locals", "local"),
+    "placements_for_arrays": (mm_forward, {"in_placements": (replicate, row_wise), "out_placements": None}, "locals",
+                              "local"),
+    "None_for_a_DTensor_raises": (mm_forward, {"in_placements": (row_wise, None), "out_placements": row_wise},
+                                  "dtensors", "error"),
+}
+
+
 @pytest.mark.mpi
-def test_local_map_in_placements():
+@pytest.mark.parametrize("case", IN_PLACEMENTS_CASES)
+def test_local_map_in_placements(case):
+    fn, kw, inputs, back = IN_PLACEMENTS_CASES[case]
     device_mesh = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE,))
     comm_mode = CommDebugMode()
 
-    # Y = X @ W
+    # Y = X @ W (Y = X * 2.0 for mul_forward)
     X = randn(6, 16, 8)
     W = randn(7, 8, 12)
-    Y = np.matmul(X, W)
+    Y = np.multiply(X, 2.0) if fn is mul_forward else np.matmul(X, W)
 
     X_dt = distribute_tensor(X, device_mesh, row_wise)  # row-wisely sharded X tensor
     W_dt = distribute_tensor(W, device_mesh, replicate)  # replicate W tensor
-
-    # Test 1: explicitly pass `in_placements`
-    local_mm_forward = local_map(
-        mm_forward,
-        out_placements=row_wise,
-        in_placements=(row_wise, replicate),
-        device_mesh=device_mesh,
-    )
+    args = {"dtensors": (X_dt, W_dt), "scalar": (X_dt, 2.0), "locals": (X_dt.to_local(), W_dt.to_local())}[inputs]
+    local_fn = local_map(fn, device_mesh=device_mesh, **kw)
+    if back == "error":  # `None` placements for a DTensor input argument
+        raises_all(ValueError, "expects placements", local_fn, *args)
+        return
     with comm_mode:
-        Y_dt = local_mm_forward(X_dt, W_dt)
+        out = local_fn(*args)
 
-    # no communication should occur in this case
+    # no communication should occur in these cases
     assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
-    assert_all(all_placements(Y_dt, lambda p: p.is_shard(dim=0)), f"{Y_dt.placements}")
-    assert_all(tuple(Y_dt.shape) == Y.shape, f"{Y_dt.shape}")
-    assert_close_all(to_host(Y_dt.full_tensor()), Y)
-
-    # Test 2: `in_placements=None`
-    local_mm_forward = local_map(
-        mm_forward,
-        out_placements=row_wise,
-        device_mesh=device_mesh,
-    )
-    with comm_mode:
-        Y_dt = local_mm_forward(X_dt, W_dt)
-
-    assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
-    assert_all(all_placements(Y_dt, lambda p: p.is_shard(dim=0)), f"{Y_dt.placements}")
-    assert_close_all(to_host(Y_dt.full_tensor()), Y)
-
-    # Test 3: `None` placements for non-Tensor input argument
-    # Y = X * 2.0
-    local_mul_forward = local_map(
-        mul_forward,
-        in_placements=(row_wise, None),
-        out_placements=row_wise,
-        device_mesh=device_mesh,
-    )
-    Y = np.multiply(X, 2.0)
-    with comm_mode:
-        Y_dt = local_mul_forward(X_dt, 2.0)
-
-    assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
-    assert_all(all_placements(Y_dt, lambda p: p.is_shard(dim=0)), f"{Y_dt.placements}")
-    assert_close_all(to_host(Y_dt.full_tensor()), Y)
-
-    # Test 4: `None` placements for Tensor input argument
-    local_mm_forward = local_map(
-        mm_forward,
-        out_placements=None,
-        in_placements=(None, None),
-        device_mesh=device_mesh,
-    )
-    with comm_mode:
-        Y_dt_local = local_mm_forward(X_dt.to_local(), W_dt.to_local())
-
-    assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
-    assert_all(on_device(Y_dt_local), f"got {type(Y_dt_local)}")
-    assert_close_all(
-        to_host(DTensor.from_local(Y_dt_local, device_mesh, row_wise).full_tensor()),
-        np.matmul(X, W),
-    )
-
-    # Test 5: Some placements for Tensor input argument
-    local_mm_forward = local_map(
-        mm_forward,
-        out_placements=None,
-        in_placements=(replicate, row_wise),
-        device_mesh=device_mesh,
-    )
-    with comm_mode:
-        Y_dt_local = local_mm_forward(X_dt.to_local(), W_dt.to_local())
-
-    assert_all(comm_mode.get_total_counts() == 0, f"counts {comm_mode.get_comm_counts()}")
-    assert_all(on_device(Y_dt_local), f"got {type(Y_dt_local)}")
-    assert_close_all(
-        to_host(DTensor.from_local(Y_dt_local, device_mesh, row_wise).full_tensor()),
-        np.matmul(X, W),
-    )
-
-    # Test 6: expect error - `None` placements for DTensor input argument
-    local_mm_forward = local_map(
-        mm_forward,
-        out_placements=row_wise,
-        in_placements=(row_wise, None),
-        device_mesh=device_mesh,
-    )
-    raises_all(ValueError, "expects placements", local_mm_forward, X_dt, W_dt)
+    if back == "dtensor":
+        assert_all(all_placements(out, lambda p: p.is_shard(dim=0)), f"{out.placements}")
+        assert_all(tuple(out.shape) == Y.shape, f"{out.shape}")
+        assert_close_all(to_host(out.full_tensor()), Y)
+    else:  # the local result is this rank's rows of X @ W
+        assert_all(on_device(out), f"got {type(out)}")
+        assert_close_all(to_host(DTensor.from_local(out, device_mesh, row_wise).full_tensor()), Y)
 
 
 # check for `redistribute_inputs` handling
 @pytest.mark.mpi
-def test_local_map_redistribute():
+@pytest.mark.parametrize("redistribute_inputs", [True, False])
+def test_local_map_redistribute(redistribute_inputs):
     device_mesh = init_device_mesh(DEVICE, mesh_shape=(WORLD_SIZE,))
     comm_mode = CommDebugMode()
 
@@ -319,14 +266,16 @@ def test_local_map_redistribute():
     X_dt = distribute_tensor(X, device_mesh, row_wise)  # row-wisely sharded X, will be redistributed
     W_dt = distribute_tensor(W, device_mesh, col_wise)  # col-wisely sharded W, will be redistributed
 
-    # Test 1: allow input redistribution
     local_mm_allreduce_forward = local_map(
         mm_allreduce_forward,
         out_placements=replicate,
         in_placements=(None, col_wise, row_wise),
         device_mesh=device_mesh,
-        redistribute_inputs=True,
+        redistribute_inputs=redistribute_inputs,
     )
+    if not redistribute_inputs:  # no input redistribution is allowed
+        raises_all(ValueError, "set redistribute_inputs=True", local_mm_allreduce_forward, device_mesh, X_dt, W_dt)
+        return
     with comm_mode:
         Y_dt = local_mm_allreduce_forward(device_mesh, X_dt, W_dt)
 
@@ -341,16 +290,6 @@ def test_local_map_redistribute():
     assert_close_all(to_host(Y_dt.to_local()), Y)
     # the inputs themselves are untouched
     assert_all(tuple(X_dt.placements) == (Shard(0),) and tuple(W_dt.placements) == (Shard(1),))
-
-    # Test 2: no input redistribution is allowed
-    local_mm_allreduce_forward = local_map(
-        mm_allreduce_forward,
-        out_placements=replicate,
-        in_placements=(None, col_wise, row_wise),
-        device_mesh=device_mesh,
-        redistribute_inputs=False,
-    )
-    raises_all(ValueError, "set redistribute_inputs=True", local_mm_allreduce_forward, device_mesh, X_dt, W_dt)
 
 
 @pytest.mark.mpi
