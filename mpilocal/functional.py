@@ -132,6 +132,19 @@ def norm_dim(dim, ndim, caller, what="dim"):
 AUTOGRAD: dict = {}
 
 
+def agree_args(g, caller, err, x, params=None, *, skip_dim=None, what="argument_check"):
+    """Agree over Group ``g`` on the verdict of this rank's argument checks (``err``: the exception
+    they raised, or None) and on ``x``'s shape, dtype and kind and the call's ``params`` (name ->
+    value; give them when ``err`` is None): every rank raises the same error when a rank failed or
+    the ranks differ (shapes may differ along ``skip_dim``), else gets every rank's metadata row
+    (None for one rank, or with the agreement off). **Collective.** Package API (neighbors)."""
+    params = params or {}
+    rows = agreement.agree(g, caller, err, None if err else meta_with(x, caller, **params), what)
+    check_params(rows, caller, **params)
+    check_same(rows, caller, skip_dim=skip_dim)
+    return rows
+
+
 def _differentiable(x, name):
     rules = AUTOGRAD.get(type(x))
     return None if rules is None else rules[name]
@@ -155,11 +168,10 @@ def all_gather_tensor(x, gather_dim: int, group, tag: str = ""):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    rows = agreement.agree(g, caller, err, None if err else meta_with(x, caller, gather_dim=dim), "gather_sizes")
+    rows = agree_args(g, caller, err, x, None if err else dict(gather_dim=dim), skip_dim=None if err else dim,
+                      what="gather_sizes")
     if rows is None and g.size > 1:  # argument agreement is off (MPILOCAL_CHECK_ARGS=0): sizes still needed
         rows = collectives.meta_allgather(g.comm, meta_with(x, caller, gather_dim=dim), "gather_sizes")
-    check_params(rows, caller, gather_dim=dim)
-    check_same(rows, caller, skip_dim=dim)
     sizes = [int(r[2 + dim]) for r in rows] if rows is not None else [x.shape[dim]]
     return collectives.all_gather(x, dim, g, sizes)
 
@@ -180,9 +192,7 @@ def all_reduce(x, reduceOp: str, group, tag: str = ""):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    rows = agreement.agree(g, caller, err, None if err else meta_with(x, caller, reduceOp=op))
-    check_params(rows, caller, reduceOp=op)
-    check_same(rows, caller)
+    agree_args(g, caller, err, x, None if err else dict(reduceOp=op))
     return collectives.all_reduce(x, op, g)
 
 
@@ -202,9 +212,7 @@ def reduce_scatter_tensor(x, reduceOp: str, scatter_dim: int, group, tag: str = 
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    rows = agreement.agree(g, caller, err, None if err else meta_with(x, caller, reduceOp=op, scatter_dim=dim))
-    check_params(rows, caller, reduceOp=op, scatter_dim=dim)
-    check_same(rows, caller)
+    agree_args(g, caller, err, x, None if err else dict(reduceOp=op, scatter_dim=dim))
     return collectives.reduce_scatter(x, op, dim, g, chunk_sizes(x.shape[dim], g.size))
 
 
@@ -313,9 +321,7 @@ def broadcast(x, src: int, group, tag: str = ""):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    rows = agreement.agree(g, caller, err, None if err else meta_with(x, caller, src=int(src)))
-    check_params(rows, caller, src=int(src))
-    check_same(rows, caller)
+    agree_args(g, caller, err, x, None if err else dict(src=int(src)))
     return collectives.bcast(x, int(src), g)
 
 

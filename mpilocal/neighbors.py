@@ -43,7 +43,7 @@ from .functional import resolve_group
 from .layout import local_shape_and_offset
 from .local_map import local_map
 from .mesh import DeviceMesh
-from .metadata import check_params, check_same, meta_shape, meta_vector, meta_with
+from .metadata import meta_shape, meta_vector
 from .transport import group_for
 
 __all__ = ["halo_exchange", "halo_update", "permute", "send_recv", "shift", "stencil", "shard_rows"]
@@ -208,6 +208,15 @@ def _fill_halos(out, src, d, g, w, bnd, n, wl, left, right, name):
     _exchange(name, src, sends, recvs, g, dim=d, width=w, boundary=str(bnd))
 
 
+def _halo_args(data, tensor_dim, width, boundary, caller):
+    """The local checks of a halo call on a local array: (tensor dim, width, boundary)."""
+    _arrays.require_array(data, caller)
+    if data.ndim == 0:
+        raise ValueError(f"{caller}: a 0-d array has no dim to exchange halos along")
+    return functional.norm_dim(tensor_dim, data.ndim, caller, "tensor_dim"), _width(width, caller), \
+        _boundary(boundary, caller)
+
+
 def halo_update(padded, group, tensor_dim, width, boundary="periodic"):
     """Refresh, in place, the halo rows of a padded local array (as :func:`halo_exchange` returns
     it: ``width`` halo rows on each side of ``tensor_dim``, none on the outer side of the edge
@@ -231,12 +240,7 @@ def halo_update(padded, group, tensor_dim, width, boundary="periodic"):
     g = resolve_group(group, caller)
     d = w = bnd = None
     try:  # rank-local checks; the verdict (and shapes/parameters) are agreed so every rank raises
-        _arrays.require_array(padded, caller)
-        if padded.ndim == 0:
-            raise ValueError(f"{caller}: a 0-d array has no dim to exchange halos along")
-        d = functional.norm_dim(tensor_dim, padded.ndim, caller, "tensor_dim")
-        w = _width(width, caller)
-        bnd = _boundary(boundary, caller)
+        d, w, bnd = _halo_args(padded, tensor_dim, width, boundary, caller)
         _, wl, wr, left, right = _halo_plan(padded.shape, d, g, w, bnd)
         n = padded.shape[d] - wl - wr
         if n < 0:
@@ -371,11 +375,8 @@ def halo_exchange(x, mesh_dim, tensor_dim, width, boundary="periodic"):
 def _agree_args(x, g, caller, err, d, w, bnd):
     """Agree on the verdict of this rank's argument checks (``err``) and on the shapes and halo
     parameters over ``g``: every rank raises the same error, or gets every rank's metadata row."""
-    meta = None if err else meta_with(x, caller, tensor_dim=d, width=w, boundary=repr(bnd))
-    rows = agreement.agree(g, caller, err, meta)
-    check_params(rows, caller, tensor_dim=d, width=w, boundary=bnd)
-    check_same(rows, caller, skip_dim=d)
-    return rows
+    return functional.agree_args(g, caller, err, x, None if err else dict(tensor_dim=d, width=w, boundary=bnd),
+                                 skip_dim=d)
 
 
 def _halo_local(x, group, tensor_dim, width, boundary, caller):
@@ -384,12 +385,7 @@ def _halo_local(x, group, tensor_dim, width, boundary, caller):
     data = _data(x)
     d = w = bnd = None
     try:  # rank-local checks; the verdict (and shapes/dtypes/parameters) are agreed so every rank raises
-        _arrays.require_array(data, caller)
-        if data.ndim == 0:
-            raise ValueError(f"{caller}: a 0-d array has no dim to exchange halos along")
-        d = functional.norm_dim(tensor_dim, data.ndim, caller, "tensor_dim")
-        w = _width(width, caller)
-        bnd = _boundary(boundary, caller)
+        d, w, bnd = _halo_args(data, tensor_dim, width, boundary, caller)
         err = None
     except (TypeError, ValueError) as e:
         err = e
@@ -495,9 +491,7 @@ def _agreed_same(x, g, caller, check, **params):
         err = None
     except (TypeError, ValueError) as e:
         res, err = None, e
-    rows = agreement.agree(g, caller, err, None if err else meta_with(data, caller, **params))
-    check_params(rows, caller, **params)
-    check_same(rows, caller)
+    functional.agree_args(g, caller, err, data, params)
     return res
 
 
