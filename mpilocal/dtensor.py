@@ -616,9 +616,11 @@ class DTensor:
                      backward_dtype=None):
         """A DTensor with ``placements`` on the same mesh. **Collective** over the mesh.
 
-        One logical collective per mesh dim that changes (see DESIGN.md's layout rules). A Partial
-        target is only reachable from the same Partial (PyTorch reserves Replicate -> Partial for
-        internal use). ``async_op`` is accepted for PyTorch compatibility; the result is complete.
+        One logical collective per mesh dim that changes (the plan of
+        :func:`mpilocal.layout.redistribute_plan`; docs/architecture.md). A Partial target is only
+        reachable from the same Partial (PyTorch reserves Replicate -> Partial for internal use;
+        :func:`mpilocal.redistribute.check_target`). ``async_op`` is accepted for PyTorch compatibility;
+        the result is complete.
 
         The result never shares memory with this DTensor's local array (R -> S slices are copied,
         as in PyTorch), except for the same placements: then this DTensor itself is returned (with
