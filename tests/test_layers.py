@@ -207,3 +207,31 @@ def test_checker_passes_a_clean_package(tmp_path):
     root = tmp_path / "pkg"
     _write(root, {"__init__.py": "from . import b\n", "a.py": "", "b.py": "from .a import *\n"})
     assert check(root, {"a": 0, "b": 1, "__init__": 2}) == {"circles": [], "upward": [], "missing": [], "stale": []}
+
+
+# ------------------------------------------------------------------------------------------------
+# the package
+
+
+@pytest.fixture(scope="module")
+def findings():
+    return check(PACKAGE, json.loads(TABLE.read_text()))
+
+
+def test_every_module_has_a_layer(findings):
+    assert not findings["missing"], "add each to mpilocal/LAYERS.json (layers: docs/architecture.md):\n" + \
+        "\n".join(findings["missing"])
+
+
+def test_layer_table_names_only_modules(findings):
+    assert not findings["stale"], "remove or rename in mpilocal/LAYERS.json:\n" + "\n".join(findings["stale"])
+
+
+def test_no_import_circles(findings):
+    assert not findings["circles"], ("import circles (break each by moving the shared rule down, or by "
+                                     "registration from above):\n" + "\n".join(findings["circles"]))
+
+
+def test_no_upward_imports(findings):
+    assert not findings["upward"], ("imports from a lower layer to a higher one (move the shared rule down, "
+                                    "or let the higher module register itself):\n" + "\n".join(findings["upward"]))
