@@ -8,7 +8,8 @@ on the GPU, and an all-gather of the reduced blocks (the bandwidth-optimal patte
 
 The reduction (:class:`~mpilocal.transport.gpu_common.ExchangeReduce`) and the GPU helpers are
 shared with the other device transports in :mod:`mpilocal.transport.gpu_common`; the MPI byte
-helpers for large counts and point-to-point (``alltoallw_bytes``, ``p2p``) with :mod:`.host`.
+helpers for large counts and point-to-point (``alltoallw_allgatherv``/``alltoallw_scatterv``,
+``p2p``) with :mod:`mpilocal.transport.host`.
 
 A CuPy buffer never reaches an MPI that is not CUDA-aware: :class:`CudaMpiTransport` refuses to be
 built unless :func:`mpilocal.transport.detect.mpi_cuda_aware` says yes.
@@ -21,7 +22,7 @@ from mpi4py import MPI
 from .. import deadline
 from . import count_limit, counts_key, detect, displs, equal_counts, issuing
 from .gpu_common import ExchangeReduce, sync_current_stream
-from .host import alltoallw_bytes, p2p
+from .host import alltoallw_allgatherv, alltoallw_scatterv, p2p
 
 __all__ = ["CudaMpiTransport"]
 
@@ -73,11 +74,8 @@ class CudaMpiTransport(ExchangeReduce):
         it = recv.dtype.itemsize
         limit = _over(sum(counts) * it)
         if limit is not None:  # MPI-3.1 counts: one MPI_Alltoallw whose datatypes carry 64-bit offsets
-            b = _bytes(counts, it)
-            if deadline.DEBUG:
-                issuing(group, "MPI_Alltoallw", purpose="allgatherv", counts=counts_key(b))
             sync_current_stream()
-            alltoallw_bytes(group.comm, send, [(0, b[group.rank])] * group.size, recv, list(zip(displs(b), b)), limit)
+            alltoallw_allgatherv(group, send, recv, _bytes(counts, it), limit)
             return
         if equal_counts(counts):  # the plain collective: MPI's own (fastest) algorithm
             if deadline.DEBUG:
@@ -168,12 +166,7 @@ class CudaMpiTransport(ExchangeReduce):
         b = _bytes(counts, it)
         limit = _over(sum(b))
         if limit is not None:
-            if deadline.DEBUG:
-                issuing(group, "MPI_Alltoallw", purpose="scatterv", counts=counts_key(b), root=root)
-            me, k = group.rank, group.size
-            s_spans = list(zip(displs(b), b)) if me == root else [(0, 0)] * k
-            r_spans = [(0, b[me]) if p == root else (0, 0) for p in range(k)]
-            alltoallw_bytes(group.comm, send if me == root else recv, s_spans, recv, r_spans, limit)
+            alltoallw_scatterv(group, send, recv, b, root, limit)
             return
         if deadline.DEBUG:
             issuing(group, "MPI_Scatterv", datatype="BYTE", counts=counts_key(b), root=root)

@@ -28,7 +28,7 @@ from .. import deadline
 from ..names import op_tables
 from . import count_limit, counts_key, displs, equal_counts, issuing
 
-__all__ = ["HostTransport", "narrow_sums_saturate", "p2p", "alltoallw_bytes"]
+__all__ = ["HostTransport", "narrow_sums_saturate", "p2p", "alltoallw_allgatherv", "alltoallw_scatterv"]
 
 _OPS, _BOOL_OPS = op_tables(sum=MPI.SUM, max=MPI.MAX, min=MPI.MIN, product=MPI.PROD,
                             logical_or=MPI.LOR, logical_and=MPI.LAND)
@@ -133,11 +133,9 @@ def _span(off: int, n: int, limit: int):
     return t
 
 
-def alltoallw_bytes(comm, send, s_spans, recv, r_spans, limit):
+def _alltoallw(comm, send, s_spans, recv, r_spans, limit):
     """``MPI_Alltoallw`` where peer p gets bytes ``s_spans[p] = (off, n)`` of ``send`` and bytes
-    ``r_spans[p]`` of ``recv`` come from peer p; every count is 0 or 1, offsets live in the types
-    (64-bit, any length, in pieces of at most ``limit`` bytes). ``send``/``recv``: host buffers, or
-    device buffers for a CUDA-aware MPI (:mod:`mpilocal.transport.cuda_mpi`)."""
+    ``r_spans[p]`` of ``recv`` come from peer p; every count is 0 or 1, offsets live in the types."""
     made = []
 
     def spec(buf, spans):
@@ -160,6 +158,26 @@ def alltoallw_bytes(comm, send, s_spans, recv, r_spans, limit):
             t.Free()
 
 
+def alltoallw_allgatherv(group, send, recv, b, limit):
+    """All-gather of ``b[p]`` bytes from each rank p (``b``: every rank's byte count) as one
+    ``MPI_Alltoallw`` whose datatypes carry 64-bit offsets (any size on an MPI without large-count
+    calls). ``send``/``recv``: host buffers, or device buffers for a CUDA-aware MPI (``cuda_mpi``)."""
+    if deadline.DEBUG:
+        issuing(group, "MPI_Alltoallw", purpose="allgatherv", counts=counts_key(b))
+    _alltoallw(group.comm, send, [(0, b[group.rank])] * group.size, recv, list(zip(displs(b), b)), limit)
+
+
+def alltoallw_scatterv(group, send, recv, b, root, limit):
+    """Scatter of ``b[p]`` bytes of ``root``'s ``send`` to each rank p as one ``MPI_Alltoallw`` (as
+    :func:`alltoallw_allgatherv`)."""
+    if deadline.DEBUG:
+        issuing(group, "MPI_Alltoallw", purpose="scatterv", counts=counts_key(b), root=root)
+    me, k = group.rank, group.size
+    s_spans = list(zip(displs(b), b)) if me == root else [(0, 0)] * k
+    r_spans = [(0, b[me]) if p == root else (0, 0) for p in range(k)]
+    _alltoallw(group.comm, send if me == root else recv, s_spans, recv, r_spans, limit)
+
+
 def _pieces(n: int, limit: int):
     """(offset, length) pieces of at most ``limit`` covering ``n`` (the same on every rank for the
     same ``n``)."""
@@ -179,11 +197,7 @@ class HostTransport:
         b = _bytes(counts, it)
         limit = count_limit()
         if limit is not None and sum(b) > limit:  # group-wide: every rank holds `counts`
-            if deadline.DEBUG:
-                issuing(group, "MPI_Alltoallw", purpose="allgatherv", counts=counts_key(b))
-            d = displs(b)
-            me = group.rank
-            alltoallw_bytes(group.comm, send, [(0, b[me])] * group.size, recv, list(zip(d, b)), limit)
+            alltoallw_allgatherv(group, send, recv, b, limit)
             return
         if equal_counts(counts):
             if deadline.DEBUG:
@@ -249,7 +263,7 @@ class HostTransport:
             if deadline.DEBUG:
                 issuing(group, "MPI_Alltoallw", purpose="alltoallv")
             sb, rb = _bytes(send_counts, it), _bytes(recv_counts, it)
-            alltoallw_bytes(group.comm, send, list(zip(displs(sb), sb)), recv, list(zip(displs(rb), rb)), limit)
+            _alltoallw(group.comm, send, list(zip(displs(sb), sb)), recv, list(zip(displs(rb), rb)), limit)
             return
         if uniform:
             if deadline.DEBUG:
@@ -279,12 +293,7 @@ class HostTransport:
         limit = count_limit()
         me = group.rank
         if limit is not None and sum(b) > limit:
-            if deadline.DEBUG:
-                issuing(group, "MPI_Alltoallw", purpose="scatterv", counts=counts_key(b), root=root)
-            k = group.size
-            s_spans = list(zip(displs(b), b)) if me == root else [(0, 0)] * k
-            r_spans = [(0, b[me]) if p == root else (0, 0) for p in range(k)]
-            alltoallw_bytes(group.comm, send if me == root else recv, s_spans, recv, r_spans, limit)
+            alltoallw_scatterv(group, send, recv, b, root, limit)
             return
         if equal_counts(counts):
             if deadline.DEBUG:
