@@ -2,12 +2,15 @@
 
 A transport moves *flat, contiguous* 1-D buffers of one dtype within a :class:`Group` (an MPI
 communicator plus per-transport state such as a NCCL communicator). Counts are element counts in
-group-rank order. Shapes, dims, reduce-op semantics (``avg``), accounting and error checking live
-above, in :mod:`mpilocal.functional`; choosing a transport lives in :mod:`mpilocal.transport.select`.
+group-rank order. Shapes, dims, reduce-op semantics (``avg``), accounting, deadlines and error
+checking live above, in :mod:`mpilocal.collectives` (the one caller of the transports); choosing a
+transport lives in :mod:`mpilocal.transport.select`, the helpers the GPU transports share in
+:mod:`mpilocal.transport.gpu_common`.
 
-Reduce ops handed to a transport are ``"sum"``, ``"max"``, ``"min"`` and ``"product"``; ``avg`` is
-a sum followed by a division done by the caller. Floating max/min arrive as integer keys
-(:func:`mpilocal.functional` maps floats to order-preserving integers so that NaN propagates), and
+Reduce ops handed to a transport are :data:`mpilocal.names.TRANSPORT_OPS` (``"sum"``, ``"max"``,
+``"min"``, ``"product"``); ``avg`` is a sum followed by a division done by the caller, and ``bool``
+arrays reduce logically (:data:`mpilocal.names.BOOL_OPS`). Floating max/min arrive as integer keys
+(:mod:`mpilocal.collectives` maps floats to order-preserving integers so that NaN propagates), and
 dtypes arrive in native byte order.
 
 **One choice for every rank.** Every branch a transport takes (plain vs v-variant, chunked vs
