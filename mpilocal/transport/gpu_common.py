@@ -1,5 +1,5 @@
 """GPU helpers that the device transports share (``cuda_mpi``, ``staged``, ``nccl``; and the
-all-to-all packing of :mod:`mpilocal.functional`). CuPy is imported inside each function.
+all-to-all packing of :mod:`mpilocal.collectives`). CuPy is imported inside each function.
 
 - :func:`reduce_blocks`: elementwise reduction of equal-length blocks on the GPU, in block order.
 - :class:`ExchangeReduce`: all-reduce and reduce-scatter built on a transport's own data movement
