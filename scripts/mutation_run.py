@@ -1,0 +1,415 @@
+"""Mutation-testing driver behind scripts/mutation.sh (issue 16). Runs in .venv-mutation (cosmic-ray 8).
+
+cosmic-ray generates the mutants (its operators, its ``mutate_code``); this driver filters them
+(scripts/mutation.toml), applies each to a private copy of the working tree, runs the module's tests
+under ``mpiexec -n R`` for each R in ``ranks`` (the first failing rank count kills it), caches every
+verdict, and writes the report. Nothing in the checkout itself is ever mutated: other people run
+tests there.
+
+Cache: one JSON file per verdict in ``$MUTATION_CACHE`` (default .venv-mutation/cache), keyed by the
+module path, the operator, the source of the enclosing definition before and after the mutation (the
+innermost def, or the top-level statement), the digest of the test files plus tests/conftest.py, and
+the rank counts. A re-run skips every mutant whose definition and tests are unchanged, even when other
+parts of the module changed. ``--fresh`` ignores the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import difflib
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import toml as _toml
+
+    class tomllib:  # noqa: N801
+        @staticmethod
+        def load(f):
+            return _toml.loads(f.read().decode())
+
+from cosmic_ray.ast import ast_nodes, get_ast_from_path
+from cosmic_ray.mutating import mutate_code
+from cosmic_ray.plugins import get_operator, operator_names
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(*a):
+    print("[mutation]", *a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# mutants
+
+def _defs(tree):
+    """(start, end, path) of every def/class, start including decorators."""
+    out = []
+
+    def walk(node, path):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                start = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                p = path + (child.name,)
+                out.append((start, child.end_lineno, p))
+                walk(child, p)
+            else:
+                walk(child, path)
+
+    walk(tree, ())
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(source: str):
+    tree = ast.parse(source)
+    return tree, _defs(tree), source.splitlines(keepends=True)
+
+
+def _enclosing_segment(source: str, row: int) -> tuple[str, str]:
+    """(qualified name, source lines) of the innermost def/class around ``row``, else the top-level
+    statement holding it."""
+    tree, defs, lines = _parsed(source)
+    best = None
+    for start, end, path in defs:
+        if start <= row <= end and (best is None or start >= best[0]):
+            best = (start, end, path)
+    if best is None:
+        for node in tree.body:
+            start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+            if start <= row <= node.end_lineno:
+                best = (start, node.end_lineno, ("<module>",))
+                break
+    if best is None:
+        return "<module>", ""
+    start, end, path = best
+    return ".".join(path), "".join(lines[start - 1:end])
+
+
+def _segment_by_name(source: str, qualname: str, fallback_row: int) -> str:
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    for start, end, path in _defs(tree):
+        if ".".join(path) == qualname:
+            return "".join(lines[start - 1:end])
+    return _enclosing_segment(source, fallback_row)[1]
+
+
+def mutants(relpath: str, cfg: dict, mcfg: dict, tests_digest: str) -> list[dict]:
+    """The filtered mutants of one module, each with its cache key and a one-line description."""
+    path = ROOT / relpath
+    source = path.read_text()
+    src_lines = source.splitlines()
+    keep = [re.compile(p) for p in cfg["defaults"]["operators"]]
+    functions = set(mcfg.get("functions", []))
+    out = []
+    module_ast = get_ast_from_path(path)
+    nodes = list(ast_nodes(module_ast))
+    specs = []
+    for name in operator_names():  # as cosmic-ray's init does, for the kept operators only
+        if not any(k.fullmatch(name) for k in keep):
+            continue
+        op = get_operator(name)()
+        positions = ((node, s, e) for node in nodes for s, e in op.mutation_positions(node))
+        for occurrence, (node, s, e) in enumerate(positions):
+            specs.append(argparse.Namespace(operator_name=name, occurrence=occurrence, start_pos=s))
+    for m in specs:
+        row = m.start_pos[0]
+        line = src_lines[row - 1] if row - 1 < len(src_lines) else ""
+        if "pragma: no mutate" in line or "pragma: no cover" in line:
+            continue
+        qual, before = _enclosing_segment(source, row)
+        if functions and not (set(qual.split(".")) & functions):
+            continue
+        mutated = mutate_code(source, get_operator(m.operator_name)(), m.occurrence)
+        if mutated is None:
+            continue
+        try:  # cosmic-ray also "mutates" the bare * of a signature into //: not Python, not a mutant
+            compile(mutated, relpath, "exec")
+        except SyntaxError:
+            continue
+        after = _segment_by_name(mutated, qual, row)
+        new_lines = [ln for ln in difflib.unified_diff(source.splitlines(), mutated.splitlines(), lineterm="", n=0)
+                     if ln.startswith("+") and not ln.startswith("+++")]
+        key = hashlib.sha256(json.dumps([relpath, m.operator_name, before, after, tests_digest,
+                                         cfg["defaults"]["ranks"]]).encode()).hexdigest()
+        out.append({
+            "key": key, "module": relpath, "function": qual, "operator": m.operator_name,
+            "occurrence": m.occurrence, "row": row, "line": line.strip(),
+            "mutated_line": new_lines[0][1:].strip() if new_lines else "",
+            "mutated_source": mutated,
+        })
+    return out
+
+
+def tests_digest(files) -> str:
+    h = hashlib.sha256()
+    for f in sorted(set(files) | {"tests/conftest.py"}):
+        p = ROOT / f
+        h.update(f.encode() + b"\0" + (p.read_bytes() if p.exists() else b"<missing>") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def equivalent_reason(mut: dict, cfg: dict):
+    for e in cfg.get("equivalent", []):
+        if (e.get("module") == mut["module"] and e.get("operator") == mut["operator"]
+                and e.get("function", mut["function"]) in mut["function"].split(".") + [mut["function"]]
+                and e.get("line", "") in mut["line"]
+                and e.get("mutated", "") in mut["mutated_line"]):
+            return e.get("why", "argued equivalent")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# running
+
+def make_copy(work: Path) -> None:
+    """A copy of the working tree (tracked and untracked, not ignored files) in ``work``."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for f in files:
+        if not f or not (ROOT / f).is_file():
+            continue
+        dst = work / f
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dst)
+
+
+def run_tests(work: Path, tests, ranks, limit, per_test) -> tuple[str, int | None, float, str]:
+    """('killed'|'survived'|'timeout', rank count that decided, seconds, output tail)."""
+    py = os.environ.get("MUTATION_PYTHON", str(ROOT / ".venv/bin/python"))
+    mpiexec = os.environ.get("MUTATION_MPIEXEC", str(ROOT / ".venv/bin/mpiexec"))
+    env = dict(os.environ, PYTHONPATH=str(work), PYTHONDONTWRITEBYTECODE="1")
+    t0 = time.monotonic()
+    for n in ranks:
+        cmd = [*mpiexec.split(), "-n", str(n), py, "-m", "pytest", "--with-mpi", "-p", "no:cacheprovider", "-q", "-x",
+               "--no-header", "-p", "no:randomly", f"--timeout={per_test}", "--timeout-method=thread", *tests]
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.communicate()
+            return "timeout", n, time.monotonic() - t0, ""
+        if proc.returncode != 0:
+            return "killed", n, time.monotonic() - t0, out.decode(errors="replace")[-1500:]
+    return "survived", None, time.monotonic() - t0, ""
+
+
+def cache_get(cache: Path, key: str):
+    p = cache / key[:2] / f"{key}.json"
+    if p.exists():
+        try:
+            return json.loads(p.read_text())
+        except ValueError:
+            return None
+    return None
+
+
+def cache_put(cache: Path, key: str, value: dict) -> None:
+    p = cache / key[:2] / f"{key}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(p)
+
+
+def select_modules(cfg, names, all_):
+    mods = cfg["modules"]
+    if names:
+        chosen = []
+        for n in names:
+            hits = [m for m in mods if m == n or Path(m).stem == n or m.startswith(n.rstrip("/") + "/")
+                    or Path(m).parent.name == n.rstrip("/")]
+            if not hits:
+                sys.exit(f"[mutation] no module {n!r} in scripts/mutation.toml (have: {', '.join(mods)})")
+            chosen += [h for h in hits if h not in chosen]
+        return chosen
+    return [m for m in mods if all_ or mods[m].get("group") == "stable"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modules", default="", help="comma-separated modules (path, stem or package); default: group stable")
+    ap.add_argument("--all", action="store_true", help="every module of scripts/mutation.toml")
+    ap.add_argument("--shard", default="0/1", help="I/N: only mutants whose key falls in shard I of N")
+    ap.add_argument("--max-minutes", type=float, default=25.0, help="start no mutant after this many minutes")
+    ap.add_argument("--fresh", action="store_true", help="ignore cached verdicts")
+    ap.add_argument("--list", action="store_true", help="list the mutants and cached verdicts, run nothing")
+    ap.add_argument("--report", default=None, help="write the report here (default benchmarks/results/DATE-mutation.md)")
+    ap.add_argument("--no-run", action="store_true", help="only write the report from the cache")
+    args = ap.parse_args(argv)
+
+    cfg = tomllib.load(open(ROOT / "scripts/mutation.toml", "rb"))
+    cache = Path(os.environ.get("MUTATION_CACHE", ROOT / ".venv-mutation/cache"))
+    work = Path(os.environ.get("MUTATION_WORK", ROOT / ".venv-mutation/work"))
+    shard_i, shard_n = (int(v) for v in args.shard.split("/"))
+    ranks = cfg["defaults"]["ranks"]
+    per_test = cfg["defaults"]["per_test_timeout"]
+    modules = select_modules(cfg, [m for m in args.modules.split(",") if m], args.all)
+
+    plan = {}
+    for mod in modules:
+        mcfg = cfg["modules"][mod]
+        digest = tests_digest(mcfg["tests"])
+        muts = [m for m in mutants(mod, cfg, mcfg, digest) if int(m["key"][:8], 16) % shard_n == shard_i]
+        plan[mod] = (mcfg, digest, muts)
+        cached = sum(cache_get(cache, m["key"]) is not None for m in muts) if not args.fresh else 0
+        log(f"{mod}: {len(muts)} mutants (shard {args.shard}), {cached} cached, tests {' '.join(mcfg['tests'])}")
+        if args.list:
+            for m in muts:
+                v = cache_get(cache, m["key"])
+                print(f"  {m['row']:4d} {m['function']:28s} {m['operator']:45s} {v['outcome'] if v else '-':9s} "
+                      f"{m['line'][:60]!r} -> {m['mutated_line'][:60]!r}")
+    if args.list:
+        return 0
+
+    t_start = time.monotonic()
+    out_of_time = False
+    if not args.no_run:
+        made_copy = False
+        for mod, (mcfg, digest, muts) in plan.items():
+            todo = [m for m in muts if args.fresh or cache_get(cache, m["key"]) is None]
+            if not todo:
+                continue
+            if not made_copy:
+                log(f"copying the working tree to {work}")
+                make_copy(work)
+                made_copy = True
+            target = work / mod
+            original = target.read_text()
+            tests = mcfg["tests"]
+            bkey = hashlib.sha256(json.dumps(["baseline", mod, original, digest, ranks]).encode()).hexdigest()
+            base = None if args.fresh else cache_get(cache, bkey)
+            if base is None:
+                outcome, n, secs, tail = run_tests(work, tests, ranks, 900, per_test)
+                if outcome != "survived":
+                    log(f"{mod}: the UNMUTATED tests fail ({outcome} at {n} ranks); skipping the module\n{tail}")
+                    continue
+                base = {"seconds": secs}
+                cache_put(cache, bkey, base)
+            limit = max(cfg["defaults"]["min_timeout"], 4 * base["seconds"] / len(ranks))
+            log(f"{mod}: unmutated run {base['seconds']:.1f} s; limit {limit:.0f} s per rank count; {len(todo)} to run")
+            try:
+                for i, m in enumerate(todo):
+                    if time.monotonic() - t_start > args.max_minutes * 60:
+                        out_of_time = True
+                        break
+                    target.write_text(m["mutated_source"])
+                    outcome, n, secs, tail = run_tests(work, tests, ranks, limit, per_test)
+                    target.write_text(original)
+                    verdict = {k: m[k] for k in ("module", "function", "operator", "occurrence", "row", "line",
+                                                  "mutated_line")}
+                    verdict.update(outcome=outcome, ranks=n, seconds=round(secs, 1),
+                                   when=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                    cache_put(cache, m["key"], verdict)
+                    log(f"{mod} [{i + 1}/{len(todo)}] {outcome:8s} {secs:5.1f}s {m['function']}:{m['row']} "
+                        f"{m['operator'].split('/')[-1]}: {m['mutated_line'][:70]}")
+            finally:
+                target.write_text(original)
+            if out_of_time:
+                log(f"--max-minutes {args.max_minutes} reached: stopping (re-run to continue; verdicts are cached)")
+                break
+
+    report = Path(args.report) if args.report else ROOT / "benchmarks/results" / \
+        f"{datetime.date.today().isoformat()}-mutation.md"
+    write_report(report, plan, cfg, cache, args)
+    log(f"report: {report}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+def write_report(path: Path, plan, cfg, cache, args):
+    rows, survivors, equivalents = [], [], []
+    tot = dict(mutants=0, killed=0, timeout=0, survived=0, equivalent=0, pending=0)
+    for mod, (mcfg, digest, muts) in plan.items():
+        c = dict(mutants=len(muts), killed=0, timeout=0, survived=0, equivalent=0, pending=0)
+        by_ranks = {}
+        for m in muts:
+            v = cache_get(cache, m["key"])
+            if v is None:
+                c["pending"] += 1
+                continue
+            o = v["outcome"]
+            if o == "survived":
+                why = equivalent_reason(m, cfg)
+                if why:
+                    c["equivalent"] += 1
+                    equivalents.append((m, why))
+                else:
+                    c["survived"] += 1
+                    survivors.append(m)
+            else:
+                c[o] += 1
+                if o == "killed":
+                    by_ranks[v.get("ranks")] = by_ranks.get(v.get("ranks"), 0) + 1
+        judged = c["killed"] + c["timeout"] + c["survived"]
+        score = f"{100 * (c['killed'] + c['timeout']) / judged:.1f}%" if judged else "-"
+        rows.append((mod, c, score, by_ranks, mcfg["tests"]))
+        for k in tot:
+            tot[k] += c[k]
+    judged = tot["killed"] + tot["timeout"] + tot["survived"]
+    lines = [
+        f"# Mutation score ({datetime.date.today().isoformat()})",
+        "",
+        "Issue 16. Produced by `scripts/mutation.sh` (cosmic-ray 8 mutants, filtered by "
+        "`scripts/mutation.toml`; each mutant runs the module's tests under MPICH's `mpiexec -n R`, "
+        f"R in {cfg['defaults']['ranks']}, fail-fast; a mutant is killed when a rank count fails).",
+        f"Shard {args.shard}. Score = (killed + timeouts) / (killed + timeouts + survived); mutants argued "
+        "equivalent (listed below, with the argument) are left out; pending = not run yet (budget).",
+        "",
+        "| module | mutants | killed | timeouts | survived | equivalent | pending | score | killed at 2 / 3 ranks | tests |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for mod, c, score, by_ranks, tests in rows:
+        lines.append(f"| `{mod}` | {c['mutants']} | {c['killed']} | {c['timeout']} | {c['survived']} | "
+                     f"{c['equivalent']} | {c['pending']} | {score} | "
+                     f"{' / '.join(str(by_ranks.get(r, 0)) for r in cfg['defaults']['ranks'])} | "
+                     f"{', '.join(Path(t).name for t in tests)} |")
+    total_score = f"{100 * (tot['killed'] + tot['timeout']) / judged:.1f}%" if judged else "-"
+    lines.append(f"| **all** | {tot['mutants']} | {tot['killed']} | {tot['timeout']} | {tot['survived']} | "
+                 f"{tot['equivalent']} | {tot['pending']} | {total_score} | | |")
+    lines += ["", "## Survivors", ""]
+    if not survivors:
+        lines.append("None.")
+    for m in survivors:
+        lines.append(f"- `{m['module']}:{m['row']}` in `{m['function']}` ({m['operator'].split('/')[-1]}): "
+                     f"`{m['line']}` -> `{m['mutated_line']}`")
+    lines += ["", "## Argued equivalent", ""]
+    if not equivalents:
+        lines.append("None.")
+    for m, why in equivalents:
+        lines.append(f"- `{m['module']}:{m['row']}` in `{m['function']}` ({m['operator'].split('/')[-1]}): "
+                     f"`{m['line']}` -> `{m['mutated_line']}`. {why}")
+    # hand-written notes below the marker survive a re-run
+    marker = "<!-- notes: kept by scripts/mutation_run.py -->"
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index(marker):] if marker in old else marker + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n\n" + notes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
