@@ -9,7 +9,7 @@ Runs on NumPy shards, and on CuPy shards through every GPU transport with
 
 import numpy as np
 import pytest
-from conftest import DEVICE, Check, DeviceFunctional, assert_all, make_mesh, to_device, to_host
+from conftest import RANK, W, DEVICE, Check, DeviceFunctional, assert_all, make_mesh, to_device, to_host
 from mpi4py import MPI
 
 import mpilocal.functional as _funcol
@@ -17,8 +17,6 @@ from mpilocal import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 pytestmark = pytest.mark.mpi
 
-W = MPI.COMM_WORLD.Get_size()
-RANK = MPI.COMM_WORLD.Get_rank()
 funcol = DeviceFunctional(_funcol) if DEVICE == "cuda" else _funcol
 CPU_ONLY = pytest.mark.skipif(DEVICE != "cpu", reason="NumPy-only input (CuPy has no such arrays)")
 

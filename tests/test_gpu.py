@@ -7,7 +7,7 @@ directly (``nccl`` where NCCL works, ``cuda_mpi`` where the MPI is CUDA-aware, `
 
 import numpy as np
 import pytest
-from conftest import assert_all, assert_close_all
+from conftest import RANK, W, assert_all, assert_close_all
 from mpi4py import MPI
 
 from mpilocal import gpu
@@ -18,8 +18,6 @@ pytestmark = [
     pytest.mark.skipif(cp is None, reason="needs CuPy and a working GPU (none on this machine)"),
 ]
 
-W = MPI.COMM_WORLD.Get_size()
-RANK = MPI.COMM_WORLD.Get_rank()
 
 
 def _available():

@@ -2,13 +2,11 @@
 
 import numpy as np
 import pytest
-from conftest import assert_all
+from conftest import RANK, W, assert_all
 from mpi4py import MPI
 
 from mpilocal import DeviceMesh, init_device_mesh
 
-W = MPI.COMM_WORLD.Get_size()
-RANK = MPI.COMM_WORLD.Get_rank()
 
 
 def two_d_shapes():
