@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import rank0_only
 from mpilocal.layout import (
     check_local_shapes,
     chunk_size_and_offset,
@@ -25,14 +26,8 @@ from mpilocal.layout import (
 )
 from mpilocal.placement import Partial, Replicate, Shard
 
-try:  # under ``mpiexec -n N`` every rank would run the same pure property tests: rank 0 is enough
-    from mpi4py import MPI
-
-    _WORLD_RANK = MPI.COMM_WORLD.Get_rank()
-except ImportError:  # pragma: no cover - mpi4py is a dependency, but these tests need no MPI
-    _WORLD_RANK = 0
-
-property_test = pytest.mark.skipif(_WORLD_RANK != 0, reason="pure property test: runs on world rank 0 only")
+# under ``mpiexec -n N`` every rank would run the same pure property tests: rank 0 is enough
+property_test = rank0_only
 
 # ----------------------------------------------------------------------------------------------
 # independent oracles

@@ -12,8 +12,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import assert_all
-from mpi4py import MPI
+from conftest import RANK, W, assert_all
 
 from mpilocal import gpu
 
@@ -30,8 +29,6 @@ def _nccl_works():
 
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(not _nccl_works(), reason="needs CuPy, a GPU and NCCL")]
 
-W = MPI.COMM_WORLD.Get_size()
-RANK = MPI.COMM_WORLD.Get_rank()
 
 
 def _layouts():
