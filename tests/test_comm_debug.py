@@ -1,4 +1,4 @@
-"""CommDebugMode contract (DESIGN.md): counts every collective mpilocal issues, one per logical
+"""CommDebugMode contract (README, "A short tour"): counts every collective mpilocal issues, one per logical
 collective, by name ("all_gather_into_tensor", "all_reduce", "reduce_scatter_tensor",
 "all_to_all_single", "broadcast", "scatter"); ``get_total_counts()`` is their sum; bytes per name
 via ``get_comm_bytes()``; metadata agreements (global-shape inference of ``from_local`` without

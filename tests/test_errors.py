@@ -1,4 +1,4 @@
-"""Error contract (DESIGN.md "Conventions" and "local_map semantics"): every misuse raises a real
+"""Error contract (README, "A short tour" and "Porting from `torch.distributed.tensor`"): every misuse raises a real
 exception (``TypeError`` for kinds, ``ValueError`` for values/shapes/placements), with a message
 that names the problem, and it is raised on **every** rank.
 
@@ -145,7 +145,7 @@ def test_mesh_dim_names_wrong_length(names):
 
 @pytest.mark.mpi
 def test_unknown_mesh_dim_name(mesh2d):
-    # PyTorch raises KeyError here; DESIGN.md says ValueError for values: both are accepted.
+    # PyTorch raises KeyError here; mpilocal's rule is ValueError for values: both are accepted.
     raises_all((KeyError, ValueError), r"x", lambda: mesh2d["x"])
     raises_all((KeyError, ValueError), r"x", lambda: mesh2d["dp", "x"])
 

@@ -23,7 +23,7 @@ Left out (gradients come with the autograd issue):
   ``TestLocalMapSpmdTypesMesh``): they test PyTorch's optional ``spmd_types`` package and backward
   typing, neither of which mpilocal has.
 
-Deliberate differences from PyTorch, per DESIGN.md:
+Deliberate differences from PyTorch (README, "Porting from `torch.distributed.tensor`"):
 
 * PyTorch's ``world_size`` is fixed at 2; here the 1-D tests run on a mesh of every world size, so
   at 3 ranks the 16-row / 8-column operands are sharded unevenly (6, 6, 4 and 3, 3, 2).
