@@ -20,6 +20,7 @@ agreement (layer 3; see docs/architecture.md).
 
 from __future__ import annotations
 
+import atexit
 import zlib
 
 import numpy as np
@@ -212,3 +213,204 @@ class agreed:
 deadline.register_fingerprint_check(check_fingerprint)  # begin() checks fingerprints under MPILOCAL_DEBUG=1
 transport.register_call_check(check_call)  # transport.issuing(): the MPI/NCCL call a transport makes
 transport.register_release_hook("05-agreement", _release)  # first: the watchdog lets go; control comm
+
+
+# ------------------------------------------------------------------------------------------------
+# the default path of the public collectives: a speculative signature check (issue 11)
+# ------------------------------------------------------------------------------------------------
+# Each public funcol call hashes what decides its data collective (function, array kind, dtype,
+# shape, parameters) into a 63-bit signature. Every rank posts the same fixed-size reduction of
+#   [h, -h] (fast slot), [h, -h] (slow slot), -slow, -error      (MIN; 48 bytes, whatever the world)
+# over the group's control communicator. A rank whose signature is the one *predicted* from the
+# history of agreed signatures (identical on every rank: it only grows from agreed values) is
+# "fast": it issues its data collective at once and completes the reduction after it, before the
+# result is returned. Any other rank ("slow": a new signature, or failed local checks) first
+# completes the reduction; where fast ranks exist it replays the predicted call on dummy data, so
+# that theirs completes (fast ranks all run the same call: the predicted one), and then every rank
+# runs the full blocking agreement (:func:`agree`), which raises the same error everywhere or, for
+# rank-varying sizes, gives the rows. Every rank sees the same reduced vector, so all take the same
+# branch: never a data collective chosen from one rank's data, a divergent argument raises on every
+# rank. Where every rank is slow with one signature and no error, the call is agreed with that one
+# small reduction and its signature joins the history.
+_SIG_KEY = "mpilocal.sig"
+_BIG = np.iinfo(np.int64).max
+_HIST = 64
+_SIG_CACHE: dict = {}
+
+#: outcomes of :meth:`SigCheck.outcome`
+OK, AGREED, DIAGNOSE = "ok", "agreed", "diagnose"
+
+
+def signature(desc) -> int:
+    """A 63-bit hash of ``desc`` (a tuple of ints, strings, dtypes, shapes; the same on every rank
+    for the same call), cached."""
+    h = _SIG_CACHE.get(desc)
+    if h is None:
+        import hashlib
+
+        h = int.from_bytes(hashlib.blake2b(repr(desc).encode(), digest_size=8).digest(), "little") >> 1
+        if len(_SIG_CACHE) >= 4096:
+            _SIG_CACHE.clear()
+        _SIG_CACHE[desc] = h
+    return h
+
+
+class _SigState:
+    """Per Group: the reduction's buffers and request, and the agreed history."""
+
+    __slots__ = ("send", "recv", "req", "persistent", "hist", "replays", "pending")
+
+    def __init__(self, g):
+        ctl = control_comm(g)
+        self.send = np.zeros(6, np.int64)
+        self.recv = np.zeros(6, np.int64)
+        self.req = None
+        self.persistent = False
+        try:  # MPI-4 persistent collective: starting it costs less than building an Iallreduce
+            self.req = ctl.Allreduce_init(self.send, self.recv, MPI.MIN)
+            self.persistent = True
+        except (NotImplementedError, AttributeError):
+            pass
+        except MPI.Exception as e:  # an MPI-3.1 build that has the name but not the call
+            if e.Get_error_class() != MPI.ERR_UNSUPPORTED_OPERATION:
+                raise
+        self.hist: list = []  # agreed signatures, oldest first
+        self.replays: dict = {}  # signature -> callable replaying its data collective on dummy data
+        self.pending = None
+
+    def predicted(self):
+        hist = self.hist
+        if not hist:
+            return None
+        last = hist[-1]
+        for i in range(len(hist) - 2, -1, -1):  # the call that followed the last one the time before
+            if hist[i] == last:
+                return hist[i + 1]
+        return last
+
+    def remember(self, h, replay):
+        hist = self.hist
+        hist.append(h)
+        if replay is not None:
+            self.replays[h] = replay
+        if len(hist) > _HIST:
+            del hist[:len(hist) - _HIST]
+            if len(self.replays) > 2 * _HIST:
+                keep = set(hist)
+                self.replays = {k: v for k, v in self.replays.items() if k in keep}
+
+    def free(self):
+        if self.pending is not None:
+            self.pending.Wait()
+            self.pending = None
+        if self.persistent and self.req is not None:
+            self.req.Free()
+        self.req = None
+
+
+def _sig_state(g) -> _SigState:
+    st = g.cache.get(_SIG_KEY)
+    if st is None:
+        deadline.count_control(g)
+        with deadline.in_flight("creating the argument-signature request", g):
+            st = g.cache[_SIG_KEY] = _SigState(g)
+        _SIG_STATES.append(st)
+    return st
+
+
+class SigCheck:
+    """A posted signature reduction (:func:`post_signature`); ``fast``: this rank may issue its data
+    collective before completing it."""
+
+    __slots__ = ("g", "st", "h", "fast", "caller", "done")
+
+    def __init__(self, g, st, h, fast, caller):
+        self.g, self.st, self.h, self.fast, self.caller, self.done = g, st, h, fast, caller, False
+
+    def wait(self):
+        if not self.done:
+            st = self.st
+            with deadline.waiting(f"{self.caller} (argument signature)", self.g):
+                st.pending.Wait()
+            st.pending = None
+            self.done = True
+        return self.st.recv
+
+    def outcome(self) -> str:
+        """OK (every rank fast: the result stands), AGREED (every rank slow with one signature and no
+        error: run the call) or DIAGNOSE (anything else: slow ranks replay the predicted call where
+        fast ranks exist, then every rank runs the full agreement). The same on every rank."""
+        r = self.wait()
+        if r[4] == 0:
+            return OK
+        if r[0] == _BIG and r[5] == 0 and r[2] == -r[3]:
+            return AGREED
+        return DIAGNOSE
+
+    def must_replay(self) -> bool:
+        """DIAGNOSE with fast ranks present, on a slow rank: replay the predicted call first."""
+        return not self.fast and self.st.recv[0] != _BIG
+
+    def replay(self):
+        st = self.st
+        f = st.replays.get(st.predicted())
+        if f is None:  # pragma: no cover - a fast rank exists only for a remembered signature
+            raise RuntimeError(f"{self.caller}: internal error: no replay for the predicted collective")
+        f()
+
+    def remember(self, replay):
+        self.st.remember(self.h, replay)
+
+
+def post_signature(g, caller: str, h) -> SigCheck:
+    """Post this rank's signature ``h`` (None: its local checks failed) over Group ``g``'s control
+    communicator (collective, non-blocking, fixed size). See the section comment above."""
+    st = _sig_state(g)
+    if st.pending is not None:  # left by a call that raised in its data collective
+        st.pending.Wait()
+        st.pending = None
+    fast = h is not None and h == st.predicted()
+    v = st.send
+    if fast:
+        v[0], v[1], v[2], v[3], v[4], v[5] = h, -h, _BIG, _BIG, 0, 0
+    elif h is None:
+        v[0], v[1], v[2], v[3], v[4], v[5] = _BIG, _BIG, _BIG, _BIG, -1, -1
+    else:
+        v[0], v[1], v[2], v[3], v[4], v[5] = _BIG, _BIG, h, -h, -1, 0
+    if debug.ACTIVE:
+        debug.record_metadata("signature", v.nbytes)
+    deadline.count_control(g)
+    if st.persistent:
+        st.req.Start()
+        st.pending = st.req
+    else:
+        st.pending = control_comm(g).Iallreduce(v, st.recv, MPI.MIN)
+    return SigCheck(g, st, h, fast, caller)
+
+
+def signature_checks() -> bool:
+    """Whether the public collectives use the signature check (the default): off under
+    ``MPILOCAL_CHECK_ARGS=0`` (no check) and under ``MPILOCAL_DEBUG=1`` (the full agreement on
+    every call)."""
+    return _CHECK_ARGS and not deadline.debug_enabled()
+
+
+_SIG_STATES: list = []
+
+
+def _release_sig(g) -> None:
+    st = g.cache.pop(_SIG_KEY, None)
+    if st is not None:
+        st.free()
+        if st in _SIG_STATES:
+            _SIG_STATES.remove(st)
+
+
+@atexit.register
+def _free_sig_states():  # before mpi4py's MPI_Finalize (registered later, so earlier in LIFO)
+    for st in _SIG_STATES:
+        st.free()
+    _SIG_STATES.clear()
+
+
+transport.register_release_hook("04-signature", _release_sig)  # before the control communicator goes

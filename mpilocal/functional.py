@@ -145,6 +145,38 @@ def agree_args(g, caller, err, x, params=None, *, skip_dim=None, what="argument_
     return rows
 
 
+def checked(g, caller, err, x, params, desc, run, *, skip_dim=None, what="argument_check", full=None):
+    """Run a public collective under the argument check: ``run(x, rows)`` issues the data
+    collective(s), with ``rows`` every rank's agreed metadata row, or None when every rank passes
+    the same arguments (then this rank's own values hold everywhere). ``desc``: what decides the
+    data collective (function, kind, dtype, shape, parameters; None where the local checks failed).
+
+    Default: the speculative signature check of :mod:`mpilocal.agreement` (one fixed-size
+    non-blocking reduction per call, completed after the data collective of a call that repeats
+    the agreed pattern, before the result is returned); the full blocking agreement
+    (:func:`agree_args`) when a rank failed its checks or the ranks differ, and on every call under
+    ``MPILOCAL_DEBUG=1``. ``full()``: that full agreement, when not :func:`agree_args`.
+    **Collective.** Package API (neighbors)."""
+    if full is None:
+        def full():
+            return agree_args(g, caller, err, x, params, skip_dim=skip_dim, what=what)
+    if g.size == 1 or not agreement.signature_checks():
+        return run(x, full())
+    chk = agreement.post_signature(g, caller, None if err is not None else agreement.signature(desc))
+    if chk.fast:
+        out = run(x, None)
+        if chk.outcome() == agreement.OK:
+            return out
+    else:
+        if chk.outcome() == agreement.AGREED:
+            shape, dtype, xp = x.shape, x.dtype, _arrays.namespace(x)
+            chk.remember(lambda: run(xp.zeros(shape, dtype), None))  # what slow ranks replay later
+            return run(x, None)
+        if chk.must_replay():  # fast ranks are in the predicted data collective: complete it
+            chk.replay()
+    return run(x, full())
+
+
 def _differentiable(x, name):
     rules = AUTOGRAD.get(type(x))
     return None if rules is None else rules[name]
@@ -168,12 +200,19 @@ def all_gather_tensor(x, gather_dim: int, group, tag: str = ""):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    rows = agree_args(g, caller, err, x, None if err else dict(gather_dim=dim), skip_dim=None if err else dim,
-                      what="gather_sizes")
-    if rows is None and g.size > 1:  # argument agreement is off (MPILOCAL_CHECK_ARGS=0): sizes still needed
-        rows = collectives.meta_allgather(g.comm, meta_with(x, caller, gather_dim=dim), "gather_sizes")
-    sizes = [int(r[2 + dim]) for r in rows] if rows is not None else [x.shape[dim]]
-    return collectives.all_gather(x, dim, g, sizes)
+    if err is not None:
+        dim = None
+
+    def run(x, rows):
+        if rows is None and g.size > 1 and not agreement.signature_checks():
+            # argument agreement is off (MPILOCAL_CHECK_ARGS=0): sizes still needed
+            rows = collectives.meta_allgather(g.comm, meta_with(x, caller, gather_dim=dim), "gather_sizes")
+        sizes = [int(r[2 + dim]) for r in rows] if rows is not None else [x.shape[dim]] * g.size
+        return collectives.all_gather(x, dim, g, sizes)
+
+    return checked(g, caller, err, x, None if err else dict(gather_dim=dim),
+                   None if err else (caller, type(x), x.dtype, x.shape, dim), run,
+                   skip_dim=None if err else dim, what="gather_sizes")
 
 
 
@@ -192,8 +231,11 @@ def all_reduce(x, reduceOp: str, group, tag: str = ""):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    agree_args(g, caller, err, x, None if err else dict(reduceOp=op))
-    return collectives.all_reduce(x, op, g)
+    if err is not None:
+        op = None
+    return checked(g, caller, err, x, None if err else dict(reduceOp=op),
+                   None if err else (caller, type(x), x.dtype, x.shape, op),
+                   lambda x, rows: collectives.all_reduce(x, op, g))
 
 
 def reduce_scatter_tensor(x, reduceOp: str, scatter_dim: int, group, tag: str = ""):
@@ -212,8 +254,11 @@ def reduce_scatter_tensor(x, reduceOp: str, scatter_dim: int, group, tag: str = 
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    agree_args(g, caller, err, x, None if err else dict(reduceOp=op, scatter_dim=dim))
-    return collectives.reduce_scatter(x, op, dim, g, chunk_sizes(x.shape[dim], g.size))
+    if err is not None:
+        op = dim = None
+    return checked(g, caller, err, x, None if err else dict(reduceOp=op, scatter_dim=dim),
+                   None if err else (caller, type(x), x.dtype, x.shape, op, dim),
+                   lambda x, rows: collectives.reduce_scatter(x, op, dim, g, chunk_sizes(x.shape[dim], g.size)))
 
 
 def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str = ""):
@@ -234,31 +279,45 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str 
     # flags that choose the MPI call, agreed with the checks: bit 0 "my splits are not all equal",
     # bit 1 "a total of mine passes the MPI count limit", bit 2 "my receive sizes are agreed later"
     flags = 0 if err else _a2a_flags(x, splits, g)
-    rows = agreement.agree(g, caller, err, None if err else meta_with(x, caller, flags=flags))
-    check_same(rows, caller, skip_dim=0)
-    input_split_sizes, output_split_sizes = splits
-    # The split agreement runs when any rank lacks its output sizes (agreed flag bit 2), so ranks that
-    # pass them join it too; the sizes that arrive are the truth. Without the argument agreement
-    # (MPILOCAL_CHECK_ARGS=0) each rank decides alone: all ranks must then pass sizes alike.
-    need = output_split_sizes is None if rows is None else bool((row_flags(rows) & 4).any())
-    if need:
-        recv = collectives.exchange_splits(g, input_split_sizes)
-        output_split_sizes = _check_splits(recv, g.size, caller, "output_split_sizes")
-    inner = math.prod(x.shape[1:])
-    # Split sizes differ from rank to rank by design, so the choice of MPI call comes from every
-    # rank's flags: plain all-to-all only when every rank's splits are equal (with equal totals, as
-    # the shapes show), large-message path when any rank needs it. Without the agreement
-    # (MPILOCAL_CHECK_ARGS=0) the v-variant is used and large totals are not detected.
-    if rows is None:
-        uniform, bound = g.size == 1, None
-    else:
-        fl = row_flags(rows)
-        uniform = not (fl & 1).any() and len(set(rows[:, 2].tolist())) == 1
-        # no rank receives more than all ranks send: a group-wide bound where receive sizes are agreed later
-        bound = 1 << 62 if (fl & 2).any() else int(rows[:, 2].sum()) * inner if (fl & 4).any() else 0
-    # the fingerprint holds dtype and trailing dims
-    return collectives.all_to_all_rows(x, input_split_sizes, output_split_sizes, g, uniform, bound,
-                                       trailing=x.shape[1:])
+    if err is None:
+        ins, outs = splits
+    inner = math.prod(x.shape[1:]) if err is None else 0
+
+    def run(x, rows):
+        # The split agreement runs when any rank lacks its output sizes (agreed flag bit 2), so ranks that
+        # pass them join it too; the sizes that arrive are the truth. Without the argument agreement
+        # (MPILOCAL_CHECK_ARGS=0) each rank decides alone: all ranks must then pass sizes alike.
+        # Split sizes differ from rank to rank by design, so the choice of MPI call comes from every
+        # rank's flags: plain all-to-all only when every rank's splits are equal (with equal totals, as
+        # the shapes show), large-message path when any rank needs it. Without the agreement
+        # (MPILOCAL_CHECK_ARGS=0) the v-variant is used and large totals are not detected. rows None
+        # with the signature check: every rank passed these same arguments, so its own flags hold.
+        outs_ = outs
+        if rows is None and not agreement.signature_checks():
+            need, uniform, bound = outs is None, g.size == 1, None
+        elif rows is None:
+            need = bool(flags & 4)
+            uniform = not flags & 1
+            bound = 1 << 62 if flags & 2 else x.shape[0] * g.size * inner if flags & 4 else 0
+        else:
+            fl = row_flags(rows)
+            need = bool((fl & 4).any())
+            uniform = not (fl & 1).any() and len(set(rows[:, 2].tolist())) == 1
+            # no rank receives more than all ranks send: a group-wide bound where receive sizes are agreed later
+            bound = 1 << 62 if (fl & 2).any() else int(rows[:, 2].sum()) * inner if (fl & 4).any() else 0
+        if need:
+            recv = collectives.exchange_splits(g, ins)
+            outs_ = _check_splits(recv, g.size, caller, "output_split_sizes")
+        # the fingerprint holds dtype and trailing dims
+        return collectives.all_to_all_rows(x, ins, outs_, g, uniform, bound, trailing=x.shape[1:])
+
+    def full():
+        rows = agreement.agree(g, caller, err, None if err else meta_with(x, caller, flags=flags))
+        check_same(rows, caller, skip_dim=0)
+        return rows
+
+    return checked(g, caller, err, x, None, None if err else (
+        caller, type(x), x.dtype, x.shape, tuple(ins), None if outs is None else tuple(outs), flags), run, full=full)
 
 
 def _a2a_flags(x, splits, g):
@@ -321,8 +380,10 @@ def broadcast(x, src: int, group, tag: str = ""):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    agree_args(g, caller, err, x, None if err else dict(src=int(src)))
-    return collectives.bcast(x, int(src), g)
+    root = None if err else int(src)
+    return checked(g, caller, err, x, None if err else dict(src=root),
+                   None if err else (caller, type(x), x.dtype, x.shape, root),
+                   lambda x, rows: collectives.bcast(x, root, g))
 
 
 # ------------------------------------------------------------------------------------------------

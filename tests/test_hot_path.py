@@ -1,0 +1,149 @@
+"""The lean hot path (issue 11): the public collectives' speculative argument signature, and
+metadata whose size per rank does not depend on the world size.
+
+The default argument check of ``mpilocal.functional`` is one fixed-size non-blocking reduction per
+call (``"signature"`` in CommDebugMode's metadata), completed after the data collective of a call
+that repeats the agreed pattern; a rank with other arguments (or failed checks) makes every rank
+fall back to the full agreement, so the error is raised on every rank and no rank is left in a
+data collective. These tests drive that protocol through its branches: the fast path, a divergence
+after a fast history (shape, dtype, op, invalid argument on one rank), valid rank-varying sizes
+after a fast history, alternating call patterns. Nothing here is timed.
+"""
+
+import numpy as np
+import pytest
+
+import mpilocal.functional as funcol
+from conftest import RANK, W, assert_all, raises_all
+from mpilocal import CommDebugMode, init_device_mesh
+
+LAST = W - 1
+SIG_BYTES = 48  # [h, -h] fast, [h, -h] slow, -slow, -error: six int64, whatever the world size
+
+
+def on_last(bad, good):
+    return bad if RANK == LAST else good
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return init_device_mesh("cpu", (W,))
+
+
+def _warm(mesh, x, n=4):
+    for _ in range(n):
+        out = funcol.all_reduce(x, "sum", mesh)
+        assert_all(np.array_equal(out, x * W), f"all_reduce gave {out}")
+
+
+@pytest.mark.mpi
+def test_steady_state_is_one_fixed_size_signature_per_call(mesh):
+    """After the first call of a pattern, each public call exchanges only the fixed-size signature
+    (48 bytes per rank at any world size; nothing at 1 rank), and the results stay exact."""
+    x = np.arange(12.0).reshape(3, 4) + RANK
+    calls = {
+        "all_reduce": (lambda: funcol.all_reduce(x, "max", mesh), lambda: np.arange(12.0).reshape(3, 4) + LAST),
+        "all_gather_tensor": (lambda: funcol.all_gather_tensor(x, 1, mesh),
+                              lambda: np.concatenate([np.arange(12.0).reshape(3, 4) + r for r in range(W)], 1)),
+        "broadcast": (lambda: funcol.broadcast(x, 0, mesh), lambda: np.arange(12.0).reshape(3, 4)),
+        "all_to_all_single": (lambda: funcol.all_to_all_single(np.repeat(np.arange(W, dtype=float), 2) + 10 * RANK,
+                                                               None, None, mesh),
+                              lambda: np.array([RANK + 10.0 * r for r in range(W) for _ in range(2)])),
+    }
+    for name, (call, ref) in calls.items():
+        call()  # the pattern is agreed
+        with CommDebugMode() as mode:
+            for _ in range(3):
+                out = call()
+                assert_all(np.array_equal(out, ref()), f"{name}: {out} vs {ref()}")
+        meta, nbytes = dict(mode.get_metadata_counts()), dict(mode.get_metadata_bytes())
+        want = {} if W == 1 else {"signature": 3}
+        assert_all(meta == want, f"{name}: metadata {meta}, expected {want}")
+        assert_all(nbytes == ({} if W == 1 else {"signature": 3 * SIG_BYTES}), f"{name}: metadata bytes {nbytes}")
+
+
+@pytest.mark.mpi
+def test_alternating_patterns_stay_on_the_fast_path(mesh):
+    """A loop that alternates calls (two shapes, two functions) is predicted from the agreed history:
+    after one round only signatures are exchanged."""
+    a, b = np.ones(5) * (RANK + 1), np.ones((2, 3), np.float32)
+    for _ in range(2):
+        funcol.all_reduce(a, "sum", mesh)
+        funcol.all_gather_tensor(b, 0, mesh)
+    with CommDebugMode() as mode:
+        for _ in range(3):
+            ra = funcol.all_reduce(a, "sum", mesh)
+            rb = funcol.all_gather_tensor(b, 0, mesh)
+            assert_all(np.array_equal(ra, np.ones(5) * W * (W + 1) / 2) and rb.shape == (2 * W, 3))
+    meta = dict(mode.get_metadata_counts())
+    assert_all(meta == ({} if W == 1 else {"signature": 6}), f"metadata {meta}")
+
+
+DIVERGENT = [
+    ("shape", lambda x, m: funcol.all_reduce(on_last(np.ones((3, 7)), x), "sum", m), ValueError, "shape"),
+    ("dtype", lambda x, m: funcol.all_reduce(on_last(x.astype(np.float32), x), "sum", m), ValueError, "dtype"),
+    ("valid ops", lambda x, m: funcol.all_reduce(x, on_last("max", "sum"), m), ValueError, "reduceOp"),
+    ("invalid op", lambda x, m: funcol.all_reduce(x, on_last("bogus", "sum"), m), ValueError, "bogus"),
+    ("not an array", lambda x, m: funcol.all_reduce(on_last([1.0], x), "sum", m), TypeError, None),
+    ("other function", lambda x, m: (funcol.broadcast(x, 0, m) if RANK == LAST else funcol.all_reduce(x, "sum", m)),
+     ValueError, None),
+]
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(W < 2, reason="needs 2 ranks to diverge")
+@pytest.mark.parametrize("case", DIVERGENT, ids=[c[0] for c in DIVERGENT])
+def test_divergence_after_a_fast_history_raises_everywhere(mesh, case):
+    """The other ranks are already in their data collective (the predicted one) when the last rank
+    passes something else: it replays that collective, then every rank raises the same error type,
+    and the next call is correct again."""
+    _, call, exc, match = case
+    x = np.arange(14.0).reshape(2, 7)
+    _warm(mesh, x)
+    raises_all(exc, match, call, x, mesh)
+    _warm(mesh, x, 2)
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(W < 2, reason="needs 2 ranks to diverge")
+def test_divergent_all_to_all_after_a_fast_history(mesh):
+    x = np.arange(4.0 * W)
+    for _ in range(3):
+        funcol.all_to_all_single(x, None, None, mesh)
+    raises_all(ValueError, None, lambda: funcol.all_to_all_single(on_last(np.ones(4 * W, np.float32), x), None,
+                                                                   None, mesh))
+    out = funcol.all_to_all_single(x + RANK, None, None, mesh)
+    ref = np.concatenate([np.arange(4.0 * W)[4 * RANK:4 * RANK + 4] + r for r in range(W)])
+    assert_all(np.array_equal(out, ref), f"{out} vs {ref}")
+
+
+@pytest.mark.mpi
+def test_rank_varying_sizes_after_a_fast_history(mesh):
+    """Valid: all_gather_tensor with sizes along the gather dim that differ between ranks, right
+    after equal-size calls were agreed (the fast ranks' speculative collective is discarded)."""
+    eq = np.ones((2, 3))
+    for _ in range(3):
+        funcol.all_gather_tensor(eq, 0, mesh)
+    parts = [np.full((r % 3, 3), float(r)) for r in range(W)]
+    for _ in range(2):
+        out = funcol.all_gather_tensor(parts[RANK], 0, mesh)
+        assert_all(np.array_equal(out, np.concatenate(parts, 0)), f"{out}")
+    out = funcol.all_gather_tensor(eq * RANK, 0, mesh)
+    assert_all(np.array_equal(out, np.concatenate([eq * r for r in range(W)], 0)))
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(W < 2, reason="needs 2 ranks to diverge")
+def test_error_on_first_call_of_a_group():
+    """No history yet (a fresh group): every rank is slow, the error is found by the full agreement."""
+    m = init_device_mesh("cpu", (W,))
+    sub = m.get_group(0).Dup()
+    try:
+        raises_all(ValueError, "bogus", lambda: funcol.all_reduce(np.ones(3), on_last("bogus", "sum"), sub))
+        out = funcol.all_reduce(np.ones(3), "sum", sub)
+        assert_all(np.array_equal(out, np.full(3, float(W))))
+    finally:
+        from mpilocal import transport
+
+        transport.release(sub)
+        sub.Free()
