@@ -488,9 +488,11 @@ def release_unused() -> int:
     communicators this rank freed."""
     world = _world()
     if not _AGREE_COMM:
-        with deadline.in_flight("creating the communicator of release_unused (MPI_Comm_dup of MPI.COMM_WORLD)",
-                                members=world):  # deadline
-            _AGREE_COMM.append(world.Dup())
+        # the one communicator made outside the deadline: in most programs this is the first collective
+        # over the world, so it absorbs the ranks' start-up skew (seconds on a loaded machine), which a
+        # short MPILOCAL_TIMEOUT would report as a hang (the failure jobs, MPILOCAL_TIMEOUT=1, under
+        # Open MPI 4.1 at 3 ranks); the all-gather below, and every later collective, is watched
+        _AGREE_COMM.append(world.Dup())
     comm = _AGREE_COMM[0]
     mine = sorted(k for k, rec in _RECORDS.items() if rec.handles == 0)
     with deadline.in_flight("agreeing on unused meshes (release_unused: MPI_Allgather over MPI.COMM_WORLD)"):  # deadline
