@@ -102,12 +102,22 @@ class StepError(RuntimeError):
     pass
 
 
+INJECT = None  # --inject raise|hang:STEP_PREFIX:RANK (tests the two guarantees below)
+
+
 def step(name: str, fn, *args):
     """Run ``fn(*args)`` on every rank as one step: errors of any rank are raised on every rank (after
-    an all-gather of the verdicts); the watchdog ends the job when the step does not finish."""
+    an all-gather of the verdicts); the watchdog ends the job when the step does not finish (a rank
+    that fails before a collective inside ``fn`` leaves the others waiting in it: torch's collectives
+    then raise after ``--timeout`` themselves, MPI's and mpilocal's wait for the watchdog or
+    ``MPILOCAL_TIMEOUT``)."""
     WATCHDOG.begin(name)
     err, out = None, None
     try:
+        if INJECT and name.startswith(INJECT[1]) and RANK == INJECT[2]:
+            if INJECT[0] == "hang":
+                time.sleep(1e9)
+            raise RuntimeError(f"injected failure in step {name!r} (--inject)")
         out = fn(*args)
     except Exception as e:  # noqa: BLE001 - agreed below
         err = f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exc(limit=8))
@@ -163,10 +173,10 @@ def files_under(path):
 def timed(name, fn):
     """Seconds from a common start to the slowest rank's end (one agreed step)."""
     def run():
-        COMM.Barrier()
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+    COMM.Barrier()
     dt = step(name, run)
     return COMM.allreduce(dt, op=MPI.MAX)
 
@@ -224,8 +234,10 @@ class Torch:
                 return
             os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(RANK), WORLD_SIZE=str(N),
                               LOCAL_RANK=str(self.local_rank))
-            if device == "cuda":
-                torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+            if device == "cuda":  # the GPU mpilocal binds this rank to (node-local rank, or MPILOCAL_GPU)
+                from mpilocal.gpu import binding
+
+                torch.cuda.set_device(binding(torch.cuda.device_count())[0])
             backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
             dist.init_process_group(backend, init_method="env://", rank=RANK, world_size=N,
                                     timeout=datetime.timedelta(seconds=timeout))
@@ -403,7 +415,7 @@ def ratio(num, den):
 
 
 def main():
-    global WATCHDOG
+    global WATCHDOG, INJECT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-rank", default=None, help="bytes per rank, comma-separated (K/M/G), e.g. 64M,256M,1G")
     ap.add_argument("--sizes", default=None, help="total bytes (all ranks), comma-separated; default 128M,512M")
@@ -415,7 +427,12 @@ def main():
                     help="seconds one step (one save, load, init, ...) may take before the job is ended (0: never)")
     ap.add_argument("--profile", action="store_true", help="cProfile one save and one load of the first size")
     ap.add_argument("--out", default=None, help="also write the table here (rank 0)")
+    ap.add_argument("--inject", default=None, metavar="raise|hang:STEP_PREFIX:RANK",
+                    help="testing: make one rank raise in, or hang in, the first step whose name starts with STEP_PREFIX")
     a = ap.parse_args()
+    if a.inject:
+        how, prefix, r = a.inject.split(":")
+        INJECT = (how, prefix, int(r))
     WATCHDOG = Watchdog(a.timeout)
     if a.per_rank:
         per = [parse_size(x) for x in a.per_rank.split(",")]

@@ -606,3 +606,26 @@ def test_kill_9_during_save_keeps_previous(ckdir):
     dcp.save({"step": 3}, checkpoint_id=p)  # the next save clears it
     removals_done()
     assert sorted(os.listdir(ckdir)) == ["ck"] and _format.read_array(p, "step") == 3
+
+
+@pytest.mark.skipif(N != 1, reason="launches its own mpiexec jobs; 1-rank pass only")
+@pytest.mark.parametrize("how", ["raise", "hang"])
+def test_bench_script_never_hangs(ckdir, how):
+    """scripts/bench_checkpoint.py (also the driver of the torch.distributed.checkpoint comparison): an
+    error on one rank is raised on every rank, a rank stuck in a step (here: in a save, which the
+    other rank's collectives then wait for) ends the job at --timeout."""
+    cmd = [_mpiexec(), "-n", "2", sys.executable, str(ROOT / "scripts" / "bench_checkpoint.py"), "--per-rank", "1M",
+           "--repeat", "1", "--dir", str(ckdir), "--timeout", "10", "--inject", f"{how}:{'evict' if how == 'raise' else 'save'}:1"]
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                           env=_clean_env(), timeout=150, cwd=str(ROOT))
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"HANG: {' '.join(cmd)}\n{(e.stdout or b'').decode(errors='replace')[-3000:]}")
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode != 0, out[-3000:]
+    if how == "raise":
+        assert "step 'evict 1 MiB/rank #0' failed on rank(s) [1]" in out and "injected failure" in out, out[-3000:]
+        assert p.returncode == 3 and "Traceback" not in out.split("bench_checkpoint: step")[0], out[-3000:]
+    else:
+        assert "ran longer than --timeout 10 s" in out and "[rank 1]" in out, out[-3000:]
+    assert not [f for f in os.listdir(ckdir) if f.startswith("mpilocal-ckbench")] or how == "hang", os.listdir(ckdir)

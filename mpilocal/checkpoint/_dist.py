@@ -554,9 +554,12 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
                 print(f"mpilocal.checkpoint.load: {note}", file=sys.stderr, flush=True)
         except BaseException as e:  # noqa: BLE001 - agreed
             err = e
-    _agree(comm, err)
-    blob = _bcast_bytes(comm, json.dumps({"dir": where}).encode() + b"\n" + text, 0)
-    head, text = blob.split(b"\n", 1)
+    # one broadcast carries rank 0's verdict: its error (raised on every rank) or the manifest
+    blob = _bcast_bytes(comm, b"E" + _encode(err) if err is not None else
+                        b"M" + json.dumps({"dir": where}).encode() + b"\n" + text, 0)
+    if blob[:1] == b"E":
+        raise _decode(blob[1:], 0, 1) from err
+    head, text = blob[1:].split(b"\n", 1)
     directory = json.loads(head)["dir"]
     manifest = F.parse_manifest(text, os.path.join(directory, F.MANIFEST))
     entries = manifest["entries"]
