@@ -106,22 +106,24 @@ def test_local_map_two_outputs_of_the_same_ndim_keep_their_placements():
 
 
 def test_local_map_two_inputs_of_the_same_ndim_keep_their_placements():
+    """Negative shard dims make local_map normalize each input's and output's placements (cached per
+    entry): Shard(-2) and Shard(-1) of two 2-D inputs are Shard(0) and Shard(1), not one for both."""
     mesh = init_device_mesh("cpu", (W,))
     rng = np.random.default_rng(6)
-    a_full = rng.standard_normal((2 * W, 3))
-    b_full = rng.standard_normal((1, 3))
+    a_full = rng.standard_normal((2 * W + 1, 3))
+    b_full = rng.standard_normal((2, 2 * W + 1))
     A = mpilocal.distribute_tensor(a_full, mesh, [Shard(0)])
-    B = mpilocal.distribute_tensor(b_full, mesh, [Replicate()])
+    B = mpilocal.distribute_tensor(b_full, mesh, [Shard(1)])
 
     def f(a, b):
-        return a + b, b.copy()
+        return a * 3.0, b - 1.0
 
-    g = local_map(f, out_placements=([Shard(0)], [Replicate()]), in_placements=([Shard(0)], [Replicate()]),
+    g = local_map(f, out_placements=([Shard(-2)], [Shard(-1)]), in_placements=([Shard(-2)], [Shard(-1)]),
                   device_mesh=mesh)
     for _ in range(2):
         S, T = g(A, B)
-        ok = np.allclose(S.full_tensor(), a_full + b_full) and np.allclose(T.full_tensor(), b_full)
-        ok = ok and T.placements == (Replicate(),) and S.placements == (Shard(0),)
+        ok = S.placements == (Shard(0),) and T.placements == (Shard(1),)
+        ok = ok and np.allclose(S.full_tensor(), 3.0 * a_full) and np.allclose(T.full_tensor(), b_full - 1.0)
         assert_all(ok, f"{S.placements} {T.placements}")
 
 
