@@ -27,13 +27,10 @@ from . import _arrays, agreement, collectives, debug
 from .collectives import contiguous, empty, leading, restore
 from .layout import chunk_sizes
 from .metadata import META_WIDTH, check_params, check_same, meta_with, row_flags
+from .names import REDUCE_OPS
 from .transport import Group, count_limit, equal_counts, group_for
 
 __all__ = ["all_gather_tensor", "all_reduce", "reduce_scatter_tensor", "all_to_all_single", "broadcast"]
-
-_OP_ALIASES = {
-    "sum": "sum", "avg": "avg", "max": "max", "min": "min", "product": "product",
-}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,10 +60,9 @@ def resolve_group(group, caller: str) -> Group:
 
 def normalize_op(op, caller: str) -> str:
     name = op.lower() if isinstance(op, str) else None
-    canon = _OP_ALIASES.get(name) if name else None
-    if canon is None:
-        raise ValueError(f"{caller}: reduce op {op!r} is not supported; use one of 'sum', 'avg', 'max', 'min', 'product'")
-    return canon
+    if name not in REDUCE_OPS:
+        raise ValueError(f"{caller}: reduce op {op!r} is not supported; use one of {', '.join(map(repr, REDUCE_OPS))}")
+    return name
 
 
 def check_op_dtype(op: str, dtype, caller: str) -> None:
