@@ -125,8 +125,10 @@ def step(name: str, fn, *args):
     WATCHDOG.end()
     bad = [(r, v) for r, v in enumerate(verdicts) if v is not None]
     if bad:
+        firsts = "\n".join(f"  rank {r}: {v.splitlines()[0]}" for r, v in bad)
         r, v = bad[0]
-        raise StepError(f"step {name!r} failed on rank(s) {[b[0] for b in bad]}; rank {r}: {v}")
+        raise StepError(f"step {name!r} failed on rank(s) {[b[0] for b in bad]}:\n{firsts}\n"
+                        f"rank {r}'s traceback:\n{v.split(chr(10), 1)[1] if chr(10) in v else v}")
     return out
 
 
@@ -239,8 +241,11 @@ class Torch:
 
                 torch.cuda.set_device(binding(torch.cuda.device_count())[0])
             backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+            # torch's own collective timeout comes first (a rank waiting for a failed one raises, and the
+            # step's verdicts carry the first error everywhere); the watchdog (timeout) is the backstop
             dist.init_process_group(backend, init_method="env://", rank=RANK, world_size=N,
-                                    timeout=datetime.timedelta(seconds=timeout))
+                                    timeout=datetime.timedelta(seconds=max(5.0, 0.8 * timeout) if timeout > 0
+                                                               else 1e7))
 
         step("torch.distributed init", init)
 
