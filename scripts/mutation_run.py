@@ -8,9 +8,11 @@ tests there.
 
 Cache: one JSON file per verdict in ``$MUTATION_CACHE`` (default .venv-mutation/cache), keyed by the
 module path, the operator, the source of the enclosing definition before and after the mutation (the
-innermost def, or the top-level statement), the digest of the test files plus tests/conftest.py, and
-the rank counts. A re-run skips every mutant whose definition and tests are unchanged, even when other
-parts of the module changed. ``--fresh`` ignores the cache.
+innermost def, or the top-level statement) and the rank counts; the verdict records the digest of the
+module's test files (plus tests/conftest.py). A re-run skips every mutant whose definition is
+unchanged, even when other parts of the module changed, except that survivors and timeouts are run
+again when the tests changed (new tests may kill them; a killed verdict is kept: tests are added, not
+weakened, and ``--fresh`` re-judges everything).
 """
 
 from __future__ import annotations
@@ -144,13 +146,13 @@ def mutants(relpath: str, cfg: dict, mcfg: dict, tests_digest: str) -> list[dict
         after = _segment_by_name(mutated, qual, row)
         new_lines = [ln for ln in difflib.unified_diff(source.splitlines(), mutated.splitlines(), lineterm="", n=0)
                      if ln.startswith("+") and not ln.startswith("+++")]
-        key = hashlib.sha256(json.dumps([relpath, m.operator_name, before, after, tests_digest,
+        key = hashlib.sha256(json.dumps([relpath, m.operator_name, before, after,
                                          cfg["defaults"]["ranks"]]).encode()).hexdigest()
         out.append({
             "key": key, "module": relpath, "function": qual, "operator": m.operator_name,
             "occurrence": m.occurrence, "row": row, "line": line.strip(),
             "mutated_line": new_lines[0][1:].strip() if new_lines else "",
-            "mutated_source": mutated,
+            "mutated_source": mutated, "tests_digest": tests_digest,
         })
     return out
 
@@ -216,14 +218,40 @@ def run_tests(work: Path, tests, ranks, limit, per_test) -> tuple[str, int | Non
     return "survived", None, time.monotonic() - t0, ""
 
 
-def cache_get(cache: Path, key: str):
+_LEGACY = None
+
+
+def _legacy_index(cache: Path) -> dict:
+    """Verdicts of the first cache format (keyed with the tests' digest), by what they describe."""
+    global _LEGACY
+    if _LEGACY is None:
+        _LEGACY = {}
+        for p in cache.glob("*/*.json"):
+            try:
+                v = json.loads(p.read_text())
+            except ValueError:
+                continue
+            if "outcome" in v and "tests_digest" not in v:
+                _LEGACY[(v["module"], v["function"], v["operator"], v["occurrence"], v["line"], v["mutated_line"])] = v
+    return _LEGACY
+
+
+def cache_get(cache: Path, key: str, mut: dict | None = None):
+    """The cached verdict for ``key``, or None; with ``mut``, None also for a survivor or timeout
+    judged by other tests than ``mut``'s."""
     p = cache / key[:2] / f"{key}.json"
+    v = None
     if p.exists():
         try:
-            return json.loads(p.read_text())
+            v = json.loads(p.read_text())
         except ValueError:
-            return None
-    return None
+            v = None
+    if v is None and mut is not None:
+        v = _legacy_index(cache).get((mut["module"], mut["function"], mut["operator"], mut["occurrence"],
+                                      mut["line"], mut["mutated_line"]))
+    if v is not None and mut is not None and v["outcome"] != "killed" and v.get("tests_digest") != mut["tests_digest"]:
+        return None
+    return v
 
 
 def cache_put(cache: Path, key: str, value: dict) -> None:
@@ -274,11 +302,11 @@ def main(argv=None):
         digest = tests_digest(mcfg["tests"])
         muts = [m for m in mutants(mod, cfg, mcfg, digest) if int(m["key"][:8], 16) % shard_n == shard_i]
         plan[mod] = (mcfg, digest, muts)
-        cached = sum(cache_get(cache, m["key"]) is not None for m in muts) if not args.fresh else 0
+        cached = sum(cache_get(cache, m["key"], m) is not None for m in muts) if not args.fresh else 0
         log(f"{mod}: {len(muts)} mutants (shard {args.shard}), {cached} cached, tests {' '.join(mcfg['tests'])}")
         if args.list:
             for m in muts:
-                v = cache_get(cache, m["key"])
+                v = cache_get(cache, m["key"], m)
                 print(f"  {m['row']:4d} {m['function']:28s} {m['operator']:45s} {v['outcome'] if v else '-':9s} "
                       f"{m['line'][:60]!r} -> {m['mutated_line'][:60]!r}")
     if args.list:
@@ -289,7 +317,7 @@ def main(argv=None):
     if not args.no_run:
         made_copy = False
         for mod, (mcfg, digest, muts) in plan.items():
-            todo = [m for m in muts if args.fresh or cache_get(cache, m["key"]) is None]
+            todo = [m for m in muts if args.fresh or cache_get(cache, m["key"], m) is None]
             if not todo:
                 continue
             if not made_copy:
@@ -320,7 +348,7 @@ def main(argv=None):
                     target.write_text(original)
                     verdict = {k: m[k] for k in ("module", "function", "operator", "occurrence", "row", "line",
                                                   "mutated_line")}
-                    verdict.update(outcome=outcome, ranks=n, seconds=round(secs, 1),
+                    verdict.update(outcome=outcome, ranks=n, seconds=round(secs, 1), tests_digest=digest,
                                    when=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
                     cache_put(cache, m["key"], verdict)
                     log(f"{mod} [{i + 1}/{len(todo)}] {outcome:8s} {secs:5.1f}s {m['function']}:{m['row']} "
@@ -348,7 +376,7 @@ def write_report(path: Path, plan, cfg, cache, args):
         c = dict(mutants=len(muts), killed=0, timeout=0, survived=0, equivalent=0, pending=0)
         by_ranks = {}
         for m in muts:
-            v = cache_get(cache, m["key"])
+            v = cache_get(cache, m["key"], m)
             if v is None:
                 c["pending"] += 1
                 continue

@@ -207,3 +207,35 @@ def test_deadline_fires_for_the_waiting_collective(intercepted):
         ok = ok and [int(v) for v in m.group(2).split(",")] == list(range(W)) and float(limit.group(1)) == 0.25
         why = f"reports {[r[:200] for r in reports[:2]]}, result {out} (want {want_sum})"
     assert_all(ok, why)
+
+
+# ------------------------------------------------------------------------------------------------
+# survivors of scripts/mutation.sh (placement.py, layout.py, ragged.py, _pool.py)
+
+
+def test_ragged_shard_with_an_empty_piece():
+    """Shard sizes may be 0 (a rank holding no rows): the values and the sizes ragged_from_local finds."""
+    mesh = init_device_mesh("cpu", (W,))
+    sizes = tuple(range(W - 1, -1, -1))  # the last rank holds nothing
+    n = sum(sizes)
+    full = np.arange(n * 2, dtype=np.float64).reshape(n, 2) + 0.5
+    off = sum(sizes[:R])
+    local = full[off:off + sizes[R]].copy()
+    X = DTensor.from_local(local, mesh, [Shard(0, sizes=sizes)])
+    Y = mpilocal.ragged_from_local(local, mesh, [Shard(0)])
+    rep = X.redistribute(mesh, [Replicate()]).to_local()
+    ok = X.shape == (n, 2) and np.array_equal(X.full_tensor(), full) and np.array_equal(rep, full)
+    ok = ok and Y.placements == (Shard(0, sizes=sizes),) and np.array_equal(Y.full_tensor(), full)
+    assert_all(ok, f"{X.shape} {Y.placements}")
+
+
+def test_placement_predicates_values():
+    """is_shard / is_ragged / is_replicate / is_partial as PyTorch's (and sizes for is_ragged)."""
+    s, r, p = Shard(1), Replicate(), Partial("max")
+    rs = Shard(0, sizes=(2, 0, 1))
+    got = [s.is_shard(), s.is_shard(1), s.is_shard(0), s.is_ragged(), rs.is_ragged(), rs.is_shard(0),
+           r.is_replicate(), r.is_shard(), r.is_partial(), p.is_partial(), p.is_replicate(), p.is_shard(),
+           s.is_replicate(), s.is_partial()]
+    want = [True, True, False, False, True, True, True, False, False, True, False, False, False, False]
+    assert got == want, f"{got} != {want}"
+    assert rs.sizes == (2, 0, 1) and s.sizes is None and p.reduce_op == "max"
