@@ -15,7 +15,7 @@ import pytest
 
 import mpilocal.functional as funcol
 from conftest import RANK, W, assert_all, raises_all
-from mpilocal import CommDebugMode, init_device_mesh
+from mpilocal import CommDebugMode, agreement, init_device_mesh
 
 LAST = W - 1
 SIG_BYTES = 48  # [h, -h] fast, [h, -h] slow, -slow, -error: six int64, whatever the world size
@@ -23,6 +23,10 @@ SIG_BYTES = 48  # [h, -h] fast, [h, -h] slow, -slow, -error: six int64, whatever
 
 def on_last(bad, good):
     return bad if RANK == LAST else good
+
+
+signature_path = pytest.mark.skipif(not agreement.signature_checks(), reason="MPILOCAL_DEBUG=1 or MPILOCAL_CHECK_ARGS=0: "
+                                    "not the signature path (the full agreement, or none, on every call)")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +41,7 @@ def _warm(mesh, x, n=4):
 
 
 @pytest.mark.mpi
+@signature_path
 def test_steady_state_is_one_fixed_size_signature_per_call(mesh):
     """After the first call of a pattern, each public call exchanges only the fixed-size signature
     (48 bytes per rank at any world size; nothing at 1 rank), and the results stay exact."""
@@ -63,6 +68,7 @@ def test_steady_state_is_one_fixed_size_signature_per_call(mesh):
 
 
 @pytest.mark.mpi
+@signature_path
 def test_alternating_patterns_stay_on_the_fast_path(mesh):
     """A loop that alternates calls (two shapes, two functions) is predicted from the agreed history:
     after one round only signatures are exchanged."""
@@ -86,7 +92,7 @@ DIVERGENT = [
     ("invalid op", lambda x, m: funcol.all_reduce(x, on_last("bogus", "sum"), m), ValueError, "bogus"),
     ("not an array", lambda x, m: funcol.all_reduce(on_last([1.0], x), "sum", m), TypeError, None),
     ("other function", lambda x, m: (funcol.broadcast(x, 0, m) if RANK == LAST else funcol.all_reduce(x, "sum", m)),
-     ValueError, None),
+     (ValueError, agreement.CollectiveMismatchError), None),  # the latter: MPILOCAL_DEBUG=1's fingerprints
 ]
 
 
