@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _arrays
+from ..names import identity
 from .engine import Leaf, Node, run_backward
 
 __all__ = ["Tracked", "tensor", "SUPPORTED", "OPERATORS"]
@@ -233,16 +234,6 @@ def _restore_shape(shape, axes, ndim):
     return tuple(1 if d in axes else next(it) for d in range(ndim))
 
 
-def _identity_of(op, dtype):
-    dt = np.dtype(dtype)
-    if dt.kind in "iu":
-        info = np.iinfo(dt)
-        return info.min if op == "max" else info.max
-    if dt.kind == "b":
-        return op == "min"
-    return -np.inf if op == "max" else np.inf
-
-
 def _extreme(op, a, axis=None, keepdims=False, global_value=None, global_sum=None):
     """max/min. The gradient is split evenly among the elements equal to the result (ties share it,
     as PyTorch's amax/amin do). ``global_value(out)`` / ``global_sum(count)`` (the ops layer gives
@@ -254,7 +245,7 @@ def _extreme(op, a, axis=None, keepdims=False, global_value=None, global_sum=Non
     axes = _norm_axes(axis, ndim)
     if any(ra.shape[d] == 0 for d in axes):  # an empty shard: the identity (only inside a sharded reduction)
         oshape = tuple(1 if d in axes else s for d, s in enumerate(ra.shape) if keepdims or d not in axes)
-        out = xp.full(oshape, _identity_of(op, ra.dtype), dtype=ra.dtype)
+        out = xp.full(oshape, identity(op, ra.dtype), dtype=ra.dtype)
     else:
         out = getattr(xp, op)(ra, axis=axes, keepdims=keepdims)
 

@@ -24,6 +24,7 @@ from ..autograd import dtensor_ops, engine
 from ..autograd.tracked import Tracked, namespace_for
 from ..dtensor import DTensor, on_device as _on_device
 from ..layout import local_shape_and_offset, shard_sizes, chunk_sizes
+from ..names import identity
 from ..placement import Partial, Replicate, Shard
 from . import rules
 
@@ -274,17 +275,11 @@ def _axes(axis, ndim, what):
 
 
 def _identity(op, dtype):
-    dt = np.dtype(dtype)
-    if op in ("sum", "any"):
-        return 0
-    if op in ("prod", "all"):
-        return 1
-    if dt.kind == "b":
-        return op == "min"
-    if dt.kind in "iu":
-        info = np.iinfo(dt)
-        return info.min if op == "max" else info.max
-    return -np.inf if op == "max" else np.inf
+    """What an empty shard gives for reduction ``op``: ``False``/``True`` for any/all (bool results),
+    else the identity of its Partial op (:func:`mpilocal.names.identity`) on ``dtype``."""
+    if op in ("any", "all"):
+        return op == "all"
+    return identity(rules.REDUCE_PARTIAL[op], dtype)
 
 
 def reduce(op, x, axis=None, keepdims=False, dtype=None):
