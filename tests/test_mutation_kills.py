@@ -239,3 +239,61 @@ def test_placement_predicates_values():
     want = [True, True, False, False, True, True, True, False, False, True, False, False, False, False]
     assert got == want, f"{got} != {want}"
     assert rs.sizes == (2, 0, 1) and s.sizes is None and p.reduce_op == "max"
+
+
+def test_placements_survive_pickling_and_mpi():
+    """Placements travel by pickle (mpi4py's lowercase collectives, checkpoints' metadata): a ragged
+    Shard keeps its sizes, a plain one has none."""
+    import pickle
+
+    from mpi4py import MPI
+
+    pls = [Shard(0, sizes=(2, 0, 1)), Shard(1), Replicate(), Partial("min")]
+    back = [pickle.loads(pickle.dumps(p)) for p in pls]
+    got = MPI.COMM_WORLD.bcast(pls if R == 0 else None, root=0)
+    ok = back == pls and got == pls and back[0].sizes == (2, 0, 1) and back[1].sizes is None
+    ok = ok and [type(p) for p in back] == [Shard, Shard, Replicate, Partial] and back[3].reduce_op == "min"
+    assert_all(ok, f"{back} / {got}")
+
+
+def test_pool_hands_out_distinct_blocks_and_reuses_them(monkeypatch):
+    """mpilocal._pool: live arrays never share memory; a dead array's page-rounded block is kept
+    (idle bytes counted exactly, up to the cap, the cap itself included) and handed out again;
+    small and object arrays come from np.empty; dtypes are kept exactly."""
+    import gc
+
+    from mpilocal import _pool
+
+    if _pool._CAP <= 0:
+        pytest.skip("MPILOCAL_POOL_BYTES=0 turns the pool off")
+    n = 3 * _pool.MIN_BYTES // 8 + 3          # float64 elements: 3 * MIN_BYTES + 24 bytes
+    size = -(-(n * 8) // 4096) * 4096          # the page-rounded block
+    monkeypatch.setattr(_pool, "_free", {})
+    monkeypatch.setattr(_pool, "_idle", [0])
+    monkeypatch.setattr(_pool, "_CAP", 2 * size)  # room for exactly two idle blocks
+    a = _pool.empty((n,), np.float64)
+    b = _pool.empty((n,), np.float64)
+    a[:] = np.arange(n)
+    b[:] = -1.0
+    ok = a.shape == (n,) and a.dtype == np.float64 and a.flags.c_contiguous and not np.shares_memory(a, b)
+    ok = ok and a[-1] == n - 1 and b[0] == -1.0
+    addrs = {a.ctypes.data, b.ctypes.data}
+    del a, b
+    gc.collect()
+    ok = ok and _pool._idle[0] == 2 * size and len(_pool._free.get(size, [])) == 2
+    extra = _pool.empty((n,), np.float64)      # reuses an idle block
+    ok = ok and extra.ctypes.data in addrs and _pool._idle[0] == size
+    c = _pool.empty((n,), np.float64)
+    ok = ok and c.ctypes.data in addrs and c.ctypes.data != extra.ctypes.data and _pool._idle[0] == 0
+    d = _pool.empty((n,), np.float64)          # nothing idle: a new block
+    ok = ok and d.ctypes.data not in addrs
+    del extra, c, d
+    gc.collect()
+    ok = ok and _pool._idle[0] == 2 * size     # of three dying blocks two are kept (2 * size <= cap), one dropped
+    rec = np.dtype([("x", "i1"), ("y", "<f8")], align=False)
+    r = _pool.empty((_pool.MIN_BYTES // rec.itemsize + 1,), rec)
+    small = _pool.empty((4, 3), np.float32)
+    objs = _pool.empty((_pool.MIN_BYTES,), object)
+    ok = ok and r.dtype == rec and r.dtype.fields == rec.fields and small.shape == (4, 3) and small.base is None
+    ok = ok and objs.dtype == object and objs.base is None
+    assert_all(ok, f"idle {_pool._idle[0]} (block {size}), free {({k: len(v) for k, v in _pool._free.items()})}")
