@@ -508,11 +508,11 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except StepError as e:  # raised on every rank alike: report once, exit non-zero everywhere
+    except StepError as e:  # raised on every rank alike: report once, then every rank exits normally with 3
         if RANK == 0:
             print(f"bench_checkpoint: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(3)
+        sys.exit(3)
     except BaseException:  # anything else may be on this rank only: end the whole job, never wait
         traceback.print_exc()
         sys.stderr.flush()
