@@ -43,11 +43,22 @@ except ImportError:  # Python 3.10
         def load(f):
             return _toml.loads(f.read().decode())
 
-from cosmic_ray.ast import ast_nodes, get_ast_from_path
+from cosmic_ray.ast import ast_nodes, get_ast
 from cosmic_ray.mutating import mutate_code
 from cosmic_ray.plugins import get_operator, operator_names
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+_REF = None  # --ref: read modules and tests from this commit, not the working tree
+
+
+def read_bytes(relpath: str):
+    if _REF:
+        r = subprocess.run(["git", "show", f"{_REF}:{relpath}"], cwd=ROOT, capture_output=True)
+        return r.stdout if r.returncode == 0 else None
+    p = ROOT / relpath
+    return p.read_bytes() if p.exists() else None
 
 
 def log(*a):
@@ -110,15 +121,30 @@ def _segment_by_name(source: str, qualname: str, fallback_row: int) -> str:
     return _enclosing_segment(source, fallback_row)[1]
 
 
-def mutants(relpath: str, cfg: dict, mcfg: dict, tests_digest: str) -> list[dict]:
-    """The filtered mutants of one module, each with its cache key and a one-line description."""
-    path = ROOT / relpath
-    source = path.read_text()
+def mutants(relpath: str, cfg: dict, mcfg: dict, tests_digest: str, cache: Path) -> list[dict]:
+    """The filtered mutants of one module, each with its cache key and a one-line description
+    (remembered per module source: generating them takes minutes on a loaded machine)."""
+    source = read_bytes(relpath).decode()
+    lkey = hashlib.sha256(json.dumps(["mutants-v1", relpath, source, cfg["defaults"]["operators"],
+                                      mcfg.get("functions", []), cfg["defaults"]["ranks"]]).encode()).hexdigest()
+    lpath = cache / "lists" / f"{lkey}.json"
+    if lpath.exists():
+        out = json.loads(lpath.read_text())
+    else:
+        out = _generate(relpath, source, cfg, mcfg)
+        lpath.parent.mkdir(parents=True, exist_ok=True)
+        lpath.write_text(json.dumps(out))
+    for m in out:
+        m["tests_digest"] = tests_digest
+    return out
+
+
+def _generate(relpath: str, source: str, cfg: dict, mcfg: dict) -> list[dict]:
     src_lines = source.splitlines()
     keep = [re.compile(p) for p in cfg["defaults"]["operators"]]
     functions = set(mcfg.get("functions", []))
     out = []
-    module_ast = get_ast_from_path(path)
+    module_ast = get_ast(source)
     nodes = list(ast_nodes(module_ast))
     specs = []
     for name in operator_names():  # as cosmic-ray's init does, for the kept operators only
@@ -152,7 +178,7 @@ def mutants(relpath: str, cfg: dict, mcfg: dict, tests_digest: str) -> list[dict
             "key": key, "module": relpath, "function": qual, "operator": m.operator_name,
             "occurrence": m.occurrence, "row": row, "line": line.strip(),
             "mutated_line": new_lines[0][1:].strip() if new_lines else "",
-            "mutated_source": mutated, "tests_digest": tests_digest,
+            "mutated_source": mutated,
         })
     return out
 
@@ -160,8 +186,8 @@ def mutants(relpath: str, cfg: dict, mcfg: dict, tests_digest: str) -> list[dict
 def tests_digest(files) -> str:
     h = hashlib.sha256()
     for f in sorted(set(files) | {"tests/conftest.py"}):
-        p = ROOT / f
-        h.update(f.encode() + b"\0" + (p.read_bytes() if p.exists() else b"<missing>") + b"\0")
+        b = read_bytes(f)
+        h.update(f.encode() + b"\0" + (b if b is not None else b"<missing>") + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -178,11 +204,16 @@ def equivalent_reason(mut: dict, cfg: dict):
 # ------------------------------------------------------------------------------------------------
 # running
 
-def make_copy(work: Path) -> None:
-    """A copy of the working tree (tracked and untracked, not ignored files) in ``work``."""
+def make_copy(work: Path, ref: str | None = None) -> None:
+    """A copy of the working tree (tracked and untracked, not ignored files) in ``work``, or of the
+    commit ``ref`` (while others edit the working tree, a commit is a consistent state)."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    if ref:
+        archive = subprocess.run(["git", "archive", "--format=tar", ref], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(work)], input=archive.stdout, check=True)
+        return
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
                            capture_output=True).stdout.decode().split("\0")
     for f in files:
@@ -286,7 +317,10 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="list the mutants and cached verdicts, run nothing")
     ap.add_argument("--report", default=None, help="write the report here (default benchmarks/results/DATE-mutation.md)")
     ap.add_argument("--no-run", action="store_true", help="only write the report from the cache")
+    ap.add_argument("--ref", default=None, help="mutate this commit (e.g. HEAD) instead of the working tree")
     args = ap.parse_args(argv)
+    global _REF
+    _REF = args.ref
 
     cfg = tomllib.load(open(ROOT / "scripts/mutation.toml", "rb"))
     cache = Path(os.environ.get("MUTATION_CACHE", ROOT / ".venv-mutation/cache"))
@@ -295,12 +329,13 @@ def main(argv=None):
     ranks = cfg["defaults"]["ranks"]
     per_test = cfg["defaults"]["per_test_timeout"]
     modules = select_modules(cfg, [m for m in args.modules.split(",") if m], args.all)
+    t_start = time.monotonic()  # --max-minutes counts from here (mutant generation included)
 
     plan = {}
     for mod in modules:
         mcfg = cfg["modules"][mod]
         digest = tests_digest(mcfg["tests"])
-        muts = [m for m in mutants(mod, cfg, mcfg, digest) if int(m["key"][:8], 16) % shard_n == shard_i]
+        muts = [m for m in mutants(mod, cfg, mcfg, digest, cache) if int(m["key"][:8], 16) % shard_n == shard_i]
         plan[mod] = (mcfg, digest, muts)
         cached = sum(cache_get(cache, m["key"], m) is not None for m in muts) if not args.fresh else 0
         log(f"{mod}: {len(muts)} mutants (shard {args.shard}), {cached} cached, tests {' '.join(mcfg['tests'])}")
@@ -312,7 +347,6 @@ def main(argv=None):
     if args.list:
         return 0
 
-    t_start = time.monotonic()
     out_of_time = False
     if not args.no_run:
         made_copy = False
@@ -321,8 +355,8 @@ def main(argv=None):
             if not todo:
                 continue
             if not made_copy:
-                log(f"copying the working tree to {work}")
-                make_copy(work)
+                log(f"copying {'the working tree' if not args.ref else args.ref} to {work}")
+                make_copy(work, args.ref)
                 made_copy = True
             target = work / mod
             original = target.read_text()
