@@ -347,20 +347,25 @@ def sendrecv(name, like, sent, sends, recvs, g: Group, **detail):
 # ------------------------------------------------------------------------------------------------
 # metadata exchanges (rows and requests: mpilocal.metadata), accounted like the collectives
 # ------------------------------------------------------------------------------------------------
-def post_shape_agreement(mesh, shape, vec=None) -> MetaFuture:
-    """Start the agreement of a local ``shape`` over ``mesh`` (collective; the local_map hot path:
-    the persistent-collective ring of the mesh's metadata communicator, without building a metadata
-    vector). ``vec``: the full metadata vector to agree on instead (dtype, flags; see mpilocal.dtensor)."""
-    comm = mesh._metadata_comm()
-    g = group_for(comm)
-    ring = metadata.ring_of(g)
-    if ring is None:
-        return post_meta_allgather(comm, metadata.meta_vector(shape, None) if vec is None else vec,
-                                   "shape_agreement")
+def post_shape_agreement(mesh, vec) -> MetaFuture:
+    """Start the shape agreement of a DTensor over ``mesh`` (collective, non-blocking): the SUM
+    reduction of this rank's fixed-width uint64 vector ``vec`` (its fields: mpilocal.dtensor), the
+    same size whatever the number of ranks. Also makes sure the diagnostics communicator exists
+    (created at the first post, a point every rank passes)."""
+    g = group_for(mesh._metadata_comm())
+    metadata.ensure_diag(g)
     if debug.ACTIVE:
-        debug.record_metadata("shape_agreement", META_WIDTH * 8)
+        debug.record_metadata("shape_agreement", vec.nbytes)
     with deadline.begin("metadata:shape_agreement", g, None):  # deadline / fingerprint
-        return ring.post(vec, shape)
+        return metadata.post_sum(g, vec)
+
+
+def meta_diagnostics(g: Group, row: np.ndarray) -> np.ndarray:
+    """Every rank's full metadata row, all-gathered (blocking) over ``g``'s diagnostics
+    communicator: only after a fixed-size shape agreement found an error, to name it."""
+    if debug.ACTIVE:
+        debug.record_metadata("shape_diagnostics", row.nbytes)
+    return metadata.diag_allgather(g, row)
 
 
 def post_meta_allgather(comm, vec: np.ndarray, what: str) -> MetaFuture:

@@ -126,7 +126,8 @@ def _cast(local, dtype):
 # inference, run_check, distribute_tensor's input check), all in one fixed-width int64 row:
 #   [ndim, code, local shape (ndim entries), 0 ..., dtype name (the last 16 bytes)]
 #   code = crc32 of the dtype | flags << 32 | 23-bit hash of the placements and given global shape << 40
-# An erroring rank sends its exception instead: [0, _F_ERROR << 32, "TypeName\0message" bytes].
+# (The shape agreement of from_local without shape= and of local_map outputs uses the fixed-size
+# vectors below, and these rows only to name an error it found.)
 # ------------------------------------------------------------------------------------------------
 _F_ERROR = 1     # the rank's local argument checks failed; the row carries its message
 _F_GRAD = 2      # the local array requires grad
@@ -157,15 +158,6 @@ def _meta_row(shape: tuple, dtype, flags: int = 0, given=None, pl=None) -> np.nd
         code |= _F_SHAPE << 32
     v[1] = code
     v.flags.writeable = False
-    return v
-
-
-def _error_row(err: BaseException) -> np.ndarray:
-    width = META_WIDTH
-    v = np.zeros(width, dtype=np.int64)
-    v[1] = _F_ERROR << 32
-    raw = f"{type(err).__name__}\0{err}".encode()[:8 * (width - 2)]
-    v[2:].view(np.uint8)[:len(raw)] = np.frombuffer(raw, np.uint8)
     return v
 
 
@@ -329,12 +321,152 @@ def _layout_message(caller, shape, locals_, expected, mesh, pl, given):
 
 class _Pending:
     """A posted metadata agreement of a DTensor built from local shards: completed (and checked, see
-    :func:`_check_rows`) when the global shape is first needed."""
+    :func:`_check_sum`) when the global shape is first needed. ``key``: (local shape, dtype, flags)."""
 
-    __slots__ = ("fut", "caller")
+    __slots__ = ("fut", "caller", "key")
 
-    def __init__(self, fut, caller):
-        self.fut, self.caller = fut, caller
+    def __init__(self, fut, caller, key):
+        self.fut, self.caller, self.key = fut, caller, key
+
+
+# ------------------------------------------------------------------------------------------------
+# the shape agreement in fixed-size metadata (issue 11). Each rank contributes one uint64 vector of
+# 4 + _MSG + 2 * mesh.ndim entries, SUM-reduced over the mesh (wrapping mod 2**64), whatever the number
+# of ranks; mesh rank i weighs its fields with a fixed odd 64-bit weight w_i:
+#   [0] 1 if this rank's argument checks failed, [1] (i + 1) if failed, [2] its error type code,
+#   [3] w_i * hash(ndim, dtype, flags, placements, the sizes of the unsharded dims),
+#   [4:4+_MSG] the failing rank's "Type\0message" bytes,
+#   then per tensor dim d sharded by mesh dims of size > 1 (in order): [l_d, w_i * l_d] (l_d: local size).
+# Every rank completes the same sum, so every rank reaches the same verdict: a failure names the
+# failing rank (exact when one rank failed); one hash for all ranks iff sum(w_i h_i) == h * sum(w_i)
+# (with odd random weights a difference escapes with probability ~2**-64); the global size along d is
+# sum(l_d) / (ranks holding each row), and the local sizes follow the layout iff sum(w_i l_d,i) equals
+# the same sum over the sizes the layout gives each rank. Where a check fails, the ranks all-gather
+# their full rows once (metadata.diag_allgather) so the error names ranks and sizes (_check_rows).
+# ------------------------------------------------------------------------------------------------
+_MSG = 30
+_TYPE_CODES = {"TypeError": 1, "NotImplementedError": 2}
+_CODE_TYPES = {1: TypeError, 2: NotImplementedError}
+_WEIGHTS: dict = {}
+
+
+def _weights(n: int) -> np.ndarray:
+    w = _WEIGHTS.get(n)
+    if w is None:
+        w = np.random.Generator(np.random.PCG64(0x6D70696C6F63616C)).integers(0, 2**63, n, dtype=np.uint64)
+        w = _WEIGHTS[n] = (w << np.uint64(1)) | np.uint64(1)
+        w.flags.writeable = False
+    return w
+
+
+@lru_cache(maxsize=1024)
+def _flat(mesh_shape: tuple, coord: tuple) -> int:
+    return int(np.ravel_multi_index(coord, mesh_shape))
+
+
+def _sum_width(mesh) -> int:
+    return 4 + _MSG + 2 * mesh.ndim
+
+
+def _sharded_tensor_dims(pl, mesh_shape) -> list:
+    """Tensor dims sharded by a mesh dim of size > 1, in order of first appearance."""
+    return list(dict.fromkeys(p.dim for m, p in enumerate(pl) if type(p) is Shard and mesh_shape[m] > 1))
+
+
+@lru_cache(maxsize=1024)
+def _sum_row(shape: tuple, dtype, flags: int, pl: tuple, mesh_shape: tuple, index: int, width: int) -> np.ndarray:
+    """This rank's (read-only) vector of the shape agreement (mesh rank ``index``)."""
+    v = np.zeros(width, dtype=np.uint64)
+    w = _weights(math.prod(mesh_shape))[index]
+    sharded = _sharded_tensor_dims(pl, mesh_shape)
+    head = (len(shape), dtype.str, str(dtype), flags, repr(pl),
+            tuple(-1 if d in sharded else n for d, n in enumerate(shape)))
+    h = np.uint64(zlib.crc32(repr(head).encode()) | (zlib.adler32(repr(head).encode()) << 32))
+    with np.errstate(over="ignore"):
+        v[3] = w * h
+        for j, d in enumerate(sharded):
+            v[4 + _MSG + 2 * j] = shape[d]
+            v[5 + _MSG + 2 * j] = w * np.uint64(shape[d])
+    v.flags.writeable = False
+    return v
+
+
+def _sum_error_row(err: BaseException, index: int, width: int) -> np.ndarray:
+    v = np.zeros(width, dtype=np.uint64)
+    v[0], v[1], v[2] = 1, index + 1, _TYPE_CODES.get(type(err).__name__, 0)
+    raw = f"{type(err).__name__}\0{err}".encode()[:8 * _MSG]
+    v[4:4 + _MSG].view(np.uint8)[:len(raw)] = np.frombuffer(raw, np.uint8)
+    return v
+
+
+_SUM_CHECKED: dict = {}  # (sum, this rank's key, mesh, placements) -> global shape
+
+
+def _check_sum(total, p, mesh, pl) -> tuple:
+    """The global shape the reduced vector ``total`` implies, after its checks (see above); on a
+    failed check, the full rows are all-gathered and :func:`_check_rows` names the error."""
+    key = (total.tobytes(), p.key, tuple(mesh.mesh.shape), pl)
+    shape = _SUM_CHECKED.get(key)
+    if shape is not None:
+        return shape
+    caller = p.caller
+    local_shape, dtype, flags = p.key
+    nfail = int(total[0])
+    if nfail:
+        ranks = mesh.mesh.ravel()
+        etype = ValueError
+        if nfail == 1:
+            r = int(total[1]) - 1
+            etype = _CODE_TYPES.get(int(total[2]), ValueError)
+            raw = total[4:4 + _MSG].copy().view(np.uint8).tobytes().rstrip(b"\0").decode(errors="replace")
+            msg = raw.partition("\0")[2]
+            where = f"mesh rank {int(ranks[r])}" if 0 <= r < len(ranks) else "a rank"
+        else:
+            where, msg = f"{nfail} ranks", "each failing rank raises its own error"
+        raise etype(f"{caller}: {where} rejected its arguments ({nfail} rank(s) failed the checks, so every rank "
+                    f"raises): {msg}")
+    mesh_shape = tuple(mesh.mesh.shape)
+    n = math.prod(mesh_shape)
+    w = _weights(n)
+    index = _flat(mesh_shape, mesh._coordinate)
+    mine = _sum_row(local_shape, dtype, flags, pl, mesh_shape, index, total.size)
+    ok = True
+    with np.errstate(over="ignore"):
+        h = mine[3] * _inverse(w[index])  # this rank's hash
+        ok = total[3] == h * w.sum(dtype=np.uint64)
+        shape = list(local_shape)
+        for j, d in enumerate(_sharded_tensor_dims(pl, mesh_shape)):
+            reps = n // math.prod(mesh_shape[m] for m, q in enumerate(pl) if type(q) is Shard and q.dim == d)
+            s = int(total[4 + _MSG + 2 * j])
+            if s % reps:
+                ok = False
+                break
+            shape[d] = s // reps
+        if ok:
+            expected = _expected_locals(tuple(shape), mesh_shape, pl)
+            for j, d in enumerate(_sharded_tensor_dims(pl, mesh_shape)):
+                if (expected[:, d].astype(np.uint64) * w).sum(dtype=np.uint64) != total[5 + _MSG + 2 * j]:
+                    ok = False
+    if not ok:  # every rank completing this agreement gets here: name the error from the full rows
+        from .transport import group_for
+
+        row = _meta_row(local_shape, dtype, flags, None, pl)
+        rows = collectives.meta_diagnostics(group_for(mesh._metadata_comm()), row)
+        return _check_rows(rows, mesh, pl, None, caller)
+    shape = tuple(shape)
+    if len(_SUM_CHECKED) >= 256:
+        _SUM_CHECKED.clear()
+    _SUM_CHECKED[key] = shape
+    return shape
+
+
+def _inverse(w):
+    """The inverse of the odd ``w`` modulo 2**64 (Newton's iteration)."""
+    w = int(w)
+    x = w
+    for _ in range(6):
+        x = (x * (2 - w * x)) % (1 << 64)
+    return np.uint64(x)
 
 
 def _would_agree(placements, mesh) -> bool:
@@ -494,10 +626,10 @@ class DTensor:
 
     def _resolve_shape(self):
         p = self._future
-        rows = p.fut.result()
+        total = p.fut.result()
         # raises the same error on every rank when the shards do not form a DTensor; the pending
         # agreement stays in place, so every later use raises it again
-        shape = _check_rows(rows, self._mesh, self._placements, None, p.caller)
+        shape = _check_sum(total, p, self._mesh, self._placements)
         self._shape = shape
         self._future = None
         return shape
@@ -883,7 +1015,8 @@ def _post_error(local_tensor, device_mesh, placements, shape, err):
     if not isinstance(mesh, DeviceMesh) or mesh._coordinate is None or not _would_agree(placements, mesh):
         return
     try:
-        collectives.post_shape_agreement(mesh, (), _error_row(err))
+        index = _flat(tuple(mesh.mesh.shape), mesh._coordinate)
+        collectives.post_shape_agreement(mesh, _sum_error_row(err, index, _sum_width(mesh)))
     except Exception:  # noqa: BLE001 - the argument error is what this rank reports
         pass
 
@@ -899,9 +1032,10 @@ def wrap_local(local, mesh, pl, shape=None, stride=None, caller="local_map", req
         mesh_shape = mesh.mesh.shape
         for i, p in enumerate(pl):
             if type(p) is Shard and mesh_shape[i] > 1:  # a mesh dim of size 1 shards nothing
-                vec = _meta_row(tuple(local.shape), local.dtype, _F_GRAD if requires_grad else 0, None, pl)
-                fut = collectives.post_shape_agreement(mesh, local.shape, vec)
-                return DTensor(local, mesh, pl, None, _Pending(fut, caller), stride)
+                key = (tuple(local.shape), local.dtype, _F_GRAD if requires_grad else 0)
+                vec = _sum_row(*key, pl, mesh_shape, _flat(mesh_shape, mesh._coordinate), _sum_width(mesh))
+                fut = collectives.post_shape_agreement(mesh, vec)
+                return DTensor(local, mesh, pl, None, _Pending(fut, caller, key), stride)
         shape = tuple(local.shape)
     return DTensor(local, mesh, pl, shape, None, stride)
 

@@ -247,3 +247,97 @@ def _drain_pending():  # runs before mpi4py's MPI_Finalize (registered later, so
         for req in ring.reqs:
             req.Free()
     _RINGS.clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# shape agreement in fixed-size metadata (issue 11): one SUM reduction per agreement
+# ------------------------------------------------------------------------------------------------
+# The shape agreement of DTensors built from local shards (local_map outputs, from_local without
+# shape=) reduces one fixed-width uint64 vector per rank (sum, wrapping mod 2**64), whatever the
+# number of ranks; mpilocal.dtensor owns its fields and checks. Only when its checks find an error
+# do the ranks all-gather their full metadata rows (over a communicator of their own) to name it.
+class SumRing(MetaRing):
+    """K persistent ``MPI_Allreduce_init`` (SUM of uint64 vectors of ``width``) on one
+    communicator, reused round-robin as :class:`MetaRing`."""
+
+    def __init__(self, comm, g, width):
+        self.g = g
+        self.width = width
+        self.send = np.zeros((self.K, width), dtype=np.uint64)
+        self.recv = np.zeros((self.K, width), dtype=np.uint64)
+        from mpi4py import MPI
+
+        self.reqs = [comm.Allreduce_init(self.send[j], self.recv[j], MPI.SUM) for j in range(self.K)]
+        self.owner = [None] * self.K
+        self.next = 0
+        _RINGS.append(self)
+
+
+_SUM_RING_KEY = "meta_sum_ring"
+_NO_SUM_RING = False
+_DIAG_KEY = "mpilocal.meta_diag"
+
+
+def post_sum(g, vec: np.ndarray) -> MetaFuture:
+    """Start the SUM reduction of ``vec`` (uint64) over Group ``g`` (collective, non-blocking): the
+    persistent ring where the MPI has one (MPI-4), else an ``MPI_Iallreduce`` (retired as
+    :func:`post_iallgather`'s)."""
+    global _NO_SUM_RING
+    from mpi4py import MPI
+
+    ring = g.cache.get(_SUM_RING_KEY)
+    if (ring is None or ring.width != vec.size) and not _NO_SUM_RING:
+        if ring is not None:  # another width on this communicator: replace the ring (same on every rank)
+            _free_ring(ring)
+        try:
+            ring = g.cache[_SUM_RING_KEY] = SumRing(g.comm, g, vec.size)
+        except (NotImplementedError, AttributeError):
+            _NO_SUM_RING = True
+    if not _NO_SUM_RING:
+        return ring.post(vec)
+    while _PENDING and (_PENDING[0].test() or len(_PENDING) >= _MAX_PENDING):
+        _PENDING.popleft().result()
+    recv = np.empty_like(vec)
+    fut = MetaFuture(g.comm.Iallreduce(vec, recv, MPI.SUM), recv, g)
+    _PENDING.append(fut)
+    return fut
+
+
+def ensure_diag(g) -> None:
+    """Create (once; **collective**, so at a point every rank passes: a post) the communicator on
+    which :func:`diag_allgather` runs."""
+    if _DIAG_KEY not in g.cache:
+        with deadline.in_flight("creating the metadata diagnostics communicator", g):
+            g.cache[_DIAG_KEY] = g.comm.Dup()
+
+
+def diag_allgather(g, row: np.ndarray) -> np.ndarray:
+    """Blocking all-gather of full metadata rows, only after a fixed-size agreement found an error
+    (every rank that completes that agreement finds it, and runs this)."""
+    comm = g.cache[_DIAG_KEY]
+    recv = np.empty((g.size, row.size), dtype=row.dtype)
+    with deadline.waiting("metadata diagnostics (all-gather of the rows after a failed shape agreement)", g):
+        comm.Allgather(row, recv)
+    return recv
+
+
+def _free_ring(ring) -> None:
+    for fut in ring.owner:
+        if fut is not None:
+            fut.result()
+    for req in ring.reqs:
+        req.Free()
+    if ring in _RINGS:
+        _RINGS.remove(ring)
+
+
+def _release_sum(g) -> None:
+    ring = g.cache.pop(_SUM_RING_KEY, None)
+    if ring is not None:
+        _free_ring(ring)
+    diag = g.cache.pop(_DIAG_KEY, None)
+    if diag is not None:
+        diag.Free()
+
+
+register_release_hook("11-metadata-sum", _release_sum)

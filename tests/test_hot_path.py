@@ -194,3 +194,49 @@ def test_shard_to_shard_bit_exact(mesh, case):
                f"S{i}->S{j} {shape} {G.dtype}: {got.shape} vs {want.shape}")
     back = e.redistribute(mesh, [Shard(i)]).to_local()
     assert_all(back.tobytes() == np.ascontiguousarray(G[local_slices(shape, (W,), (Shard(i),), (RANK,))]).tobytes())
+
+
+# ------------------------------------------------------------------------------------------------
+# shape agreement: fixed-size metadata, whatever the world size
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.mpi
+@pytest.mark.skipif(W < 2, reason="a 1-rank mesh shards nothing: no agreement")
+def test_shape_agreement_bytes_do_not_grow_with_the_world(mesh):
+    """from_local without shape= (and local_map outputs) agree on one fixed-width vector: what a rank
+    sends and what it receives is (4 + 30 + 2 * mesh.ndim) * 8 bytes at any number of ranks (it was
+    66 int64 per rank of the mesh, received by every rank)."""
+    from mpilocal import DTensor, Shard, local_map
+
+    from mpilocal.layout import chunk_sizes
+
+    want = (4 + 30 + 2 * mesh.ndim) * 8
+    rows = list(chunk_sizes(2 * W + 1, W))
+    x = np.ones((rows[RANK], 3))
+    with CommDebugMode() as mode:
+        d = DTensor.from_local(x, mesh, [Shard(0)])
+        f = local_map(lambda a: a * 2, out_placements=[Shard(0)], in_placements=([Shard(0)],), device_mesh=mesh)
+        y = f(d)
+    sent = dict(mode.get_metadata_bytes())
+    received = [d._future.fut.result().nbytes, y._future.fut.result().nbytes]
+    assert_all(sent == {"shape_agreement": 2 * want} and received == [want, want], f"sent {sent}, received {received}")
+    assert_all(d.shape == (sum(rows), 3) and y.shape == (sum(rows), 3), f"{d.shape} {y.shape}")
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(W != 4, reason="a 2 x 2 mesh")
+def test_shape_agreement_2d_lines_that_differ():
+    """Each column of a 2 x 2 mesh holds a chunk-valid split, but of different totals (6 and 4 rows):
+    not one DTensor. Every rank raises the same error; valid 2-D layouts still agree."""
+    from mpilocal import DTensor, Replicate, Shard, distribute_tensor
+    from conftest import raises_all as _raises_all
+
+    m2 = init_device_mesh("cpu", (2, 2))
+    col = m2._coordinate[1]
+    x = np.ones((3 if col == 0 else 2, 4))
+    d = DTensor.from_local(x, m2, [Shard(0), Replicate()])
+    _raises_all(ValueError, r"DTensor\.from_local", lambda: d.shape, same_text=True)
+    G = np.arange(7.0 * 5).reshape(7, 5)
+    for pl in ([Shard(0), Shard(1)], [Shard(0), Shard(0)], [Replicate(), Shard(1)], [Shard(1), Shard(0)]):
+        ref = distribute_tensor(G, m2, pl)
+        e = DTensor.from_local(ref.to_local(), m2, pl)
+        assert_all(e.shape == G.shape and np.array_equal(e.full_tensor(), G), f"{pl}: {e.shape}")
