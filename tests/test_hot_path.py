@@ -57,6 +57,7 @@ def test_steady_state_is_one_fixed_size_signature_per_call(mesh):
     }
     for name, (call, ref) in calls.items():
         call()  # the pattern is agreed
+        before = agreement.SIG_STATS["fast"]
         with CommDebugMode() as mode:
             for _ in range(3):
                 out = call()
@@ -65,6 +66,7 @@ def test_steady_state_is_one_fixed_size_signature_per_call(mesh):
         want = {} if W == 1 else {"signature": 3}
         assert_all(meta == want, f"{name}: metadata {meta}, expected {want}")
         assert_all(nbytes == ({} if W == 1 else {"signature": 3 * SIG_BYTES}), f"{name}: metadata bytes {nbytes}")
+        assert_all(agreement.SIG_STATS["fast"] - before == (0 if W == 1 else 3), f"{name}: not on the fast path")
 
 
 @pytest.mark.mpi
@@ -76,6 +78,7 @@ def test_alternating_patterns_stay_on_the_fast_path(mesh):
     for _ in range(2):
         funcol.all_reduce(a, "sum", mesh)
         funcol.all_gather_tensor(b, 0, mesh)
+    before = dict(agreement.SIG_STATS)
     with CommDebugMode() as mode:
         for _ in range(3):
             ra = funcol.all_reduce(a, "sum", mesh)
@@ -83,6 +86,9 @@ def test_alternating_patterns_stay_on_the_fast_path(mesh):
             assert_all(np.array_equal(ra, np.ones(5) * W * (W + 1) / 2) and rb.shape == (2 * W, 3))
     meta = dict(mode.get_metadata_counts())
     assert_all(meta == ({} if W == 1 else {"signature": 6}), f"metadata {meta}")
+    fast = {k: agreement.SIG_STATS[k] - before[k] for k in before}
+    assert_all(fast == ({"fast": 0, "agreed": 0, "diagnose": 0} if W == 1 else {"fast": 6, "agreed": 0, "diagnose": 0}),
+               f"outcomes {fast}: every call after the first round should take the fast path")
 
 
 DIVERGENT = [
