@@ -19,7 +19,9 @@ input size for all_reduce/reduce_scatter and P->R/P->S0, the per-rank buffer for
 
 Timing: the cases of a section are run in turn, one batch of calls each, for ``--rounds`` rounds (so
 mpilocal and raw see the same machine load); a batch's time is the slowest rank's. Reported: the
-minimum and the median per-call time over the rounds. Nothing here is asserted.
+minimum and the median per-call time over the rounds, and (CPU, latency and local_map) the fastest
+single call seen on any round (the slowest rank's): on a loaded machine the closest to an unloaded
+call. Nothing here is asserted.
 """
 
 from __future__ import annotations
@@ -56,13 +58,26 @@ class Bench:
         if self.cp is not None:
             self.cp.cuda.get_current_stream().synchronize()
 
-    def batch(self, fn, k):
+    def batch(self, fn, k, best=None, i=0):
+        """Mean seconds per call of ``k`` back-to-back calls; with ``best`` (an array), also the
+        fastest single call (entry ``i``; host time: with --device cuda, launches only)."""
+        perf = time.perf_counter
         self.comm.Barrier()
-        t0 = time.perf_counter()
-        for _ in range(k):
-            fn()
+        t0 = perf()
+        if best is None:
+            for _ in range(k):
+                fn()
+        else:
+            b, t = best[i], t0
+            for _ in range(k):
+                fn()
+                u = perf()
+                if u - t < b:
+                    b = u - t
+                t = u
+            best[i] = b
         self.sync()
-        return (time.perf_counter() - t0) / k
+        return (perf() - t0) / k
 
     def measure(self, cases):
         """cases: [(key, fn)]; returns {key: (min, median) seconds per call, slowest rank}."""
@@ -77,12 +92,16 @@ class Bench:
             ks.append(int(max(1, min(2000, self.target / max(one, 1e-7)))))
         ks = [comm.allreduce(k, op=MPI.MIN) for k in ks]
         times = np.zeros((self.rounds, len(cases)))
+        best = np.full(len(cases), np.inf)
         for r in range(self.rounds):
             for i, (_, fn) in enumerate(cases):
-                times[r, i] = self.batch(fn, ks[i])
+                times[r, i] = self.batch(fn, ks[i], best if self.cp is None else None, i)
         slow = np.empty_like(times)
         comm.Allreduce(times, slow, op=MPI.MAX)
-        return {key: (float(slow[:, i].min()), float(np.median(slow[:, i]))) for i, (key, _) in enumerate(cases)}
+        bslow = np.empty_like(best)
+        comm.Allreduce(best, bslow, op=MPI.MAX)
+        return {key: (float(slow[:, i].min()), float(np.median(slow[:, i])), float(bslow[i]))
+                for i, (key, _) in enumerate(cases)}
 
 
 def build(xp, n, size, mesh, funcol, DTensor, Shard, Replicate, Partial):
@@ -192,8 +211,8 @@ def run(args):
             for path in ("mpilocal", "raw_mpi", "raw_nccl"):
                 key = (path, op if path == "mpilocal" else RAW_OF.get(op, op))
                 if key in res:
-                    tmin, tmed = res[key]
-                    entry[path] = dict(min_us=tmin * 1e6, med_us=tmed * 1e6,
+                    tmin, tmed, tbest = res[key]
+                    entry[path] = dict(min_us=tmin * 1e6, med_us=tmed * 1e6, best_us=tbest * 1e6,
                                        busbw=size / tmin * busbw_factor(op, n) / 1e9)
             rows.append(entry)
             if rank == 0 and args.verbose:
@@ -247,7 +266,7 @@ def run(args):
         for op, raw_op in (("S0->R", "all_gather"), ("P->R", "all_reduce")):
             for path in ("raw_mpi_new", "raw_nccl_new"):
                 if (path, raw_op) in res:
-                    tmin, tmed = res[(path, raw_op)]
+                    tmin, tmed, _ = res[(path, raw_op)]
                     e = next(r for r in rows if r["section"] == "new-output" and r["op"] == op)
                     e[path] = dict(min_us=tmin * 1e6, med_us=tmed * 1e6, busbw=size / tmin * busbw_factor(op, n) / 1e9)
     if "local_map" in sel:
@@ -272,47 +291,51 @@ def run(args):
             op = f"local_map {name}"
             m, r = res[("mpilocal", op)], res[("raw_f", op)]
             rows.append(dict(section="local_map", op=op, bytes=0,
-                             mpilocal=dict(min_us=m[0] * 1e6, med_us=m[1] * 1e6),
-                             raw_f=dict(min_us=r[0] * 1e6, med_us=r[1] * 1e6)))
+                             mpilocal=dict(min_us=m[0] * 1e6, med_us=m[1] * 1e6, best_us=m[2] * 1e6),
+                             raw_f=dict(min_us=r[0] * 1e6, med_us=r[1] * 1e6, best_us=r[2] * 1e6)))
     return rows
 
 
 def table(runs, labels):
-    """Markdown: per section, one row per (op, size); min/median per call for each run's mpilocal and
-    for the raw baselines of the first run, and mpilocal's overhead (µs) or share of raw busbw."""
+    """Markdown: per section, one row per (op, size); for each run its mpilocal and raw min / median
+    per call and mpilocal's overhead over that run's raw (µs, latency and local_map) or its share of
+    that run's raw busbw (min times). Each run is compared with its own raw baseline (same load)."""
     lines = []
     first = runs[0]
     for section in dict.fromkeys(r["section"] for r in first):
         rows0 = [r for r in first if r["section"] == section]
-        raws = [p for p in ("raw_mpi", "raw_mpi_new", "raw_nccl", "raw_nccl_new", "raw_f")
-                if any(p in r for r in rows0)]
-        base = "raw_nccl" if any("raw_nccl" in r for r in rows0) else raws[0] if raws else None
+        allrows = [r for run in runs for r in run if r["section"] == section]
+        raws = [p for p in ("raw_nccl", "raw_mpi", "raw_f") if any(p in r for r in allrows)]
+        extra = [p for p in ("raw_nccl_new", "raw_mpi_new") if any(p in r for r in allrows)]
+        base = raws[0] if raws else None
+        lat = section in ("latency", "local_map")
         lines.append(f"\n### {section}\n")
-        head = ["op", "size"] + [f"{lab} min / med µs" for lab in labels] + [f"{p} min / med µs" for p in raws]
-        if section in ("latency", "local_map"):
-            head += [f"{lab}: min − {base} (µs)" for lab in labels]
-        else:
-            head += [f"{lab}: % of {base} busbw (min)" for lab in labels]
+        head = ["op", "size"]
+        unit = "min / med (best call) µs" if lat else "min / med µs"
+        for lab in labels:
+            head += [f"{lab}: mpilocal {unit}", f"{lab}: {base} {unit}"] + \
+                    [f"{lab}: {p} {unit}" for p in extra] + \
+                    [f"{lab}: min − {base} (best − best) µs" if lat else f"{lab}: % of {base} busbw"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|---|---:|" + "---:|" * (len(head) - 2))
         for r0 in rows0:
             cells = [r0["op"], human(r0["bytes"]) if r0["bytes"] else "–"]
-            ms = []
             for run in runs:
                 m = next((r for r in run if (r["section"], r["op"], r["bytes"]) == (section, r0["op"], r0["bytes"])),
-                         None)
-                ms.append(m.get("mpilocal") if m else None)
-                cells.append(f"{ms[-1]['min_us']:.1f} / {ms[-1]['med_us']:.1f}" if ms[-1] else "–")
-            for p in raws:
-                cells.append(f"{r0[p]['min_us']:.1f} / {r0[p]['med_us']:.1f}" if p in r0 else "–")
-            b = r0.get(base)
-            for m in ms:
-                if m is None or b is None:
+                         {})
+                for p in ["mpilocal", base] + extra:
+                    v = m.get(p)
+                    best = f" ({v['best_us']:.1f})" if v and lat and "best_us" in v else ""
+                    cells.append(f"{v['min_us']:.1f} / {v['med_us']:.1f}{best}" if v else "–")
+                a, b = m.get("mpilocal"), m.get(base)
+                if a is None or b is None:
                     cells.append("–")
-                elif section in ("latency", "local_map"):
-                    cells.append(f"{m['min_us'] - b['min_us']:+.1f}")
+                elif lat and "best_us" in a and "best_us" in b:
+                    cells.append(f"{a['min_us'] - b['min_us']:+.1f} ({a['best_us'] - b['best_us']:+.1f})")
+                elif lat:
+                    cells.append(f"{a['min_us'] - b['min_us']:+.1f}")
                 else:
-                    cells.append(f"{100 * b['min_us'] / m['min_us']:.0f}%")
+                    cells.append(f"{100 * b['min_us'] / a['min_us']:.0f}%")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
