@@ -139,6 +139,19 @@ def mutants(relpath: str, cfg: dict, mcfg: dict, tests_digest: str, cache: Path)
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _without_annotations(source: str) -> str:
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg):
+            node.annotation = None
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node.returns = None
+        elif isinstance(node, ast.AnnAssign):
+            node.annotation = ast.Constant(None)
+    return ast.dump(tree)
+
+
 def _generate(relpath: str, source: str, cfg: dict, mcfg: dict) -> list[dict]:
     src_lines = source.splitlines()
     keep = [re.compile(p) for p in cfg["defaults"]["operators"]]
@@ -169,6 +182,9 @@ def _generate(relpath: str, source: str, cfg: dict, mcfg: dict) -> list[dict]:
             compile(mutated, relpath, "exec")
         except SyntaxError:
             continue
+        if "from __future__ import annotations" in source and \
+                _without_annotations(mutated) == _without_annotations(source):
+            continue  # only an annotation changed: never evaluated (from __future__ import annotations)
         after = _segment_by_name(mutated, qual, row)
         new_lines = [ln for ln in difflib.unified_diff(source.splitlines(), mutated.splitlines(), lineterm="", n=0)
                      if ln.startswith("+") and not ln.startswith("+++")]
