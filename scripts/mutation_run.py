@@ -125,7 +125,7 @@ def mutants(relpath: str, cfg: dict, mcfg: dict, tests_digest: str, cache: Path)
     """The filtered mutants of one module, each with its cache key and a one-line description
     (remembered per module source: generating them takes minutes on a loaded machine)."""
     source = read_bytes(relpath).decode()
-    lkey = hashlib.sha256(json.dumps(["mutants-v1", relpath, source, cfg["defaults"]["operators"],
+    lkey = hashlib.sha256(json.dumps(["mutants-v2", relpath, source, cfg["defaults"]["operators"],
                                       mcfg.get("functions", []), cfg["defaults"]["ranks"]]).encode()).hexdigest()
     lpath = cache / "lists" / f"{lkey}.json"
     if lpath.exists():
