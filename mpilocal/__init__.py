@@ -1,7 +1,7 @@
 """mpilocal: PyTorch-DTensor-style distributed arrays and ``local_map`` over MPI, without PyTorch.
 
 Each MPI rank holds one shard (a NumPy array on CPU or a CuPy array on its GPU); placements on an
-N-D device mesh say how the shards form the global array. See DESIGN.md and README.md.
+N-D device mesh say how the shards form the global array. See README.md and docs/architecture.md.
 
 ``import mpilocal`` itself does not load mpi4py (so the one-process checkpoint reader,
 ``mpilocal.checkpoint.read_array`` and ``python -m mpilocal.checkpoint ls``, never initializes MPI).
