@@ -7,8 +7,8 @@ anything else, write a :class:`mpilocal.autograd.Function`.
 
 Supported: the operators and methods in ``OPERATORS``, and the functions in ``SUPPORTED``, via
 ``x.__array_namespace__()`` or the NumPy functions of the same name on NumPy shards (both are
-built from one table, ``_FUNCS``, below). Comparisons return plain boolean arrays (not
-differentiable). Array creation (``zeros``, ``ones_like``, ``arange``, dtypes, constants, ...)
+built from one table, ``_FUNCS``, below). The operations in ``NOT_DIFFERENTIABLE`` (comparisons,
+``isnan``-style predicates, ``any``, ``all``, ``sign``) return plain arrays computed from the values. Array creation (``zeros``, ``ones_like``, ``arange``, dtypes, constants, ...)
 passes through unchanged.
 """
 
@@ -20,7 +20,7 @@ from .. import _arrays
 from ..names import identity
 from .engine import Leaf, Node, run_backward
 
-__all__ = ["Tracked", "tensor", "SUPPORTED", "OPERATORS"]
+__all__ = ["Tracked", "tensor", "SUPPORTED", "OPERATORS", "NOT_DIFFERENTIABLE"]
 
 #: > 0 while local_map runs its function on Tracked inputs (error messages say where Tracked came from)
 LOCAL_MAP_DEPTH = 0
@@ -310,6 +310,36 @@ def sqrt(a):
     ra = _raw(a)
     out = _xp(ra).sqrt(ra)
     return _record("Sqrt", out, (a,), lambda g, n: (g * 0.5 / out,))
+
+
+def sin(a):
+    ra = _raw(a)
+    xp = _xp(ra)
+    return _record("Sin", xp.sin(ra), (a,), lambda g, n: (g * xp.cos(ra),))
+
+
+def cos(a):
+    ra = _raw(a)
+    xp = _xp(ra)
+    return _record("Cos", xp.cos(ra), (a,), lambda g, n: (-g * xp.sin(ra),))
+
+
+def minimum(a, b):
+    ra, rb = _raw(a), _raw(b)
+    xp = _xp(ra) if _arrays.is_array(ra) else _xp(rb)
+    sa, sb = _shape(ra), _shape(rb)
+    out = xp.minimum(ra, rb)
+
+    def bw(g, n):
+        wa = (ra < rb) + 0.5 * (ra == rb)  # ties split the gradient evenly (as PyTorch does)
+        return (_unbroadcast(g * wa, sa) if n[0] else None,
+                _unbroadcast(g * (1 - wa), sb) if n[1] else None)
+
+    return _record("Minimum", out, (a, b), bw)
+
+
+def positive(a):
+    return _record("Pos", +_raw(a), (a,), lambda g, n: (g,))
 
 
 def mean(a, axis=None, dtype=None, keepdims=False):
@@ -622,6 +652,8 @@ class Tracked:
 
     def __array_function__(self, func, types, args, kwargs):
         name = func.__name__
+        if name in NOT_DIFFERENTIABLE:  # np.any/np.all: plain results from the values (no gradient)
+            return func(*[_raw(a) for a in args], **kwargs)
         fn = _FUNCTIONS.get(name)
         if fn is None:
             raise _unsupported(f"numpy.{name}")
@@ -674,17 +706,27 @@ _FUNCS = {"matmul": matmul, "exp": exp, "log": log, "tanh": tanh, "maximum": max
           "mean": mean, "concat": concat, "concatenate": concat, "stack": stack, "add": add, "subtract": subtract,
           "multiply": multiply, "divide": divide, "negative": negative, "pow": pow, "reshape": reshape,
           "permute_dims": permute_dims, "transpose": permute_dims, "matrix_transpose": matrix_transpose,
-          "astype": astype, "max": max, "min": min, "prod": prod, "abs": abs, "sqrt": sqrt}
+          "astype": astype, "max": max, "min": min, "prod": prod, "abs": abs, "sqrt": sqrt, "sin": sin, "cos": cos,
+          "minimum": minimum, "positive": positive}
 SUPPORTED = tuple(_FUNCS)
 _INPLACE = {"+=": add, "-=": subtract, "*=": multiply, "/=": divide, "**=": pow, "@=": matmul}
-_COMPARE = {"less", "less_equal", "greater", "greater_equal", "equal", "not_equal", "isnan", "isfinite",
-            "isinf", "sign", "logical_not", "logical_and", "logical_or"}
-# NumPy's protocols: ufuncs and array functions by NumPy's names (aliases of the table's entries)
-_UFUNCS = {n: _FUNCS[n] for n in ("add", "subtract", "multiply", "divide", "negative", "matmul", "exp", "log",
-                                  "tanh", "maximum", "sqrt")}
-_UFUNCS.update({"absolute": abs, "true_divide": divide, "power": pow, "positive": lambda a: a})
-_FUNCTIONS = {n: _FUNCS[n] for n in ("sum", "mean", "where", "concatenate", "stack", "reshape", "transpose",
-                                     "permute_dims", "matrix_transpose", "max", "min", "prod")}
+#: the one table of operations with no gradient (PyTorch: their results do not require grad): on
+#: Tracked arrays they return plain arrays; mpilocal.ops runs them on the values of DTensors that
+#: require grad (the graph is not touched); the namespace of Tracked arrays passes them through
+NOT_DIFFERENTIABLE = frozenset({
+    "less", "less_equal", "greater", "greater_equal", "equal", "not_equal", "isnan", "isfinite", "isinf", "sign",
+    "signbit", "logical_not", "logical_and", "logical_or", "logical_xor", "any", "all"})
+_COMPARE = NOT_DIFFERENTIABLE
+# NumPy's protocols, derived from the table: each entry under its own name and NumPy's name for it
+# (np.abs is the ufunc "absolute", np.concat the function "concatenate", ...), ufuncs apart
+_UFUNCS, _FUNCTIONS = {}, {}
+for _name, _fn in _FUNCS.items():
+    _np = getattr(np, _name, None)
+    if _np is not None:
+        _table = _UFUNCS if isinstance(_np, np.ufunc) else _FUNCTIONS
+        _table[_name] = _table[getattr(_np, "__name__", _name)] = _fn
+del _name, _fn, _np, _table
+_UFUNCS.update({"absolute": abs, "true_divide": divide, "power": pow})  # NumPy's other spellings
 _FUNCTIONS.update({"amax": max, "amin": min})
 _FUNCTIONS.update({"shape": lambda a: a.shape, "ndim": lambda a: a.ndim,
                    "size": lambda a, axis=None: a.size if axis is None else a.shape[axis]})
@@ -696,9 +738,7 @@ _FUNCTIONS.update({"shape": lambda a: a.shape, "ndim": lambda a: a.ndim,
 _PASS = {"float16", "float32", "float64", "complex64", "complex128", "int8", "int16", "int32", "int64",
          "uint8", "uint16", "uint32", "uint64", "bool", "bool_", "pi", "e", "inf", "nan", "newaxis",
          "zeros", "ones", "empty", "full", "arange", "eye", "linspace", "finfo", "iinfo", "isdtype",
-         "result_type", "can_cast", "dtype", "ndarray", "__name__",
-         "less", "less_equal", "greater", "greater_equal", "equal", "not_equal", "isnan", "isfinite", "isinf",
-         "logical_not", "logical_and", "logical_or", "sign"}
+         "result_type", "can_cast", "dtype", "ndarray", "__name__"}
 _LIKE = {"zeros_like", "ones_like", "empty_like", "full_like"}
 
 
@@ -718,6 +758,9 @@ class TrackedNamespace:
         xp = self.__dict__["_xp"]
         if name in _PASS:
             return getattr(xp, name)
+        if name in NOT_DIFFERENTIABLE:  # plain results from the values (no gradient)
+            f = getattr(xp, name)
+            return lambda *a, **k: f(*[_raw(x) for x in a], **k)
         if name in _LIKE:
             f = getattr(xp, name)
             return lambda x, *a, **k: f(_raw(x), *a, **k)

@@ -8,8 +8,10 @@ global shape. No data-dependent choice, so every rank issues the same collective
 
 Gradients: an input that requires grad reaches the local op as a ``Tracked`` array (as inside
 ``local_map``), so the local op is recorded by :mod:`mpilocal.autograd` and the result's backward
-runs through the same nodes as ``local_map`` outputs. Ops that ``Tracked`` does not differentiate
-raise ``NotImplementedError`` naming them when an operand requires grad.
+runs through the same nodes as ``local_map`` outputs. Ops without a gradient
+(``tracked.NOT_DIFFERENTIABLE``: comparisons, ``isnan``, ``any``, ``all``, ...) run on the values and
+give a result that does not require grad; other ops that ``Tracked`` does not differentiate raise
+``NotImplementedError`` naming them when an operand requires grad.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from .. import _arrays, debug
 from ..autograd import dtensor_ops, engine
-from ..autograd.tracked import Tracked, namespace_for
+from ..autograd.tracked import NOT_DIFFERENTIABLE, Tracked, namespace_for
 from ..dtensor import DTensor, on_device as _on_device
 from ..layout import local_shape_and_offset, shard_sizes, chunk_sizes
 from ..names import identity
@@ -79,11 +81,12 @@ def _is_scalar(o):
     return isinstance(o, (bool, int, float, complex, np.generic)) or (_arrays.is_array(o) and o.ndim == 0)
 
 
-def _operand(o, mesh, what):
-    """DTensors pass; scalars stay scalars; plain arrays and lists become Replicate DTensors
-    (no communication: every rank is taken to hold the same value, as for a replicated input)."""
+def _operand(o, mesh, what, no_grad=False):
+    """DTensors pass (their values only under no_grad, or with ``no_grad`` for an op without a
+    gradient); scalars stay scalars; plain arrays and lists become Replicate DTensors (no
+    communication: every rank is taken to hold the same value, as for a replicated input)."""
     if type(o) is DTensor:
-        return o.detach() if o._ag is not None and not engine.is_grad_enabled() else o
+        return o.detach() if o._ag is not None and (no_grad or not engine.is_grad_enabled()) else o
     if _is_scalar(o):
         return o
     if _arrays.is_array(o) or isinstance(o, (list, tuple)):
@@ -232,7 +235,8 @@ class record_plans:
 def elementwise(name, *operands, **kwargs):
     what = f"{name}(...) on DTensors"
     mesh = _mesh_of(operands, what)
-    ops = [_operand(o, mesh, what) for o in operands]
+    nd = name in NOT_DIFFERENTIABLE  # comparisons, isnan, ...: a result without gradient, graph untouched
+    ops = [_operand(o, mesh, what, nd) for o in operands]
 
     def make():
         shapes = [tuple(o.shape) if type(o) is DTensor else None for o in ops]
@@ -286,8 +290,8 @@ def reduce(op, x, axis=None, keepdims=False, dtype=None):
     what = f"DTensor.{op}"
     if type(x) is not DTensor:
         raise TypeError(f"{what}: expected a DTensor, got {type(x).__name__}")
-    if x._ag is not None and not engine.is_grad_enabled():
-        x = x.detach()
+    if x._ag is not None and (op in NOT_DIFFERENTIABLE or not engine.is_grad_enabled()):
+        x = x.detach()  # any/all: a bool result without gradient, the graph untouched (PyTorch's rule)
     shape = x.shape
     nd = len(shape)
     mesh = x._mesh
