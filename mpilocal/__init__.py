@@ -50,6 +50,7 @@ __all__ = [
     "rand",
     "randn",
     "manual_seed",
+    "no_grad",
 ]
 
 # The failure handling (abort on uncaught errors, deadlines; see deadline.py): installed first, so its
@@ -62,7 +63,7 @@ _EXPORTS = (
     ("debug", ("CommDebugMode",)),
     ("dtensor", ("DTensor", "distribute_tensor", "local_shape_and_offset")),
     ("local_map", ("local_map",)),
-    ("autograd", None),  # mpilocal.autograd: Tracked, Function; DTensor gradients
+    ("autograd", ("no_grad",)),  # mpilocal.autograd: Tracked, Function; DTensor gradients; torch.no_grad's name
     ("mesh", ("DeviceMesh", "init_device_mesh")),
     ("placement", ("Partial", "Placement", "Replicate", "Shard")),
     ("neighbors", ("stencil",)),  # local_map with halos

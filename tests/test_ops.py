@@ -561,3 +561,143 @@ def test_edge_values(kind):
             except Exception as ex:  # noqa: BLE001
                 probs.append(f"{pl}: {type(ex).__name__}: {ex}")
     probs.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd completeness (issue 12): predicates without gradient, sin/cos/minimum/positive, in place
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_predicates_on_tensors_that_require_grad(kind, shape):
+    """Comparisons, isnan/isfinite, any/all on DTensors that require grad (leaves, Partial ones
+    included, and intermediate results) give NumPy's values and results that do not require grad
+    (PyTorch's rule), and leave the graph alone: a loss built from x afterwards backprops exactly."""
+    mesh = mesh_of(kind)
+    probs = Problems()
+    a, b = ints(shape, 21), ints(shape, 22)
+    with np.errstate(all="ignore"):
+        q = a / a  # NaN where a == 0
+    for pa in combos(mesh, 2):
+        X = make(a, mesh, pa).requires_grad_()
+        cases = [("x>0", lambda: X > 0, a > 0), ("x<=1", lambda: X <= 1, a <= 1), ("x.any()", lambda: X.any(), a.any()),
+                 ("np.all(x,0)", lambda: np.all(X, axis=0), np.all(a, axis=0)),
+                 ("x.all(1,keep)", lambda: X.all(axis=1, keepdims=True), a.all(axis=1, keepdims=True)),
+                 ("np.any(x>2,1)", lambda: np.any(X > 2, axis=1), np.any(a > 2, axis=1)),
+                 ("isnan(x/x)", lambda: np.isnan(X / X), np.isnan(q)), ("isfinite(x/x)", lambda: np.isfinite(X / X),
+                                                                         np.isfinite(q))]
+        for pb in combos(mesh, 2):
+            Y = make(b, mesh, pb).requires_grad_()
+            cases.append((f"x=={pb}", lambda Y=Y: X == Y, a == b))
+        for name, f, want in cases:
+            try:
+                with np.errstate(all="ignore"):
+                    r = f()
+                if r.requires_grad:
+                    probs.append(f"{name} {pa}: the result requires grad")
+                probs.check(f"{name} {pa}", full(r), want)
+            except Exception as e:  # noqa: BLE001
+                probs.append(f"{name} {pa}: {type(e).__name__}: {e}")
+        try:
+            loss = np.where(X > 0, X, 0.5 * X).sum() + (X * X).sum()
+            loss.backward()
+            probs.check(f"grad after predicates {pa}", to_host(X.grad.full_tensor()), np.where(a > 0, 1.0, 0.5) + 2 * a)
+        except Exception as e:  # noqa: BLE001
+            probs.append(f"backward {pa}: {type(e).__name__}: {e}")
+    probs.done()
+
+
+# sin, cos, minimum, positive (and their method / NumPy spellings); random normals: no ties for minimum
+ELEMENTWISE_GRAD_CASES = [
+    ("sin", lambda X: (np.sin(X) * _c(X.shape[1])).sum(), lambda x: (np.sin(x) * _c(x.shape[1])).sum()),
+    ("cos", lambda X: (np.cos(X) ** 2).sum(axis=0).sum(), lambda x: (np.cos(x) ** 2).sum()),
+    ("sin*cos-methods", lambda X: (X.sin() * X.cos() + X).max(axis=0).sum(),
+     lambda x: (np.sin(x) * np.cos(x) + x).max(axis=0).sum()),
+    ("minimum-const", lambda X: (np.minimum(X, 0.2) * _c(X.shape[1])).sum(),
+     lambda x: (np.minimum(x, 0.2) * _c(x.shape[1])).sum()),
+    ("minimum-both", lambda X: np.minimum(X * 2, np.sin(X)).sum(axis=1).sum(), lambda x: np.minimum(2 * x, np.sin(x)).sum()),
+    ("positive", lambda X: ((+X) * X).sum() + np.positive(X).mean(), lambda x: (x * x).sum() + x.mean()),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(4, 6), (5, 3)], ids=["even", "uneven"])
+@pytest.mark.parametrize("case", ELEMENTWISE_GRAD_CASES, ids=[c[0] for c in ELEMENTWISE_GRAD_CASES])
+def test_elementwise_gradients_vs_finite_differences(kind, shape, case):
+    """The unary ops that mpilocal.ops lists (methods, NumPy ufuncs) are differentiable: against
+    central differences of the NumPy reference, the gradient keeping the input's placements."""
+    mesh = mesh_of(kind)
+    name, f, ref = case
+    x = _grad_input(shape, None, 9)
+    want = numgrad(ref, x)
+    probs = Problems()
+    for px in combos(mesh, 2, partial=False):
+        X = distribute_tensor(to_device(x), mesh, px, requires_grad=True)
+        try:
+            out = f(X)
+            out.backward()
+            got = to_host(X.grad.full_tensor())
+            if not np.allclose(got, want, atol=1e-5):
+                probs.append(f"{name} {px}: {got.ravel()[:6]} vs {want.ravel()[:6]}")
+            if tuple(X.grad.placements) != tuple(px):
+                probs.append(f"{name} {px}: gradient placements {X.grad.placements}")
+            probs.check(f"{name} value {px}", np.asarray(to_host(out.detach().full_tensor())), np.asarray(ref(x)))
+        except Exception as e:  # noqa: BLE001
+            probs.append(f"{name} {px}: {type(e).__name__}: {e}")
+    probs.done()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inplace_on_tensors_that_require_grad(kind):
+    """PyTorch's rules: in place on a non-leaf (or with an operand that requires grad) is recorded;
+    on a leaf that requires grad it raises on every rank, naming the rule and the fixes, and the
+    leaf is unchanged; the result keeps the target's placements (else the placement error)."""
+    mesh = mesh_of(kind)
+    probs = Problems()
+    x = _grad_input((5, 3), None, 11)
+    for px in combos(mesh, 2, partial=False):
+        X = distribute_tensor(to_device(x), mesh, px, requires_grad=True)
+        try:
+            y = X * 2
+            y += 1
+            if not y.requires_grad or y.is_leaf or tuple(y.placements) != tuple(px):
+                probs.append(f"y += 1 {px}: requires_grad {y.requires_grad}, leaf {y.is_leaf}, {y.placements}")
+            y.sum().backward()
+            probs.check(f"y = x*2; y += 1 {px}", to_host(X.grad.full_tensor()), np.full(x.shape, 2.0))
+            X.grad = None
+            e = np.exp(X)  # Exp keeps its output for backward: the in-place ops must not overwrite it
+            e += 1
+            e *= X
+            e -= X.sin()
+            e.sum().backward()
+            probs.check(f"exp chain value {px}", full(e.detach()), (np.exp(x) + 1) * x - np.sin(x))
+            probs.check(f"exp chain grad {px}", to_host(X.grad.full_tensor()), np.exp(x) * x + np.exp(x) + 1 - np.cos(x))
+            X.grad = None
+            Z = make(np.zeros(x.shape, np.float32), mesh, px)  # no grad, float32: the operand brings the graph
+            Z += X * 3
+            if not Z.requires_grad or Z.dtype != np.float32:
+                probs.append(f"Z += X*3 {px}: requires_grad {Z.requires_grad}, dtype {Z.dtype}")
+            Z.sum().backward()
+            probs.check(f"Z += X*3 grad {px}", to_host(X.grad.full_tensor()), np.full(x.shape, 3.0))
+            try:
+                X += 1
+                probs.append(f"leaf += {px}: no error")
+            except RuntimeError as err:
+                if not all(w in str(err) for w in ("leaf Variable that requires grad", "mpilocal.no_grad()",
+                                                   ".detach()")):
+                    probs.append(f"leaf += {px}: {err}")
+            probs.check(f"leaf unchanged {px}", full(X.detach()), x)
+            with mpilocal.no_grad():
+                X -= 1
+            probs.check(f"no_grad -= {px}", full(X.detach()), x - 1)
+            if not (X.requires_grad and X.is_leaf):
+                probs.append(f"no_grad -= {px}: no longer a leaf that requires grad")
+            r = X.redistribute(placements=[R] * mesh.ndim) * 1.0
+            try:
+                r += make(x, mesh, [S0] + [R] * (mesh.ndim - 1))  # the result would be Shard(0): not in place
+                probs.append(f"placement-changing += on a non-leaf {px}: no error")
+            except RuntimeError as err:
+                if "in place needs the same" not in str(err):
+                    probs.append(f"placement-changing += {px}: {err}")
+        except Exception as e:  # noqa: BLE001
+            probs.append(f"{px}: {type(e).__name__}: {e}")
+    probs.done()

@@ -55,14 +55,23 @@ def _compare(fname):
 
 
 def _inplace(fname, sym):
+    """``x op= y``. PyTorch's rules: on a leaf that requires grad it raises (outside no_grad); on a
+    DTensor in a graph, or when ``y`` requires grad, the op is recorded: ``x`` then stands for the
+    new value (computed out of place, so the values saved for an earlier op's backward stay intact)
+    and backward runs through it. Otherwise the result is written into ``x``'s shard. Either way
+    the result must keep ``x``'s placements, shape and (same_kind-castable) dtype."""
+
     def op(self, other):
         if not _operand_ok(other):
             return NotImplemented
-        if self._ag is not None and _engine.is_grad_enabled():
+        grad = _engine.is_grad_enabled()
+        if grad and self._ag is not None and self._ag.is_leaf:
             raise RuntimeError(
-                f"DTensor {sym}= ...: in-place update of a DTensor that requires grad; do it under "
-                f"`with mpilocal.autograd.no_grad():` (an optimizer step such as w -= lr * w.grad), or write "
-                f"y = x {sym} ... (out of place) to keep it in the graph")
+                f"DTensor {sym}= ...: a leaf Variable that requires grad is being used in an in-place operation "
+                f"(PyTorch's rule: the update would not be recorded for the gradient of the leaf). For an "
+                f"update without gradient (an optimizer step such as w -= lr * w.grad) do it under "
+                f"`with mpilocal.no_grad():`, or on the values: d = w.detach(); d {sym}= ... (detach shares the shard); "
+                f"to keep it in the graph, write y = x {sym} ... (out of place)")
         out = matmul(self, other) if fname == "matmul" else elementwise(fname, self, other)
         if out._placements != self._placements or tuple(out.shape) != tuple(self.shape):
             raise RuntimeError(
@@ -72,6 +81,11 @@ def _inplace(fname, sym):
         if not np.can_cast(out.dtype, self.dtype, "same_kind"):
             raise TypeError(f"DTensor {sym}= ...: cannot cast the result ({out.dtype}) to the target's dtype "
                             f"{self.dtype} (NumPy's same_kind rule)")
+        if grad and out._ag is not None:  # recorded (a non-leaf, or an operand that requires grad)
+            if out.dtype != self.dtype:
+                out = astype(out, self.dtype)
+            self._local, self._ag = out._local, out._ag
+            return self
         self._local[...] = out._local
         return self
 
