@@ -260,7 +260,7 @@ def signature(desc) -> int:
 class _SigState:
     """Per Group: the reduction's buffers and request, and the agreed history."""
 
-    __slots__ = ("send", "recv", "req", "persistent", "hist", "replays", "pending")
+    __slots__ = ("send", "recv", "req", "persistent", "hist", "replays", "pending", "pred")
 
     def __init__(self, g):
         ctl = control_comm(g)
@@ -279,13 +279,26 @@ class _SigState:
         self.hist: list = []  # agreed signatures, oldest first
         self.replays: dict = {}  # signature -> callable replaying its data collective on dummy data
         self.pending = None
+        self.pred = None
 
     def predicted(self):
+        return self.pred
+
+    def _predict(self):
+        """The next call, from the agreed history alone (so the same on every rank): what followed
+        the last time the two latest calls occurred in a row (a cycle of calls, a run of one call),
+        else what followed the latest call the last time, else the latest call again."""
         hist = self.hist
-        if not hist:
+        n = len(hist)
+        if n == 0:
             return None
         last = hist[-1]
-        for i in range(len(hist) - 2, -1, -1):  # the call that followed the last one the time before
+        if n >= 2:
+            prev = hist[-2]
+            for i in range(n - 2, 0, -1):
+                if hist[i] == last and hist[i - 1] == prev:
+                    return hist[i + 1]
+        for i in range(n - 2, -1, -1):
             if hist[i] == last:
                 return hist[i + 1]
         return last
@@ -300,6 +313,7 @@ class _SigState:
             if len(self.replays) > 2 * _HIST:
                 keep = set(hist)
                 self.replays = {k: v for k, v in self.replays.items() if k in keep}
+        self.pred = self._predict()
 
     def free(self):
         if self.pending is not None:

@@ -43,7 +43,7 @@ def _warm(mesh, x, n=4):
 @pytest.mark.mpi
 @signature_path
 def test_steady_state_is_one_fixed_size_signature_per_call(mesh):
-    """After the first call of a pattern, each public call exchanges only the fixed-size signature
+    """Once a call repeats, each public call exchanges only the fixed-size signature
     (48 bytes per rank at any world size; nothing at 1 rank), and the results stay exact."""
     x = np.arange(12.0).reshape(3, 4) + RANK
     calls = {
@@ -56,7 +56,8 @@ def test_steady_state_is_one_fixed_size_signature_per_call(mesh):
                               lambda: np.array([RANK + 10.0 * r for r in range(W) for _ in range(2)])),
     }
     for name, (call, ref) in calls.items():
-        call()  # the pattern is agreed
+        for _ in range(3):  # the pattern is agreed (a run of the call, whatever came before in the session)
+            call()
         before = agreement.SIG_STATS["fast"]
         with CommDebugMode() as mode:
             for _ in range(3):
@@ -75,7 +76,7 @@ def test_alternating_patterns_stay_on_the_fast_path(mesh):
     """A loop that alternates calls (two shapes, two functions) is predicted from the agreed history:
     after one round only signatures are exchanged."""
     a, b = np.ones(5) * (RANK + 1), np.ones((2, 3), np.float32)
-    for _ in range(2):
+    for _ in range(3):
         funcol.all_reduce(a, "sum", mesh)
         funcol.all_gather_tensor(b, 0, mesh)
     before = dict(agreement.SIG_STATS)
@@ -246,3 +247,20 @@ def test_shape_agreement_2d_lines_that_differ():
         ref = distribute_tensor(G, m2, pl)
         e = DTensor.from_local(ref.to_local(), m2, pl)
         assert_all(e.shape == G.shape and np.array_equal(e.full_tensor(), G), f"{pl}: {e.shape}")
+
+
+@pytest.mark.mpi
+@signature_path
+@pytest.mark.skipif(W < 2, reason="no signature at 1 rank")
+def test_cycles_and_runs_are_predicted(mesh):
+    """A cycle with a repeated call (A, A, B) and a run after another history are predicted from
+    the agreed history: after two rounds every call takes the fast path, results exact."""
+    a, b = np.arange(3.0) + RANK, np.arange(4.0) + RANK
+    ra, rb = np.arange(3.0) * W + W * (W - 1) / 2, np.arange(4.0) * W + W * (W - 1) / 2
+    for _ in range(2):
+        funcol.all_reduce(a, "sum", mesh), funcol.all_reduce(a, "sum", mesh), funcol.all_reduce(b, "sum", mesh)
+    before = agreement.SIG_STATS["fast"]
+    for _ in range(3):
+        out = [funcol.all_reduce(a, "sum", mesh), funcol.all_reduce(a, "sum", mesh), funcol.all_reduce(b, "sum", mesh)]
+        assert_all(all(np.array_equal(o, r) for o, r in zip(out, (ra, ra, rb))))
+    assert_all(agreement.SIG_STATS["fast"] - before == 9, f"{agreement.SIG_STATS['fast'] - before} of 9 fast")
