@@ -297,3 +297,21 @@ def test_pool_hands_out_distinct_blocks_and_reuses_them(monkeypatch):
     ok = ok and r.dtype == rec and r.dtype.fields == rec.fields and small.shape == (4, 3) and small.base is None
     ok = ok and objs.dtype == object and objs.base is None
     assert_all(ok, f"idle {_pool._idle[0]} (block {size}), free {({k: len(v) for k, v in _pool._free.items()})}")
+
+
+def test_shard_sizes_validation_values():
+    """Ragged sizes: empty or negative sizes are refused (ValueError: the exception type is the value
+    here, no message matched); zeros are valid, and ints of any kind are kept as Python ints."""
+    refused = []
+    for sizes in [(), (2, -1), (-1,)]:
+        try:
+            Shard(0, sizes=sizes)
+            refused.append(False)
+        except ValueError:
+            refused.append(True)
+    ok = refused == [True, True, True]
+    z = Shard(0, sizes=(0, 0))
+    n = Shard(1, sizes=np.array([3, 0, 2]))
+    ok = ok and z.sizes == (0, 0) and n.sizes == (3, 0, 2) and all(type(s) is int for s in n.sizes)
+    ok = ok and Shard(np.int64(2)).dim == 2 and type(Shard(np.int64(2)).dim) is int
+    assert_all(ok, f"refused {refused}, {z!r}, {n!r}")
