@@ -300,8 +300,9 @@ def test_pool_hands_out_distinct_blocks_and_reuses_them(monkeypatch):
 
 
 def test_shard_sizes_validation_values():
-    """Ragged sizes: empty or negative sizes are refused (ValueError: the exception type is the value
-    here, no message matched); zeros are valid, and ints of any kind are kept as Python ints."""
+    """Ragged sizes: empty or negative sizes are refused (ValueError), non-ints too (TypeError): the
+    exception type is the value here, no message is matched; zeros are valid, and ints of any kind
+    are kept as Python ints."""
     refused = []
     for sizes in [(), (2, -1), (-1,)]:
         try:
@@ -309,7 +310,13 @@ def test_shard_sizes_validation_values():
             refused.append(False)
         except ValueError:
             refused.append(True)
-    ok = refused == [True, True, True]
+    for sizes in [(True, 1), (1.5, 2), 3]:  # not a sequence of ints: TypeError
+        try:
+            Shard(0, sizes=sizes)
+            refused.append(False)
+        except TypeError:
+            refused.append(True)
+    ok = refused == [True] * 6
     z = Shard(0, sizes=(0, 0))
     n = Shard(1, sizes=np.array([3, 0, 2]))
     ok = ok and z.sizes == (0, 0) and n.sizes == (3, 0, 2) and all(type(s) is int for s in n.sizes)
