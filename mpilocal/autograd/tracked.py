@@ -26,7 +26,7 @@ __all__ = ["Tracked", "tensor", "SUPPORTED", "OPERATORS", "NOT_DIFFERENTIABLE"]
 LOCAL_MAP_DEPTH = 0
 
 #: what Tracked arrays support besides the functions in SUPPORTED (shown in errors and docs)
-OPERATORS = ("operators + - * / @ ** (both sides; in place only on intermediate results), unary -, indexing, "
+OPERATORS = ("operators + - * / @ ** (both sides; in place only on intermediate results), unary - +, indexing, "
              ".T, .mT, .sum/.mean (axis, keepdims), .reshape, .transpose, .astype")
 
 
