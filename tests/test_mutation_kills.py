@@ -226,7 +226,10 @@ def test_ragged_shard_with_an_empty_piece():
     rep = X.redistribute(mesh, [Replicate()]).to_local()
     ok = X.shape == (n, 2) and np.array_equal(X.full_tensor(), full) and np.array_equal(rep, full)
     ok = ok and Y.placements == (Shard(0, sizes=sizes),) and np.array_equal(Y.full_tensor(), full)
-    assert_all(ok, f"{X.shape} {Y.placements}")
+    # sizes given already: kept, and the global shape is their sum (not this rank's rows)
+    Z = mpilocal.ragged_from_local(local, mesh, [Shard(0, sizes=sizes)])
+    ok = ok and Z.shape == (n, 2) and Z.placements == (Shard(0, sizes=sizes),) and np.array_equal(Z.full_tensor(), full)
+    assert_all(ok, f"{X.shape} {Y.placements} {Z.shape}")
 
 
 def test_placement_predicates_values():
