@@ -325,3 +325,58 @@ def test_shard_sizes_validation_values():
     ok = ok and z.sizes == (0, 0) and n.sizes == (3, 0, 2) and all(type(s) is int for s in n.sizes)
     ok = ok and Shard(np.int64(2)).dim == 2 and type(Shard(np.int64(2)).dim) is int
     assert_all(ok, f"refused {refused}, {z!r}, {n!r}")
+
+
+def test_ragged_from_local_mixed_placements_and_refusals():
+    """ragged_from_local on a 2-D mesh ((1, W) and (W, 1): any rank count) with a Replicate or a
+    Partial before the Shard: values and sizes; and the refusals (every rank raises the same type,
+    no message matched): a dim sharded over two mesh dims, a non-array, a bad dim."""
+    from conftest import raises_all
+
+    sizes = tuple(range(W, 0, -1))
+    n = sum(sizes)
+    full = np.arange(n * 3, dtype=np.float64).reshape(n, 3)
+    off = sum(sizes[:R])
+    local = full[off:off + sizes[R]].copy()
+    ok = True
+    for shape in [(1, W), (W, 1)]:
+        mesh = init_device_mesh("cpu", shape)
+        m = 1 if shape == (1, W) else 0         # the mesh dim with all W ranks
+        pl = [Replicate(), Replicate()]
+        pl[m] = Shard(0)
+        X = mpilocal.ragged_from_local(local, mesh, pl)
+        want = [Replicate(), Replicate()]
+        want[m] = Shard(0, sizes=sizes)
+        ok = ok and X.placements == tuple(want) and X.shape == (n, 3) and np.array_equal(X.full_tensor(), full)
+        raises_all(ValueError, None, mpilocal.ragged_from_local, local, mesh, [Shard(0), Shard(0)])
+        raises_all(ValueError, None, mpilocal.ragged_from_local, local, mesh, [Shard(2), Replicate()])
+        raises_all(TypeError, None, mpilocal.ragged_from_local, local.tolist(), mesh, pl)
+    # Partial first, then the Shard: the Partial stays, the sizes are found
+    mesh = init_device_mesh("cpu", (1, W))
+    P = mpilocal.ragged_from_local(local, mesh, [Partial("sum"), Shard(0)])
+    ok = ok and P.placements == (Partial("sum"), Shard(0, sizes=sizes)) and np.array_equal(P.full_tensor(), full)
+    assert_all(ok, f"{X.placements} {P.placements}")
+
+
+def test_pool_boundaries_and_documented_default(monkeypatch):
+    """An array of exactly MIN_BYTES comes from the pool ("arrays below MIN_BYTES come from
+    np.empty"); with the cap 0 (MPILOCAL_POOL_BYTES=0) nothing does; the default cap is 1 GiB and
+    the pool starts empty (a fresh interpreter, without the variable)."""
+    import os
+    import subprocess
+    import sys
+
+    from mpilocal import _pool
+
+    monkeypatch.setattr(_pool, "_CAP", 1 << 30)
+    at = _pool.empty((_pool.MIN_BYTES,), np.uint8)
+    below = _pool.empty((_pool.MIN_BYTES - 1,), np.uint8)
+    ok = at.base is not None and below.base is None and at.size == _pool.MIN_BYTES
+    monkeypatch.setattr(_pool, "_CAP", 0)
+    off = _pool.empty((4 * _pool.MIN_BYTES,), np.uint8)
+    ok = ok and off.base is None and off.size == 4 * _pool.MIN_BYTES
+    env = {k: v for k, v in os.environ.items() if k != "MPILOCAL_POOL_BYTES" and not k.startswith(("PMI", "MPI", "OMPI", "PMIX", "HYDRA"))}
+    out = subprocess.run([sys.executable, "-c", "import mpilocal._pool as p; print(p._CAP, p._idle[0], len(p._free))"],
+                         env=env, capture_output=True, text=True, timeout=60).stdout.split()
+    ok = ok and out == [str(1 << 30), "0", "0"]
+    assert_all(ok, f"base {type(at.base).__name__} / {below.base} / {off.base}; fresh pool: {out}")
