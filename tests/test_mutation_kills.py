@@ -380,3 +380,18 @@ def test_pool_boundaries_and_documented_default(monkeypatch):
                          env=env, capture_output=True, text=True, timeout=60).stdout.split()
     ok = ok and out == [str(1 << 30), "0", "0"]
     assert_all(ok, f"base {type(at.base).__name__} / {below.base} / {off.base}; fresh pool: {out}")
+
+
+def test_ragged_from_local_without_argument_agreement(monkeypatch):
+    """With argument agreement off (MPILOCAL_CHECK_ARGS=0) the shapes are still gathered: same sizes."""
+    from mpilocal import agreement
+
+    monkeypatch.setattr(agreement, "_CHECK_ARGS", False)
+    mesh = init_device_mesh("cpu", (W,))
+    sizes = tuple(r % 2 + 1 for r in range(W))
+    n = sum(sizes)
+    full = np.arange(2 * n, dtype=np.int64).reshape(n, 2)
+    off = sum(sizes[:R])
+    X = mpilocal.ragged_from_local(full[off:off + sizes[R]].copy(), mesh, [Shard(0)])
+    ok = X.placements == (Shard(0, sizes=sizes),) and X.shape == (n, 2) and np.array_equal(X.full_tensor(), full)
+    assert_all(ok, f"{X.placements} {X.shape}")
