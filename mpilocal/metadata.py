@@ -224,13 +224,7 @@ def _release_group(g) -> None:
         _PENDING.remove(fut)
     ring = g.cache.pop(_RING_KEY, None)
     if ring is not None:
-        for fut in ring.owner:
-            if fut is not None:
-                fut.result()
-        for req in ring.reqs:
-            req.Free()
-        if ring in _RINGS:
-            _RINGS.remove(ring)
+        _free_ring(ring)
 
 
 register_release_hook("10-metadata", _release_group)
