@@ -701,3 +701,31 @@ def test_inplace_on_tensors_that_require_grad(kind):
         except Exception as e:  # noqa: BLE001
             probs.append(f"{px}: {type(e).__name__}: {e}")
     probs.done()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inplace_on_a_constant_kept_for_backward(kind):
+    """``z = (x * a).sum(); a += 1; z.backward()``: ``a`` (no grad) was kept by the multiply for its
+    backward; the in-place update (outside and under no_grad) must not change what backward reads
+    (the gradient of x is the old ``a``, as NumPy on the full arrays says), and ``a`` itself holds
+    the new values. Without autograd involved, in place still writes into the shard (an earlier
+    to_local() view sees it). It failed before: the gradient came out as the updated ``a``."""
+    mesh = mesh_of(kind)
+    shape = (2 * W + 1, 3)
+    xv = np.arange(1.0, 1.0 + int(np.prod(shape))).reshape(shape)
+    av = np.linspace(-2.0, 3.0, int(np.prod(shape))).reshape(shape)
+    for pl in combos(mesh, 2, partial=False):
+        x = distribute_tensor(to_device(xv), mesh, pl, requires_grad=True)
+        a = distribute_tensor(to_device(av), mesh, pl)
+        z = (x * a).sum()
+        a += 1
+        with no_grad():
+            a *= 2
+        z.backward()
+        assert_all(np.array_equal(full(x.grad), av), f"{pl}: backward read the updated a: {full(x.grad)}")
+        assert_all(np.array_equal(full(a), (av + 1) * 2), f"{pl}: a was not updated")
+        b = distribute_tensor(to_device(av), mesh, pl)
+        view = b.to_local()
+        b += 1
+        assert_all(np.array_equal(to_host(view), to_host(b.to_local())),
+                   f"{pl}: without a graph, in place writes into the shard")

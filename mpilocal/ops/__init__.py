@@ -58,8 +58,11 @@ def _inplace(fname, sym):
     """``x op= y``. PyTorch's rules: on a leaf that requires grad it raises (outside no_grad); on a
     DTensor in a graph, or when ``y`` requires grad, the op is recorded: ``x`` then stands for the
     new value (computed out of place, so the values saved for an earlier op's backward stay intact)
-    and backward runs through it. Otherwise the result is written into ``x``'s shard. Either way
-    the result must keep ``x``'s placements, shape and (same_kind-castable) dtype."""
+    and backward runs through it. ``x`` whose shard a recorded op keeps as a constant for its
+    backward (``z = x_grad * a; a += 1``) is also rebound to a new array, so backward reads the value
+    of the forward (PyTorch raises there instead, through version counters). Otherwise the result is
+    written into ``x``'s shard. Either way the result must keep ``x``'s placements, shape and
+    (same_kind-castable) dtype. See docs/operators.md, "In place"."""
 
     def op(self, other):
         if not _operand_ok(other):
@@ -81,7 +84,9 @@ def _inplace(fname, sym):
         if not np.can_cast(out.dtype, self.dtype, "same_kind"):
             raise TypeError(f"DTensor {sym}= ...: cannot cast the result ({out.dtype}) to the target's dtype "
                             f"{self.dtype} (NumPy's same_kind rule)")
-        if grad and out._ag is not None:  # recorded (a non-leaf, or an operand that requires grad)
+        if (grad and out._ag is not None) or dispatch.saved_for_backward(self):
+            # recorded (a non-leaf, or an operand that requires grad), or a shard an earlier recorded op
+            # keeps for its backward: a new array, so no saved value changes under the graph
             if out.dtype != self.dtype:
                 out = astype(out, self.dtype)
             self._local, self._ag = out._local, out._ag

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import operator as _op
+import weakref
 
 import numpy as np
 
@@ -176,12 +177,32 @@ def _cached_plan(key, mesh, ops, make):
     return plan
 
 
+# DTensors (without grad) whose shard a recorded op took as a constant and may keep for its
+# backward (``z = x * a`` keeps ``a``'s values): an in-place update of one of them (under no_grad
+# too) computes out of place and rebinds the shard (``mpilocal.ops._inplace``), so that backward never
+# reads a value changed after the forward (PyTorch raises there, through version counters).
+_SAVED: dict = {}  # id(DTensor) -> weakref to it (a WeakSet would compare DTensors with ==, elementwise)
+
+
+def mark_saved(t) -> None:
+    """Note that a recorded op keeps ``t``'s shard for its backward (see above)."""
+    k = id(t)
+    if k not in _SAVED:
+        _SAVED[k] = weakref.ref(t, lambda _r, k=k: _SAVED.pop(k, None))
+
+
+def saved_for_backward(t) -> bool:
+    r = _SAVED.get(id(t))
+    return r is not None and r() is t
+
+
 def _run(what, mesh, ops, strategies_of, compute, out_shape, plan=None):
     """Choose a strategy per mesh dim, redistribute, run ``compute(xp, *locals)``, wrap."""
     targets, out_pl, out_shape = plan if plan is not None else _plan(mesh, ops, strategies_of, out_shape)
     xp = _xp_of(ops)
     moved, args = [], []
     off = mesh._coordinate is None
+    recording = engine.is_grad_enabled() and any(type(o) is DTensor and o._ag is not None for o in ops)
     for k, o in enumerate(ops):
         if type(o) is DTensor:
             tgt = targets[k]
@@ -191,6 +212,8 @@ def _run(what, mesh, ops, strategies_of, compute, out_shape, plan=None):
             if off:  # off the mesh: a dummy of the right ndim and dtype gives the result's dtype
                 args.append(xp.ones((1,) * o.ndim, dtype=o._local.dtype))
             elif o._ag is None:
+                if recording:  # the op may keep this shard for its backward: in-place updates must not write it
+                    mark_saved(o)
                 args.append(o._local)
             else:
                 args.append(_local(o, out_pl))
