@@ -50,7 +50,9 @@ class Shard(Placement):
     __slots__ = ("dim", "sizes")
 
     def __init__(self, dim: int, sizes=None):
-        if isinstance(dim, bool) or not isinstance(dim, int):
+        if isinstance(dim, bool):  # operator.index accepts bools: Shard(True) is not Shard(1)
+            raise TypeError(f"Shard(dim): dim must be an int, got {dim!r} ({type(dim).__name__})")
+        if not isinstance(dim, int):
             try:
                 import operator
 

@@ -276,6 +276,9 @@ def test_placement_value_semantics():
         Partial("mean")
     with pytest.raises(TypeError):
         Shard("0")
+    with pytest.raises(TypeError, match="must be an int"):
+        Shard(True)  # operator.index(True) == 1: a bool is not a dim
+    assert Shard(np.int64(1)) == Shard(1) and Shard(np.int64(1)).dim == 1
     with pytest.raises(AttributeError):
         Shard(0).dim = 1
 
