@@ -486,17 +486,9 @@ def _grad_input(shape, kind, seed):
     return x
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", [(4, 6), (5, 3)], ids=["even", "uneven"])
-@pytest.mark.parametrize("case", UNARY_GRAD_CASES, ids=[c[0] for c in UNARY_GRAD_CASES])
-def test_reduction_unary_gradients_vs_finite_differences(kind, shape, case):
-    """max/min/prod/abs/sqrt (issue 12) over sharded (Partial('max'/'min'/'product') results, reduced
-    afterwards) and replicated inputs, even and uneven (empty shards at 4 ranks): the gradient
-    against central differences of the NumPy reference, with the input's placements."""
-    mesh = mesh_of(kind)
-    name, f, ref, inp = case
-    x = _grad_input(shape, inp, 7)
-    want = numgrad(ref, x)
+def _check_grad_vs_numgrad(mesh, name, f, ref, x, want):
+    """f(X).backward() on every non-Partial placement of x: the gradient against ``want`` (central
+    differences of the NumPy reference), its placements equal to the input's, and the value."""
     probs = Problems()
     for px in combos(mesh, 2, partial=False):
         X = distribute_tensor(to_device(x), mesh, px, requires_grad=True)
@@ -512,6 +504,20 @@ def test_reduction_unary_gradients_vs_finite_differences(kind, shape, case):
         except Exception as e:  # noqa: BLE001
             probs.append(f"{name} {px}: {type(e).__name__}: {e}")
     probs.done()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(4, 6), (5, 3)], ids=["even", "uneven"])
+@pytest.mark.parametrize("case", UNARY_GRAD_CASES, ids=[c[0] for c in UNARY_GRAD_CASES])
+def test_reduction_unary_gradients_vs_finite_differences(kind, shape, case):
+    """max/min/prod/abs/sqrt (issue 12) over sharded (Partial('max'/'min'/'product') results, reduced
+    afterwards) and replicated inputs, even and uneven (empty shards at 4 ranks): the gradient
+    against central differences of the NumPy reference, with the input's placements."""
+    mesh = mesh_of(kind)
+    name, f, ref, inp = case
+    x = _grad_input(shape, inp, 7)
+    want = numgrad(ref, x)
+    _check_grad_vs_numgrad(mesh, name, f, ref, x, want)
 
 
 @pytest.mark.parametrize("kind", ["1d", "2x2"])
@@ -629,21 +635,7 @@ def test_elementwise_gradients_vs_finite_differences(kind, shape, case):
     name, f, ref = case
     x = _grad_input(shape, None, 9)
     want = numgrad(ref, x)
-    probs = Problems()
-    for px in combos(mesh, 2, partial=False):
-        X = distribute_tensor(to_device(x), mesh, px, requires_grad=True)
-        try:
-            out = f(X)
-            out.backward()
-            got = to_host(X.grad.full_tensor())
-            if not np.allclose(got, want, atol=1e-5):
-                probs.append(f"{name} {px}: {got.ravel()[:6]} vs {want.ravel()[:6]}")
-            if tuple(X.grad.placements) != tuple(px):
-                probs.append(f"{name} {px}: gradient placements {X.grad.placements}")
-            probs.check(f"{name} value {px}", np.asarray(to_host(out.detach().full_tensor())), np.asarray(ref(x)))
-        except Exception as e:  # noqa: BLE001
-            probs.append(f"{name} {px}: {type(e).__name__}: {e}")
-    probs.done()
+    _check_grad_vs_numgrad(mesh, name, f, ref, x, want)
 
 
 @pytest.mark.parametrize("kind", KINDS)
