@@ -454,3 +454,18 @@ def pytest_sessionstart(session):
     plugin = _RankReport(session.config)
     session.config.pluginmanager.register(plugin, "mpilocal-rank-report")
     plugin.header()
+
+
+@pytest.fixture
+def intercepted():
+    """The deadline's reports go to a list instead of aborting the job (tests of the watchdog on the
+    suite's own ranks); the deadline and debug mode are restored after."""
+    reports = []
+    old_timeout, old_debug = _deadline.timeout(), _deadline.debug_enabled()
+    _deadline._INTERCEPT = reports
+    try:
+        yield reports
+    finally:
+        _deadline._INTERCEPT = None
+        _deadline.set_timeout(old_timeout)
+        _deadline.set_debug(old_debug)

@@ -425,20 +425,6 @@ def test_ctrl_c_ends_the_job_and_each_rank_says_where_it_was(jobs, job):
 needs_ranks = pytest.mark.skipif(W == 1, reason="needs a rank that waits for another (the jobs above cover 1 rank)")
 
 
-@pytest.fixture
-def intercepted():
-    """Reports go to a list instead of aborting; the deadline and debug mode are restored after."""
-    reports = []
-    old_timeout, old_debug = deadline.timeout(), deadline.debug_enabled()
-    deadline._INTERCEPT = reports
-    try:
-        yield reports
-    finally:
-        deadline._INTERCEPT = None
-        deadline.set_timeout(old_timeout)
-        deadline.set_debug(old_debug)
-
-
 def _late_all_reduce(mesh, late, delay):
     """Every rank calls all_reduce; rank ``late`` joins ``delay`` seconds after the others."""
     if R == late:

@@ -166,19 +166,6 @@ def _cols(n, k, i):
 # the deadline fires (at every world size > 1; the failure jobs cover 1 rank)
 
 
-@pytest.fixture
-def intercepted():
-    reports = []
-    old_timeout, old_debug = deadline.timeout(), deadline.debug_enabled()
-    deadline._INTERCEPT = reports
-    try:
-        yield reports
-    finally:
-        deadline._INTERCEPT = None
-        deadline.set_timeout(old_timeout)
-        deadline.set_debug(old_debug)
-
-
 @pytest.mark.skipif(W == 1, reason="needs a rank that waits for another")
 def test_deadline_fires_for_the_waiting_collective(intercepted):
     """The waiting ranks get a report for the all_reduce that waits past 0.25 s, naming its group
