@@ -186,19 +186,28 @@ def tanh(a):
     return _record("Tanh", out, (a,), lambda g, n: (g * (1 - out * out),))
 
 
-def maximum(a, b):
+def _extremum(a, b, largest):
+    """Elementwise maximum (``largest``) or minimum: the gradient goes to the operand that wins,
+    ties split it evenly (as PyTorch does)."""
     ra, rb = _raw(a), _raw(b)
     xp = _xp(ra) if _arrays.is_array(ra) else _xp(rb)
     sa, sb = _shape(ra), _shape(rb)
-    out = xp.maximum(ra, rb)
+    out = xp.maximum(ra, rb) if largest else xp.minimum(ra, rb)
 
     def bw(g, n):
-        # ties split the gradient evenly (as PyTorch does)
-        wa = (ra > rb) + 0.5 * (ra == rb)
+        wa = ((ra > rb) if largest else (ra < rb)) + 0.5 * (ra == rb)
         return (_unbroadcast(g * wa, sa) if n[0] else None,
                 _unbroadcast(g * (1 - wa), sb) if n[1] else None)
 
-    return _record("Maximum", out, (a, b), bw)
+    return _record("Maximum" if largest else "Minimum", out, (a, b), bw)
+
+
+def maximum(a, b):
+    return _extremum(a, b, True)
+
+
+def minimum(a, b):
+    return _extremum(a, b, False)
 
 
 def where(cond, a, b):
@@ -322,20 +331,6 @@ def cos(a):
     ra = _raw(a)
     xp = _xp(ra)
     return _record("Cos", xp.cos(ra), (a,), lambda g, n: (-g * xp.sin(ra),))
-
-
-def minimum(a, b):
-    ra, rb = _raw(a), _raw(b)
-    xp = _xp(ra) if _arrays.is_array(ra) else _xp(rb)
-    sa, sb = _shape(ra), _shape(rb)
-    out = xp.minimum(ra, rb)
-
-    def bw(g, n):
-        wa = (ra < rb) + 0.5 * (ra == rb)  # ties split the gradient evenly (as PyTorch does)
-        return (_unbroadcast(g * wa, sa) if n[0] else None,
-                _unbroadcast(g * (1 - wa), sb) if n[1] else None)
-
-    return _record("Minimum", out, (a, b), bw)
 
 
 def positive(a):
