@@ -73,10 +73,12 @@ _EXPORTS = (
     ("optim", None),  # SGD, Adam over DTensors
 )
 
-# Submodules that load without MPI (the one-process checkpoint reader and its CLI): importing them
-# does not start the library.
-_NO_MPI = frozenset({__name__ + "._launch", __name__ + ".checkpoint", __name__ + ".checkpoint._format",
-                     __name__ + ".checkpoint.__main__"})
+# Submodules that load without MPI (the pure floor of docs/architecture.md, the one-process
+# checkpoint reader and its CLI): importing them does not start the library.
+# tests/test_layers.py holds this set to layer 0 of LAYERS.json.
+_PURE = ("placement", "layout", "names", "_arrays", "_pool", "debug")
+_NO_MPI = frozenset({__name__ + "." + m for m in _PURE + ("_launch", "checkpoint", "checkpoint._format",
+                                                         "checkpoint.__main__")})
 
 _LOCK = _threading.RLock()
 _STATE = 0  # 0: not started; 1: starting; 2: started

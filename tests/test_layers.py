@@ -235,3 +235,19 @@ def test_no_import_circles(findings):
 def test_no_upward_imports(findings):
     assert not findings["upward"], ("imports from a lower layer to a higher one (move the shared rule down, "
                                     "or let the higher module register itself):\n" + "\n".join(findings["upward"]))
+
+
+def test_the_pure_floor_loads_without_mpi():
+    """Layer 0 of LAYERS.json is pure: each of its modules imports in a fresh interpreter where mpi4py
+    cannot be imported, and importing it starts nothing (the bootstrap stays off until an MPI module)."""
+    import subprocess
+    import sys
+
+    pure = sorted(m for m, layer in json.loads(TABLE.read_text()).items() if layer == 0)
+    code = ("import sys\nsys.modules['mpi4py'] = None\nimport importlib, mpilocal\n"
+            f"for m in {pure!r}: importlib.import_module('mpilocal.' + m)\n"
+            "print(mpilocal._STATE, sorted(k for k in sys.modules if k.startswith('mpi4py') and sys.modules[k]))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=str(PACKAGE.parent))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ["0", "[]"], p.stdout

@@ -364,9 +364,9 @@ def test_pool_boundaries_and_documented_default(monkeypatch):
     ok = ok and off.base is None and off.size == 4 * _pool.MIN_BYTES
     env = {k: v for k, v in os.environ.items() if k != "MPILOCAL_POOL_BYTES" and not k.startswith(("PMI", "MPI", "OMPI", "PMIX", "HYDRA"))}
     out = subprocess.run([sys.executable, "-c", "import mpilocal._pool as p; print(p._CAP, p._idle[0], len(p._free))"],
-                         env=env, capture_output=True, text=True, timeout=60).stdout.split()
-    ok = ok and out == [str(1 << 30), "0", "0"]
-    assert_all(ok, f"base {type(at.base).__name__} / {below.base} / {off.base}; fresh pool: {out}")
+                         env=env, capture_output=True, text=True, timeout=60)
+    ok = ok and out.stdout.split() == [str(1 << 30), "0", "0"]
+    assert_all(ok, f"base {type(at.base).__name__} / {below.base} / {off.base}; fresh pool: {out.stdout!r} {out.stderr[-600:]}")
 
 
 def test_ragged_from_local_without_argument_agreement(monkeypatch):
