@@ -605,7 +605,7 @@ def _wait_tick(seconds: float) -> bytes:
 def _on_sigint(s) -> None:
     """SIGINT while the main thread waits in an mpilocal collective: Python would raise
     KeyboardInterrupt only after the collective returns, so end the job from here."""
-    if s is None and not _ASYNC:
+    if s is None and not _ASYNC and not any(w.busy() for w in list(_STREAM_WATCHES.values())):
         return  # the main thread runs Python code: KeyboardInterrupt is raised there as usual
     if s is not None:
         name, seq, g = s[0], s[1], s[2]
@@ -791,34 +791,146 @@ def watch_async(name: str, g, done, check_error=None, abort_fn=None) -> None:
     _ensure_watchdog()
 
 
+class _StreamWatch:
+    """The deadline's view of the NCCL work one communicator enqueued on one CUDA stream, at a
+    fixed cost per call: two reusable events, no per-call allocation, closure or lock.
+
+    A stream runs its work in order, so an event recorded after a call is done exactly when that
+    call and every earlier one on the stream are. ``probe`` is recorded at a call when it is free
+    (never recorded, or its last record is done: this thread queries it first) and then left alone
+    until it is done, so a probe that is still pending ``MPILOCAL_TIMEOUT`` after its call means
+    that call (or an earlier one) has been pending that long. ``latest`` is re-recorded at every
+    other call, so that work issued while the probe is busy is watched too (a call that hangs after
+    the probe's call completed, with no call after it). ``p`` / ``l`` hold ``(start time, name,
+    seq, group)`` of the call each event was last recorded at, or None; the issuing thread alone
+    writes them, clearing one before it re-records its event; the watchdog reads each before and
+    after querying the event and trusts the query only when the tuple is the same object. No
+    false alarm: an event pending past the deadline is a call pending past it. No missed hang: a
+    call that never completes leaves the event recorded at or after it pending.
+
+    ``probe`` / ``latest``: objects with ``record(stream)`` and a ``done`` property
+    (``cupy.cuda.Event``; tests pass fakes); ``device``: a context manager that makes the
+    events' device current in the watchdog thread (or None); ``check``: the communicator's
+    ``check_async_error`` (or None); ``abort_fn``: its ``abort`` (or None)."""
+
+    __slots__ = ("probe", "latest", "device", "check", "abort_fn", "p", "l")
+
+    def __init__(self, probe, latest, device=None, check=None, abort_fn=None):
+        self.probe, self.latest, self.device, self.check, self.abort_fn = probe, latest, device, check, abort_fn
+        self.p = self.l = None
+
+    def issued(self, name, seq, g, stream, now) -> None:
+        """Called by the issuing thread right after enqueuing collective ``name`` on ``stream``."""
+        if self.p is not None:
+            if not self.probe.done:  # the probe's call is still running: note this call on `latest`
+                self.l = None
+                self.latest.record(stream)
+                self.l = (now, name, seq, g)
+                return
+            self.p = None
+        self.l = None  # the probe recorded now covers everything `latest` covered
+        self.probe.record(stream)
+        self.p = (now, name, seq, g)
+
+    def _done(self, ev) -> bool:
+        """``ev.done`` queried from the watchdog thread (with the events' device current)."""
+        if self.device is None:
+            return bool(ev.done)
+        with self.device:
+            return bool(ev.done)
+
+    def _stale(self, which, ev, now, limit):
+        a = getattr(self, which)
+        if a is None:
+            return None
+        try:
+            done = self._done(ev)
+        except Exception:
+            return None
+        if done or getattr(self, which) is not a:  # done, or re-recorded meanwhile: no verdict
+            return None
+        return a if limit is not None and now - a[0] > limit else None
+
+    def poll(self, now, limit):
+        """Watchdog: ``None`` when all is well, else ``((name, seq, group), error text or None)``
+        for a call pending longer than ``limit`` seconds, or an asynchronous error."""
+        if self.p is None and self.l is None:
+            return None
+        err = None
+        if self.check is not None:
+            try:
+                r = self.check()
+                if r:
+                    err = str(r)
+            except Exception as e:
+                err = f"{type(e).__name__}: {e}"
+        a = self._stale("p", self.probe, now, limit) or self._stale("l", self.latest, now, limit)
+        if err is not None:
+            a = a or self.p or self.l
+            return ((a[1], a[2], a[3]) if a is not None else ("asynchronous GPU work", 0, None)), err
+        return ((a[1], a[2], a[3]), None) if a is not None else None
+
+    def busy(self) -> bool:
+        """Watchdog: whether an event is still pending (queried)."""
+        for which, ev in (("p", self.probe), ("l", self.latest)):
+            if getattr(self, which) is not None:
+                try:
+                    if not self._done(ev):
+                        return True
+                except Exception:
+                    pass
+        return False
+
+
+_STREAM_WATCHES: dict = {}  # (stream pointer, id(communicator)) -> _StreamWatch
+_cp = None                  # the cupy module, imported on the first watch_cuda
+
+
 def watch_cuda(name: str, g, stream=None, comm=None) -> None:
     """Watch GPU work just enqueued on ``stream`` (default: the current CuPy stream) for collective
-    ``name`` on Group ``g``: records a CUDA event and hands it to :func:`watch_async`, with
-    ``comm.check_async_error`` / ``comm.abort`` when ``comm`` (e.g. a ``cupy.cuda.nccl``
-    ``NcclCommunicator``) is given. Call it right after enqueuing a NCCL collective."""
+    ``name`` on Group ``g``, with ``comm.check_async_error`` / ``comm.abort`` when ``comm`` (e.g. a
+    ``cupy.cuda.nccl`` ``NcclCommunicator``) is given. Call it right after enqueuing a NCCL
+    collective. The watchdog aborts the job (after ``comm.abort()`` and the abort hooks) when the
+    work has been pending longer than ``MPILOCAL_TIMEOUT``, or ``check_async_error`` raises,
+    reporting rank / operation / sequence number / group. Per call: one event query and one event
+    record on the stream (:class:`_StreamWatch`)."""
     if _TIMEOUT is None and comm is None:
         return
-    import cupy as cp
+    global _cp
+    cp = _cp
+    if cp is None:
+        import cupy as cp
 
+        _cp = cp
+    if stream is None:
+        stream = cp.cuda.get_current_stream()
+    key = (stream.ptr, id(comm))
+    w = _STREAM_WATCHES.get(key)
+    if w is None:
+        w = _new_stream_watch(key, cp, comm)
+    w.issued(name, g.cache.get(_SEQ, 0) if g is not None else 0, g, stream, _monotonic())
+
+
+def _new_stream_watch(key, cp, comm) -> _StreamWatch:
     dev = cp.cuda.Device()
-    ev = cp.cuda.Event(block=False, disable_timing=True, interprocess=False)
-    ev.record(stream if stream is not None else cp.cuda.get_current_stream())
 
-    def done():
-        with dev:  # the watchdog thread has its own current device
-            return ev.done
+    def event():
+        return cp.cuda.Event(block=False, disable_timing=True, interprocess=False)
 
     check = getattr(comm, "check_async_error", None)
+    if check is not None:
+        raw = check
 
-    def check_error():
-        if check is None:
+        def check():
+            with dev:  # the watchdog thread has its own current device
+                raw()  # raises NcclError on an asynchronous failure
             return None
-        with dev:
-            check()  # raises NcclError on an asynchronous failure
-        return None
 
-    abort_fn = getattr(comm, "abort", None)
-    watch_async(name, g, done, check_error if check is not None else None, abort_fn)
+    w = _StreamWatch(event(), event(), dev, check, getattr(comm, "abort", None))
+    with _ASYNC_LOCK:
+        _STREAM_WATCHES[key] = w
+    _ensure_watchdog()
+    return w
 
 
 def _ensure_watchdog():
@@ -858,7 +970,7 @@ def _watchdog():
                     left = _left_rank_for(s) if _LEFT else None
                     if left is not None and _slot is s:
                         _fire_left(s, *left)
-            if _ASYNC:
+            if _ASYNC or _STREAM_WATCHES:
                 _poll_async()
         except Exception:  # pragma: no cover - the watchdog must never die
             pass
@@ -873,6 +985,9 @@ def forget_group(g) -> None:
     :mod:`mpilocal.agreement` registers with :func:`mpilocal.transport.release`."""
     with _POLL_LOCK, _ASYNC_LOCK:
         _ASYNC[:] = [it for it in _ASYNC if it[2] is not g]
+        for k, w in list(_STREAM_WATCHES.items()):
+            if any(a is not None and a[3] is g for a in (w.p, w.l)):
+                del _STREAM_WATCHES[k]
 
 
 def _poll_async():
@@ -905,6 +1020,13 @@ def _poll_async_locked():
             continue
         if err is not None or (_TIMEOUT is not None and now - t0 > _TIMEOUT):
             _fire(name, seq, g, _TIMEOUT, err, abort_fn)
+    with _ASYNC_LOCK:
+        watches = list(_STREAM_WATCHES.values())
+    for w in watches:
+        r = w.poll(now, _TIMEOUT)
+        if r is not None:
+            (name, seq, g), err = r
+            _fire(name, seq, g, _TIMEOUT, err, w.abort_fn)
 
 
 _DESCRIBERS: list = []
