@@ -495,9 +495,12 @@ def run_plan(plan, cfg, cache, work, args, t_start) -> bool:
 
 def write_report(path: Path, plan, cfg, cache, args):
     rows, survivors, equivalents = [], [], []
-    tot = dict(mutants=0, killed=0, timeout=0, survived=0, equivalent=0, pending=0)
+    keys = ("mutants", "sampled", "killed", "timeout", "survived", "equivalent", "pending")
+    tot = dict.fromkeys(keys, 0)
+    strata = []  # (weight: the module's mutant count, killed + timeouts, judged) per module
     for mod, (mcfg, digest, muts, n_all) in plan.items():
-        c = dict(mutants=len(muts), killed=0, timeout=0, survived=0, equivalent=0, pending=0)
+        c = dict.fromkeys(keys, 0)
+        c["mutants"], c["sampled"] = n_all, len(muts)
         by_ranks = {}
         for m in muts:
             v = cache_get(cache, m["key"], m)
@@ -518,31 +521,59 @@ def write_report(path: Path, plan, cfg, cache, args):
                 if o == "killed":
                     by_ranks[v.get("ranks")] = by_ranks.get(v.get("ranks"), 0) + 1
         judged = c["killed"] + c["timeout"] + c["survived"]
-        score = f"{100 * (c['killed'] + c['timeout']) / judged:.1f}%" if judged else "-"
+        dead = c["killed"] + c["timeout"]
+        if not judged:
+            score = "-"
+        elif c["sampled"] == c["mutants"] and not c["pending"]:
+            score = f"{100 * dead / judged:.1f}% (all)"
+        else:
+            lo, hi = wilson(dead, judged)
+            score = f"{100 * dead / judged:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+        if judged:
+            strata.append((n_all, dead, judged))
         rows.append((mod, c, score, by_ranks, mcfg["tests"]))
         for k in tot:
             tot[k] += c[k]
     judged = tot["killed"] + tot["timeout"] + tot["survived"]
+    total_score = "-"
+    if strata:
+        wsum = sum(w for w, _, _ in strata)
+        est = sum(w / wsum * d / n for w, d, n in strata)
+        var = sum((w / wsum) ** 2 * (d / n) * (1 - d / n) / n for w, d, n in strata)
+        n_eff = est * (1 - est) / var if var > 0 else judged
+        lo, hi = wilson(est * n_eff, n_eff)
+        total_score = f"{100 * est:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+    pooled = f"{100 * (tot['killed'] + tot['timeout']) / judged:.1f}%" if judged else "-"
+    sampled_note = (f"`--sample {args.sample}` (seed {args.seed}): each module's score is an **estimate** from a "
+                    "seeded random sample of its mutants, given with its 95% Wilson interval in brackets; "
+                    "`(all)` marks a module whose every mutant was judged (an exact score). "
+                    if args.sample else "Every mutant of each module (no sampling). ")
     lines = [
         f"# Mutation score ({datetime.date.today().isoformat()})",
         "",
         "Issue 16. Produced by `scripts/mutation.sh` (cosmic-ray 8 mutants, filtered by "
         "`scripts/mutation.toml`; each mutant runs the module's tests under MPICH's `mpiexec -n R`, "
         f"R in {cfg['defaults']['ranks']}, fail-fast; a mutant is killed when a rank count fails).",
-        f"Shard {args.shard}. Score = (killed + timeouts) / (killed + timeouts + survived); mutants argued "
-        "equivalent (listed below, with the argument) are left out; pending = not run yet (budget).",
+        f"Ref `{args.ref or 'working tree'}`, shard {args.shard}. " + sampled_note +
+        "Score = (killed + timeouts) / (killed + timeouts + survived) among the judged sample; mutants argued "
+        "equivalent (listed below, with the argument) are left out; pending = in the sample, not judged yet "
+        "(budget, or a timeout that the unmutated tests also hit: inconclusive). A timeout counts only when "
+        "the unmutated tests pass within the same limit at the same rank count right after it.",
         "",
-        "| module | mutants | killed | timeouts | survived | equivalent | pending | score | killed at 2 / 3 ranks | tests |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| module | mutants | sampled | killed | timeouts | survived | equivalent | pending | score [95% CI] | "
+        "killed at 2 / 3 ranks | tests |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for mod, c, score, by_ranks, tests in rows:
-        lines.append(f"| `{mod}` | {c['mutants']} | {c['killed']} | {c['timeout']} | {c['survived']} | "
-                     f"{c['equivalent']} | {c['pending']} | {score} | "
+        lines.append(f"| `{mod}` | {c['mutants']} | {c['sampled']} | {c['killed']} | {c['timeout']} | "
+                     f"{c['survived']} | {c['equivalent']} | {c['pending']} | {score} | "
                      f"{' / '.join(str(by_ranks.get(r, 0)) for r in cfg['defaults']['ranks'])} | "
                      f"{', '.join(Path(t).name for t in tests)} |")
-    total_score = f"{100 * (tot['killed'] + tot['timeout']) / judged:.1f}%" if judged else "-"
-    lines.append(f"| **all** | {tot['mutants']} | {tot['killed']} | {tot['timeout']} | {tot['survived']} | "
-                 f"{tot['equivalent']} | {tot['pending']} | {total_score} | | |")
+    lines.append(f"| **all** | {tot['mutants']} | {tot['sampled']} | {tot['killed']} | {tot['timeout']} | "
+                 f"{tot['survived']} | {tot['equivalent']} | {tot['pending']} | {total_score} | | |")
+    lines += ["", f"Overall: the stratified estimate (each module's score weighted by its mutant count; "
+              f"Wilson interval on the effective sample size) is {total_score}; the pooled score of the "
+              f"{judged} judged mutants, unweighted, is {pooled}."]
     lines += ["", "## Survivors", ""]
     if not survivors:
         lines.append("None.")
