@@ -305,6 +305,12 @@ class _SigState:
 
     def remember(self, h, replay):
         hist = self.hist
+        if replay is None and h == self.pred and len(hist) >= 2 and hist[-1] == h and hist[-2] == h:
+            # a run of one call goes on: the prediction stays h (what _predict would find)
+            hist.append(h)
+            if len(hist) > _HIST:
+                del hist[0]
+            return
         hist.append(h)
         if replay is not None:
             self.replays[h] = replay
@@ -334,6 +340,9 @@ def _sig_state(g) -> _SigState:
     return st
 
 
+_WAIT_NAMES: dict = {}  # caller -> the name of its signature wait (for deadline reports)
+
+
 class SigCheck:
     """A posted signature reduction (:func:`post_signature`); ``fast``: this rank may issue its data
     collective before completing it."""
@@ -346,7 +355,10 @@ class SigCheck:
     def wait(self):
         if not self.done:
             st = self.st
-            with deadline.waiting(f"{self.caller} (argument signature)", self.g):
+            what = _WAIT_NAMES.get(self.caller)
+            if what is None:
+                what = _WAIT_NAMES[self.caller] = f"{self.caller} (argument signature)"
+            with deadline.waiting(what, self.g):
                 st.pending.Wait()
             st.pending = None
             self.done = True

@@ -82,6 +82,11 @@ def restore(y, dim):
     return contiguous(_arrays.namespace(y).moveaxis(y, 0, dim))
 
 
+def _flat(a):
+    """``a`` as a flat array (a view of C-contiguous ``a``; ``a`` itself when already 1-D)."""
+    return a if a.ndim == 1 else a.reshape(-1)
+
+
 def _detail(detail, placements):
     if placements is not None:
         detail["placements"] = placements
@@ -92,11 +97,13 @@ def all_gather(x, dim: int, g: Group, sizes, placements=None):
     """All-gather ``x`` along ``dim``; rank r contributes ``sizes[r]`` rows along ``dim``.
     ``placements`` (optional, e.g. ``(src, dst)`` of a redistribute) joins the debug fingerprint."""
     send = leading(x, dim)
-    inner = math.prod(send.shape[1:])
-    recv = empty(x, (sum(sizes),) + send.shape[1:])
+    tail = send.shape[1:]
+    inner = math.prod(tail)
+    total = sum(sizes)
+    recv = empty(x, (total * inner,))  # flat: the transport's buffer; shaped once below
     with issue(COLLECTIVES["all_gather"], send, g, **_detail(dict(dim=dim, sizes=tuple(sizes)), placements)):
-        transport_for(x, "all_gather").allgatherv(send.reshape(-1), recv.reshape(-1), [s * inner for s in sizes], g)
-    return restore(recv, dim)
+        transport_for(x, "all_gather").allgatherv(_flat(send), recv, [s * inner for s in sizes], g)
+    return restore(recv if not tail else recv.reshape((total,) + tail), dim)
 
 
 # -- reductions: what the transports get -----------------------------------------------------------
@@ -203,11 +210,11 @@ def all_reduce(x, op: str, g: Group, placements=None):
     with issue(COLLECTIVES["all_reduce"], send, g, **_detail(dict(op=op), placements)):
         if top.startswith("gather:"):
             return _gather_reduce(send, top[7:], g, "all_gather").reshape(x.shape)
-        recv = empty(send, send.shape)
-        transport_for(x, "all_reduce").allreduce(send.reshape(-1), recv.reshape(-1), top, g)
+        recv = empty(send, (send.size,))  # flat: the transport's buffer; shaped once below
+        transport_for(x, "all_reduce").allreduce(_flat(send), recv, top, g)
     if finish is not None:
         recv = finish(recv, g)
-    return recv.reshape(x.shape)
+    return recv if x.ndim == 1 else recv.reshape(x.shape)
 
 
 def reduce_scatter(x, op: str, dim: int, g: Group, sizes, placements=None):
@@ -222,11 +229,11 @@ def reduce_scatter(x, op: str, dim: int, g: Group, sizes, placements=None):
             full = _gather_reduce(send, top[7:], g, "all_gather")
             recv = full[off:off + counts[g.rank]].reshape((sizes[g.rank],) + send.shape[1:]).copy()
             return restore(recv, dim)
-        recv = empty(send, (sizes[g.rank],) + send.shape[1:])
-        transport_for(x, "reduce_scatter").reduce_scatterv(send.reshape(-1), recv.reshape(-1), counts, top, g)
+        recv = empty(send, (counts[g.rank],))  # flat: the transport's buffer; shaped once below
+        transport_for(x, "reduce_scatter").reduce_scatterv(_flat(send), recv, counts, top, g)
     if finish is not None:
         recv = finish(recv, g)
-    return restore(recv, dim)
+    return restore(recv if send.ndim == 1 else recv.reshape((sizes[g.rank],) + send.shape[1:]), dim)
 
 
 def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_sizes, placements=None):
@@ -350,10 +357,8 @@ def sendrecv(name, like, sent, sends, recvs, g: Group, **detail):
 def post_shape_agreement(mesh, vec) -> MetaFuture:
     """Start the shape agreement of a DTensor over ``mesh`` (collective, non-blocking): the SUM
     reduction of this rank's fixed-width uint64 vector ``vec`` (its fields: mpilocal.dtensor), the
-    same size whatever the number of ranks. Also makes sure the diagnostics communicator exists
-    (created at the first post, a point every rank passes)."""
+    same size whatever the number of ranks (:func:`mpilocal.metadata.post_sum`; docs/scaling.md)."""
     g = group_for(mesh._metadata_comm())
-    metadata.ensure_diag(g)
     if debug.ACTIVE:
         debug.record_metadata("shape_agreement", vec.nbytes)
     with deadline.begin("metadata:shape_agreement", g, None):  # deadline / fingerprint

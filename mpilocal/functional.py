@@ -27,6 +27,7 @@ from . import _arrays, agreement, collectives, debug
 from .collectives import contiguous, empty, leading, restore
 from .layout import chunk_sizes
 from .metadata import META_WIDTH, check_params, check_same, meta_with, row_flags
+from .mesh import DeviceMesh
 from .names import REDUCE_OPS
 from .transport import Group, count_limit, equal_counts, group_for
 
@@ -38,8 +39,11 @@ __all__ = ["all_gather_tensor", "all_reduce", "reduce_scatter_tensor", "all_to_a
 # ------------------------------------------------------------------------------------------------
 def resolve_group(group, caller: str) -> Group:
     """A :class:`Group` from a 1-D DeviceMesh, a (DeviceMesh, mesh_dim) pair or an mpi4py Comm."""
-    from .mesh import DeviceMesh
-
+    t = type(group)
+    if t is DeviceMesh and group.mesh.ndim == 1:  # the common cases first
+        return group_for(group.get_group(0))
+    if t is tuple and len(group) == 2 and type(group[0]) is DeviceMesh:
+        return group_for(group[0].get_group(group[1]))
     if isinstance(group, MPI.Comm):
         if group == MPI.COMM_NULL:
             raise ValueError(f"{caller}: group is MPI.COMM_NULL; this rank is not part of that communicator")

@@ -440,6 +440,8 @@ class DeviceMesh:
 
     # -- helpers -------------------------------------------------------------------------------
     def _dim_index(self, mesh_dim, caller) -> int:
+        if type(mesh_dim) is int and 0 <= mesh_dim < self.mesh.ndim:  # the common case, checked first
+            return mesh_dim
         if isinstance(mesh_dim, str):
             if self.mesh_dim_names is None or mesh_dim not in self.mesh_dim_names:
                 raise _UnknownMeshDim(

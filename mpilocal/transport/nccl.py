@@ -22,16 +22,21 @@ import numpy as np
 
 from .. import deadline
 from ..names import op_tables
-from . import Group, counts_key, displs, equal_counts, issuing, register_release_hook
+from . import counts_key, displs, equal_counts, issuing, register_release_hook
 from .gpu_common import reduce_blocks
 
 __all__ = ["NcclTransport", "nccl_comm"]
 
 
-def _nccl():
-    from cupy.cuda import nccl
+_N = []  # [cupy.cuda.nccl], imported on first use (an import statement per call costs a microsecond)
 
-    return nccl
+
+def _nccl():
+    if not _N:
+        from cupy.cuda import nccl
+
+        _N.append(nccl)
+    return _N[0]
 
 
 _DT: dict = {}
@@ -130,10 +135,15 @@ def _keep_forever(c) -> None:
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(c))
 
 
-def _stream():
-    import cupy as cp
+_CUR = []  # [cupy.cuda.get_current_stream]
 
-    return cp.cuda.get_current_stream().ptr
+
+def _stream():
+    if not _CUR:
+        import cupy as cp
+
+        _CUR.append(cp.cuda.get_current_stream)
+    return _CUR[0]().ptr
 
 
 def _abort_group_comm(g):
@@ -153,20 +163,29 @@ def _release_group(g):
 register_release_hook("30-nccl", _release_group)
 
 
-def _watched(method):
+def _watched(at):
     """Hand the NCCL work a transport method just enqueued to the deadline watchdog
     (:func:`mpilocal.deadline.watch_cuda`): it polls ``check_async_error`` and, past
-    ``MPILOCAL_TIMEOUT``, aborts the communicator and the job, naming the operation."""
-    name = method.__name__
+    ``MPILOCAL_TIMEOUT``, aborts the communicator and the job, naming the operation. ``at``: the
+    position of the method's Group argument (not always last: alltoallv's uniform, bound)."""
+    watch = deadline.watch_cuda
 
-    def run(self, *args, **kwargs):
-        group = next(a for a in args if type(a) is Group)  # not always last (alltoallv's uniform, bound)
-        out = method(self, *args, **kwargs)
-        deadline.watch_cuda(name, group, None, group.cache.get("nccl"))
-        return out
+    def wrap(method):
+        name = method.__name__
 
-    run.__name__, run.__doc__ = name, method.__doc__
-    return run
+        def run(self, *args, **kwargs):
+            group = args[at] if len(args) > at else kwargs["group"]
+            out = method(self, *args, **kwargs)
+            watch(name, group, None, group.cache.get("nccl"))
+            return out
+
+        run.__name__, run.__doc__ = name, method.__doc__
+        return run
+
+    return wrap
+
+
+_PLANS: dict = {}  # (dtype, op) -> NcclTransport._plan
 
 
 class NcclTransport:
@@ -179,7 +198,7 @@ class NcclTransport:
         deadline.register_abort_hook(_abort_group_comm)
 
     # -- data movement (bytes) -----------------------------------------------------------------
-    @_watched
+    @_watched(3)
     def allgatherv(self, send, recv, counts, group):
         it = recv.dtype.itemsize
         total = sum(counts)
@@ -205,7 +224,7 @@ class NcclTransport:
         finally:
             n.groupEnd()
 
-    @_watched
+    @_watched(4)
     def alltoallv(self, send, send_counts, recv, recv_counts, group, uniform=False, bound=None):
         # grouped send/recv: zero-size pieces are skipped on both sides alike (send_counts[p] on rank r
         # is recv_counts[r] on rank p), and point-to-point calls need no group-wide choice
@@ -226,7 +245,7 @@ class NcclTransport:
         finally:
             n.groupEnd()
 
-    @_watched
+    @_watched(2)
     def sendrecv(self, sends, recvs, group):
         n = _nccl()
         comm, s = nccl_comm(group), _stream()
@@ -241,7 +260,7 @@ class NcclTransport:
         finally:
             n.groupEnd()
 
-    @_watched
+    @_watched(2)
     def bcast(self, buf, root, group):
         if not buf.size:
             return
@@ -251,7 +270,7 @@ class NcclTransport:
             issuing(group, "ncclBroadcast", datatype="ncclUint8", count=buf.nbytes, root=root)
         nccl_comm(group).broadcast(p, p, buf.nbytes, n.NCCL_UINT8, root, _stream())
 
-    @_watched
+    @_watched(4)
     def scatterv(self, send, counts, recv, root, group):
         it = recv.dtype.itemsize
         n = _nccl()
@@ -273,7 +292,15 @@ class NcclTransport:
 
     # -- reductions ----------------------------------------------------------------------------
     def _plan(self, dtype, op):
-        """(view dtype or None, NCCL dtype code, NCCL op code, element factor, widen dtype or None)."""
+        """(view dtype or None, NCCL dtype code, NCCL op code, element factor, widen dtype or None),
+        cached per (dtype, op)."""
+        key = (dtype, op)
+        p = _PLANS.get(key)
+        if p is None:
+            p = _PLANS[key] = self._make_plan(dtype, op)
+        return p
+
+    def _make_plan(self, dtype, op):
         dt = np.dtype(dtype)
         table = _dtype_table()
         ops, bool_ops = _op_codes()
@@ -289,7 +316,7 @@ class NcclTransport:
             return None, table[wide], ops[op], 1, wide
         return "gather", None, None, None, None
 
-    @_watched
+    @_watched(3)
     def allreduce(self, send, recv, op, group):
         if not recv.size:
             return
@@ -306,7 +333,7 @@ class NcclTransport:
             issuing(group, "ncclAllReduce", datatype=code, op=opc, count=recv.size * factor)
         nccl_comm(group).allReduce(s_.data.ptr, r_.data.ptr, recv.size * factor, code, opc, _stream())
 
-    @_watched
+    @_watched(4)
     def reduce_scatterv(self, send, recv, counts, op, group):
         if not sum(counts):
             return
