@@ -124,9 +124,9 @@ def test_writers_and_reads(ckdir):
         read = []
         orig = _format.Files.read_chunk
 
-        def spy(self, key, ch, into):
+        def spy(self, key, ch, *rest):
             read.append((key, ch["offsets"], ch["length"]))
-            return orig(self, key, ch, into)
+            return orig(self, key, ch, *rest)
 
         _format.Files.read_chunk = spy
         try:

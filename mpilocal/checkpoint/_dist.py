@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import zlib
+from concurrent import futures
 
 import numpy as np
 from mpi4py import MPI
@@ -156,18 +157,23 @@ def _host_buffer(shape, dtype, pinned_device: bool):
 
 
 def _to_host(x, copy: bool):
-    """A host NumPy array with the contents of local array ``x``. ``copy`` (async_save): always a copy,
-    into a reused host buffer (pinned for CuPy arrays), so that the caller may change ``x`` at once."""
+    """What the writer reads of local array ``x``: ``x`` itself when C-contiguous (save; a CuPy array
+    stays on the device and is staged piece by piece while the file is written), else a C-ordered
+    copy. ``copy`` (async_save): always a host copy, into a reused host buffer (pinned for CuPy
+    arrays), so that the caller may change ``x`` at once."""
     if _is_cupy(x):
         x = x if x.flags.c_contiguous else _cupy().ascontiguousarray(x)  # (which makes 0-d arrays 1-d)
-        if copy:
-            out = _host_buffer(x.shape, x.dtype, True)
-            try:
-                x.get(out=out)
-                return out
-            except TypeError:  # a CuPy without get(out=)
-                pass
-        return x.get()
+        if not copy:
+            # save: the device array itself; the writer copies it piece by piece through pinned buffers
+            # (on its own streams, so every kernel that produced it must be done first)
+            x.device.synchronize()
+            return x
+        out = _host_buffer(x.shape, x.dtype, True)
+        try:
+            x.get(out=out)
+            return out
+        except TypeError:  # a CuPy without get(out=)
+            return x.get()
     if copy:
         out = _host_buffer(x.shape, x.dtype, False)
         np.copyto(out, x)
@@ -200,18 +206,20 @@ class _PendingSave:
             todo = [(it, off, arr) for it in self.items for off, arr in it.writes]
             if todo:
                 f = F.DataFile(self.tmp, f"data_{self.rank:05d}.bin")
+                ok = False
                 try:
+                    pieces, boxes = [], []
                     for it, off, arr in todo:
-                        for a, b in F.row_blocks(arr.shape, arr.dtype.itemsize):
-                            part = arr if a is None else arr[a:b]
-                            o = list(off) if a is None else [off[0] + a] + list(off[1:])
-                            pos, n, crc = f.append(part)
-                            self.chunks.append({"key": it.key, "offsets": o, "shape": list(part.shape), "file": f.name,
-                                                "offset": pos, "length": n, "crc32": crc})
-                    for ch in self.chunks:
-                        ch["crc32"] = ch["crc32"].result()
+                        for rel, shape, lo, hi in F.contiguous_boxes(arr.shape, arr.dtype.itemsize):
+                            pieces.append((arr, lo, hi))
+                            boxes.append((it.key, [a + b for a, b in zip(off, rel)], list(shape)))
+                    self.chunks = [{"key": key, "offsets": o, "shape": shape, "file": f.name, "offset": pos,
+                                    "length": hi - lo, "crc32": crc}
+                                   for (key, o, shape), (_, lo, hi), (pos, crc) in
+                                   zip(boxes, pieces, F.write_pieces(f, pieces))]
+                    ok = True
                 finally:
-                    f.close(sync=self.error is None)
+                    f.close(sync=ok)  # (one fsync, after the last write)
         except BaseException as e:  # noqa: BLE001 - every failure is agreed and re-raised at the commit
             self.error = e
         finally:
@@ -599,27 +607,26 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
     except BaseException as e:  # noqa: BLE001 - agreed
         err = e
     _agree(comm, err)
-    # 3. read what this rank needs
-    results, err = [], None
+    # 3. read what this rank needs: every read of every key in flight on the I/O pool at once
+    results, err, pending = [], None, []
     files = F.Files(directory)
     try:
+        finish = []
         for key, cont, idx, v, e in plan:
             if e["kind"] == "value":
-                results.append((cont, idx, e["value"]))
+                finish.append((cont, idx, lambda val=e["value"]: val))
             elif isinstance(v, DTensor):
-                results.append((cont, idx, _load_dtensor(files, key, e, v)))
+                finish.append((cont, idx, _load_dtensor(files, key, e, v, pending)))
             else:
                 shape = tuple(e["shape"])
-                a = F.read_box(files, key, e, (0,) * len(shape), shape)
-                a = a.astype(v.dtype, copy=False)
-                if isinstance(v, np.generic):
-                    a = a[()]
-                elif _is_cupy(v):
-                    a = host_to_cupy(a)  # (bit for bit: cupy.asarray turns a 0-d -0.0 into +0.0)
-                results.append((cont, idx, a))
+                a = F.read_box(files, key, e, (0,) * len(shape), shape, pending=pending)
+                finish.append((cont, idx, lambda a=a, v=v: _plain_array(a, v)))
+        F.wait_all(pending)
+        results = [(cont, idx, fin()) for cont, idx, fin in finish]
     except BaseException as ex:  # noqa: BLE001 - agreed
         err = ex
     finally:
+        futures.wait(pending)  # (after an error too: no read may outlive the open files)
         files.close()
     _agree(comm, err)
     for cont, idx, val in results:
@@ -628,20 +635,47 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
         obj.load_state_dict(sub)
 
 
-def _load_dtensor(files, key, e, v: DTensor) -> DTensor:
+def _plain_array(a, v):
+    """The loaded host array ``a`` as the template's kind: NumPy scalar, NumPy or CuPy array."""
+    a = a.astype(v.dtype, copy=False)
+    if isinstance(v, np.generic):
+        return a[()]
+    if _is_cupy(v):
+        return host_to_cupy(a)  # (bit for bit: cupy.asarray turns a 0-d -0.0 into +0.0)
+    return a
+
+
+def _load_dtensor(files, key, e, v: DTensor, pending):
+    """Start the reads of ``v``'s target shard (their futures go to ``pending``); returns the function
+    that makes the loaded DTensor once they are done. A CuPy target of the saved (native) dtype is
+    filled on the device straight from pinned staging buffers; the others through a host array."""
     mesh, pl = v.device_mesh, v.placements
     shape = tuple(int(s) for s in v.shape)
     coord = mesh.get_coordinate()
     cuda = mesh.device_type == "cuda" or _is_cupy(v.detach().to_local())
+    grad = v.requires_grad and v.is_leaf
+
+    def make(local):
+        out = DTensor.from_local(local, mesh, pl, shape=shape)
+        return out.requires_grad_() if grad else out
+
     if coord is None:
         xp = _cupy() if cuda else np
-        return DTensor.from_local(xp.empty((0,) * len(shape), dtype=v.dtype), mesh, pl, shape=shape)
+        empty = xp.empty((0,) * len(shape), dtype=v.dtype)
+        return lambda: make(empty)
     lshape, off = local_shape_and_offset(shape, mesh.shape, pl, coord)
-    host = np.empty(lshape, dtype=np.dtype(e["dtype"]))
+    sdt = np.dtype(e["dtype"])
+    if (cuda and len(lshape) and sdt.isnative and sdt.kind in "biufc" and sdt == np.dtype(v.dtype)
+            and not any(type(p) is Partial for p in pl)):
+        dev = _cupy().empty(lshape, dtype=sdt)
+        if dev.size:
+            F.read_box(files, key, e, off, lshape, out=dev, pending=pending)
+        return lambda: make(dev)
+    host = np.empty(lshape, dtype=sdt)
     if host.size:
-        F.read_box(files, key, e, off, lshape, out=host)
-    host = host.astype(v.dtype, copy=False)
-    _fill_partial(host, pl, coord)
-    local = host_to_cupy(host) if cuda else host  # (cupy.asarray would turn a 0-d -0.0 into +0.0)
-    out = DTensor.from_local(local, mesh, pl, shape=shape)
-    return out.requires_grad_() if v.requires_grad and v.is_leaf else out
+        F.read_box(files, key, e, off, lshape, out=host, pending=pending)
+
+    def finish():
+        h = _fill_partial(host.astype(v.dtype, copy=False), pl, coord)
+        return make(host_to_cupy(h) if cuda else h)  # (cupy.asarray would turn a 0-d -0.0 into +0.0)
+    return finish

@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import shutil
+import sys
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -31,14 +32,14 @@ import numpy as np
 __all__ = [
     "FORMAT", "VERSION", "MANIFEST", "CHUNK_BYTES", "CheckpointError",
     "read_array", "read_manifest", "resolve", "tmp_dir", "old_dir", "flatten", "dtype_str",
-    "DataFile", "read_box", "remove_tree", "fsync_dir", "describe",
+    "DataFile", "write_pieces", "contiguous_boxes", "read_box", "wait_all", "remove_tree", "fsync_dir", "describe",
 ]
 
 FORMAT = "mpilocal-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
-CHUNK_BYTES = 16 << 20   # a shard is cut into chunks of at most this many bytes (along its first dim);
-                         # each chunk's crc32 runs on a worker thread while the next chunk moves
+CHUNK_BYTES = 16 << 20   # a shard is cut into chunks of at most this many bytes (contiguous_boxes); each
+                         # chunk's crc32 runs on a worker thread while the next chunk moves
 _KINDS = "biufcSUmM"     # dtype kinds that are raw bytes (no object pointers, no fields)
 
 # fault injection for tests: called as hook(file_path, file_offset, nbytes) before each chunk is written
@@ -204,24 +205,26 @@ def json_value(v, key: str, caller: str):
     return v
 
 
-# -- writing --------------------------------------------------------------------------------------
+# -- the I/O engine: a pool of threads, pinned staging buffers for device arrays -------------------
+IO_THREADS = max(2, min(8, os.cpu_count() or 1))  # worker threads per process: crc32s, device copies, reads
+STAGE_SLOTS = 6  # pinned host buffers of CHUNK_BYTES per GPU and process (device <-> host copies)
 _POOL = []
 _POOL_LOCK = threading.Lock()
 
 
-def crc_pool() -> ThreadPoolExecutor:
-    """Worker threads computing the chunks' crc32 while the calling thread moves bytes (zlib.crc32
-    releases the GIL): one chunk per task, so several chunks are checked at once."""
+def io_pool() -> ThreadPoolExecutor:
+    """The worker threads of this process's checkpoint I/O: the crc32 of each chunk (zlib.crc32 releases
+    the GIL), the device-to-host copies of a save, the positioned reads (and their crc32) of a load."""
     with _POOL_LOCK:
         if not _POOL:
-            _POOL.append(ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="mpilocal-crc"))
+            _POOL.append(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="mpilocal-ckpt-io"))
         return _POOL[0]
 
 
 def _pick_crc32():
     """zlib's CRC-32, from the fastest module present: python-isal or zlib-ng (SIMD, several GB/s,
-    optional) or the standard library's zlib (~1.5 GB/s per core). All give the same values.
-    ``MPILOCAL_CKPT_CRC=zlib`` forces the standard library."""
+    optional: ``pip install isal``) or the standard library's zlib (~1-2 GB/s per core). All give the
+    same values. ``MPILOCAL_CKPT_CRC=zlib`` forces the standard library."""
     if os.environ.get("MPILOCAL_CKPT_CRC", "").strip().lower() != "zlib":
         for mod in ("isal.isal_zlib", "zlib_ng.zlib_ng"):
             try:
@@ -240,23 +243,103 @@ def _crc(buf) -> int:
     return CRC32(buf) & 0xFFFFFFFF
 
 
+def _sync_file_range():
+    """Linux's ``sync_file_range`` (starts the writeback of a file range without waiting for it), or
+    None (another OS, or ``MPILOCAL_CKPT_WRITEBACK=0``)."""
+    if not sys.platform.startswith("linux") or os.environ.get("MPILOCAL_CKPT_WRITEBACK", "").strip() == "0":
+        return None
+    try:
+        import ctypes
+
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+        f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        f.restype = ctypes.c_int
+        return f
+    except (OSError, AttributeError):
+        return None
+
+
+_SFR = _sync_file_range()
+_SFR_WRITE = 2  # SYNC_FILE_RANGE_WRITE
+
+
+def device_of(a):
+    """``(cupy, device id)`` for a CuPy array, None for a host array (CuPy is never imported here)."""
+    cp = sys.modules.get("cupy")
+    if cp is not None and isinstance(a, cp.ndarray):
+        return cp, a.device.id
+    return None
+
+
+class _Ring:
+    """``STAGE_SLOTS`` pinned host buffers of ``CHUNK_BYTES`` (and a non-blocking stream each) for one GPU:
+    device <-> host copies go through them, so they run at the pinned-memory speed, overlapped with
+    the file I/O, and never touch fresh pageable pages. Made once per process and GPU."""
+
+    def __init__(self, cp, did: int, nbytes: int):
+        import queue
+
+        import cupyx
+
+        self.nbytes = nbytes
+        self.free = queue.SimpleQueue()
+        with cp.cuda.Device(did):
+            for _ in range(STAGE_SLOTS):
+                host = cupyx.empty_pinned((nbytes,), np.uint8)
+                self.free.put((host, cp.cuda.Stream(non_blocking=True)))
+
+
+_RINGS: dict = {}
+
+
+def _ring(cp, did: int, n: int):
+    """The staging ring of GPU ``did`` when a chunk of ``n`` bytes fits a slot, else None (pageable copy)."""
+    with _POOL_LOCK:
+        r = _RINGS.get(did)
+        if r is None or r.nbytes < CHUNK_BYTES:
+            try:
+                r = _RINGS[did] = _Ring(cp, did, CHUNK_BYTES)
+            except Exception:  # noqa: BLE001 - no pinned memory: the plain (pageable) copies still work
+                r = _RINGS[did] = None
+    return r if r is not None and n <= r.nbytes else None
+
+
+def _host_bytes(a) -> memoryview:
+    """The bytes of a C-contiguous host array, as a flat memoryview (no copy)."""
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
+def _d2h(cp, did, slot, src, lo: int, hi: int):
+    """Bytes ``lo..hi`` of the C-contiguous CuPy array ``src`` in host memory: in the pinned ``slot``
+    (async copy on its stream, then waited for), or a fresh host array without a slot."""
+    with cp.cuda.Device(did):
+        if slot is None:
+            return memoryview(cp.asnumpy(src.reshape(-1).view(cp.uint8)[lo:hi]))
+        host, stream = slot
+        cp.cuda.runtime.memcpyAsync(host.ctypes.data, src.data.ptr + lo, hi - lo,
+                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        stream.synchronize()
+    return memoryview(host)[:hi - lo]
+
+
 class DataFile:
-    """One writing rank's data file: chunks appended, each with its crc32; fsync on close."""
+    """One writing rank's data file: chunks appended in order by the calling thread (one ``write`` call
+    per chunk), the kernel's writeback of each chunk started at once (``sync_file_range``, on a helper
+    thread, so the disk works while the next chunks are copied), one ``fsync`` on close."""
 
     def __init__(self, directory: str, name: str):
         self.name = name
         self.path = os.path.join(directory, name)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.offset = 0
+        self._wb = ThreadPoolExecutor(1, thread_name_prefix="mpilocal-ckpt-writeback") if _SFR else None
 
-    def append(self, buf):
-        """Write ``buf`` (a C-contiguous array) at the end; ``(offset, length, crc32 future)``."""
-        mv = memoryview(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
+    def append(self, mv: memoryview) -> int:
+        """Write the bytes ``mv`` at the end; returns their offset in the file."""
         start, n = self.offset, len(mv)
-        crc = crc_pool().submit(_crc, mv)
         hook = fault_hook
         if hook is not None:
-            hook(self.path, self.offset, n)
+            hook(self.path, start, n)
         done = 0
         while done < n:
             w = os.write(self.fd, mv[done:done + (1 << 30)])
@@ -264,17 +347,77 @@ class DataFile:
                 raise OSError(errno.EIO, f"write to {self.path} made no progress")
             done += w
         self.offset += n
-        return start, n, crc
+        if self._wb is not None and n:
+            self._wb.submit(_SFR, self.fd, start, n, _SFR_WRITE)
+        return start
 
     def close(self, sync: bool = True) -> None:
         if self.fd is None:
             return
         try:
+            if self._wb is not None:
+                self._wb.shutdown(wait=True)  # (sync_file_range is only a hint: its result is not needed)
             if sync:
                 os.fsync(self.fd)
         finally:
             os.close(self.fd)
             self.fd = None
+
+
+def write_pieces(f: DataFile, pieces) -> list:
+    """Write ``pieces`` -- ``(src, lo, hi)``: bytes ``lo..hi`` of the C-contiguous NumPy or CuPy array
+    ``src`` -- one after the other at the end of ``f``; returns ``[(file offset, crc32)]``.
+
+    The calling thread only writes. The pool computes each piece's crc32 while the next pieces are
+    written, and copies CuPy pieces into pinned staging buffers a few pieces ahead of the writes."""
+    pool = io_pool()
+    devs = [device_of(src) for src, _, _ in pieces]
+    order = [j for j, d in enumerate(devs) if d is not None]
+    staged = {}  # j -> (copy future, ring, slot)
+    nlaunched = 0
+
+    def launch(upto):
+        nonlocal nlaunched
+        while nlaunched < min(upto, len(order)):
+            j = order[nlaunched]
+            nlaunched += 1
+            src, lo, hi = pieces[j]
+            cp, did = devs[j]
+            ring = _ring(cp, did, hi - lo)
+            slot = ring.free.get() if ring is not None else None
+            try:
+                staged[j] = (pool.submit(_d2h, cp, did, slot, src, lo, hi), ring, slot)
+            except BaseException:
+                if slot is not None:
+                    ring.free.put(slot)
+                raise
+
+    def free_after(fut, ring, slot):
+        if slot is not None:
+            fut.add_done_callback(lambda _f: ring.free.put(slot))
+
+    out, ndev = [], 0
+    try:
+        for j, (src, lo, hi) in enumerate(pieces):
+            if devs[j] is None:
+                mv = _host_bytes(src)[lo:hi]
+                crc = pool.submit(_crc, mv)  # (runs while this piece is written)
+                out.append((f.append(mv), crc))
+                continue
+            launch(ndev + max(1, STAGE_SLOTS - 2))
+            ndev += 1
+            fut, ring, slot = staged.pop(j)
+            crc = fut  # (until the crc32 is submitted: the slot is freed after the copy)
+            try:
+                mv = fut.result()
+                crc = pool.submit(_crc, mv)
+                out.append((f.append(mv), crc))
+            finally:
+                free_after(crc, ring, slot)  # once the crc32 has read it (the write is done by then)
+    finally:
+        for fut, ring, slot in staged.values():  # launched, never written (an error): free once copied
+            free_after(fut, ring, slot)
+    return [(off, crc.result()) for off, crc in out]
 
 
 def row_blocks(shape, itemsize: int, limit: int | None = None):
@@ -291,9 +434,37 @@ def row_blocks(shape, itemsize: int, limit: int | None = None):
     return [(s, min(s + per, shape[0])) for s in range(0, shape[0], per)]
 
 
+def contiguous_boxes(shape, itemsize: int, limit: int | None = None) -> list:
+    """The chunks of a C-ordered array of ``shape``: ``(offsets, box shape, first byte, end byte)`` of
+    boxes of at most ``limit`` bytes (default ``CHUNK_BYTES``; at least one element each) that are each
+    one contiguous byte range of the array, in order. Rows that fit are grouped (:func:`row_blocks`);
+    a row larger than ``limit`` is cut the same way along the next dim, with the leading indices fixed
+    (a box of shape ``(1, .., 1, k, rest)``), so a piece boundary need not fall on a row boundary."""
+    limit = CHUNK_BYTES if limit is None else limit
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0:
+        return [((), (), 0, itemsize)]
+    if 0 in shape:
+        return []
+    out = []
+
+    def walk(prefix, dims, base):
+        slab = itemsize * int(np.prod(dims[1:], dtype=np.int64))  # bytes of one index of dims[0]
+        if slab <= limit or len(dims) == 1:
+            for a, b in row_blocks(dims, itemsize, limit):
+                out.append((prefix + (a,) + (0,) * (len(dims) - 1), (1,) * len(prefix) + (b - a,) + dims[1:],
+                            base + a * slab, base + b * slab))
+            return
+        for i in range(dims[0]):
+            walk(prefix + (i,), dims[1:], base + i * slab)
+
+    walk((), shape, 0)
+    return out
+
+
 # -- reading --------------------------------------------------------------------------------------
 class Files:
-    """Open data files of one checkpoint directory, for positioned reads."""
+    """Open data files of one checkpoint directory, for positioned reads (from the pool's threads)."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -302,7 +473,7 @@ class Files:
     def fd(self, name: str) -> int:
         fd = self._fds.get(name)
         if fd is None:
-            if os.sep in name or name.startswith("."):
+            if not isinstance(name, str) or os.sep in name or name.startswith("."):
                 raise CheckpointError(f"{self.directory}/{MANIFEST} names a data file {name!r} outside the checkpoint")
             try:
                 fd = self._fds[name] = os.open(os.path.join(self.directory, name), os.O_RDONLY)
@@ -315,63 +486,113 @@ class Files:
             os.close(fd)
         self._fds.clear()
 
-    def read_chunk(self, key: str, ch: dict, into):
-        """Read chunk ``ch`` of ``key`` into the buffer ``into`` and check its length now; returns a
-        future whose ``result()`` raises :class:`CheckpointError` on a crc32 mismatch."""
-        fd, name = self.fd(ch["file"]), ch["file"]
-        mv = memoryview(into).cast("B")
-        n, off = ch["length"], ch["offset"]
-        if len(mv) != n:
-            raise CheckpointError(f"checkpoint {self.directory}: chunk of {key!r} has length {n}, expected {len(mv)}")
+    def pread(self, key: str, ch: dict, mv: memoryview) -> None:
+        """Read chunk ``ch`` of ``key`` into ``mv`` (its length), by positioned reads."""
+        fd, n, off = self._fds[ch["file"]], len(mv), ch["offset"]
         pos = 0
         while pos < n:
             got = os.preadv(fd, [mv[pos:pos + (1 << 30)]], off + pos)
             if got <= 0:
                 raise CheckpointError(
-                    f"checkpoint {self.directory} is damaged: {name} is truncated; the chunk of {key!r} at offsets "
-                    f"{ch['offsets']} needs bytes {off}..{off + n} of it but the file ends at {off + pos}")
+                    f"checkpoint {self.directory} is damaged: {ch['file']} is truncated; the chunk of {key!r} at "
+                    f"offsets {ch['offsets']} needs bytes {off}..{off + n} of it but the file ends at {off + pos}")
             pos += got
-        return crc_pool().submit(self._verify, key, ch, mv)
 
-    def _verify(self, key, ch, mv):
+    def verify(self, key: str, ch: dict, mv) -> None:
         if _crc(mv) != ch["crc32"]:
             off, n = ch["offset"], ch["length"]
             raise CheckpointError(
                 f"checkpoint {self.directory} is damaged: crc32 mismatch in {ch['file']} for {key!r} (chunk at "
                 f"offsets {ch['offsets']}, shape {ch['shape']}, bytes {off}..{off + n}); restore it from a good copy")
 
+    def read_chunk(self, key: str, ch: dict, dst, sel, dtype) -> None:
+        """Read chunk ``ch`` of ``key``, check its crc32, and put its part ``sel`` (slices; None: all of
+        it, ``dst`` then being C-contiguous) into ``dst``, a view of the target (NumPy, or CuPy: through
+        a pinned staging buffer, the copy to the device overlapped with the crc32). Runs on the pool."""
+        n, dev = ch["length"], device_of(dst)
+        if dev is None:
+            buf = _host_bytes(dst) if sel is None else memoryview(np.empty(n, np.uint8))
+            self.pread(key, ch, buf)
+            self.verify(key, ch, buf)
+            if sel is not None:
+                dst[...] = np.frombuffer(buf, dtype).reshape(ch["shape"])[sel]
+            return
+        cp, did = dev
+        ring = _ring(cp, did, n)
+        slot = ring.free.get() if ring is not None else None
+        try:
+            host = slot[0][:n] if slot is not None else np.empty(n, np.uint8)
+            self.pread(key, ch, memoryview(host))
+            with cp.cuda.Device(did):
+                if sel is None and slot is not None:
+                    stream = slot[1]
+                    cp.cuda.runtime.memcpyAsync(dst.data.ptr, host.ctypes.data, n, cp.cuda.runtime.memcpyHostToDevice,
+                                                stream.ptr)
+                    try:
+                        self.verify(key, ch, host)
+                    finally:
+                        stream.synchronize()
+                    return
+                self.verify(key, ch, host)
+                part = np.ascontiguousarray(host.view(dtype).reshape(ch["shape"])[sel if sel is not None else ...])
+                dst[...] = cp.asarray(part.reshape(-1)).reshape(dst.shape)  # (0-d: see host_to_cupy)
+                cp.cuda.get_current_stream().synchronize()
+        finally:
+            if slot is not None:
+                ring.free.put(slot)
 
-def read_box(files: Files, key: str, entry: dict, offsets, shape, out=None) -> np.ndarray:
+
+def wait_all(futures) -> None:
+    """Wait for every future; raise the first one's error (in the order given) after all have ended."""
+    first = None
+    for fut in futures:
+        try:
+            fut.result()
+        except BaseException as e:  # noqa: BLE001 - the first is raised once all are done
+            first = first or e
+    if first is not None:
+        raise first
+
+
+def read_box(files: Files, key: str, entry: dict, offsets, shape, out=None, pending=None):
     """The box ``offsets``/``shape`` of array ``key``, read from the chunks that overlap it (each
-    overlapping chunk is read whole once, to check its crc32). ``out``: a preallocated host array."""
+    overlapping chunk is read whole once, to check its crc32), on the pool's threads, in parallel.
+    ``out``: a preallocated C-contiguous target (NumPy, or CuPy of the saved dtype). With a list
+    ``pending``, the reads' futures are appended to it and the call returns at once (``out`` is
+    complete once they are done: :func:`wait_all`)."""
     dt = np.dtype(entry["dtype"])
     shape = tuple(int(s) for s in shape)
     if out is None:
         out = np.empty(shape, dtype=dt)
-    covered, checks = 0, []
+    covered, jobs = 0, []
     for ch in entry["chunks"]:
         co, cs = ch["offsets"], ch["shape"]
         lo = [max(a, b) for a, b in zip(offsets, co)]
         hi = [min(a + s, b + t) for a, s, b, t in zip(offsets, shape, co, cs)]
         if any(h <= l for l, h in zip(lo, hi)):
             continue
+        if ch["length"] != dt.itemsize * int(np.prod(cs, dtype=np.int64)):
+            raise CheckpointError(f"checkpoint {files.directory} is damaged: the chunk of {key!r} at offsets {co} "
+                                  f"has length {ch['length']}, its shape {cs} of {dt.str} needs "
+                                  f"{dt.itemsize * int(np.prod(cs, dtype=np.int64))}")
         # (a view even for 0-d: out[()] would be a scalar copy)
         dst = out[tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, offsets)) + (Ellipsis,)]
         whole = list(lo) == list(co) and [h - l for l, h in zip(lo, hi)] == list(cs)
-        if whole and dst.flags.c_contiguous:
-            checks.append(files.read_chunk(key, ch, dst.reshape(-1).view(np.uint8)))
-        else:
-            buf = np.empty(ch["length"], dtype=np.uint8)
-            checks.append(files.read_chunk(key, ch, buf))
-            src = buf.view(dt).reshape(cs)
-            dst[...] = src[tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, co)) + (Ellipsis,)]
+        sel = None if whole and dst.flags.c_contiguous else tuple(
+            slice(l - b, h - b) for l, h, b in zip(lo, hi, co)) + (Ellipsis,)
+        files.fd(ch["file"])  # opened here, on the calling thread
+        jobs.append((ch, dst, sel))
         covered += int(np.prod([h - l for l, h in zip(lo, hi)], dtype=np.int64))
-    for c in checks:  # crc32 of every chunk read (computed on the pool while the next ones were read)
-        c.result()
     if covered != int(np.prod(shape, dtype=np.int64)):
         raise CheckpointError(
             f"checkpoint {files.directory} is damaged: the chunks of {key!r} cover {covered} of the "
             f"{int(np.prod(shape))} elements of box offsets {list(offsets)} shape {list(shape)}")
+    pool = io_pool()
+    futs = [pool.submit(files.read_chunk, key, ch, dst, sel, dt) for ch, dst, sel in jobs]
+    if pending is None:
+        wait_all(futs)
+    else:
+        pending.extend(futs)
     return out
 
 
