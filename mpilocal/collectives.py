@@ -357,10 +357,8 @@ def sendrecv(name, like, sent, sends, recvs, g: Group, **detail):
 def post_shape_agreement(mesh, vec) -> MetaFuture:
     """Start the shape agreement of a DTensor over ``mesh`` (collective, non-blocking): the SUM
     reduction of this rank's fixed-width uint64 vector ``vec`` (its fields: mpilocal.dtensor), the
-    same size whatever the number of ranks. Also makes sure the diagnostics communicator exists
-    (created at the first post, a point every rank passes)."""
+    same size whatever the number of ranks (:func:`mpilocal.metadata.post_sum`; docs/scaling.md)."""
     g = group_for(mesh._metadata_comm())
-    metadata.ensure_diag(g)
     if debug.ACTIVE:
         debug.record_metadata("shape_agreement", vec.nbytes)
     with deadline.begin("metadata:shape_agreement", g, None):  # deadline / fingerprint

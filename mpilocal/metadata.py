@@ -308,13 +308,12 @@ class SumFuture:
                 with deadline.waiting("metadata shape agreement (completing a posted sum)", self.g):  # deadline
                     _waitall(last)
             buf = ring.last_buf[j]
-            acc = ring.acc[j]
             if buf is None:
-                self.recv = acc.copy()
-            elif ring.last_mode == _SET:
+                self.recv = ring.accs[j].copy()
+            elif ring.last_set:
                 self.recv = buf.copy()
             else:
-                self.recv = acc + buf
+                self.recv = ring.accs[j] + buf
             ring.owner[j] = None
             self.done = True
         return self.recv
@@ -338,17 +337,18 @@ class SumRing:
         self.width = width
         rounds = sum_schedule(comm.Get_size(), comm.Get_rank())
         self.acc = np.zeros((self.K, width), dtype=np.uint64)
+        self.accs = list(self.acc)  # per slot: the running sum (the vector posted, then partial sums)
         self.early = []     # per slot: [(requests, receive buffer or None)] of the rounds run in the post
         self.last = []      # per slot: the requests of the last round (started by the post)
         self.last_buf = []  # per slot: the last round's receive buffer (None: it only sends)
-        self.last_mode = rounds[-1][2] if rounds else _ADD
+        self.last_set = bool(rounds) and rounds[-1][2] == _SET
         self.reqs = []
         for j in range(self.K):
             early = []
             for n, (dst, src, _mode) in enumerate(rounds):
                 reqs, buf = [], None
                 if dst >= 0:
-                    reqs.append(comm.Send_init(self.acc[j], dst, j))
+                    reqs.append(comm.Send_init(self.accs[j], dst, j))
                 if src >= 0:
                     buf = np.zeros(width, dtype=np.uint64)
                     reqs.append(comm.Recv_init(buf, src, j))
@@ -368,10 +368,11 @@ class SumRing:
 
     def post(self, vec) -> SumFuture:
         j = self.next
-        self.next = (j + 1) % self.K
-        if self.owner[j] is not None:
-            self.owner[j].result()
-        acc = self.acc[j]
+        self.next = j + 1 if j + 1 < self.K else 0
+        prev = self.owner[j]
+        if prev is not None:
+            prev.result()
+        acc = self.accs[j]
         acc[:] = vec
         for reqs, buf in self.early[j]:
             _startall(reqs)
@@ -391,9 +392,9 @@ _startall = _waitall = _testall = None
 
 
 def post_sum(g, vec: np.ndarray) -> SumFuture:
-    """Start the SUM of ``vec`` (uint64) over Group ``g`` (collective; see above): the group's
-    :class:`SumRing` on its metadata communicator (:func:`ensure_diag` first, at a point every rank
-    passes)."""
+    """Start the SUM of ``vec`` (uint64) over Group ``g`` (collective; see above) on the group's
+    :class:`SumRing`, created at the first post (a point every rank passes) with the metadata
+    communicator it runs on (:func:`ensure_diag`)."""
     ring = g.cache.get(_SUM_RING_KEY)
     if ring is None or ring.width != vec.size:
         ring = _new_sum_ring(g, vec.size)
@@ -408,6 +409,7 @@ def _new_sum_ring(g, width):
     old = g.cache.pop(_SUM_RING_KEY, None)
     if old is not None:  # another width on this communicator: replace the ring (same on every rank)
         _free_ring(old)
+    ensure_diag(g)
     ring = g.cache[_SUM_RING_KEY] = SumRing(g.cache[_DIAG_KEY], g, width)
     return ring
 
