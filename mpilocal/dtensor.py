@@ -1030,11 +1030,6 @@ def wrap_local(local, mesh, pl, shape=None, stride=None, caller="local_map", req
     checked, see :func:`_check_sum`, when the shape is first needed). The agreement's vector of a
     repeated call (a local_map loop) is looked up by the identity of the mesh (a weak reference: a
     dropped mesh still frees its communicators) and of the placements (held by the entry)."""
-    if shape is None:
-        hit = _WRAP.get((id(mesh), id(pl), local.shape, local.dtype, requires_grad))
-        if hit is not None and hit[0]() is mesh and hit[1] is pl:
-            return DTensor(local, mesh, pl, None,
-                           _Pending(collectives.post_shape_agreement(mesh, hit[3]), caller, hit[2]), stride)
     if mesh._coordinate is None:  # off the mesh: an empty local array (PyTorch's global shape)
         xp = _arrays.namespace(local)
         gshape = shape if shape is not None else _off_mesh_shape(local.shape, mesh, pl)
@@ -1043,13 +1038,16 @@ def wrap_local(local, mesh, pl, shape=None, stride=None, caller="local_map", req
         mesh_shape = mesh.mesh.shape
         for i, p in enumerate(pl):
             if type(p) is Shard and mesh_shape[i] > 1:  # a mesh dim of size 1 shards nothing
-                key = (tuple(local.shape), local.dtype, _F_GRAD if requires_grad else 0)
-                vec = _sum_row(*key, pl, mesh_shape, _flat(mesh_shape, mesh._coordinate), _sum_width(mesh))
-                if len(_WRAP) >= 256:
-                    _WRAP.clear()
-                _WRAP[(id(mesh), id(pl), local.shape, local.dtype, requires_grad)] = (weakref.ref(mesh), pl, key, vec)
-                fut = collectives.post_shape_agreement(mesh, vec)
-                return DTensor(local, mesh, pl, None, _Pending(fut, caller, key), stride)
+                ck = (id(mesh), id(pl), local.shape, local.dtype, requires_grad)
+                hit = _WRAP.get(ck)
+                if hit is None or hit[0]() is not mesh or hit[1] is not pl:
+                    key = (tuple(local.shape), local.dtype, _F_GRAD if requires_grad else 0)
+                    vec = _sum_row(*key, pl, mesh_shape, _flat(mesh_shape, mesh._coordinate), _sum_width(mesh))
+                    if len(_WRAP) >= 256:
+                        _WRAP.clear()
+                    hit = _WRAP[ck] = (weakref.ref(mesh), pl, key, vec)
+                fut = collectives.post_shape_agreement(mesh, hit[3])
+                return DTensor(local, mesh, pl, None, _Pending(fut, caller, hit[2]), stride)
         shape = tuple(local.shape)
     return DTensor(local, mesh, pl, shape, None, stride)
 
