@@ -279,6 +279,145 @@ def test_write_error_mid_shard_keeps_previous_then_saves(monkeypatch, ckdir):
     assert_all(t["step"] == 2 and to_host(t["x"].to_local()).tobytes() == x.tobytes(), "saved after the failure")
 
 
+def _host_stand_in_for_cupy(calls):
+    """A host stand-in for the few CuPy calls of the checkpoint's staging path (``_format``): arrays
+    are NumPy arrays of a subclass named ``cupy.ndarray`` with CuPy's ``.data.ptr`` and ``.device``;
+    ``memcpyAsync`` is a ``memmove`` that counts its calls by direction. It lets a machine without a
+    GPU run the ring of pinned slots, the look-ahead copies and their release on errors; the real
+    device run is ``MPILOCAL_TEST_DEVICE=cuda`` on the GPU machine."""
+    import ctypes
+    import types
+
+    class Device:
+        def __init__(self, i=0):
+            self.id = i
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def synchronize(self):
+            pass
+
+    class Stream(Device):
+        ptr = 0
+
+        def __init__(self, non_blocking=False):
+            super().__init__()
+
+    class ndarray(np.ndarray):
+        @property
+        def data(self):
+            return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+        @property
+        def device(self):
+            return Device(0)
+
+    def memcpy_async(dst, src, n, kind, stream):
+        calls["h2d" if kind == 1 else "d2h"] += 1
+        ctypes.memmove(dst, src, n)
+
+    cp = types.ModuleType("cupy")
+    cp.ndarray, cp.uint8 = ndarray, np.uint8
+    cp.cuda = types.SimpleNamespace(Device=Device, Stream=Stream, get_current_stream=lambda: Stream(),
+                                    runtime=types.SimpleNamespace(memcpyHostToDevice=1, memcpyDeviceToHost=2,
+                                                                  memcpyAsync=memcpy_async))
+    cp.asnumpy = lambda a: np.array(a)
+    cp.asarray = lambda a: np.array(a).view(ndarray)
+    cp.empty = lambda shape, dtype: np.empty(shape, dtype).view(ndarray)
+    cupyx = types.ModuleType("cupyx")
+    cupyx.empty_pinned = lambda shape, dtype: np.empty(shape, dtype)
+    return cp, cupyx
+
+
+def test_device_staging_ring_with_a_host_stand_in(monkeypatch, tmp_path):
+    """The CuPy save/load path (pinned slots, look-ahead device-to-host copies, staged reads with
+    the copy to the device, partial boxes, chunks larger than a slot, errors) against NumPy, with a
+    host stand-in for CuPy: bytes and crc32s as NumPy/zlib give them, every chunk staged, and every
+    slot back in the ring afterwards (a lost slot would hang the next save)."""
+    import time
+    import zlib
+
+    calls = {"h2d": 0, "d2h": 0}
+    cp, cupyx = _host_stand_in_for_cupy(calls)
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+    monkeypatch.setattr(_format, "_RINGS", {})
+    monkeypatch.setattr(_format, "CHUNK_BYTES", 256)
+    x = np.random.default_rng(RANK).standard_normal((40, 12))  # 96-byte rows: 20 chunks of 2 rows > the slots
+    x[3, 4] = -0.0
+    check = Check()
+
+    def ring_full():
+        for _ in range(200):
+            if _format._RINGS[0].free.qsize() == _format.STAGE_SLOTS:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def save(arr, name):
+        f = _format.DataFile(str(tmp_path), name)
+        boxes = _format.contiguous_boxes(arr.shape, arr.dtype.itemsize)
+        try:
+            got = _format.write_pieces(f, [(arr, lo, hi) for _, _, lo, hi in boxes])
+        finally:
+            f.close()
+        return {"dtype": arr.dtype.str, "chunks": [
+            {"offsets": list(o), "shape": list(s), "file": name, "offset": off, "length": hi - lo, "crc32": crc}
+            for (o, s, lo, hi), (off, crc) in zip(boxes, got)]}
+
+    e = save(x.view(cp.ndarray), "d.bin")
+    data = (tmp_path / "d.bin").read_bytes()
+    check(data == x.tobytes(), "file bytes")
+    check(all(c["crc32"] == zlib.crc32(data[c["offset"]:c["offset"] + c["length"]]) for c in e["chunks"]), "crc32s")
+    check(calls["d2h"] == len(e["chunks"]) == 20, f"{calls} for {len(e['chunks'])} chunks: not all staged")
+    files = _format.Files(str(tmp_path))
+    try:
+        out = cp.empty((40, 12), np.float64)
+        _format.read_box(files, "x", e, (0, 0), (40, 12), out=out)
+        check(np.asarray(out).tobytes() == x.tobytes() and calls["h2d"] == 20, f"whole load {calls}")
+        part = cp.empty((14, 7), np.float64)
+        _format.read_box(files, "x", e, (3, 2), (14, 7), out=part)
+        check(np.array_equal(np.asarray(part), x[3:17, 2:9]) and calls["h2d"] == 20, f"partial box {calls}")
+        # a flipped byte in a middle chunk: named, and the slots come back
+        bad = dict(e, chunks=[dict(c) for c in e["chunks"]])
+        bad["chunks"][9]["crc32"] ^= 1
+        try:
+            _format.read_box(files, "x", bad, (0, 0), (40, 12), out=cp.empty((40, 12), np.float64))
+            check(False, "damaged chunk not detected")
+        except CheckpointError as err:
+            check("'x'" in str(err) and str(bad["chunks"][9]["offsets"]) in str(err), str(err))
+        check(ring_full(), "slots lost after a failed load")
+    finally:
+        files.close()
+    # a write failing after a few pieces, with copies in flight: raised, and every slot comes back
+    monkeypatch.setattr(_format, "fault_hook", lambda path, off, n: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "no space", path)) if off >= 5 * 256 else None)
+    try:
+        save(x.view(cp.ndarray), "e.bin")
+        check(False, "the write error was lost")
+    except OSError as err:
+        check(err.errno == errno.ENOSPC, repr(err))
+    monkeypatch.setattr(_format, "fault_hook", None)
+    check(ring_full(), "slots lost after a failed save")
+    # chunks larger than a slot (written with 1 KiB chunks, slots of 256 bytes): plain copies
+    monkeypatch.setattr(_format, "CHUNK_BYTES", 1024)
+    big = save(x, "h.bin")
+    monkeypatch.setattr(_format, "CHUNK_BYTES", 256)
+    files = _format.Files(str(tmp_path))
+    try:
+        out = cp.empty((40, 12), np.float64)
+        _format.read_box(files, "x", big, (0, 0), (40, 12), out=out)
+        check(np.asarray(out).tobytes() == x.tobytes(), "chunks larger than a slot")
+    finally:
+        files.close()
+    check(ring_full(), "slots lost")
+    check.done()
+
+
 def test_crc32_is_zlibs():
     """The crc32 in manifests is zlib's CRC-32 whichever module computes it (isal/zlib-ng when present)."""
     import zlib

@@ -206,7 +206,7 @@ def json_value(v, key: str, caller: str):
 
 
 # -- the I/O engine: a pool of threads, pinned staging buffers for device arrays -------------------
-IO_THREADS = max(2, min(8, os.cpu_count() or 1))  # worker threads per process: crc32s, device copies, reads
+IO_THREADS = max(4, min(8, os.cpu_count() or 1))  # worker threads per process: crc32s, device copies, reads
 STAGE_SLOTS = 6  # pinned host buffers of CHUNK_BYTES per GPU and process (device <-> host copies)
 _POOL = []
 _POOL_LOCK = threading.Lock()
