@@ -103,15 +103,20 @@ def _agree(comm, err, ints=(), what="checkpoint"):
     raise exc from err
 
 
-def _allgather_bytes(comm, b: bytes) -> list:
-    n = comm.Get_size()
+def _gather_bytes(comm, b: bytes, lens, root: int):
+    """Every rank's ``b`` (of lengths ``lens``, known to all) at ``root``, a list; None elsewhere.
+    Collective: one all-to-all in which every rank sends only to ``root``."""
+    n, rank = comm.Get_size(), comm.Get_rank()
     if n == 1:
         return [b]
-    lens = np.asarray(funcol.all_gather_tensor(np.array([len(b)], np.int64), 0, comm))
-    buf = np.zeros((1, int(lens.max()) if lens.size else 0), np.uint8)
-    buf[0, :len(b)] = np.frombuffer(b, np.uint8)
-    allb = np.asarray(funcol.all_gather_tensor(buf, 0, comm))
-    return [allb[r, :int(lens[r])].tobytes() for r in range(n)]
+    lens = [int(x) for x in lens]
+    x = np.frombuffer(b, np.uint8).copy() if b else np.empty(0, np.uint8)
+    got = np.asarray(funcol.all_to_all_single(x, lens if rank == root else [0] * n,
+                                              [len(b) if r == root else 0 for r in range(n)], comm))
+    if rank != root:
+        return None
+    ends = np.cumsum(lens)
+    return [got[e - k:e].tobytes() for e, k in zip(ends, lens)]
 
 
 def _bcast_bytes(comm, b: bytes, root: int) -> bytes:
@@ -231,21 +236,27 @@ class _PendingSave:
                 it.writes = []  # release the host copies
 
     def commit(self):
-        """Collective: agree on the writes, gather the chunk lists, rank 0 writes the manifest and
-        renames the directory into place, agree on that."""
+        """Collective: agree on the writes, gather the chunk lists at rank 0, which writes the manifest
+        and renames the directory into place, agree on that."""
         comm, rank = self.comm, self.rank
         if self.error is not None and isinstance(self.error, OSError) and self.error.errno == errno.ENOSPC:
             self.error = OSError(errno.ENOSPC, f"save({self.path!r}) ran out of space writing its data file in "
                                  f"{self.tmp} ({self.error}); the previous checkpoint at the path is untouched. "
                                  f"Free space or save elsewhere")
+        blob = b""
+        if self.error is None:
+            try:
+                blob = json.dumps({"chunks": self.chunks, "entries": {it.key: it.meta for it in self.items
+                                                                      if it.meta is not None}}, allow_nan=True).encode()
+            except BaseException as e:  # noqa: BLE001 - agreed below
+                self.error = e
         try:
-            _agree(comm, self.error)
+            lens = _agree(comm, self.error, [len(blob)])[:, 0]
         except BaseException:
             if rank == 0:
                 _quiet_remove(self.tmp)
             raise
-        mine = {"chunks": self.chunks, "entries": {it.key: it.meta for it in self.items if it.meta is not None}}
-        parts = _allgather_bytes(comm, json.dumps(mine, allow_nan=True).encode())
+        parts = _gather_bytes(comm, blob, lens, 0)  # (only rank 0, which writes the manifest, holds every list)
         err = None
         if rank == 0:
             try:
