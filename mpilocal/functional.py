@@ -149,7 +149,9 @@ def checked(g, caller, err, x, params, desc, run, *, skip_dim=None, what="argume
     """Run a public collective under the argument check: ``run(x, rows)`` issues the data
     collective(s), with ``rows`` every rank's agreed metadata row, or None when every rank passes
     the same arguments (then this rank's own values hold everywhere). ``desc``: what decides the
-    data collective (function, kind, dtype, shape, parameters; None where the local checks failed).
+    data collective (function, kind, dtype, shape, parameters; None where the local checks failed,
+    or where this rank's arguments can only be judged from every rank's metadata: then every rank
+    takes the full agreement, and ``run`` gets the rows).
 
     Default: the speculative signature check of :mod:`mpilocal.agreement` (one fixed-size
     non-blocking reduction per call, completed after the data collective of a call that repeats
@@ -162,7 +164,7 @@ def checked(g, caller, err, x, params, desc, run, *, skip_dim=None, what="argume
             return agree_args(g, caller, err, x, params, skip_dim=skip_dim, what=what)
     if g.size == 1 or not agreement.signature_checks():
         return run(x, full())
-    chk = agreement.post_signature(g, caller, None if err is not None else agreement.signature(desc))
+    chk = agreement.post_signature(g, caller, None if err is not None or desc is None else agreement.signature(desc))
     if chk.fast:
         out = run(x, None)
         if chk.outcome() == agreement.OK:

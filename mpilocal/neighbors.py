@@ -239,6 +239,7 @@ def halo_update(padded, group, tensor_dim, width, boundary="periodic"):
                                   f"halo_exchange (a new padded array) on arrays that require grad")
     g = resolve_group(group, caller)
     d = w = bnd = None
+    n = wl = wr = left = right = None
     try:  # rank-local checks; the verdict (and shapes/parameters) are agreed so every rank raises
         d, w, bnd = _halo_args(padded, tensor_dim, width, boundary, caller)
         _, wl, wr, left, right = _halo_plan(padded.shape, d, g, w, bnd)
@@ -248,18 +249,21 @@ def halo_update(padded, group, tensor_dim, width, boundary="periodic"):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    rows = _agree_args(padded, g, caller, err, d, w, bnd)
-    if rows is not None:  # every rank's interior size, from its padded size and position
-        sizes = []
-        for r in range(g.size):
-            lr, rr = _neighbours(r, g.size, bnd == "periodic")
-            const = bnd not in ("periodic", "none")
-            sizes.append(int(rows[r][2 + d]) - (w if (lr is not None or const) else 0)
-                         - (w if (rr is not None or const) else 0))
-        _check_rows(sizes, w, g.size, bnd == "periodic", d, caller)
-    if w:
-        _fill_halos(padded, padded, d, g, w, bnd, n, wl, left, right, "halo_exchange")
-    return padded
+
+    def run(a, rows):
+        if rows is not None:  # every rank's interior size, from its padded size and position
+            sizes = []
+            for r in range(g.size):
+                lr, rr = _neighbours(r, g.size, bnd == "periodic")
+                const = bnd not in ("periodic", "none")
+                sizes.append(int(rows[r][2 + d]) - (w if (lr is not None or const) else 0)
+                             - (w if (rr is not None or const) else 0))
+            _check_rows(sizes, w, g.size, bnd == "periodic", d, caller)
+        if w:  # in a replay `a` is a scratch copy, not `padded`
+            _fill_halos(a, a, d, g, w, bnd, n, wl, left, right, "halo_exchange")
+        return a
+
+    return _checked_halo(padded, padded, g, caller, err, d, w, bnd, n, run)
 
 
 def halo_1d_adjoint(gy, d, g, w, bnd, name="halo_exchange"):
@@ -372,13 +376,6 @@ def halo_exchange(x, mesh_dim, tensor_dim, width, boundary="periodic"):
     return out
 
 
-def _agree_args(x, g, caller, err, d, w, bnd):
-    """Agree on the verdict of this rank's argument checks (``err``) and on the shapes and halo
-    parameters over ``g``: every rank raises the same error, or gets every rank's metadata row."""
-    return functional.agree_args(g, caller, err, x, None if err else dict(tensor_dim=d, width=w, boundary=bnd),
-                                 skip_dim=d)
-
-
 def _halo_local(x, group, tensor_dim, width, boundary, caller):
     """One tensor dim of a local array: local checks, agreed over the group, then the exchange."""
     g = resolve_group(group, caller)
@@ -389,10 +386,27 @@ def _halo_local(x, group, tensor_dim, width, boundary, caller):
         err = None
     except (TypeError, ValueError) as e:
         err = e
-    rows = _agree_args(data, g, caller, err, d, w, bnd)
-    sizes = [int(r[2 + d]) for r in rows] if rows is not None else (None if g.size > 1 else [data.shape[d]])
-    _check_rows(sizes, w, g.size, bnd == "periodic", d, caller)
-    return _halo_any(x, d, g, w, bnd)
+
+    def run(a, rows):
+        sizes = [int(r[2 + d]) for r in rows] if rows is not None else (None if g.size > 1 else [a.shape[d]])
+        _check_rows(sizes, w, g.size, bnd == "periodic", d, caller)
+        return _halo_any(x if a is data else a, d, g, w, bnd)  # `a` is not `data` in a replay
+
+    return _checked_halo(x, data, g, caller, err, d, w, bnd, None if err else data.shape[d], run)
+
+
+def _checked_halo(x, data, g, caller, err, d, w, bnd, n, run):
+    """Run a halo call under the argument check of the public collectives (:func:`functional.checked`:
+    the speculative signature by default). The signature holds everything but this rank's own size
+    along ``d`` (shard sizes may differ); a shard narrower than the halo (``n`` rows) makes this rank
+    take the full agreement, whose rows give every shard's size, so every rank raises the same error
+    (:func:`_check_rows`)."""
+    desc = None
+    if err is None and not (n < w and (g.size > 1 or bnd == "periodic")):
+        shape = data.shape[:d] + (-1,) + data.shape[d + 1:]
+        desc = (caller, type(data), data.dtype, shape, d, w, repr(bnd))
+    return functional.checked(g, caller, err, data, None if err else dict(tensor_dim=d, width=w, boundary=bnd),
+                              desc, run, skip_dim=d)
 
 
 def _halo_dtensor(x, mdims, tdims, widths, bnds, caller):
@@ -482,17 +496,23 @@ def _check_perm(perm, k, caller):
     return pairs
 
 
-def _agreed_same(x, g, caller, check, **params):
-    """Run ``check()`` (local argument checks) and agree the verdict, shapes, dtypes and ``params``."""
+def _checked_permute(x, g, caller, check, **params):
+    """Run ``check()`` (local argument checks: the pairs), agree the verdict, shapes, dtypes and
+    ``params`` under the argument check of the public collectives (:func:`functional.checked`), and
+    permute ``x`` along the pairs."""
     data = _data(x)
     try:
         _arrays.require_array(data, caller)
-        res = check()
+        pairs = check()
         err = None
     except (TypeError, ValueError) as e:
-        res, err = None, e
-    functional.agree_args(g, caller, err, data, params)
-    return res
+        pairs, err = None, e
+    desc = None if err else (caller, type(data), data.dtype, data.shape) + tuple(sorted(params.items()))
+
+    def run(a, rows):
+        return _permute_any(x if a is data else a, pairs, g, "permute")  # `a` is not `data` in a replay
+
+    return functional.checked(g, caller, err, data, params, desc, run)
 
 
 def _permute_any(x, pairs, g, name):
@@ -509,8 +529,7 @@ def permute(x, perm, group, tag: str = ""):
     permutation). Counts one ``"permute"``."""
     caller = "permute"
     g = resolve_group(group, caller)
-    pairs = _agreed_same(x, g, caller, lambda: _check_perm(perm, g.size, caller), perm=repr(perm))
-    return _permute_any(x, pairs, g, "permute")
+    return _checked_permute(x, g, caller, lambda: _check_perm(perm, g.size, caller), perm=repr(perm))
 
 
 def shift(x, offset: int, group, *, periodic: bool = True, tag: str = ""):
@@ -529,8 +548,7 @@ def shift(x, offset: int, group, *, periodic: bool = True, tag: str = ""):
             return [(i, (i + int(offset)) % k) for i in range(k)]
         return [(i, i + int(offset)) for i in range(k) if 0 <= i + int(offset) < k]
 
-    pairs = _agreed_same(x, g, caller, check, offset=repr(offset), periodic=bool(periodic))
-    return _permute_any(x, pairs, g, "permute")
+    return _checked_permute(x, g, caller, check, offset=repr(offset), periodic=bool(periodic))
 
 
 def send_recv(x, dst, src, group, tag: str = ""):

@@ -479,3 +479,121 @@ def test_stencil_gradient():
     ck = Check()
     ck.close(U.grad.full_tensor(), _fd_grad(np_loss, u), "stencil grad", rtol=1e-5, atol=1e-5)
     ck.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# the argument check of local-array neighbour calls: the public collectives' speculative signature
+# (issue 11): one fixed-size reduction per call that repeats the agreed pattern; a rank that
+# diverges (width, shape, perm, a too narrow shard) after such a history replays the predicted
+# exchange, then every rank raises the same error, and the next call is right again
+# ------------------------------------------------------------------------------------------------
+from conftest import raises_all  # noqa: E402
+from mpilocal import agreement  # noqa: E402
+
+signature_path = pytest.mark.skipif(W < 2 or not agreement.signature_checks(),
+                                    reason="needs 2 ranks and the signature path (not MPILOCAL_DEBUG=1 or "
+                                           "MPILOCAL_CHECK_ARGS=0)")
+LAST = W - 1
+
+
+def _ragged(N=4 * W + 3, cols=3):
+    """This rank's block-split rows of a full (N, cols) array (sizes differ between ranks)."""
+    full = np.arange(N * cols, dtype=np.float64).reshape(N, cols)
+    o, n = block(N, W, RANK)
+    return full, o, n, full[o:o + n]
+
+
+def _halo_ok(mesh, w=1, b="periodic"):
+    full, o, n, mine = _ragged()
+    out = to_host(fc.halo_exchange(to_device(mine), mesh, 0, w, b))
+    assert_all(np.array_equal(out, oracle(full, 0, o, n, w, b), equal_nan=True), f"halo w={w} b={b}")
+
+
+@signature_path
+def test_halo_and_permute_take_the_signature_path_with_ragged_shards():
+    """Rank-varying shard sizes along the halo dim stay on the fast path: after warm-up each call
+    exchanges the fixed-size signature only (no blocking agreement), and the results are exact."""
+    mesh = mesh1d()
+    x = np.arange(6.0).reshape(2, 3) + RANK
+    perm = [(i, (i + 1) % W) for i in range(W)]
+    calls = {
+        "halo_exchange": lambda: _halo_ok(mesh, 1, 0.0),
+        "permute": lambda: assert_all(np.array_equal(to_host(fc.permute(to_device(x), perm, mesh)),
+                                                     np.arange(6.0).reshape(2, 3) + (RANK - 1) % W)),
+        "shift": lambda: assert_all(np.array_equal(to_host(fc.shift(to_device(x), 1, mesh)),
+                                                   np.arange(6.0).reshape(2, 3) + (RANK - 1) % W)),
+    }
+    for name, call in calls.items():
+        for _ in range(3):
+            call()
+        before = agreement.SIG_STATS["fast"]
+        with CommDebugMode() as mode:
+            for _ in range(3):
+                call()
+        meta = dict(mode.get_metadata_counts())
+        assert_all(meta == {"signature": 3}, f"{name}: metadata {meta}, expected only the signature")
+        assert_all(agreement.SIG_STATS["fast"] - before == 3, f"{name}: not on the fast path")
+
+
+@signature_path
+@pytest.mark.parametrize("what", ["width", "boundary", "other dim", "dtype", "narrow shard"])
+def test_halo_divergence_after_good_calls_raises_everywhere(what):
+    """The other ranks are in the predicted halo exchange when the last rank diverges: it replays
+    that exchange (else they would hang), then every rank raises, and the next call is right."""
+    mesh = mesh1d()
+    full, o, n, mine = _ragged()
+    for _ in range(4):
+        _halo_ok(mesh)
+    w, b, a = 1, "periodic", mine
+    if RANK == LAST:
+        if what == "width":
+            w = 2
+        elif what == "boundary":
+            b = 0.0
+        elif what == "other dim":
+            a = np.ones((n, 4))
+        elif what == "dtype":
+            a = mine.astype(np.float32)
+        else:
+            a, w = mine[:1], 2
+    if what == "narrow shard":
+        w = 2  # every rank passes width 2; the last rank's shard holds 1 row
+    match = "fewer than the halo" if what == "narrow shard" else None
+    raises_all(ValueError, match, fc.halo_exchange, to_device(a), mesh, 0, w, b)
+    _halo_ok(mesh)
+    _halo_ok(mesh)
+
+
+@signature_path
+def test_halo_update_divergence_after_good_calls_raises_everywhere():
+    mesh = mesh1d()
+    full, o, n, mine = _ragged()
+    P = fc.halo_exchange(to_device(mine), mesh, 0, 1, 0.0)
+    for _ in range(4):
+        fc.halo_update(P, mesh, 0, 1, 0.0)
+    assert_all(np.array_equal(to_host(P), oracle(full, 0, o, n, 1, 0.0)))
+    raises_all(ValueError, None, fc.halo_update, P, mesh, 0, 1, -1.0 if RANK == LAST else 0.0)
+    P[...] = 7
+    fc.halo_update(P, mesh, 0, 1, 0.0)
+    ref = oracle(np.full_like(full, 7), 0, o, n, 1, 0.0)
+    assert_all(np.array_equal(to_host(P), ref), "halo_update after the error")
+
+
+@signature_path
+@pytest.mark.parametrize("what", ["perm", "shift", "shape"])
+def test_permute_divergence_after_good_calls_raises_everywhere(what):
+    mesh = mesh1d()
+    x = to_device(np.arange(6.0).reshape(2, 3) + RANK)
+    perm = [(i, (i + 1) % W) for i in range(W)]
+    for _ in range(4):
+        fc.permute(x, perm, mesh)
+    if what == "perm":
+        raises_all(ValueError, None, fc.permute, x, [(0, 0)] if RANK == LAST else perm, mesh)
+    elif what == "shift":
+        for _ in range(3):
+            fc.shift(x, 1, mesh)
+        raises_all(ValueError, None, fc.shift, x, 2 if RANK == LAST else 1, mesh)
+    else:
+        raises_all(ValueError, None, fc.permute, to_device(np.ones((3, 3))) if RANK == LAST else x, perm, mesh)
+    out = to_host(fc.permute(x, perm, mesh))
+    assert_all(np.array_equal(out, np.arange(6.0).reshape(2, 3) + (RANK - 1) % W), "permute after the error")
