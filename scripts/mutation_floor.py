@@ -12,6 +12,7 @@ its ``tests`` (pytest node ids or files, with an optional ``-k`` expression in `
 a mutant no longer applies, or when the tests fail on the unmutated copy.
 
     python scripts/mutation_floor.py [--ranks 2] [--only ID,ID] [--python .venv/bin/python] [--mpiexec ...]
+                                     [--file OTHER.toml]  (candidates: prove that new tests kill them)
 """
 
 from __future__ import annotations
@@ -131,9 +132,11 @@ def main(argv=None):
     ap.add_argument("--mpiexec", default=None, help="launcher (default: the venv's mpiexec)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant")
     ap.add_argument("--tests", default=None, help="override every mutant's tests (to check what else kills it)")
+    ap.add_argument("--file", default=str(ROOT / "scripts/mutation_floor.toml"),
+                    help="the mutant list (another file of the same form: to show that new tests kill candidates)")
     args = ap.parse_args(argv)
     mpiexec = (args.mpiexec or str(Path(args.python).parent / "mpiexec")).split()
-    mutants = load(ROOT / "scripts/mutation_floor.toml")
+    mutants = load(Path(args.file))
     if args.only:
         keep = set(args.only.split(","))
         mutants = [m for m in mutants if m["id"] in keep]

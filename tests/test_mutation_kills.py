@@ -382,3 +382,82 @@ def test_ragged_from_local_without_argument_agreement(monkeypatch):
     X = mpilocal.ragged_from_local(full[off:off + sizes[R]].copy(), mesh, [Shard(0)])
     ok = X.placements == (Shard(0, sizes=sizes),) and X.shape == (n, 2) and np.array_equal(X.full_tensor(), full)
     assert_all(ok, f"{X.placements} {X.shape}")
+
+
+# ------------------------------------------------------------------------------------------------
+# survivors of the 2026-11-30 sampled run over the core (checkpoint, neighbors, ragged at 4 ranks)
+
+
+def test_checkpoint_values_keep_nan_and_inf(tmp_path_factory):
+    """JSON values NaN, inf, -inf and -0.0 round-trip through save/load (the manifest is written with
+    allow_nan, as ``_format.json_value`` promises), next to an array: compared with NumPy bit for bit."""
+    import math
+    import shutil
+    import tempfile
+
+    from mpi4py import MPI
+
+    import mpilocal.checkpoint as dcp
+
+    d = tempfile.mkdtemp(prefix="mpilocal-kill-ckpt-") if R == 0 else None
+    d = MPI.COMM_WORLD.bcast(d, 0)
+    try:
+        mesh = init_device_mesh("cpu", (W,))
+        full = np.arange(2.0 * W * 3).reshape(2 * W, 3)
+        full[0, 0] = np.nan
+        A = mpilocal.distribute_tensor(full, mesh, [Shard(0)])
+        vals = {"nan": float("nan"), "inf": float("inf"), "ninf": float("-inf"), "nz": -0.0, "one": 1.5}
+        dcp.save({"a": A, **vals}, checkpoint_id=f"{d}/c")
+        back = {"a": mpilocal.distribute_tensor(np.zeros_like(full), mesh, [Replicate()]),
+                **{k: 0.0 for k in vals}}
+        dcp.load(back, checkpoint_id=f"{d}/c")
+        got = back["a"].to_local()
+        ok = np.array_equal(got, full, equal_nan=True) and math.isnan(back["nan"])
+        ok = ok and back["inf"] == math.inf and back["ninf"] == -math.inf and back["one"] == 1.5
+        ok = ok and back["nz"] == 0.0 and math.copysign(1.0, back["nz"]) == -1.0
+        assert_all(ok, f"{ {k: back[k] for k in vals} } / {got}")
+    finally:
+        MPI.COMM_WORLD.Barrier()
+        if R == 0:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.skipif(W == 1, reason="a permutation between two ranks")
+def test_permute_values_and_out_of_group_pairs():
+    """permute as JAX's ppermute, against the NumPy reference (the cyclic shift of the ranks' rows,
+    zeros where nothing arrives); a pair naming a rank outside the group, as source or destination,
+    below 0 or at the group size, is refused with a ValueError on every rank (the exception type is
+    the value: no message is matched)."""
+    from conftest import raises_all
+
+    mesh = init_device_mesh("cpu", (W,))
+    rows = np.arange(W * 4, dtype=np.float64).reshape(W, 4) * 1.5 - 3.0
+    perm = [(i, (i + 1) % W) for i in range(W - 1)]  # the last rank sends nothing, rank 0 gets nothing
+    got = funcol.permute(rows[R].copy(), perm, mesh)
+    want = np.zeros(4) if R == 0 else rows[R - 1]
+    assert_all(np.array_equal(got, want), f"permute gave {got}, NumPy {want}")
+    for bad in ([(W, 0)], [(-1, 0)], [(0, W)], [(0, -1)], [(W + 1, W + 2)]):
+        raises_all(ValueError, None, funcol.permute, rows[R].copy(), bad, mesh)
+
+
+@pytest.mark.skipif(W < 4 or W % 2, reason="a mesh with two dims of size >= 2: an even world size of 4 or more")
+def test_ragged_from_local_split_checked_at_every_coordinate():
+    """On a (2, W/2) mesh, ragged_from_local along mesh dim 1 finds the sizes from every row of the
+    mesh: the same split in both rows gives the global array (NumPy); a split that differs between
+    the rows is one array with two splits, refused with a ValueError on every rank."""
+    from conftest import raises_all
+
+    k = W // 2
+    mesh = init_device_mesh("cpu", (2, k))
+    c = mesh.get_coordinate()
+    sizes = tuple(i + 1 for i in range(k))
+    n = sum(sizes)
+    full = np.arange(n * 2, dtype=np.float64).reshape(n, 2) - 0.5
+    off = sum(sizes[:c[1]])
+    X = mpilocal.ragged_from_local(full[off:off + sizes[c[1]]].copy(), mesh, [Replicate(), Shard(0)])
+    ok = X.placements == (Replicate(), Shard(0, sizes=sizes)) and X.shape == (n, 2)
+    ok = ok and np.array_equal(X.full_tensor(), full)
+    assert_all(ok, f"{X.placements} {X.shape}")
+    split = sizes if c[0] == 0 else sizes[::-1]  # the second mesh row splits the other way round
+    local = np.ones((split[c[1]], 2))
+    raises_all(ValueError, None, mpilocal.ragged_from_local, local, mesh, [Replicate(), Shard(0)])
