@@ -87,6 +87,9 @@ def _flat(a):
     return a if a.ndim == 1 else a.reshape(-1)
 
 
+_NO_DETAIL: dict = {}  # the detail outside debug mode: only fingerprints (MPILOCAL_DEBUG=1) read it
+
+
 def _detail(detail, placements):
     if placements is not None:
         detail["placements"] = placements
@@ -101,7 +104,8 @@ def all_gather(x, dim: int, g: Group, sizes, placements=None):
     inner = math.prod(tail)
     total = sum(sizes)
     recv = empty(x, (total * inner,))  # flat: the transport's buffer; shaped once below
-    with issue(COLLECTIVES["all_gather"], send, g, **_detail(dict(dim=dim, sizes=tuple(sizes)), placements)):
+    detail = _detail(dict(dim=dim, sizes=tuple(sizes)), placements) if deadline.DEBUG else _NO_DETAIL
+    with issue(COLLECTIVES["all_gather"], send, g, **detail):
         transport_for(x, "all_gather").allgatherv(_flat(send), recv, [s * inner for s in sizes], g)
     return restore(recv if not tail else recv.reshape((total,) + tail), dim)
 
@@ -207,7 +211,8 @@ def all_reduce(x, op: str, g: Group, placements=None):
     """All-reduce ``x`` with ``op`` (``avg`` divides the sum by the group size). The result has
     ``x``'s dtype in native byte order."""
     send, top, finish = _reduce_input(x, op)
-    with issue(COLLECTIVES["all_reduce"], send, g, **_detail(dict(op=op), placements)):
+    detail = _detail(dict(op=op), placements) if deadline.DEBUG else _NO_DETAIL
+    with issue(COLLECTIVES["all_reduce"], send, g, **detail):
         if top.startswith("gather:"):
             return _gather_reduce(send, top[7:], g, "all_gather").reshape(x.shape)
         recv = empty(send, (send.size,))  # flat: the transport's buffer; shaped once below
@@ -222,7 +227,7 @@ def reduce_scatter(x, op: str, dim: int, g: Group, sizes, placements=None):
     send, top, finish = _reduce_input(leading(x, dim), op)
     inner = math.prod(send.shape[1:])
     counts = [s * inner for s in sizes]
-    detail = _detail(dict(op=op, dim=dim, sizes=tuple(sizes)), placements)
+    detail = _detail(dict(op=op, dim=dim, sizes=tuple(sizes)), placements) if deadline.DEBUG else _NO_DETAIL
     with issue(COLLECTIVES["reduce_scatter"], send, g, **detail):
         if top.startswith("gather:"):
             off = sum(counts[:g.rank])
