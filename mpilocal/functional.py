@@ -69,7 +69,16 @@ def normalize_op(op, caller: str) -> str:
     return name
 
 
+_OP_DTYPE_OK: set = set()  # (op, dtype) pairs that passed check_op_dtype
+
+
 def check_op_dtype(op: str, dtype, caller: str) -> None:
+    key = (op, dtype)
+    try:
+        if key in _OP_DTYPE_OK:
+            return
+    except TypeError:  # an unhashable dtype spec: checked, not remembered
+        key = None
     kind = np.dtype(dtype).kind
     if kind == "c" and op in ("max", "min"):
         raise TypeError(f"{caller}: reduce op {op!r} is undefined for complex dtype {dtype}; use 'sum', 'avg' or 'product'")
@@ -80,6 +89,8 @@ def check_op_dtype(op: str, dtype, caller: str) -> None:
         )
     if kind not in "biufc":
         raise TypeError(f"{caller}: cannot reduce arrays of dtype {dtype}")
+    if key is not None:
+        _OP_DTYPE_OK.add(key)
 
 
 def check_movable(dtype, caller: str) -> None:
