@@ -839,22 +839,25 @@ class _StreamWatch:
         with self.device:
             return bool(ev.done)
 
-    def _stale(self, which, ev, now, limit):
-        a = getattr(self, which)
-        if a is None:
-            return None
-        try:
-            done = self._done(ev)
-        except Exception:
-            return None
-        if done or getattr(self, which) is not a:  # done, or re-recorded meanwhile: no verdict
-            return None
-        return a if limit is not None and now - a[0] > limit else None
-
     def poll(self, now, limit):
         """Watchdog: ``None`` when all is well, else ``((name, seq, group), error text or None)``
-        for a call pending longer than ``limit`` seconds, or an asynchronous error."""
-        if self.p is None and self.l is None:
+        for a call pending longer than ``limit`` seconds, or an asynchronous error (polled, as
+        ``check_async_error`` should be, only while work is in flight)."""
+        busy, stale = False, None
+        for which, ev in (("p", self.probe), ("l", self.latest)):
+            a = getattr(self, which)
+            if a is None:
+                continue
+            try:
+                done = self._done(ev)
+            except Exception:  # no verdict (e.g. CUDA shutting down)
+                continue
+            if done or getattr(self, which) is not a:  # done, or re-recorded meanwhile: no verdict
+                continue
+            busy = True
+            if stale is None and limit is not None and now - a[0] > limit:
+                stale = a
+        if not busy:
             return None
         err = None
         if self.check is not None:
@@ -864,11 +867,10 @@ class _StreamWatch:
                     err = str(r)
             except Exception as e:
                 err = f"{type(e).__name__}: {e}"
-        a = self._stale("p", self.probe, now, limit) or self._stale("l", self.latest, now, limit)
         if err is not None:
-            a = a or self.p or self.l
+            a = stale or self.p or self.l
             return ((a[1], a[2], a[3]) if a is not None else ("asynchronous GPU work", 0, None)), err
-        return ((a[1], a[2], a[3]), None) if a is not None else None
+        return ((stale[1], stale[2], stale[3]), None) if stale is not None else None
 
     def busy(self) -> bool:
         """Watchdog: whether an event is still pending (queried)."""

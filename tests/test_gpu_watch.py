@@ -144,6 +144,23 @@ def test_asynchronous_error_is_reported():
     bad.append(1)
     (what, err) = w.poll(1.0, LIMIT)
     assert what == ("allreduce", 1, None) and "NCCL_ERROR_REMOTE_ERROR" in err
+    s.finished = 1  # nothing in flight: the communicator is not polled (as check_async_error wants)
+    assert w.poll(2.0, LIMIT) is None
+
+
+def test_an_event_that_cannot_be_queried_gives_no_verdict():
+    """E.g. CUDA shutting down at exit: no report, and no error polling."""
+    s = Stream()
+    w = make(lambda: 1 / 0)
+    call(w, s, "allreduce", 0.0)
+
+    class Broken(Event):
+        @property
+        def done(self):
+            raise RuntimeError("cudaErrorCudartUnloading")
+
+    w.probe = Broken()
+    assert w.poll(1e6, LIMIT) is None
 
 
 def test_deadline_poll_reports_rank_op_seq(intercepted):
