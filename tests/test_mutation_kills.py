@@ -461,3 +461,24 @@ def test_ragged_from_local_split_checked_at_every_coordinate():
     split = sizes if c[0] == 0 else sizes[::-1]  # the second mesh row splits the other way round
     local = np.ones((split[c[1]], 2))
     raises_all(ValueError, None, mpilocal.ragged_from_local, local, mesh, [Replicate(), Shard(0)])
+
+
+@pytest.mark.skipif(W == 1, reason="uneven splits need two ranks")
+def test_all_to_all_single_agrees_the_output_splits():
+    """all_to_all_single with uneven input splits and output_split_sizes=None: rank r sends j + 1 rows
+    to rank j, so it receives r + 1 rows from every rank (output splits that differ from its input
+    splits); and with even input splits the output is even. Values against NumPy's concatenation."""
+    mesh = init_device_mesh("cpu", (W,))
+
+    def rows(src, dst, n):  # the rows rank src sends to rank dst: tagged by both
+        return np.full((n, 2), 100.0 * src + dst) + np.arange(n)[:, None] * 0.25
+
+    x = np.concatenate([rows(R, j, j + 1) for j in range(W)])
+    got = funcol.all_to_all_single(x, None, [j + 1 for j in range(W)], mesh)
+    want = np.concatenate([rows(j, R, R + 1) for j in range(W)])
+    ok = got.shape == want.shape and np.array_equal(got, want)
+    x2 = np.concatenate([rows(R, j, 2) for j in range(W)])
+    got2 = funcol.all_to_all_single(x2, None, [2] * W, mesh)
+    want2 = np.concatenate([rows(j, R, 2) for j in range(W)])
+    ok = ok and np.array_equal(got2, want2)
+    assert_all(ok, f"uneven: {got.shape} vs {want.shape}; even: {got2.shape}")
