@@ -797,7 +797,8 @@ class _StreamWatch:
 
     A stream runs its work in order, so an event recorded after a call is done exactly when that
     call and every earlier one on the stream are. ``probe`` is recorded at a call when it is free
-    (never recorded, or its last record is done: this thread queries it first) and then left alone
+    (never recorded, or its last record is done: this thread queries it, at most once a millisecond)
+    and then left alone
     until it is done, so a probe that is still pending ``MPILOCAL_TIMEOUT`` after its call means
     that call (or an earlier one) has been pending that long. ``latest`` is re-recorded at every
     other call, so that work issued while the probe is busy is watched too (a call that hangs after
@@ -820,9 +821,12 @@ class _StreamWatch:
         self.p = self.l = None
 
     def issued(self, name, seq, g, stream, now) -> None:
-        """Called by the issuing thread right after enqueuing collective ``name`` on ``stream``."""
-        if self.p is not None:
-            if not self.probe.done:  # the probe's call is still running: note this call on `latest`
+        """Called by the issuing thread right after enqueuing collective ``name`` on ``stream``. The
+        probe is queried only when its record is at least ``_PROBE_EVERY`` old (a tight loop pays
+        one event record per call, and a query once a millisecond)."""
+        p = self.p
+        if p is not None:
+            if now - p[0] < _PROBE_EVERY or not self.probe.done:  # probe recent or busy: `latest` notes this call
                 self.l = None
                 self.latest.record(stream)
                 self.l = (now, name, seq, g)
@@ -884,6 +888,7 @@ class _StreamWatch:
         return False
 
 
+_PROBE_EVERY = 1e-3         # seconds between queries of a stream watch's probe by the issuing thread
 _STREAM_WATCHES: dict = {}  # (stream pointer, id(communicator)) -> _StreamWatch
 _cp = None                  # the cupy module, imported on the first watch_cuda
 

@@ -188,11 +188,18 @@ def test_deadline_poll_reports_rank_op_seq(intercepted):
         deadline._STREAM_WATCHES.pop(key, None)
 
 
-@pytest.mark.parametrize("n", [3])
-def test_per_call_cost_is_one_query_and_one_record(n):
+def test_per_call_cost_is_one_record_and_at_most_one_query():
     s, w = Stream(), make()
-    for i in range(n):
+    for i in range(3):  # calls a second apart: the probe is queried at each (after the first)
         call(w, s, "allreduce", float(i))
-    # first call: no query (nothing recorded yet); later calls: one query of the probe each
-    assert w.probe.queries == n - 1
-    assert w.probe.records + w.latest.records == n
+    assert w.probe.queries == 2 and w.probe.records + w.latest.records == 3
+    s, w = Stream(), make()
+    for i in range(200):  # a tight loop (10 us apart, each call done at once): one query per millisecond
+        call(w, s, "allreduce", i * 1e-5)
+        s.finished = s.enqueued
+    assert w.probe.records + w.latest.records == 200
+    assert w.probe.queries == 1 and w.probe.records == 2, (w.probe.queries, w.probe.records)
+    assert w.poll(1.0, LIMIT) is None
+    call(w, s, "allreduce", 1.0)  # then a call that never completes: caught (on `latest` or the probe)
+    assert w.poll(1.0 + LIMIT - 0.1, LIMIT) is None
+    assert w.poll(1.0 + LIMIT + 0.1, LIMIT) == (("allreduce", 201, None), None)
