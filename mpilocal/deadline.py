@@ -798,8 +798,7 @@ class _StreamWatch:
     A stream runs its work in order, so an event recorded after a call is done exactly when that
     call and every earlier one on the stream are. ``probe`` is recorded at a call when it is free
     (never recorded, or its last record is done: this thread queries it, at most once a millisecond)
-    and then left alone
-    until it is done, so a probe that is still pending ``MPILOCAL_TIMEOUT`` after its call means
+    and then left alone until it is done, so a probe that is still pending ``MPILOCAL_TIMEOUT`` after its call means
     that call (or an earlier one) has been pending that long. ``latest`` is re-recorded at every
     other call, so that work issued while the probe is busy is watched too (a call that hangs after
     the probe's call completed, with no call after it). ``p`` / ``l`` hold ``(start time, name,
