@@ -568,13 +568,15 @@ def test_halo_divergence_after_good_calls_raises_everywhere(what):
 def test_halo_update_divergence_after_good_calls_raises_everywhere():
     mesh = mesh1d()
     full, o, n, mine = _ragged()
-    P = fc.halo_exchange(to_device(mine), mesh, 0, 1, 0.0)
-    for _ in range(4):
-        fc.halo_update(P, mesh, 0, 1, 0.0)
-    assert_all(np.array_equal(to_host(P), oracle(full, 0, o, n, 1, 0.0)))
-    raises_all(ValueError, None, fc.halo_update, P, mesh, 0, 1, -1.0 if RANK == LAST else 0.0)
+    # funcol itself, not the tests' DeviceFunctional: halo_update writes into P, which must stay on the device
+    P = funcol.halo_exchange(to_device(mine), mesh, 0, 1, 0.0)
+    for k in range(4):
+        P[1:-1] = to_device(mine + k)
+        funcol.halo_update(P, mesh, 0, 1, 0.0)
+        assert_all(np.array_equal(to_host(P), oracle(full + k, 0, o, n, 1, 0.0)), f"halo_update {k}")
+    raises_all(ValueError, None, funcol.halo_update, P, mesh, 0, 1, -1.0 if RANK == LAST else 0.0)
     P[...] = 7
-    fc.halo_update(P, mesh, 0, 1, 0.0)
+    funcol.halo_update(P, mesh, 0, 1, 0.0)
     ref = oracle(np.full_like(full, 7), 0, o, n, 1, 0.0)
     assert_all(np.array_equal(to_host(P), ref), "halo_update after the error")
 
