@@ -122,18 +122,18 @@ def test_writers_and_reads(ckdir):
         check([c["file"] for c in e["a"]["chunks"]] == ["data_00000.bin"], e["a"])
         check(sum(c["length"] for c in e["s"]["chunks"]) == x.nbytes, "shard bytes written once")
         read = []
-        orig = _format.Files.read_chunk
+        orig = _format.Files.fetch  # (every chunk read goes through it, sequential or parallel reads)
 
         def spy(self, key, ch, *rest):
             read.append((key, ch["offsets"], ch["length"]))
             return orig(self, key, ch, *rest)
 
-        _format.Files.read_chunk = spy
+        _format.Files.fetch = spy
         try:
             t = {"s": distribute_tensor(xp.zeros_like(xp.asarray(x)), mesh, [Shard(0)], src_data_rank=None)}
             dcp.load(t, checkpoint_id=path)
         finally:
-            _format.Files.read_chunk = orig
+            _format.Files.fetch = orig
         check(read == [("s", [3 * RANK, 0], 3 * 4 * 8)], f"rank {RANK} read {read}")
         check.close(t["s"].to_local(), x[3 * RANK:3 * RANK + 3], "loaded shard")
         check.done()
@@ -218,11 +218,13 @@ def test_rows_larger_than_chunk_are_cut_inside(monkeypatch, ckdir):
     check.done()
 
 
-def test_flipped_byte_in_a_middle_chunk_is_named(monkeypatch, ckdir):
+@pytest.mark.parametrize("readers", [1, 4])
+def test_flipped_byte_in_a_middle_chunk_is_named(monkeypatch, ckdir, readers):
     """A flipped byte in one chunk in the middle of a big shard is found by every load that reads that
     chunk, on every rank, naming the key, the file and the chunk; a box that does not overlap the
     chunk still reads (only overlapping chunks are read)."""
     monkeypatch.setattr(_format, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(_format, "READ_THREADS", readers)
     mesh = init_device_mesh(DEVICE, (N,))
     x = np.arange(N * 64 * 8, dtype=np.float64).reshape(N * 64, 8)  # 16 chunks of 4 rows per rank
     dcp.save({"x": distribute_tensor(xp.asarray(x), mesh, [Shard(0)], src_data_rank=None)}, checkpoint_id=ckdir / "c")
@@ -333,7 +335,8 @@ def _host_stand_in_for_cupy(calls):
     return cp, cupyx
 
 
-def test_device_staging_ring_with_a_host_stand_in(monkeypatch, tmp_path):
+@pytest.mark.parametrize("readers", [1, 4])
+def test_device_staging_ring_with_a_host_stand_in(monkeypatch, tmp_path, readers):
     """The CuPy save/load path (pinned slots, look-ahead device-to-host copies, staged reads with
     the copy to the device, partial boxes, chunks larger than a slot, errors) against NumPy, with a
     host stand-in for CuPy: bytes and crc32s as NumPy/zlib give them, every chunk staged, and every
@@ -347,6 +350,7 @@ def test_device_staging_ring_with_a_host_stand_in(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     monkeypatch.setattr(_format, "_RINGS", {})
     monkeypatch.setattr(_format, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(_format, "READ_THREADS", readers)  # (sequential reads, or several at once)
     x = np.random.default_rng(RANK).standard_normal((40, 12))  # 96-byte rows: 20 chunks of 2 rows > the slots
     x[3, 4] = -0.0
     check = Check()

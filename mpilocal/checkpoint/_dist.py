@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import zlib
-from concurrent import futures
 
 import numpy as np
 from mpi4py import MPI
@@ -618,7 +617,7 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
     except BaseException as e:  # noqa: BLE001 - agreed
         err = e
     _agree(comm, err)
-    # 3. read what this rank needs: every read of every key in flight on the I/O pool at once
+    # 3. read what this rank needs: the reads of every key, in file order (F.run_reads)
     results, err, pending = [], None, []
     files = F.Files(directory)
     try:
@@ -632,12 +631,11 @@ def load(state_dict, *, checkpoint_id, process_group=None, strict=True):
                 shape = tuple(e["shape"])
                 a = F.read_box(files, key, e, (0,) * len(shape), shape, pending=pending)
                 finish.append((cont, idx, lambda a=a, v=v: _plain_array(a, v)))
-        F.wait_all(pending)
+        F.run_reads(files, pending)  # (returns, or raises, once no read is in flight)
         results = [(cont, idx, fin()) for cont, idx, fin in finish]
     except BaseException as ex:  # noqa: BLE001 - agreed
         err = ex
     finally:
-        futures.wait(pending)  # (after an error too: no read may outlive the open files)
         files.close()
     _agree(comm, err)
     for cont, idx, val in results:
@@ -657,8 +655,8 @@ def _plain_array(a, v):
 
 
 def _load_dtensor(files, key, e, v: DTensor, pending):
-    """Start the reads of ``v``'s target shard (their futures go to ``pending``); returns the function
-    that makes the loaded DTensor once they are done. A CuPy target of the saved (native) dtype is
+    """Plan the reads of ``v``'s target shard (appended to ``pending``); returns the function that
+    makes the loaded DTensor once they are done. A CuPy target of the saved (native) dtype is
     filled on the device straight from pinned staging buffers; the others through a host array."""
     mesh, pl = v.device_mesh, v.placements
     shape = tuple(int(s) for s in v.shape)

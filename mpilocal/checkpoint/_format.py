@@ -32,7 +32,7 @@ import numpy as np
 __all__ = [
     "FORMAT", "VERSION", "MANIFEST", "CHUNK_BYTES", "CheckpointError",
     "read_array", "read_manifest", "resolve", "tmp_dir", "old_dir", "flatten", "dtype_str",
-    "DataFile", "write_pieces", "contiguous_boxes", "read_box", "wait_all", "remove_tree", "fsync_dir", "describe",
+    "DataFile", "write_pieces", "contiguous_boxes", "read_box", "run_reads", "wait_all", "remove_tree", "fsync_dir", "describe",
 ]
 
 FORMAT = "mpilocal-checkpoint"
@@ -208,6 +208,7 @@ def json_value(v, key: str, caller: str):
 # -- the I/O engine: a pool of threads, pinned staging buffers for device arrays -------------------
 IO_THREADS = max(4, min(8, os.cpu_count() or 1))  # worker threads per process: crc32s, device copies, reads
 STAGE_SLOTS = 6  # pinned host buffers of CHUNK_BYTES per GPU and process (device <-> host copies)
+READ_THREADS = max(1, int(os.environ.get("MPILOCAL_CKPT_READ_THREADS", "1") or 1))  # chunk reads at once (run_reads)
 _POOL = []
 _POOL_LOCK = threading.Lock()
 
@@ -508,33 +509,51 @@ class Files:
     def read_chunk(self, key: str, ch: dict, dst, sel, dtype) -> None:
         """Read chunk ``ch`` of ``key``, check its crc32, and put its part ``sel`` (slices; None: all of
         it, ``dst`` then being C-contiguous) into ``dst``, a view of the target (NumPy, or CuPy: through
-        a pinned staging buffer, the copy to the device overlapped with the crc32). Runs on the pool."""
+        a pinned staging buffer, the copy to the device overlapped with the crc32)."""
+        self.finish(key, ch, dst, sel, dtype, self.fetch(key, ch, dst, sel))
+
+    def fetch(self, key: str, ch: dict, dst, sel):
+        """The read half of :meth:`read_chunk`: the chunk's bytes in host memory (in ``dst`` itself, a
+        chunk buffer, or a pinned slot taken from the ring; :meth:`finish` gives it back)."""
         n, dev = ch["length"], device_of(dst)
         if dev is None:
             buf = _host_bytes(dst) if sel is None else memoryview(np.empty(n, np.uint8))
             self.pread(key, ch, buf)
+            return buf, None, None
+        ring = _ring(dev[0], dev[1], n)
+        slot = ring.free.get() if ring is not None else None
+        try:
+            host = slot[0][:n] if slot is not None else np.empty(n, np.uint8)
+            self.pread(key, ch, memoryview(host))
+        except BaseException:
+            if slot is not None:
+                ring.free.put(slot)
+            raise
+        return host, ring, slot
+
+    def finish(self, key: str, ch: dict, dst, sel, dtype, got) -> None:
+        """The rest of :meth:`read_chunk` (on the pool): crc32, then the bytes into ``dst``."""
+        buf, ring, slot = got
+        dev = device_of(dst)
+        if dev is None:
             self.verify(key, ch, buf)
             if sel is not None:
                 dst[...] = np.frombuffer(buf, dtype).reshape(ch["shape"])[sel]
             return
         cp, did = dev
-        ring = _ring(cp, did, n)
-        slot = ring.free.get() if ring is not None else None
         try:
-            host = slot[0][:n] if slot is not None else np.empty(n, np.uint8)
-            self.pread(key, ch, memoryview(host))
             with cp.cuda.Device(did):
                 if sel is None and slot is not None:
                     stream = slot[1]
-                    cp.cuda.runtime.memcpyAsync(dst.data.ptr, host.ctypes.data, n, cp.cuda.runtime.memcpyHostToDevice,
-                                                stream.ptr)
+                    cp.cuda.runtime.memcpyAsync(dst.data.ptr, buf.ctypes.data, ch["length"],
+                                                cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
                     try:
-                        self.verify(key, ch, host)
+                        self.verify(key, ch, buf)
                     finally:
                         stream.synchronize()
                     return
-                self.verify(key, ch, host)
-                part = np.ascontiguousarray(host.view(dtype).reshape(ch["shape"])[sel if sel is not None else ...])
+                self.verify(key, ch, buf)
+                part = np.ascontiguousarray(buf.view(dtype).reshape(ch["shape"])[sel if sel is not None else ...])
                 dst[...] = cp.asarray(part.reshape(-1)).reshape(dst.shape)  # (0-d: see host_to_cupy)
                 cp.cuda.get_current_stream().synchronize()
         finally:
@@ -556,10 +575,10 @@ def wait_all(futures) -> None:
 
 def read_box(files: Files, key: str, entry: dict, offsets, shape, out=None, pending=None):
     """The box ``offsets``/``shape`` of array ``key``, read from the chunks that overlap it (each
-    overlapping chunk is read whole once, to check its crc32), on the pool's threads, in parallel.
+    overlapping chunk is read whole once, to check its crc32; :func:`run_reads`).
     ``out``: a preallocated C-contiguous target (NumPy, or CuPy of the saved dtype). With a list
-    ``pending``, the reads' futures are appended to it and the call returns at once (``out`` is
-    complete once they are done: :func:`wait_all`)."""
+    ``pending``, the reads are appended to it and the call returns at once (``out`` is filled by
+    :func:`run_reads` of the list, which orders the reads of several boxes by file and offset)."""
     dt = np.dtype(entry["dtype"])
     shape = tuple(int(s) for s in shape)
     if out is None:
@@ -587,13 +606,44 @@ def read_box(files: Files, key: str, entry: dict, offsets, shape, out=None, pend
         raise CheckpointError(
             f"checkpoint {files.directory} is damaged: the chunks of {key!r} cover {covered} of the "
             f"{int(np.prod(shape))} elements of box offsets {list(offsets)} shape {list(shape)}")
-    pool = io_pool()
-    futs = [pool.submit(files.read_chunk, key, ch, dst, sel, dt) for ch, dst, sel in jobs]
+    jobs = [(key, ch, dst, sel, dt) for ch, dst, sel in jobs]
     if pending is None:
-        wait_all(futs)
+        run_reads(files, jobs)
     else:
-        pending.extend(futs)
+        pending.extend(jobs)
     return out
+
+
+def run_reads(files: Files, jobs) -> None:
+    """Run the reads ``jobs`` (from :func:`read_box`): ``(key, chunk, dst, sel, dtype)``. Raises the
+    first error (in file order) once every read has ended.
+
+    Default (``READ_THREADS`` = 1): the calling thread reads the chunks one after the other in file
+    order, the access pattern the kernel's readahead serves best (it beat parallel reads of the same
+    file on the development VM), while the pool checks each chunk's crc32 and moves its bytes (to the
+    device, or the overlap of a partial chunk) as the next ones are read. With ``READ_THREADS`` > 1
+    (``MPILOCAL_CKPT_READ_THREADS``; parallel filesystems), whole reads run on the pool at once."""
+    jobs = sorted(jobs, key=lambda j: (j[1]["file"], j[1]["offset"]))
+    pool = io_pool()
+    if READ_THREADS > 1:
+        wait_all([pool.submit(files.read_chunk, *j) for j in jobs])
+        return
+    futs, first = [], None
+    for i, (key, ch, dst, sel, dt) in enumerate(jobs):
+        try:
+            got = files.fetch(key, ch, dst, sel)
+        except BaseException as e:  # noqa: BLE001 - raised once the reads in flight have ended
+            first = e
+            break
+        futs.append(pool.submit(files.finish, key, ch, dst, sel, dt, got))
+        if sel is not None and device_of(dst) is None and i >= 2 * IO_THREADS:
+            futs[i - 2 * IO_THREADS].exception()  # (bounds the chunk buffers of partial overlaps in flight)
+    try:
+        wait_all(futs)
+    except BaseException as e:  # noqa: BLE001 - the earliest in file order (a chunk read before the failed read)
+        first = e
+    if first is not None:
+        raise first
 
 
 def read_array(path, key: str):
