@@ -472,7 +472,7 @@ def main():
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if RANK == 0:
         print(f"{N} ranks, device {a.device}, dir {base} ({_fs(base)}), crc32 from {_format.CRC32_MODULE}, "
-              f"{_format.IO_THREADS} I/O threads per rank, writeback {'early' if _format._SFR else 'at fsync'}, "
+              f"{_format.IO_THREADS} I/O threads and {_format.READ_THREADS} reader(s) per rank, writeback {'early' if _format._SFR else 'at fsync'}, "
               f"{os.cpu_count()} CPUs, load average at the start {os.getloadavg()[0]:.1f}; cells: best / median "
               f"of {a.repeat} in GB/s (aggregate); ratios: median of per-repeat ratios (best/best)", flush=True)
         print("\n".join(lines), flush=True)
@@ -497,7 +497,7 @@ def main():
             shutil.rmtree(d, ignore_errors=True)
     if RANK == 0:
         info = (f"{N} ranks, device {a.device}, dir {base} ({_fs(base)}), crc32 from {_format.CRC32_MODULE}, "
-                f"{_format.IO_THREADS} I/O threads per rank, writeback {'early' if _format._SFR else 'at fsync'}, "
+                f"{_format.IO_THREADS} I/O threads and {_format.READ_THREADS} reader(s) per rank, writeback {'early' if _format._SFR else 'at fsync'}, "
                 f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f}; cells: best / median of "
                 f"{a.repeat} in GB/s (aggregate); ratios: median of per-repeat ratios (best/best)")
         table = info + "\n\n" + "\n".join(lines)
