@@ -482,3 +482,36 @@ def test_all_to_all_single_agrees_the_output_splits():
     want2 = np.concatenate([rows(j, R, 2) for j in range(W)])
     ok = ok and np.array_equal(got2, want2)
     assert_all(ok, f"uneven: {got.shape} vs {want.shape}; even: {got2.shape}")
+
+
+@pytest.mark.skipif(W == 1, reason="an empty shard needs more ranks than rows")
+@pytest.mark.parametrize("dtype", [np.float64, np.int32])
+def test_reductions_over_a_dim_with_an_empty_shard(dtype):
+    """DTensor sum/prod/max/min over a sharded dim of W - 1 rows (the last rank's shard is empty: it
+    contributes the op's identity, mpilocal.names.identity): NumPy's reductions of the full array.
+    Values of both signs, so a wrong identity (0 for max of negatives, 0 for min of positives, 0 for
+    a product, inf for a sum) shows."""
+    mesh = init_device_mesh("cpu", (W,))
+    full = (np.arange((W - 1) * 4).reshape(W - 1, 4) % 7 - 3).astype(dtype)
+    full[:, 0] = -5 - np.arange(W - 1)      # a column of negatives: its max is below 0
+    full[:, 1] = 2 + np.arange(W - 1)       # a column of positives: its min is above 0
+    X = mpilocal.distribute_tensor(full, mesh, [Shard(0)])
+    got = {op: getattr(X, op)(axis=0).full_tensor() for op in ("sum", "prod", "max", "min")}
+    want = {op: getattr(np, op)(full, axis=0) for op in ("sum", "prod", "max", "min")}
+    ok = all(np.array_equal(got[op], want[op]) for op in got)
+    assert_all(ok, f"{got} vs NumPy {want}")
+
+
+@pytest.mark.skipif(W == 1, reason="neighbours")
+@pytest.mark.parametrize("width", [1, 2])
+def test_periodic_halo_values(width):
+    """A periodic halo exchange (each rank receives from both neighbours: at 2 ranks two messages
+    between the same pair, matched in order) against NumPy's cyclic indexing of the full array."""
+    mesh = init_device_mesh("cpu", (W,))
+    n = 3 * W
+    full = np.arange(n * 2, dtype=np.float64).reshape(n, 2) * 0.5 - 1.0
+    X = mpilocal.distribute_tensor(full, mesh, [Shard(0)])
+    got = funcol.halo_exchange(X, 0, 0, width, "periodic")
+    want = full[np.arange(3 * R - width, 3 * R + 3 + width) % n]
+    assert_all(np.array_equal(got, want), f"{got} vs {want}")
+
