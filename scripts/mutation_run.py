@@ -372,6 +372,8 @@ def main(argv=None):
                     help="score a seeded random sample of K mutants per module (0: all)")
     ap.add_argument("--seed", type=int, default=16, help="seed of --sample's order")
     ap.add_argument("--round", type=int, default=4, help="mutants per module per round-robin round")
+    ap.add_argument("--rejudge", action="store_true",
+                    help="only re-run the survivors and timeouts judged by older tests (new kill tests)")
     args = ap.parse_args(argv)
     global _REF
     _REF = args.ref
@@ -423,8 +425,17 @@ def run_plan(plan, cfg, cache, work, args, t_start) -> bool:
     round, each module in its sample order). True when --max-minutes stopped it."""
     ranks = cfg["defaults"]["ranks"]
     per_test = cfg["defaults"]["per_test_timeout"]
-    todo = {mod: [m for m in muts if args.fresh or cache_get(cache, m["key"], m) is None]
-            for mod, (mcfg, digest, muts, _) in plan.items()}
+    def wanted(m):
+        if args.fresh:
+            return True
+        if cache_get(cache, m["key"], m) is not None:
+            return False
+        if args.rejudge:  # only verdicts that exist and were reached with other tests
+            old = cache_get(cache, m["key"])
+            return old is not None and old["outcome"] != "killed"
+        return True
+
+    todo = {mod: [m for m in muts if wanted(m)] for mod, (mcfg, digest, muts, _) in plan.items()}
     if not any(todo.values()):
         return False
     log(f"copying {'the working tree' if not args.ref else args.ref} to {work}")
