@@ -9,8 +9,8 @@ on gathered rows (:func:`check_params`, :func:`check_same`) and the requests tha
   kept in the communicator's :class:`~mpilocal.transport.Group` cache and freed by a transport
   release hook (:meth:`mpilocal.DeviceMesh.close`) or at exit;
 * :class:`MetaFuture`: a posted all-gather, completed by :meth:`MetaFuture.result`;
-* :class:`SumRing` / :class:`SumFuture`: the shape agreement's fixed-size SUM, a recursive doubling
-  over persistent point-to-point requests (:func:`post_sum`; message counts in docs/scaling.md).
+* the shape agreement's fixed-size SUM (:func:`post_sum`): :class:`PairRing` (2 ranks, persistent
+  point-to-point) or :class:`SumRing` (persistent all-reduce); message counts in docs/scaling.md.
 
 Nothing here counts, fingerprints or puts a call under the deadline when it is *posted*: the
 accounted entry points are :func:`mpilocal.collectives.post_shape_agreement`,
@@ -30,7 +30,7 @@ from . import _arrays, deadline
 from .transport import group_for, register_release_hook
 
 __all__ = ["META_WIDTH", "meta_vector", "meta_shape", "meta_with", "check_params", "check_same", "MetaFuture",
-           "MetaRing", "ring_of", "post_iallgather", "row_flags", "sum_schedule", "SumRing", "SumFuture", "post_sum",
+           "MetaRing", "ring_of", "post_iallgather", "row_flags", "PairRing", "PairFuture", "SumRing", "post_sum",
            "ensure_diag", "diag_allgather"]
 
 META_WIDTH = 66  # [ndim, dtype code | kind bit | call bits, shape padded to 64 dims (NumPy's maximum)]
@@ -247,53 +247,62 @@ def _drain_pending():  # runs before mpi4py's MPI_Finalize (registered later, so
 
 
 # ------------------------------------------------------------------------------------------------
-# shape agreement in fixed-size metadata (issue 11): one SUM per agreement, by persistent point-to-point
+# shape agreement in fixed-size metadata (issue 11): one SUM per agreement
 # ------------------------------------------------------------------------------------------------
 # The shape agreement of DTensors built from local shards (local_map outputs, from_local without
 # shape=) sums one fixed-width uint64 vector per rank (wrapping mod 2**64), whatever the number of
 # ranks; mpilocal.dtensor owns its fields and checks. Only when its checks find an error do the
 # ranks all-gather their full metadata rows (over a communicator of their own) to name it.
 #
-# The sum is a recursive doubling over persistent point-to-point requests (MPI_Send_init /
-# MPI_Recv_init, started with MPI_Startall), reused across calls: O(log P) messages of the vector's
-# size per rank (docs/scaling.md). A group of P ranks that is not a power of two folds its top
-# P - p2 ranks (p2: the largest power of two <= P) onto ranks 0..P-p2-1 first and sends them the sum
-# last. Every round of a rank but its last runs inside the post (a blocking exchange with a partner
-# that is posting the same agreement: every rank posts it, in the same order); the last round is
-# started by the post and completed by MetaFuture.result. So what stays outstanding is started
-# point-to-point requests, which MPI progresses inside any MPI call, like any non-blocking send
-# or receive: a rank waiting in result() never needs another rank to call into mpilocal (a
-# library's non-blocking collective, MPI_Iallreduce in Open MPI 4.1's libnbc, moves only while
-# polled, and MPI_Allreduce_init exists only in MPI-4). For 2 ranks the one round is the last: the
-# post never waits.
-_ADD, _SET = 0, 1
+# How the vectors move (docs/scaling.md), chosen from the group's size and the MPI build, the same
+# on every rank:
+# * 2 ranks: PairRing, one exchange over persistent point-to-point requests (MPI_Send_init /
+#   MPI_Recv_init, started together): one message of the vector each way, started by the post and
+#   completed by MetaFuture.result. A started send or receive is progressed by MPI inside any MPI
+#   call, so a rank waiting in result() never needs the other to call into mpilocal; a library's
+#   non-blocking all-reduce may not move that way (Open MPI 4.1's libnbc advances MPI_Iallreduce
+#   only while polled: the GPU host's local_map slowdown, issue 10), and it runs more rounds.
+# * 3 ranks or more: the MPI library's all-reduce, non-blocking (persistent MPI_Allreduce_init in
+#   SumRing where the build has MPI-4, else MPI_Iallreduce): its O(log P) rounds need sums in between,
+#   which point-to-point requests started by the post cannot do without this rank calling in again,
+#   and running them inside the post blocks every local_map call on its partners (measured slower
+#   here, oversubscribed; benchmarks/results/2026-11-30-cpu2core-local_map-dispatch.md).
+class PairRing:
+    """K slots of the 2-rank SUM: persistent send of the slot's vector to the other rank and receive
+    of its vector (tag: the slot), on a communicator of the metadata's own (nothing else sends on
+    it), reused round-robin. Before a slot is reused its previous exchange is completed (posted K
+    calls ago on both ranks)."""
+
+    K = 8
+
+    def __init__(self, comm, g, width):
+        self.g = g
+        self.width = width
+        other = 1 - comm.Get_rank()
+        self.send = np.zeros((self.K, width), dtype=np.uint64)
+        self.recv = np.zeros((self.K, width), dtype=np.uint64)
+        self.sends, self.recvs = list(self.send), list(self.recv)  # per slot views
+        self.slots = [[comm.Send_init(self.sends[j], other, j), comm.Recv_init(self.recvs[j], other, j)]
+                      for j in range(self.K)]
+        self.reqs = [r for pair in self.slots for r in pair]
+        self.owner = [None] * self.K
+        self.next = 0
+        _RINGS.append(self)
+
+    def post(self, vec) -> "PairFuture":
+        j = self.next
+        self.next = j + 1 if j + 1 < self.K else 0
+        prev = self.owner[j]
+        if prev is not None:
+            prev.result()
+        self.sends[j][:] = vec
+        _startall(self.slots[j])
+        fut = self.owner[j] = PairFuture(self, j)
+        return fut
 
 
-def sum_schedule(size: int, rank: int) -> list:
-    """The rounds of group rank ``rank`` in the recursive-doubling SUM over ``size`` ranks: a list of
-    ``(dst, src, mode)``, ``dst``/``src`` -1 for no send/receive in that round; ``mode`` says what
-    the received vector does: ``_ADD`` (added to the running sum) or ``_SET`` (is the total)."""
-    p2 = 1 << (size.bit_length() - 1)
-    extra = size - p2
-    rounds = []
-    if rank >= p2:  # folded: send the vector to the partner below, get the total back last
-        rounds.append((rank - p2, -1, _ADD))
-    elif rank < extra:
-        rounds.append((-1, rank + p2, _ADD))
-    if rank < p2:
-        k = 1
-        while k < p2:
-            rounds.append((rank ^ k, rank ^ k, _ADD))
-            k <<= 1
-    if rank < extra:
-        rounds.append((rank + p2, -1, _ADD))
-    elif rank >= p2:
-        rounds.append((-1, rank - p2, _SET))
-    return rounds
-
-
-class SumFuture:
-    """A posted SUM of a :class:`SumRing` slot; :meth:`result` completes it (a copy of the total)."""
+class PairFuture:
+    """A posted exchange of a :class:`PairRing` slot; :meth:`result` completes it (the sum, a copy)."""
 
     __slots__ = ("ring", "slot", "recv", "done", "g")
 
@@ -303,114 +312,87 @@ class SumFuture:
     def result(self) -> np.ndarray:
         if not self.done:
             ring, j = self.ring, self.slot
-            last = ring.last[j]
-            if last and not _testall(last):  # (done already, the usual case: no wait to put under the deadline)
-                with deadline.waiting("metadata shape agreement (completing a posted sum)", self.g):  # deadline
-                    _waitall(last)
-            buf = ring.last_buf[j]
-            if buf is None:
-                self.recv = ring.accs[j].copy()
-            elif ring.last_set:
-                self.recv = buf.copy()
-            else:
-                self.recv = ring.accs[j] + buf
+            reqs = ring.slots[j]
+            if not _testall(reqs):  # (done already, the usual case: no wait to put under the deadline)
+                with deadline.waiting("metadata shape agreement (completing a posted exchange)", self.g):  # deadline
+                    _waitall(reqs)
+            self.recv = ring.sends[j] + ring.recvs[j]
             ring.owner[j] = None
             self.done = True
         return self.recv
 
     def test(self) -> bool:
-        if not self.done and _testall(self.ring.last[self.slot]):
+        if not self.done and _testall(self.ring.slots[self.slot]):
             self.result()
         return self.done
 
 
-class SumRing:
-    """K slots of the persistent point-to-point SUM (:func:`sum_schedule`) of uint64 vectors of
-    ``width`` over ``comm`` (a communicator of the metadata's own: nothing else sends on it), reused
-    round-robin; slot ``j``'s messages carry tag ``j``. Before a slot is reused its previous sum is
-    completed (posted K calls ago on every rank)."""
-
-    K = 8
+class SumRing(MetaRing):
+    """K persistent ``MPI_Allreduce_init`` (SUM of uint64 vectors of ``width``) on one
+    communicator, reused round-robin as :class:`MetaRing`."""
 
     def __init__(self, comm, g, width):
         self.g = g
         self.width = width
-        rounds = sum_schedule(comm.Get_size(), comm.Get_rank())
-        self.acc = np.zeros((self.K, width), dtype=np.uint64)
-        self.accs = list(self.acc)  # per slot: the running sum (the vector posted, then partial sums)
-        self.early = []     # per slot: [(requests, receive buffer or None)] of the rounds run in the post
-        self.last = []      # per slot: the requests of the last round (started by the post)
-        self.last_buf = []  # per slot: the last round's receive buffer (None: it only sends)
-        self.last_set = bool(rounds) and rounds[-1][2] == _SET
-        self.reqs = []
-        for j in range(self.K):
-            early = []
-            for n, (dst, src, _mode) in enumerate(rounds):
-                reqs, buf = [], None
-                if dst >= 0:
-                    reqs.append(comm.Send_init(self.accs[j], dst, j))
-                if src >= 0:
-                    buf = np.zeros(width, dtype=np.uint64)
-                    reqs.append(comm.Recv_init(buf, src, j))
-                self.reqs += reqs
-                if n < len(rounds) - 1:
-                    early.append((reqs, buf))
-                else:
-                    self.last.append(reqs)
-                    self.last_buf.append(buf)
-            if not rounds:  # one rank: the sum is the vector
-                self.last.append([])
-                self.last_buf.append(None)
-            self.early.append(early)
+        self.send = np.zeros((self.K, width), dtype=np.uint64)
+        self.recv = np.zeros((self.K, width), dtype=np.uint64)
+        from mpi4py import MPI
+
+        self.reqs = [comm.Allreduce_init(self.send[j], self.recv[j], MPI.SUM) for j in range(self.K)]
         self.owner = [None] * self.K
         self.next = 0
         _RINGS.append(self)
 
-    def post(self, vec) -> SumFuture:
-        j = self.next
-        self.next = j + 1 if j + 1 < self.K else 0
-        prev = self.owner[j]
-        if prev is not None:
-            prev.result()
-        acc = self.accs[j]
-        acc[:] = vec
-        for reqs, buf in self.early[j]:
-            _startall(reqs)
-            _waitall(reqs)
-            if buf is not None:
-                np.add(acc, buf, out=acc)
-        last = self.last[j]
-        if last:
-            _startall(last)
-        fut = self.owner[j] = SumFuture(self, j)
-        return fut
-
 
 _SUM_RING_KEY = "meta_sum_ring"
+_NO_SUM_RING = False
 _DIAG_KEY = "mpilocal.meta_diag"
 _startall = _waitall = _testall = None
 
 
-def post_sum(g, vec: np.ndarray) -> SumFuture:
-    """Start the SUM of ``vec`` (uint64) over Group ``g`` (collective; see above) on the group's
-    :class:`SumRing`, created at the first post (a point every rank passes) with the metadata
-    communicator it runs on (:func:`ensure_diag`)."""
+def post_sum(g, vec: np.ndarray):
+    """Start the SUM of ``vec`` (uint64) over Group ``g`` (collective, non-blocking; see above):
+    a :class:`PairRing` for 2 ranks, else the persistent :class:`SumRing` where the MPI has one
+    (MPI-4), else an ``MPI_Iallreduce`` (retired as :func:`post_iallgather`'s). The ring is made at
+    the first post (a point every rank passes), with the metadata communicator (:func:`ensure_diag`)."""
     ring = g.cache.get(_SUM_RING_KEY)
     if ring is None or ring.width != vec.size:
         ring = _new_sum_ring(g, vec.size)
-    return ring.post(vec)
+    if ring is not None:
+        return ring.post(vec)
+    from mpi4py import MPI
+
+    while _PENDING and (_PENDING[0].test() or len(_PENDING) >= _MAX_PENDING):
+        _PENDING.popleft().result()
+    recv = np.empty_like(vec)
+    fut = MetaFuture(g.comm.Iallreduce(vec, recv, MPI.SUM), recv, g)
+    _PENDING.append(fut)
+    return fut
 
 
 def _new_sum_ring(g, width):
-    global _startall, _waitall, _testall
+    """The sum ring of ``g`` for vectors of ``width`` (replacing one of another width: the same on
+    every rank), or None for the ``MPI_Iallreduce`` path (MPI < 4, 3 ranks or more)."""
+    global _startall, _waitall, _testall, _NO_SUM_RING
     from mpi4py import MPI
 
     _startall, _waitall, _testall = MPI.Prequest.Startall, MPI.Request.Waitall, MPI.Request.Testall
     old = g.cache.pop(_SUM_RING_KEY, None)
-    if old is not None:  # another width on this communicator: replace the ring (same on every rank)
+    if old is not None:
         _free_ring(old)
     ensure_diag(g)
-    ring = g.cache[_SUM_RING_KEY] = SumRing(g.cache[_DIAG_KEY], g, width)
+    if g.size == 2:
+        ring = g.cache[_SUM_RING_KEY] = PairRing(g.cache[_DIAG_KEY], g, width)
+        return ring
+    if _NO_SUM_RING:
+        return None
+    try:
+        ring = g.cache[_SUM_RING_KEY] = SumRing(g.comm, g, width)
+    except (NotImplementedError, AttributeError):
+        # MPI < 4 (no persistent collectives): a property of the build, the same on every rank (an
+        # MPI error in Allreduce_init is not caught: ranks must never mix the two kinds of call)
+        _NO_SUM_RING = True
+        return None
     return ring
 
 

@@ -1,98 +1,22 @@
-"""The shape agreement's fixed-size SUM (mpilocal.metadata): a recursive doubling over persistent
-point-to-point requests, and the DTensors it builds (local_map outputs, from_local without shape=).
+"""The shape agreement's fixed-size SUM (mpilocal.metadata.post_sum: a persistent point-to-point
+exchange for 2 ranks, the library's non-blocking all-reduce for more) and the DTensors it builds
+(local_map outputs, from_local without shape=).
 
 References: NumPy (the wrapping uint64 sum of every rank's vector; the full arrays the shards come
-from), an independent simulation of the schedule (every rank ends with the total, every message is
-received by the rank it is sent to, O(log P) messages per rank), and the errors the checks must
-raise on every rank. Uneven and empty shards, non-power-of-two groups (3 ranks, and a 3-rank
-sub-communicator at 4), 2-D meshes, many agreements in flight, and a rank that waits for a shape
-while the others are already in a plain MPI call. Nothing here is timed.
+from) and the errors the checks must raise on every rank. Uneven and empty shards, groups of 1, 2
+and 3 ranks (sub-communicators of 3 and 4), 2-D meshes, many agreements in flight completed out of
+order, and a rank that waits for a shape while the others are already in a plain MPI call.
+Nothing here is timed.
 """
-
-import math
-from collections import deque
 
 import numpy as np
 import pytest
 from mpi4py import MPI
 
-from conftest import RANK, W, assert_all, raises_all, rank0_only
+from conftest import RANK, W, assert_all, raises_all
 from mpilocal import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh, local_map, metadata
 from mpilocal.layout import chunk_sizes
 from mpilocal.transport import group_for
-
-
-# ------------------------------------------------------------------------------------------------
-# the schedule, simulated without MPI
-# ------------------------------------------------------------------------------------------------
-def _simulate(size, vectors):
-    """Run every rank's rounds of :func:`metadata.sum_schedule` as the ring does (a round sends the
-    running sum, then adds, or takes, what it receives), over FIFO channels; returns each rank's
-    total and its number of messages (sent + received). A round whose message never comes leaves
-    the simulation stuck: that fails."""
-    rounds = [metadata.sum_schedule(size, r) for r in range(size)]
-    acc = [v.copy() for v in vectors]
-    step = [0] * size
-    chan = {}
-    sent = [0] * size
-    msgs = [0] * size
-    progress = True
-    while progress:
-        progress = False
-        for r in range(size):
-            while step[r] < len(rounds[r]):
-                dst, src, mode = rounds[r][step[r]]
-                if sent[r] <= step[r] and dst >= 0:  # the round's send goes out before its receive completes
-                    chan.setdefault((r, dst), deque()).append(acc[r].copy())
-                    msgs[r] += 1
-                sent[r] = step[r] + 1
-                if src >= 0:
-                    q = chan.get((src, r))
-                    if not q:
-                        break  # wait for the partner
-                    got = q.popleft()
-                    msgs[r] += 1
-                    with np.errstate(over="ignore"):
-                        acc[r] = got if mode == metadata._SET else acc[r] + got
-                step[r] += 1
-                progress = True
-    done = all(step[r] == len(rounds[r]) for r in range(size))
-    leftover = sum(len(q) for q in chan.values())
-    return acc, msgs, done, leftover
-
-
-@rank0_only
-@pytest.mark.parametrize("size", list(range(1, 18)) + [31, 32, 33, 48, 64, 100])
-def test_schedule_sums_everywhere_with_log_messages(size):
-    """Every rank ends with the wrapping sum of all vectors, no message is left unreceived, and a
-    rank sends and receives at most 2 * (floor(log2 P) + 1) messages (O(log P), not O(P))."""
-    rng = np.random.default_rng(size)
-    vecs = [rng.integers(0, 2**64, 5, dtype=np.uint64, endpoint=False) for _ in range(size)]
-    vecs[0][0] = np.uint64(2**64 - 1)  # wraps
-    with np.errstate(over="ignore"):
-        want = np.zeros(5, np.uint64)
-        for v in vecs:
-            want = want + v
-    acc, msgs, done, leftover = _simulate(size, vecs)
-    assert done and leftover == 0, f"P={size}: stuck ({done}) or {leftover} messages never received"
-    assert all(np.array_equal(a, want) for a in acc), f"P={size}: ranks disagree on the sum"
-    bound = 2 * (int(math.log2(size)) + 1) if size > 1 else 0
-    assert max(msgs) <= bound, f"P={size}: {max(msgs)} messages on one rank, bound {bound}"
-    if size > 1 and size & (size - 1) == 0:  # a power of two: exactly log2(P) exchanges per rank
-        assert msgs == [2 * int(math.log2(size))] * size, msgs
-
-
-@rank0_only
-def test_schedule_partners_are_symmetric():
-    """A round in which rank r sends to q is a round in which q receives from r (at the same depth
-    of the doubling), for every group size up to 40."""
-    for size in range(1, 41):
-        for r in range(size):
-            for dst, src, _ in metadata.sum_schedule(size, r):
-                if dst >= 0:
-                    assert any(s == r for _, s, _ in metadata.sum_schedule(size, dst)), (size, r, dst)
-                if src >= 0:
-                    assert any(d == r for d, _, _ in metadata.sum_schedule(size, src)), (size, r, src)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,28 +50,32 @@ def _check_sums(comm, width, n_posts, rng_seed):
 @pytest.mark.mpi
 @pytest.mark.parametrize("width", [36, 38])
 def test_sum_matches_numpy_with_many_in_flight(width):
-    """More sums in flight than the ring has slots (K), completed out of order: each is the
-    wrapping uint64 sum of that post's vectors on every rank; a second width replaces the ring."""
-    bad, futs = _check_sums(MPI.COMM_WORLD, width, 3 * metadata.SumRing.K + 1, 7 + width)
+    """More sums in flight than the ring has slots, completed out of order: each is the wrapping
+    uint64 sum of that post's vectors on every rank; a second width replaces the ring."""
+    bad, futs = _check_sums(MPI.COMM_WORLD, width, 3 * metadata.PairRing.K + 1, 7 + width)
     assert_all(not bad, f"wrong sums at posts {bad}")
     again = [f.result() for f in futs]  # result() is idempotent
     assert_all(all(a is b.result() for a, b in zip(again, futs)))
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(W < 4, reason="a 3-rank sub-communicator of 4 ranks")
-def test_sum_on_a_non_power_of_two_subgroup():
-    """Ranks 0..2 of 4 (non-power-of-two: rank 2 folds onto rank 0) sum correctly while rank 3
-    sums on its own one-rank group."""
-    sub = MPI.COMM_WORLD.Split(0 if RANK < 3 else 1, RANK)
-    try:
-        bad, _ = _check_sums(sub, 36, 2 * metadata.SumRing.K + 3, 11)
-        assert_all(not bad, f"wrong sums at posts {bad} (group of {sub.Get_size()})")
-    finally:
-        from mpilocal import transport
+@pytest.mark.skipif(W < 3, reason="sub-communicators of 2 and 1 (or 3) ranks")
+def test_sum_on_subgroups():
+    """The world split into a pair (the point-to-point exchange) and the rest (1 rank, or 2 at 4):
+    each group sums its own vectors, concurrently; at 4 ranks also ranks 0..2 (3, the all-reduce)."""
+    from mpilocal import transport
 
-        transport.release(sub)
-        sub.Free()
+    splits = [[0 if RANK < 2 else 1]]
+    if W == 4:
+        splits.append([0 if RANK < 3 else 1])
+    for (colour,) in splits:
+        sub = MPI.COMM_WORLD.Split(colour, RANK)
+        try:
+            bad, _ = _check_sums(sub, 36, 2 * metadata.PairRing.K + 3, 11 + colour)
+            assert_all(not bad, f"wrong sums at posts {bad} (group of {sub.Get_size()})")
+        finally:
+            transport.release(sub)
+            sub.Free()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,7 +97,7 @@ def test_local_map_uneven_and_empty_shards(mesh, rows):
     for n in (rows, rows + 1, rows):
         G = np.arange(n * 3, dtype=np.float64).reshape(n, 3) - 5
         d = distribute_tensor(G, mesh, [Shard(0)])
-        ys = [f(d) for _ in range(metadata.SumRing.K + 2)]
+        ys = [f(d) for _ in range(metadata.PairRing.K + 2)]
         assert_all(all(y.shape == (n, 3) for y in ys), f"{[y.shape for y in ys]} != {(n, 3)}")
         assert_all(np.array_equal(ys[-1].full_tensor(), G[:, ::-1] * 2))
 
@@ -212,7 +140,7 @@ def test_wrong_local_shape_raises_on_every_rank_amid_good_calls(mesh):
                     out_placements=[Shard(0)], in_placements=([Shard(0)],), device_mesh=mesh)
     before = [good(d) for _ in range(3)]
     y = bad(d)
-    after = [good(d) for _ in range(metadata.SumRing.K + 1)]
+    after = [good(d) for _ in range(metadata.PairRing.K + 1)]
     raises_all(ValueError, r"local_map.*mesh rank 0", lambda: y.shape, same_text=True)
     raises_all(ValueError, r"local_map", lambda: y.shape, same_text=True)  # every later use raises again
     assert_all(all(z.shape == (n, 2) for z in before + after))
@@ -242,8 +170,8 @@ def test_from_local_mismatch_raises_on_every_rank(mesh, what):
 def test_waiting_for_a_shape_needs_no_call_from_the_others(mesh):
     """Rank 0 reads the shape of the newest local_map output while the other ranks are already in a
     plain MPI_Barrier (no mpilocal call): the agreement completes by MPI's own progress, never by
-    another mpilocal call on the other ranks, so this does not hang (a doubling that ran its later
-    rounds only inside result() would)."""
+    another mpilocal call on the other ranks, so this does not hang (an exchange that ran its
+    rounds only when this rank calls in again would)."""
     n = 3 * W - 1
     G = np.ones((n, 2))
     d = distribute_tensor(G, mesh, [Shard(0)])
