@@ -515,3 +515,23 @@ def test_periodic_halo_values(width):
     want = full[np.arange(3 * R - width, 3 * R + 3 + width) % n]
     assert_all(np.array_equal(got, want), f"{got} vs {want}")
 
+
+
+def test_signature_requests_are_freed_at_exit(monkeypatch):
+    """agreement's at-exit hook (run before mpi4py's MPI_Finalize) frees every group's argument-signature
+    request: the persistent MPI request (MPI-4) becomes MPI.REQUEST_NULL and the state holds none."""
+    from mpi4py import MPI
+
+    from mpilocal import agreement
+    from mpilocal.transport import group_for
+
+    comm = MPI.COMM_WORLD.Dup()
+    g = group_for(comm)
+    st = agreement._sig_state(g)
+    req = st.req
+    monkeypatch.setattr(agreement, "_SIG_STATES", [st])  # only this group's state: the others stay usable
+    agreement._free_sig_states()
+    ok = st.req is None and st.pending is None and agreement._SIG_STATES == []
+    ok = ok and (req is None or req == MPI.REQUEST_NULL) and (req is not None) == st.persistent
+    g.cache.pop(agreement._SIG_KEY, None)
+    assert_all(ok, f"req {st.req!r} (was {req!r}, persistent {st.persistent}), states {agreement._SIG_STATES}")
