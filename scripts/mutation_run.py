@@ -430,9 +430,9 @@ def run_plan(plan, cfg, cache, work, args, t_start) -> bool:
             return True
         if cache_get(cache, m["key"], m) is not None:
             return False
-        if args.rejudge:  # only verdicts that exist and were reached with other tests
+        if args.rejudge:  # only verdicts that exist, reached with other tests, not argued equivalent
             old = cache_get(cache, m["key"])
-            return old is not None and old["outcome"] != "killed"
+            return old is not None and old["outcome"] != "killed" and not equivalent_reason(m, cfg)
         return True
 
     todo = {mod: [m for m in muts if wanted(m)] for mod, (mcfg, digest, muts, _) in plan.items()}
