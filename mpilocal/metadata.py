@@ -358,21 +358,32 @@ def post_sum(g, vec: np.ndarray):
     ring = g.cache.get(_SUM_RING_KEY)
     if ring is None or ring.width != vec.size:
         ring = _new_sum_ring(g, vec.size)
-    if ring is not None:
-        return ring.post(vec)
-    from mpi4py import MPI
+    return ring.post(vec)
 
-    while _PENDING and (_PENDING[0].test() or len(_PENDING) >= _MAX_PENDING):
-        _PENDING.popleft().result()
-    recv = np.empty_like(vec)
-    fut = MetaFuture(g.comm.Iallreduce(vec, recv, MPI.SUM), recv, g)
-    _PENDING.append(fut)
-    return fut
+
+class _Iallreduce:
+    """The SUM as one ``MPI_Iallreduce`` per post (MPI < 4, 3 ranks or more); requests retired as
+    :func:`post_iallgather`'s."""
+
+    owner = reqs = ()
+
+    def __init__(self, g, width):
+        from mpi4py import MPI
+
+        self.g, self.width, self.op = g, width, MPI.SUM
+
+    def post(self, vec) -> MetaFuture:
+        while _PENDING and (_PENDING[0].test() or len(_PENDING) >= _MAX_PENDING):
+            _PENDING.popleft().result()
+        recv = np.empty_like(vec)
+        fut = MetaFuture(self.g.comm.Iallreduce(vec, recv, self.op), recv, self.g)
+        _PENDING.append(fut)
+        return fut
 
 
 def _new_sum_ring(g, width):
     """The sum ring of ``g`` for vectors of ``width`` (replacing one of another width: the same on
-    every rank), or None for the ``MPI_Iallreduce`` path (MPI < 4, 3 ranks or more)."""
+    every rank): :class:`PairRing`, :class:`SumRing` or :class:`_Iallreduce`."""
     global _startall, _waitall, _testall, _NO_SUM_RING
     from mpi4py import MPI
 
@@ -384,15 +395,15 @@ def _new_sum_ring(g, width):
     if g.size == 2:
         ring = g.cache[_SUM_RING_KEY] = PairRing(g.cache[_DIAG_KEY], g, width)
         return ring
-    if _NO_SUM_RING:
-        return None
-    try:
-        ring = g.cache[_SUM_RING_KEY] = SumRing(g.comm, g, width)
-    except (NotImplementedError, AttributeError):
-        # MPI < 4 (no persistent collectives): a property of the build, the same on every rank (an
-        # MPI error in Allreduce_init is not caught: ranks must never mix the two kinds of call)
-        _NO_SUM_RING = True
-        return None
+    if not _NO_SUM_RING:
+        try:
+            ring = g.cache[_SUM_RING_KEY] = SumRing(g.comm, g, width)
+            return ring
+        except (NotImplementedError, AttributeError):
+            # MPI < 4 (no persistent collectives): a property of the build, the same on every rank (an
+            # MPI error in Allreduce_init is not caught: ranks must never mix the two kinds of call)
+            _NO_SUM_RING = True
+    ring = g.cache[_SUM_RING_KEY] = _Iallreduce(g, width)
     return ring
 
 
