@@ -422,6 +422,37 @@ def test_device_staging_ring_with_a_host_stand_in(monkeypatch, tmp_path, readers
     check.done()
 
 
+def test_chunk_lists_go_to_rank_0_only(monkeypatch, ckdir):
+    """The commit gathers the chunk lists at rank 0, which writes the manifest: the other ranks
+    receive none of them (their traffic during a save with hundreds of chunks per rank stays a few
+    hundred bytes: agreements and sizes), and the manifest lists every rank's chunks."""
+    monkeypatch.setattr(_format, "CHUNK_BYTES", 64)
+    mesh = init_device_mesh(DEVICE, (N,))
+    x = np.arange(N * 200 * 8, dtype=np.float64).reshape(N * 200, 8)  # 200 chunks of one row per rank
+    sd = {"x": distribute_tensor(xp.asarray(x), mesh, [Shard(0)], src_data_rank=None)}
+    got = []
+    for name in ("all_gather_tensor", "all_to_all_single", "broadcast"):
+        orig = getattr(funcol, name)
+
+        def spy(*a, _orig=orig, **k):
+            out = _orig(*a, **k)
+            got.append(int(to_host(out).nbytes))
+            return out
+        monkeypatch.setattr(dcp_dist.funcol, name, spy)
+    dcp.save(sd, checkpoint_id=ckdir / "c")
+    monkeypatch.undo()
+    _, man = _format.read_manifest(ckdir / "c")
+    chunks = man["entries"]["x"]["chunks"]
+    check = Check()
+    check(len(chunks) == 200 * N and sorted({c["file"] for c in chunks}) == [f"data_{r:05d}.bin" for r in range(N)],
+          f"{len(chunks)} chunks in {sorted({c['file'] for c in chunks})}")
+    if RANK != 0:
+        check(sum(got) < 2000, f"rank {RANK} received {sum(got)} bytes in the save's collectives ({got})")
+    elif N > 1:
+        check(sum(got) > 200 * (N - 1) * 50, f"rank 0 received only {sum(got)} bytes ({got})")
+    check.done()
+
+
 def test_crc32_is_zlibs():
     """The crc32 in manifests is zlib's CRC-32 whichever module computes it (isal/zlib-ng when present)."""
     import zlib
