@@ -529,9 +529,38 @@ def test_signature_requests_are_freed_at_exit(monkeypatch):
     g = group_for(comm)
     st = agreement._sig_state(g)
     req = st.req
+    if st in agreement._SIG_STATES:  # freed here: the real exit must not free it again
+        agreement._SIG_STATES.remove(st)
     monkeypatch.setattr(agreement, "_SIG_STATES", [st])  # only this group's state: the others stay usable
     agreement._free_sig_states()
     ok = st.req is None and st.pending is None and agreement._SIG_STATES == []
     ok = ok and (req is None or req == MPI.REQUEST_NULL) and (req is not None) == st.persistent
     g.cache.pop(agreement._SIG_KEY, None)
     assert_all(ok, f"req {st.req!r} (was {req!r}, persistent {st.persistent}), states {agreement._SIG_STATES}")
+
+
+def test_metadata_rings_are_freed_at_exit(monkeypatch):
+    """metadata's at-exit hook (before MPI_Finalize) completes each ring's posted all-gathers, with the
+    rows every rank sent, and frees its persistent requests (MPI.REQUEST_NULL)."""
+    from mpi4py import MPI
+
+    from mpilocal import metadata
+    from mpilocal.transport import group_for
+
+    g = group_for(MPI.COMM_WORLD.Dup())
+    ring = metadata.ring_of(g, create=True)
+    if ring is None:
+        pytest.skip("no persistent collectives (MPI < 4): no ring")
+    fut = ring.post(shape=(R + 1, 2 * R + 3))
+    reqs = list(ring.reqs)
+    if ring in metadata._RINGS:  # freed here: the real exit must not free it again
+        metadata._RINGS.remove(ring)
+    monkeypatch.setattr(metadata, "_RINGS", [ring])  # only this ring: the others stay usable
+    monkeypatch.setattr(metadata, "_PENDING", type(metadata._PENDING)())
+    metadata._drain_pending()
+    rows = fut.result()
+    shapes = [metadata.meta_shape(r) for r in rows]
+    ok = shapes == [(r + 1, 2 * r + 3) for r in range(W)] and metadata._RINGS == []
+    ok = ok and all(q == MPI.REQUEST_NULL for q in reqs)
+    g.cache.pop(metadata._RING_KEY, None)
+    assert_all(ok, f"shapes {shapes}, requests {[q == MPI.REQUEST_NULL for q in reqs]}")
