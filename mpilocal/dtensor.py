@@ -590,8 +590,9 @@ class DTensor:
         Shards of a ``Shard(d)`` placement must follow the ``torch.chunk`` rule (``ceil(n / k)`` per
         rank, the last ranks shorter or empty; :func:`mpilocal.local_shape_and_offset` gives each
         rank's shape and offset). Without ``shape`` the global shape of sharded dims is agreed from
-        every rank's local size (a non-blocking metadata all-gather, completed when the shape is
-        first needed, e.g. by ``.shape`` or ``redistribute``); that agreement also checks the dtype,
+        every rank's local size (a non-blocking fixed-size sum over the mesh, docs/scaling.md,
+        completed when the shape is first needed, e.g. by ``.shape`` or ``redistribute``); that
+        agreement also checks the dtype,
         the ndim, the unsharded dims and the chunk rule, and raises the same ``ValueError`` on every
         rank when they do not hold (e.g. for the MPI block split ``N//p + (r < N%p)``). With ``shape``
         nothing is communicated and this rank's shard is checked against the chunk rule locally.
