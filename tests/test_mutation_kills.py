@@ -564,3 +564,22 @@ def test_metadata_rings_are_freed_at_exit(monkeypatch):
     ok = ok and all(q == MPI.REQUEST_NULL for q in reqs)
     g.cache.pop(metadata._RING_KEY, None)
     assert_all(ok, f"shapes {shapes}, requests {[q == MPI.REQUEST_NULL for q in reqs]}")
+
+
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="long double is float64 here")
+@pytest.mark.parametrize("op", ["max", "min"])
+def test_long_double_max_min_reduce_over_ranks(op):
+    """max/min of long double (no integer-key trick: gathered and reduced in rank order) for all_reduce
+    and reduce_scatter, n != world size, NaN propagated: NumPy's maximum/minimum over the ranks' arrays."""
+    n = W + 3
+    xs = [(np.arange(n, dtype=np.longdouble) * (1 if r % 2 else -1) + r) / 3 for r in range(W)]
+    for x in xs:
+        x[1] = np.nan if W > 1 and x is xs[-1] else x[1]
+    mesh = init_device_mesh("cpu", (W,))
+    f = np.maximum if op == "max" else np.minimum
+    want = f.reduce(np.stack(xs), axis=0)
+    got = funcol.all_reduce(xs[R].copy(), op, mesh)
+    ok = got.dtype == np.longdouble and got.shape == (n,) and np.array_equal(got, want, equal_nan=True)
+    rs = funcol.reduce_scatter_tensor(np.concatenate([xs[R]] * W), op, 0, mesh)
+    ok = ok and np.array_equal(rs, want, equal_nan=True)
+    assert_all(ok, f"{got} / {rs} vs NumPy {want}")
