@@ -583,3 +583,43 @@ def test_long_double_max_min_reduce_over_ranks(op):
     rs = funcol.reduce_scatter_tensor(np.concatenate([xs[R]] * W), op, 0, mesh)
     ok = ok and np.array_equal(rs, want, equal_nan=True)
     assert_all(ok, f"{got} / {rs} vs NumPy {want}")
+
+
+def test_checkpoint_listing_and_stateful_protocol():
+    """`python -m mpilocal.checkpoint ls` (checkpoint._format.describe) lists every entry, values and
+    arrays in any order, with the shapes and dtypes NumPy gives; an object with state_dict() but no
+    load_state_dict() is not DCP's Stateful (refused with a TypeError on every rank, as any other
+    unstorable value)."""
+    import shutil
+    import tempfile
+
+    from mpi4py import MPI
+
+    import mpilocal.checkpoint as dcp
+    from conftest import raises_all
+    from mpilocal.checkpoint import _format
+
+    class HalfStateful:
+        def state_dict(self):
+            return {"w": np.ones(3)}
+
+    d = tempfile.mkdtemp(prefix="mpilocal-kill-ls-") if R == 0 else None
+    d = MPI.COMM_WORLD.bcast(d, 0)
+    try:
+        mesh = init_device_mesh("cpu", (W,))
+        arrays = {"b_first": np.arange(6.0).reshape(2, 3), "z_last": np.arange(W * 4, dtype=np.int16).reshape(W, 4)}
+        sd = {"a_step": 7, "b_first": arrays["b_first"], "m_lr": 0.5,
+              "z_last": mpilocal.distribute_tensor(arrays["z_last"], mesh, [Shard(0)])}
+        dcp.save(sd, checkpoint_id=f"{d}/c")
+        text = _format.describe(f"{d}/c") if R == 0 else ""
+        rows = {ln.split()[0]: ln.split() for ln in text.splitlines()[1:] if ln.split()}
+        ok = R != 0 or all(k in rows for k in sd)
+        for k, a in arrays.items():
+            ok = ok and (R != 0 or (str(a.shape).replace(" ", "") in "".join(rows[k]) and
+                                    np.dtype(a.dtype).str.lstrip("<>|=") in " ".join(rows[k])))
+        assert_all(ok, text)
+        raises_all(TypeError, None, dcp.save, {"half": HalfStateful()}, checkpoint_id=f"{d}/h")
+    finally:
+        MPI.COMM_WORLD.Barrier()
+        if R == 0:
+            shutil.rmtree(d, ignore_errors=True)
