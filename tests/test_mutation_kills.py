@@ -623,3 +623,16 @@ def test_checkpoint_listing_and_stateful_protocol():
         MPI.COMM_WORLD.Barrier()
         if R == 0:
             shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("unit", ["s", "999999999as", "2147483647as"])
+def test_from_local_with_long_dtype_names(unit):
+    """DTensor.from_local (argument check on) of datetime64 shards whose dtype string is 7 to 17
+    characters ('<M8[2147483647as]': longer than the 16-byte name slots of a metadata row): the global
+    array is NumPy's concatenation of the shards, with the dtype kept."""
+    mesh = init_device_mesh("cpu", (W,))
+    dt = np.dtype(f"M8[{unit}]")
+    full = (np.arange(2 * W) * 3 + 1).astype(dt)
+    X = DTensor.from_local(full[2 * R:2 * R + 2].copy(), mesh, [Shard(0)], run_check=True)
+    ok = X.shape == (2 * W,) and X.dtype == dt and np.array_equal(X.full_tensor(), full)
+    assert_all(ok, f"{X.shape} {X.dtype} vs {dt}")
