@@ -515,6 +515,10 @@ def write_report(path: Path, plan, cfg, cache, args):
         by_ranks = {}
         for m in muts:
             v = cache_get(cache, m["key"], m)
+            if v is None:  # a survivor of older tests that is argued equivalent stays equivalent
+                old = cache_get(cache, m["key"])
+                if old is not None and old["outcome"] == "survived" and equivalent_reason(m, cfg):
+                    v = old
             if v is None:
                 c["pending"] += 1
                 continue
