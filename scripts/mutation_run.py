@@ -23,7 +23,7 @@ modules are run round-robin, a few mutants of each per round, so a run stopped b
 leaves every module with a judged *prefix* of its random order, itself a random sample. The report
 gives the score per module and overall as an estimate with its 95% Wilson interval (overall: the
 modules' estimates weighted by their mutant counts, the stratified estimator, with a Wilson interval
-on the effective sample). Per-mutant test selection by coverage was not built (a coverage map per ref
+on Kish's effective sample size). Per-mutant test selection by coverage was not built (a coverage map per ref
 under mpiexec costs as much as the run it would save on this machine): the module's test files run
 with ``-x``, so a killed mutant costs only the tests up to its first failure.
 
@@ -554,8 +554,7 @@ def write_report(path: Path, plan, cfg, cache, args):
     if strata:
         wsum = sum(w for w, _, _ in strata)
         est = sum(w / wsum * d / n for w, d, n in strata)
-        var = sum((w / wsum) ** 2 * (d / n) * (1 - d / n) / n for w, d, n in strata)
-        n_eff = est * (1 - est) / var if var > 0 else judged
+        n_eff = 1 / sum((w / wsum) ** 2 / n for w, _, n in strata)  # Kish: the weights' effective sample
         lo, hi = wilson(est * n_eff, n_eff)
         total_score = f"{100 * est:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
     pooled = f"{100 * (tot['killed'] + tot['timeout']) / judged:.1f}%" if judged else "-"
@@ -587,7 +586,8 @@ def write_report(path: Path, plan, cfg, cache, args):
     lines.append(f"| **all** | {tot['mutants']} | {tot['sampled']} | {tot['killed']} | {tot['timeout']} | "
                  f"{tot['survived']} | {tot['equivalent']} | {tot['pending']} | {total_score} | | |")
     lines += ["", f"Overall: the stratified estimate (each module's score weighted by its mutant count; "
-              f"Wilson interval on the effective sample size) is {total_score}; the pooled score of the "
+              f"Wilson interval on Kish's effective sample size 1 / sum(W_h^2 / n_h)) is {total_score}; the "
+              f"pooled score of the "
               f"{judged} judged mutants, unweighted, is {pooled}."]
     lines += ["", "## Survivors", ""]
     if not survivors:
