@@ -198,7 +198,11 @@ def test_one_agreement_per_call_fixed_bytes(mesh):
         ys = [fs(d) for _ in range(5)] + [fr(r) for _ in range(5)]
         shapes = [y.shape for y in ys]
     want = (4 + 30 + 2 * mesh.ndim) * 8
-    assert_all(dict(mode.get_metadata_counts()) == {"shape_agreement": 5}
-               and dict(mode.get_metadata_bytes()) == {"shape_agreement": 5 * want}
-               and mode.get_total_counts() == 0, f"{dict(mode.get_metadata_counts())}")
+    from mpilocal import deadline
+
+    # MPILOCAL_DEBUG=1 also checks that each Replicate output is the same on every rank
+    extra = {"replicate_check": 5} if deadline.DEBUG else {}
+    counts, nbytes = dict(mode.get_metadata_counts()), dict(mode.get_metadata_bytes())
+    assert_all(counts == {"shape_agreement": 5, **extra} and nbytes.get("shape_agreement") == 5 * want
+               and mode.get_total_counts() == 0, f"{counts} {nbytes}")
     assert_all(shapes == [(2 * W, 2)] * 5 + [(2, 2)] * 5)
