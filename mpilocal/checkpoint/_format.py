@@ -208,7 +208,11 @@ def json_value(v, key: str, caller: str):
 # -- the I/O engine: a pool of threads, pinned staging buffers for device arrays -------------------
 IO_THREADS = max(4, min(8, os.cpu_count() or 1))  # worker threads per process: crc32s, device copies, reads
 STAGE_SLOTS = 6  # pinned host buffers of CHUNK_BYTES per GPU and process (device <-> host copies)
-READ_THREADS = max(1, int(os.environ.get("MPILOCAL_CKPT_READ_THREADS", "1") or 1))  # chunk reads at once (run_reads)
+# chunk reads at once (run_reads). Default: 1 (sequential, in file order) below 8 CPUs, else a quarter of
+# them up to 8. Measured (docs/checkpoint.md): on the 2-core VM parallel reads of one file were slower
+# than one reader; on the 32-CPU GPU host 8 readers loaded at 96% of raw read, one reader at 77-79%.
+_DEFAULT_READERS = 1 if (os.cpu_count() or 1) < 8 else min(8, (os.cpu_count() or 1) // 4)
+READ_THREADS = max(1, int(os.environ.get("MPILOCAL_CKPT_READ_THREADS", "") or _DEFAULT_READERS))
 _POOL = []
 _POOL_LOCK = threading.Lock()
 
@@ -618,11 +622,12 @@ def run_reads(files: Files, jobs) -> None:
     """Run the reads ``jobs`` (from :func:`read_box`): ``(key, chunk, dst, sel, dtype)``. Raises the
     first error (in file order) once every read has ended.
 
-    Default (``READ_THREADS`` = 1): the calling thread reads the chunks one after the other in file
-    order, the access pattern the kernel's readahead serves best (it beat parallel reads of the same
-    file on the development VM), while the pool checks each chunk's crc32 and moves its bytes (to the
-    device, or the overlap of a partial chunk) as the next ones are read. With ``READ_THREADS`` > 1
-    (``MPILOCAL_CKPT_READ_THREADS``; parallel filesystems), whole reads run on the pool at once."""
+    With ``READ_THREADS`` = 1 (the default below 8 CPUs): the calling thread reads the chunks one
+    after the other in file order, the access pattern the kernel's readahead serves best (it beat
+    parallel reads of the same file on the 2-core development VM), while the pool checks each chunk's
+    crc32 and moves its bytes (to the device, or the overlap of a partial chunk) as the next ones are
+    read. With ``READ_THREADS`` > 1 (the default from 8 CPUs, or ``MPILOCAL_CKPT_READ_THREADS``),
+    whole reads run on the pool at once (docs/checkpoint.md, "Bandwidth")."""
     jobs = sorted(jobs, key=lambda j: (j[1]["file"], j[1]["offset"]))
     pool = io_pool()
     if READ_THREADS > 1:
