@@ -636,3 +636,22 @@ def test_from_local_with_long_dtype_names(unit):
     X = DTensor.from_local(full[2 * R:2 * R + 2].copy(), mesh, [Shard(0)], run_check=True)
     ok = X.shape == (2 * W,) and X.dtype == dt and np.array_equal(X.full_tensor(), full)
     assert_all(ok, f"{X.shape} {X.dtype} vs {dt}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int8, np.uint16, np.bool_])
+def test_names_identity_is_numpys(dtype):
+    """mpilocal.names.identity(op, dtype) is NumPy's identity of the op's ufunc (np.add.identity,
+    np.multiply.identity) and, for max/min, the value that np.maximum/np.minimum.reduce with it as
+    `initial` leaves every array unchanged: the dtype's lowest/highest value (-inf/inf for floats)."""
+    from mpilocal.names import identity
+
+    dt = np.dtype(dtype)
+    x = np.array([3, 0, 1], dtype=dt) if dt != np.bool_ else np.array([True, False])
+    ok = identity("sum", dt) == np.add.identity and identity("product", dt) == np.multiply.identity
+    lo = {"f": -np.inf, "b": False}.get(dt.kind, np.iinfo(dt).min if dt.kind in "iu" else None)
+    hi = {"f": np.inf, "b": True}.get(dt.kind, np.iinfo(dt).max if dt.kind in "iu" else None)
+    ok = ok and identity("max", dt) == lo and identity("min", dt) == hi
+    for op, f in (("max", np.maximum), ("min", np.minimum)):
+        ok = ok and f.reduce(x, initial=dt.type(identity(op, dt))) == f.reduce(x)
+        ok = ok and f.reduce(np.empty(0, dt), initial=dt.type(identity(op, dt))) == dt.type(identity(op, dt))
+    assert ok, {op: identity(op, dt) for op in ("sum", "product", "max", "min")}
