@@ -42,7 +42,6 @@ from .dtensor import DTensor
 from .functional import resolve_group
 from .layout import local_shape_and_offset
 from .local_map import local_map
-from .mesh import DeviceMesh
 from .metadata import meta_shape, meta_vector
 from .transport import group_for
 
@@ -316,10 +315,6 @@ def _as_list(v, n, what, caller):
             raise ValueError(f"{caller}: {what} has {len(v)} entries for {n} tensor dims; give one per tensor dim")
         return list(v)
     return [v] * n
-
-
-def _is_group_spec(v):
-    return isinstance(v, DeviceMesh) or (isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], DeviceMesh))
 
 
 def halo_exchange(x, mesh_dim, tensor_dim, width, boundary="periodic"):
