@@ -655,3 +655,18 @@ def test_names_identity_is_numpys(dtype):
         ok = ok and f.reduce(x, initial=dt.type(identity(op, dt))) == f.reduce(x)
         ok = ok and f.reduce(np.empty(0, dt), initial=dt.type(identity(op, dt))) == dt.type(identity(op, dt))
     assert ok, {op: identity(op, dt) for op in ("sum", "product", "max", "min")}
+
+
+def test_float16_sums_are_widened_and_rounded_once():
+    """The host transport widens float16 for reductions (not every MPI reduces half precision), so a sum over
+    the ranks is the float16 values' sum rounded once. Element i holds 2048 on rank i and 1 elsewhere: the
+    sum rounds to 2048 + W - 1 (2050 at 3 ranks; float16 is spaced 2 there), where a float16 reduction in any
+    pairwise order adds some element's 2048 to a single 1 first and gives 2048 there. Also as Partial -> R."""
+    mesh = init_device_mesh("cpu", (W,))
+    x = np.ones(W, np.float16)
+    x[R] = 2048
+    want = np.full(W, 2048.0 + W - 1).astype(np.float16)  # the exact sum, rounded once
+    out = funcol.all_reduce(x, "sum", mesh)
+    P = DTensor.from_local(x.copy(), mesh, [Partial()], shape=(W,)).redistribute(mesh, [Replicate()]).to_local()
+    assert_all(out.dtype == np.float16 and out.tolist() == want.tolist() and P.tolist() == want.tolist(),
+               f"{out.tolist()} {P.tolist()} want {want.tolist()}")
