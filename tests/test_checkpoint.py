@@ -927,3 +927,34 @@ def test_bench_script_never_hangs(ckdir, how):
         # (the watchdog of either rank may fire first: rank 0 waits in the save's collectives)
         assert "bench_checkpoint: step 'save 1 MiB/rank #0' ran longer than --timeout 10 s" in out, out[-3000:]
     assert not [f for f in os.listdir(ckdir) if f.startswith("mpilocal-ckbench")] or how == "hang", os.listdir(ckdir)
+
+
+def test_read_threads_bound_the_reads_in_flight(monkeypatch, ckdir):
+    """MPILOCAL_CKPT_READ_THREADS=N (READ_THREADS) means at most N chunk reads at once, whatever the
+    size of the I/O pool; the loaded values are the saved ones bit for bit."""
+    import threading
+    import time
+
+    monkeypatch.setattr(_format, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(_format, "READ_THREADS", 2)
+    mesh = init_device_mesh(DEVICE, (N,))
+    x = np.arange(N * 64 * 8, dtype=np.float64).reshape(N * 64, 8)
+    dcp.save({"x": distribute_tensor(xp.asarray(x), mesh, [Shard(0)], src_data_rank=None)}, checkpoint_id=ckdir / "c")
+    lock, now, most = threading.Lock(), [0], [0]
+    real = _format.Files.read_chunk
+
+    def counted(self, *a):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        try:
+            time.sleep(0.002)  # long enough for the pool's other threads to start theirs
+            return real(self, *a)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(_format.Files, "read_chunk", counted)
+    t = {"x": distribute_tensor(xp.zeros(x.shape), mesh, [Replicate()], src_data_rank=None)}
+    dcp.load(t, checkpoint_id=ckdir / "c")
+    assert_all(to_host(t["x"].to_local()).tobytes() == x.tobytes() and 1 <= most[0] <= 2, f"most in flight {most[0]}")

@@ -630,8 +630,13 @@ def run_reads(files: Files, jobs) -> None:
     whole reads run on the pool at once (docs/checkpoint.md, "Bandwidth")."""
     jobs = sorted(jobs, key=lambda j: (j[1]["file"], j[1]["offset"]))
     pool = io_pool()
-    if READ_THREADS > 1:
-        wait_all([pool.submit(files.read_chunk, *j) for j in jobs])
+    if READ_THREADS > 1:  # at most READ_THREADS reads in flight (the pool may have more threads)
+        gate, futs = threading.BoundedSemaphore(READ_THREADS), []
+        for j in jobs:
+            gate.acquire()
+            futs.append(pool.submit(files.read_chunk, *j))
+            futs[-1].add_done_callback(lambda _f: gate.release())
+        wait_all(futs)
         return
     futs, first = [], None
     for i, (key, ch, dst, sel, dt) in enumerate(jobs):
