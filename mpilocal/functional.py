@@ -39,16 +39,7 @@ __all__ = ["all_gather_tensor", "all_reduce", "reduce_scatter_tensor", "all_to_a
 # ------------------------------------------------------------------------------------------------
 def resolve_group(group, caller: str) -> Group:
     """A :class:`Group` from a 1-D DeviceMesh, a (DeviceMesh, mesh_dim) pair or an mpi4py Comm."""
-    t = type(group)
-    if t is DeviceMesh and group.mesh.ndim == 1:  # the common cases first
-        return group_for(group.get_group(0))
-    if t is tuple and len(group) == 2 and type(group[0]) is DeviceMesh:
-        return group_for(group[0].get_group(group[1]))
-    if isinstance(group, MPI.Comm):
-        if group == MPI.COMM_NULL:
-            raise ValueError(f"{caller}: group is MPI.COMM_NULL; this rank is not part of that communicator")
-        return group_for(group)
-    if isinstance(group, DeviceMesh):
+    if isinstance(group, DeviceMesh):  # the common cases first
         if group.ndim != 1:
             raise ValueError(
                 f"{caller}: group is a {group.ndim}-D DeviceMesh; pass a 1-D mesh, (mesh, mesh_dim) or mesh['name']"
@@ -56,6 +47,10 @@ def resolve_group(group, caller: str) -> Group:
         return group_for(group.get_group(0))
     if isinstance(group, tuple) and len(group) == 2 and isinstance(group[0], DeviceMesh):
         return group_for(group[0].get_group(group[1]))
+    if isinstance(group, MPI.Comm):
+        if group == MPI.COMM_NULL:
+            raise ValueError(f"{caller}: group is MPI.COMM_NULL; this rank is not part of that communicator")
+        return group_for(group)
     raise TypeError(
         f"{caller}: group must be a 1-D DeviceMesh, a (DeviceMesh, mesh_dim) pair or an mpi4py communicator, "
         f"got {type(group).__name__}"
