@@ -557,6 +557,23 @@ def _make_unary(name, sym):
     return op
 
 
+_TARGETS_MAX = 256
+
+
+def _remember_target(t, placements, pl):
+    """Cache the checked target ``pl`` of ``t.redistribute(placements=placements)`` on the mesh (the
+    checks are local and depend only on the source placements, ``placements`` and the ndim)."""
+    try:
+        key = (t._placements, tuple(placements) if type(placements) is list else placements, t._local.ndim)
+        hash(key)
+    except TypeError:  # unhashable placements: checked on every call
+        return
+    cache = t._mesh.__dict__.setdefault("_targets", {})
+    if len(cache) >= _TARGETS_MAX:
+        cache.clear()
+    cache[key] = pl
+
+
 class DTensor:
     """A distributed array: this rank's shard (``to_local()``), the ``device_mesh`` and the
     ``placements`` (one per mesh dim). Build one with :func:`distribute_tensor` or
@@ -765,6 +782,16 @@ class DTensor:
         it). ``backward_dtype``: the dtype the gradient is redistributed in (default: this
         DTensor's dtype); the gradient reaching this DTensor has this DTensor's dtype, as in PyTorch.
         """
+        mesh = self._mesh
+        if forward_dtype is None and backward_dtype is None and (device_mesh is None or device_mesh is mesh):
+            # the common call: the checked target comes from the mesh's cache of (source, target) pairs
+            try:
+                pl = mesh.__dict__["_targets"][(self._placements, placements if type(placements) is not list
+                                                 else tuple(placements), self._local.ndim)]
+            except (KeyError, TypeError):  # not seen yet (or no cache, or unhashable): checked below
+                pass
+            else:
+                return self._redistribute(pl)
         caller = "DTensor.redistribute"
         _check_mesh(device_mesh, caller)
         if device_mesh is not None and device_mesh != self._mesh:
@@ -776,6 +803,7 @@ class DTensor:
         check_target(self._placements, pl, caller)
         fdt = _check_dtype_arg(forward_dtype, caller, "forward_dtype")
         bdt = _check_dtype_arg(backward_dtype, caller, "backward_dtype")
+        _remember_target(self, placements, pl)
         return self._redistribute(pl, fdt, bdt)
 
     def _redistribute(self, pl, forward_dtype=None, backward_dtype=None):

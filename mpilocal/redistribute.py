@@ -32,42 +32,80 @@ def mesh_groups(mesh):
     return [group_for(c) for c in mesh.get_all_groups()]
 
 
+_PROGRAMS_MAX = 256  # compiled transitions kept per mesh (a dict cleared when full: bounded memory)
+
+
 def redistribute_local(local, mesh, global_shape, src, dst):
     """The local shard of layout ``dst`` from the local shard ``local`` of layout ``src``.
 
-    **Collective** over the mesh; one logical collective per communicating step.
+    **Collective** over the mesh; one logical collective per communicating step. The transition is
+    compiled once per (global shape, placements, array type, dtype) and mesh (:func:`_compile`: the
+    checks, the plan and the groups), then each call runs its steps.
     """
-    functional.check_redistribute(local.dtype, src, dst)  # funcol's checks, before any collective
+    progs = mesh.__dict__.get("_programs")
+    if progs is None:
+        progs = mesh.__dict__["_programs"] = {}
+    key = (global_shape, src, dst, type(local), local.dtype)
+    run = progs.get(key)
+    if run is None or mesh._root._closed:  # a closed mesh: mesh_groups raises its error
+        run = _compile(local.dtype, mesh, tuple(global_shape), tuple(src), tuple(dst))
+        if len(progs) >= _PROGRAMS_MAX:
+            progs.clear()
+        progs[key] = run
+    return run(local)
+
+
+def _copy(x):
+    return x.copy()
+
+
+def _compile(dtype, mesh, global_shape, src, dst):
+    """``run(local) -> local``: the steps of the plan from ``src`` to ``dst``, each a closure over
+    its group, sizes and reduce op. Raises (before any collective) what funcol's checks raise."""
+    functional.check_redistribute(dtype, src, dst)  # funcol's checks, before any collective
     coord = mesh._coordinate
-    plan = redistribute_plan(tuple(global_shape), mesh.shape, coord, tuple(src), tuple(dst))
+    plan = redistribute_plan(global_shape, mesh.shape, coord, src, dst)
     if not plan:  # every changing mesh dim has size 1: the same data, in a new array (never an alias)
-        return local.copy()
+        return _copy
     groups = mesh_groups(mesh)
-    x = local
-    for step in plan:
-        g = groups[step.mesh_dim]
-        op = step.op
-        if op == "all_gather":
-            x = collectives.all_gather(x, step.tensor_dim, g, step.sizes, placements=(src, dst))
-        elif op == "all_reduce":
-            x = collectives.all_reduce(x, step.reduce_op, g, placements=(src, dst))
-        elif op == "reduce_scatter":
-            x = collectives.reduce_scatter(x, step.reduce_op, step.tensor_dim, g, step.sizes, placements=(src, dst))
-        elif op == "all_to_all":
-            x = collectives.all_to_all_dims(x, step.tensor_dim, step.dst_dim, g, step.sizes, step.dst_sizes,
-                                            placements=(src, dst))
-        elif op == "chunk":
-            i = coord[step.mesh_dim]
-            off = sum(step.sizes[:i])
-            idx = (slice(None),) * step.tensor_dim + (slice(off, off + step.sizes[i]),)
-            # a copy, never a view: of the input it would alias it (writing into the result would change
-            # the input's replica on this rank alone), of an intermediate it would pin all of it
-            x = _arrays.namespace(x).array(x[idx], order="C", copy=True)
-        elif op == "to_partial":
-            x = to_partial(x, step.reduce_op, coord[step.mesh_dim])
-        else:  # pragma: no cover - the planner emits only the ops above
-            raise RuntimeError(f"redistribute: unknown plan step {step}")
-    return x
+    steps = [_step(step, groups[step.mesh_dim], coord, (src, dst)) for step in plan]
+    if len(steps) == 1:
+        return steps[0]
+
+    def run(x):
+        for f in steps:
+            x = f(x)
+        return x
+
+    return run
+
+
+def _step(step, g, coord, pl):
+    """One plan step as ``f(x) -> x``."""
+    op = step.op
+    if op == "all_gather":
+        dim, sizes = step.tensor_dim, step.sizes
+        return lambda x: collectives.all_gather(x, dim, g, sizes, placements=pl)
+    if op == "all_reduce":
+        rop = step.reduce_op
+        return lambda x: collectives.all_reduce(x, rop, g, placements=pl)
+    if op == "reduce_scatter":
+        rop, dim, sizes = step.reduce_op, step.tensor_dim, step.sizes
+        return lambda x: collectives.reduce_scatter(x, rop, dim, g, sizes, placements=pl)
+    if op == "all_to_all":
+        a, b, sa, sb = step.tensor_dim, step.dst_dim, step.sizes, step.dst_sizes
+        return lambda x: collectives.all_to_all_dims(x, a, b, g, sa, sb, placements=pl)
+    if op == "chunk":
+        i = coord[step.mesh_dim]
+        off = sum(step.sizes[:i])
+        idx = (slice(None),) * step.tensor_dim + (slice(off, off + step.sizes[i]),)
+        # a copy, never a view: of the input it would alias it (writing into the result would change
+        # the input's replica on this rank alone), of an intermediate it would pin all of it
+        return lambda x: _arrays.namespace(x).array(x[idx], order="C", copy=True)
+    if op == "to_partial":
+        rop, index = step.reduce_op, coord[step.mesh_dim]
+        return lambda x: to_partial(x, rop, index)
+    raise RuntimeError(f"redistribute: unknown plan step {step}")  # pragma: no cover - the planner emits only these
 
 
 def to_partial(x, op, index):
