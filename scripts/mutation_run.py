@@ -217,8 +217,12 @@ def _generate(relpath: str, source: str, cfg: dict, mcfg: dict) -> list[dict]:
     return out
 
 
-def tests_digest(files) -> str:
+def tests_digest(files, extra_ranks=()) -> str:
+    """The digest of a module's test files (and tests/conftest.py) and of its ``extra_ranks``: a
+    survivor or timeout judged with other tests or other rank counts is judged again."""
     h = hashlib.sha256()
+    if extra_ranks:
+        h.update(f"extra_ranks={list(extra_ranks)}".encode() + b"\0")
     for f in sorted(set(files) | {"tests/conftest.py"}):
         b = read_bytes(f)
         h.update(f.encode() + b"\0" + (b if b is not None else b"<missing>") + b"\0")
@@ -327,6 +331,12 @@ def cache_put(cache: Path, key: str, value: dict) -> None:
     tmp.replace(p)
 
 
+def module_ranks(cfg, mcfg) -> list[int]:
+    """The rank counts a module's mutants run at: ``defaults.ranks``, then the module's ``extra_ranks``
+    (a mutant only a larger world can tell apart; fail-fast, so killed mutants rarely reach them)."""
+    return list(cfg["defaults"]["ranks"]) + [r for r in mcfg.get("extra_ranks", []) if r not in cfg["defaults"]["ranks"]]
+
+
 def sample_order(muts: list[dict], seed: int) -> list[dict]:
     """The module's mutants in their fixed random order (the first K are the sample of --sample K)."""
     return sorted(muts, key=lambda m: hashlib.sha256(f"sample-v1:{seed}:{m['key']}".encode()).hexdigest())
@@ -390,7 +400,7 @@ def main(argv=None):
     plan = {}
     for mod in modules:
         mcfg = cfg["modules"][mod]
-        digest = tests_digest(mcfg["tests"])
+        digest = tests_digest(mcfg["tests"], mcfg.get("extra_ranks", []))
         allm = [m for m in mutants(mod, cfg, mcfg, digest, cache) if int(m["key"][:8], 16) % shard_n == shard_i]
         muts = sample_order(allm, args.seed)
         if args.sample:
@@ -446,18 +456,19 @@ def run_plan(plan, cfg, cache, work, args, t_start) -> bool:
         if mod in limits or mod in skip:
             return limits.get(mod)
         mcfg, digest = plan[mod][0], plan[mod][1]
+        mranks = module_ranks(cfg, mcfg)
         original = (work / mod).read_text()
-        bkey = hashlib.sha256(json.dumps(["baseline", mod, original, digest, ranks]).encode()).hexdigest()
+        bkey = hashlib.sha256(json.dumps(["baseline", mod, original, digest, mranks]).encode()).hexdigest()
         base = None if args.fresh else cache_get(cache, bkey)
         if base is None:
-            outcome, n, secs, tail = run_tests(work, mcfg["tests"], ranks, 900, per_test)
+            outcome, n, secs, tail = run_tests(work, mcfg["tests"], mranks, 900, per_test)
             if outcome != "survived":
                 log(f"{mod}: the UNMUTATED tests fail ({outcome} at {n} ranks); skipping the module\n{tail}")
                 skip.add(mod)
                 return None
             base = {"seconds": secs}
             cache_put(cache, bkey, base)
-        limits[mod] = max(cfg["defaults"]["min_timeout"], 4 * base["seconds"] / len(ranks))
+        limits[mod] = max(cfg["defaults"]["min_timeout"], 4 * base["seconds"] / len(mranks))
         log(f"{mod}: unmutated run {base['seconds']:.1f} s; limit {limits[mod]:.0f} s per rank count; "
             f"{len(todo[mod])} to run")
         return limits[mod]
@@ -478,7 +489,7 @@ def run_plan(plan, cfg, cache, work, args, t_start) -> bool:
                         return True
                     done[mod] += 1
                     target.write_text(m["mutated_source"])
-                    outcome, n, secs, tail = run_tests(work, mcfg["tests"], ranks, limit, per_test)
+                    outcome, n, secs, tail = run_tests(work, mcfg["tests"], module_ranks(cfg, mcfg), limit, per_test)
                     target.write_text(original)
                     if outcome == "timeout":
                         # a timeout is a kill only if the unmutated tests pass within the same budget, now
@@ -550,6 +561,7 @@ def write_report(path: Path, plan, cfg, cache, args):
         for k in tot:
             tot[k] += c[k]
     judged = tot["killed"] + tot["timeout"] + tot["survived"]
+    all_ranks = sorted({r for mcfg, _, _, _ in plan.values() for r in module_ranks(cfg, mcfg)})
     total_score = "-"
     if strata:
         wsum = sum(w for w, _, _ in strata)
@@ -567,7 +579,10 @@ def write_report(path: Path, plan, cfg, cache, args):
         "",
         "Issue 16. Produced by `scripts/mutation.sh` (cosmic-ray 8 mutants, filtered by "
         "`scripts/mutation.toml`; each mutant runs the module's tests under MPICH's `mpiexec -n R`, "
-        f"R in {cfg['defaults']['ranks']}, fail-fast; a mutant is killed when a rank count fails).",
+        f"R in {cfg['defaults']['ranks']}" + "".join(
+            f"; `{m}` also at {module_ranks(cfg, mc)[len(cfg['defaults']['ranks']):]}"
+            for m, (mc, _, _, _) in plan.items() if mc.get("extra_ranks")) +
+        ", fail-fast; a mutant is killed when a rank count fails).",
         f"Ref `{args.ref or 'working tree'}`, shard {args.shard}. " + sampled_note +
         "Score = (killed + timeouts) / (killed + timeouts + survived) among the judged sample; mutants argued "
         "equivalent (listed below, with the argument) are left out; pending = in the sample, not judged yet "
@@ -575,13 +590,13 @@ def write_report(path: Path, plan, cfg, cache, args):
         "the unmutated tests pass within the same limit at the same rank count right after it.",
         "",
         "| module | mutants | sampled | killed | timeouts | survived | equivalent | pending | score [95% CI] | "
-        "killed at 2 / 3 ranks | tests |",
+        f"killed at {' / '.join(map(str, all_ranks))} ranks | tests |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for mod, c, score, by_ranks, tests in rows:
         lines.append(f"| `{mod}` | {c['mutants']} | {c['sampled']} | {c['killed']} | {c['timeout']} | "
                      f"{c['survived']} | {c['equivalent']} | {c['pending']} | {score} | "
-                     f"{' / '.join(str(by_ranks.get(r, 0)) for r in cfg['defaults']['ranks'])} | "
+                     f"{' / '.join(str(by_ranks.get(r, 0)) for r in all_ranks)} | "
                      f"{', '.join(Path(t).name for t in tests)} |")
     lines.append(f"| **all** | {tot['mutants']} | {tot['sampled']} | {tot['killed']} | {tot['timeout']} | "
                  f"{tot['survived']} | {tot['equivalent']} | {tot['pending']} | {total_score} | | |")

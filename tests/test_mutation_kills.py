@@ -670,3 +670,48 @@ def test_float16_sums_are_widened_and_rounded_once():
     P = DTensor.from_local(x.copy(), mesh, [Partial()], shape=(W,)).redistribute(mesh, [Replicate()]).to_local()
     assert_all(out.dtype == np.float16 and out.tolist() == want.tolist() and P.tolist() == want.tolist(),
                f"{out.tolist()} {P.tolist()} want {want.tolist()}")
+
+
+@pytest.fixture
+def fake_cupy():
+    """tests/fake_cupy (a NumPy-backed CuPy stand-in) imported as ``cupy`` for one test, then removed
+    from sys.modules again (so no other test sees a CuPy). Skipped where a CuPy is already loaded."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    if any(k == "cupy" or k.startswith("cupy.") for k in sys.modules):
+        pytest.skip("a CuPy is loaded in this process")
+    path = str(Path(__file__).resolve().parent / "fake_cupy")
+    sys.path.insert(0, path)
+    try:
+        cp = importlib.import_module("cupy")
+    finally:
+        sys.path.remove(path)
+    assert getattr(cp, "_FAKE", False), cp
+    yield cp
+    for k in [k for k in sys.modules if k == "cupy" or k.startswith("cupy.")]:
+        del sys.modules[k]
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int8, np.bool_, np.complex64])
+def test_cupy_buffers_keep_the_dtype(fake_cupy, dtype):
+    """collectives' output buffers for CuPy arrays come from CuPy (not the NumPy pool) with the array's
+    dtype: contiguous() of a strided CuPy array is a C-contiguous CuPy array equal to NumPy's
+    ascontiguousarray, dtype and values (int64 values above 2**53 do not survive a float64 buffer), and
+    empty(like, shape, dtype) has the given dtype. Rank-local (tests/fake_cupy on the CPU)."""
+    from mpilocal import collectives
+
+    base = np.arange(24).reshape(4, 6)
+    host = {"i": base + 2**53 + 1, "b": base % 3 == 0, "c": base - 1j * base}.get(np.dtype(dtype).kind, base - 7)
+    host = host.astype(dtype)
+    x = fake_cupy.asarray(host)
+    strided = x[:, ::2]  # a CuPy view that is not C-contiguous
+    assert isinstance(strided, fake_cupy.ndarray) and not strided.flags.c_contiguous
+    out = collectives.contiguous(strided)
+    want = np.ascontiguousarray(host[:, ::2])
+    ok = isinstance(out, fake_cupy.ndarray) and out.flags.c_contiguous and out.dtype == want.dtype
+    ok = ok and np.array_equal(out.get(), want)
+    e = collectives.empty(x, (2, 3), np.bool_)
+    ok = ok and isinstance(e, fake_cupy.ndarray) and e.dtype == np.bool_ and e.shape == (2, 3)
+    assert ok, (type(out), out.dtype, want.dtype, out.get(), want, e.dtype)
