@@ -343,6 +343,13 @@ def _sig_state(g) -> _SigState:
 _WAIT_NAMES: dict = {}  # caller -> the name of its signature wait (for deadline reports)
 
 
+def _wait_name(caller: str) -> str:
+    what = _WAIT_NAMES.get(caller)
+    if what is None:
+        what = _WAIT_NAMES[caller] = f"{caller} (argument signature)"
+    return what
+
+
 class SigCheck:
     """A posted signature reduction (:func:`post_signature`); ``fast``: this rank may issue its data
     collective before completing it."""
@@ -355,10 +362,7 @@ class SigCheck:
     def wait(self):
         if not self.done:
             st = self.st
-            what = _WAIT_NAMES.get(self.caller)
-            if what is None:
-                what = _WAIT_NAMES[self.caller] = f"{self.caller} (argument signature)"
-            with deadline.waiting(what, self.g):
+            with deadline.waiting(_wait_name(self.caller), self.g):
                 st.pending.Wait()
             st.pending = None
             self.done = True
@@ -401,7 +405,7 @@ def post_signature(g, caller: str, h) -> SigCheck:
     if st.pending is not None:  # left by a call that raised in its data collective
         st.pending.Wait()
         st.pending = None
-    fast = h is not None and h == st.predicted()
+    fast = h is not None and h == st.pred
     v = st.send
     if fast:
         v[0], v[1], v[2], v[3], v[4], v[5] = h, -h, _BIG, _BIG, 0, 0
@@ -409,15 +413,46 @@ def post_signature(g, caller: str, h) -> SigCheck:
         v[0], v[1], v[2], v[3], v[4], v[5] = _BIG, _BIG, _BIG, _BIG, -1, -1
     else:
         v[0], v[1], v[2], v[3], v[4], v[5] = _BIG, _BIG, h, -h, -1, 0
+    _start(g, st)
+    return SigCheck(g, st, h, fast, caller)
+
+
+def _start(g, st) -> None:
+    """Start the reduction of ``st.send`` (the one place that posts it)."""
     if debug.ACTIVE:
-        debug.record_metadata("signature", v.nbytes)
+        debug.record_metadata("signature", 48)
     deadline.count_control(g)
     if st.persistent:
         st.req.Start()
         st.pending = st.req
     else:
-        st.pending = control_comm(g).Iallreduce(v, st.recv, MPI.MIN)
-    return SigCheck(g, st, h, fast, caller)
+        st.pending = control_comm(g).Iallreduce(st.send, st.recv, MPI.MIN)
+
+
+def speculate(g, caller: str, h, run, x):
+    """The steady state of the signature check in one call: when ``h`` is the predicted signature,
+    post it, run ``run(x, None)`` (the data collective) and complete the reduction; if every rank
+    was fast, return ``(True, result)``. Otherwise ``(False, check)``: ``check`` is the posted
+    :class:`SigCheck` (None when nothing was posted: ``h`` is not the prediction), for the general
+    protocol of :func:`mpilocal.functional.checked`."""
+    st = g.cache.get(_SIG_KEY)
+    if st is None or h is None or h != st.pred or st.pending is not None:
+        return False, None
+    v = st.send
+    v[0], v[1], v[2], v[3], v[4], v[5] = h, -h, _BIG, _BIG, 0, 0
+    _start(g, st)
+    out = run(x, None)
+    with deadline.waiting(_wait_name(caller), g):
+        st.pending.Wait()
+    st.pending = None
+    if st.recv[4] == 0:  # every rank was fast: the result stands
+        SIG_STATS["fast"] += 1
+        st.remember(h, None)
+        return True, out
+    chk = SigCheck(g, st, h, True, caller)
+    chk.done = True
+    chk.outcome()  # DIAGNOSE (counted): another rank was slow
+    return False, chk
 
 
 def signature_checks() -> bool:

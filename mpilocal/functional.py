@@ -40,11 +40,15 @@ __all__ = ["all_gather_tensor", "all_reduce", "reduce_scatter_tensor", "all_to_a
 def resolve_group(group, caller: str) -> Group:
     """A :class:`Group` from a 1-D DeviceMesh, a (DeviceMesh, mesh_dim) pair or an mpi4py Comm."""
     if isinstance(group, DeviceMesh):  # the common cases first
+        g = group.__dict__.get("_funcol_group")  # dropped by close(), so a closed mesh raises below
+        if g is not None:
+            return g
         if group.ndim != 1:
             raise ValueError(
                 f"{caller}: group is a {group.ndim}-D DeviceMesh; pass a 1-D mesh, (mesh, mesh_dim) or mesh['name']"
             )
-        return group_for(group.get_group(0))
+        g = group.__dict__["_funcol_group"] = group_for(group.get_group(0))
+        return g
     if isinstance(group, tuple) and len(group) == 2 and isinstance(group[0], DeviceMesh):
         return group_for(group[0].get_group(group[1]))
     if isinstance(group, MPI.Comm):
@@ -170,12 +174,17 @@ def checked(g, caller, err, x, params, desc, run, *, skip_dim=None, what="argume
             return agree_args(g, caller, err, x, params, skip_dim=skip_dim, what=what)
     if g.size == 1 or not agreement.signature_checks():
         return run(x, full())
-    chk = agreement.post_signature(g, caller, None if err is not None or desc is None else agreement.signature(desc))
-    if chk.fast:
-        out = run(x, None)
-        if chk.outcome() == agreement.OK:
-            return out
-    else:
+    h = None if err is not None or desc is None else agreement.signature(desc)
+    done, chk = agreement.speculate(g, caller, h, run, x)  # the steady state: one posted reduction
+    if done:
+        return chk
+    if chk is None:  # not the predicted call (or a check left pending by a call that raised)
+        chk = agreement.post_signature(g, caller, h)
+        if chk.fast:
+            out = run(x, None)
+            if chk.outcome() == agreement.OK:
+                return out
+    if not chk.fast:  # (a fast rank whose check failed ran its data collective: only the full agreement is left)
         if chk.outcome() == agreement.AGREED:
             shape, dtype, xp = x.shape, x.dtype, _arrays.namespace(x)
             chk.remember(lambda: run(xp.zeros(shape, dtype), None))  # what slow ranks replay later

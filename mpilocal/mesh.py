@@ -401,7 +401,7 @@ class DeviceMesh:
             return
         self._closed = True
         for m in [self, *self._subs]:
-            for attr in ("_groups", "_meta_ring", "_programs"):  # caches of redistribute / local_map on the mesh
+            for attr in ("_groups", "_meta_ring", "_programs", "_funcol_group"):  # caches on the mesh
                 m.__dict__.pop(attr, None)
             m._comm = m._meta_comm = None
         rec = self._rec
