@@ -257,6 +257,36 @@ def signature(desc) -> int:
     return h
 
 
+_PAIR_TAG = 7711  # the signature exchange of a 2-rank group on its control communicator (no other
+                  # point-to-point message uses this tag there)
+
+
+class _PairMin:
+    """The signature MIN of a 2-rank group as a persistent request: ``Start`` sends this rank's vector
+    and receives the other's (``MPI_Send_init`` / ``MPI_Recv_init``, started together; MPI moves
+    them inside any MPI call, where Open MPI 4.1's libnbc advances an ``MPI_Iallreduce`` only while
+    polled); ``Wait`` completes both and takes the elementwise minimum: the same vector as the
+    all-reduce, on both ranks. Messages of one pair match in order (MPI's non-overtaking rule)."""
+
+    __slots__ = ("reqs", "send", "other", "recv")
+
+    def __init__(self, ctl, send, recv):
+        peer = 1 - ctl.Get_rank()
+        self.send, self.recv, self.other = send, recv, np.zeros_like(recv)
+        self.reqs = [ctl.Send_init(send, peer, _PAIR_TAG), ctl.Recv_init(self.other, peer, _PAIR_TAG)]
+
+    def Start(self):
+        MPI.Prequest.Startall(self.reqs)
+
+    def Wait(self):
+        MPI.Request.Waitall(self.reqs)
+        np.minimum(self.send, self.other, out=self.recv)
+
+    def Free(self):
+        for r in self.reqs:
+            r.Free()
+
+
 class _SigState:
     """Per Group: the reduction's buffers and request, and the agreed history."""
 
@@ -268,6 +298,17 @@ class _SigState:
         self.recv = np.zeros(6, np.int64)
         self.req = None
         self.persistent = False
+        if g.size == 2:  # one exchange each way and a local MIN (see _PairMin); chosen from the size
+            self.req = _PairMin(ctl, self.send, self.recv)
+            self.persistent = True
+        else:
+            self._collective(ctl)
+        self.hist: list = []  # agreed signatures, oldest first
+        self.replays: dict = {}  # signature -> callable replaying its data collective on dummy data
+        self.pending = None
+        self.pred = None
+
+    def _collective(self, ctl):
         try:  # MPI-4 persistent collective: starting it costs less than building an Iallreduce
             self.req = ctl.Allreduce_init(self.send, self.recv, MPI.MIN)
             self.persistent = True
@@ -276,10 +317,6 @@ class _SigState:
         except MPI.Exception as e:  # an MPI-3.1 build that has the name but not the call
             if e.Get_error_class() != MPI.ERR_UNSUPPORTED_OPERATION:
                 raise
-        self.hist: list = []  # agreed signatures, oldest first
-        self.replays: dict = {}  # signature -> callable replaying its data collective on dummy data
-        self.pending = None
-        self.pred = None
 
     def predicted(self):
         return self.pred
