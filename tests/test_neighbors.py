@@ -11,14 +11,21 @@ import math
 
 import numpy as np
 import pytest
-from conftest import RANK, W, DEVICE, Check, DeviceFunctional, assert_all, to_device, to_host
+from conftest import RANK, W, DEVICE, Check, DeviceFunctional, assert_all, raises_all, to_device, to_host
 from mpi4py import MPI
 
 import mpilocal
 import mpilocal.functional as funcol
 from mpilocal import CommDebugMode, DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh, local_map
+from mpilocal import agreement, deadline
 
 pytestmark = pytest.mark.mpi
+#: errors that only the cross-rank argument check raises on every rank (one rank's arguments differ):
+#: under MPILOCAL_CHECK_ARGS=0 that rank raises alone and the others wait in the exchange until the
+#: deadline ends the job, so these tests do not apply
+needs_check = pytest.mark.skipif(W > 1 and not (agreement._CHECK_ARGS or deadline.debug_enabled()),
+                                 reason="MPILOCAL_CHECK_ARGS=0: rank-divergent arguments are not agreed (a rank "
+                                        "raises alone, the others wait for the deadline)")
 fc = DeviceFunctional(funcol) if DEVICE == "cuda" else funcol
 
 BOUNDARIES = ["periodic", "none", 0.0, -2.5, float("nan")]
@@ -225,10 +232,26 @@ def test_halo_shard_narrower_than_width_raises_everywhere():
     X = distribute_tensor(to_device(np.arange(2.0 * W)), mesh, [Shard(0)])  # 2 rows per shard
     with pytest.raises(ValueError, match="fewer than the halo\\s+width 3"):
         funcol.halo_exchange(X, 0, 0, 3, "periodic")
-    if W > 1:  # a ragged local layout where one rank holds a single row: agreed, every rank raises
-        local = to_device(np.ones((1 if RANK == W - 1 else 4, 2)))
-        with pytest.raises(ValueError, match="group rank %d holds 1 row" % (W - 1)):
-            funcol.halo_exchange(local, mesh, 0, 2, 0.0)
+
+
+@needs_check
+@pytest.mark.skipif(W < 2, reason="a ragged layout across ranks")
+def test_halo_local_ragged_narrow_shard_raises_everywhere():
+    """A ragged local layout where one rank holds a single row: agreed, every rank raises."""
+    local = to_device(np.ones((1 if RANK == W - 1 else 4, 2)))
+    raises_all(ValueError, "group rank %d holds 1 row" % (W - 1), funcol.halo_exchange, local, mesh1d(), 0, 2, 0.0)
+
+
+@pytest.mark.skipif(W < 2, reason="the halo of one rank with a constant boundary needs no rows of its own")
+def test_halo_narrow_shard_without_argument_check_raises(monkeypatch):
+    """MPILOCAL_CHECK_ARGS=0: no agreement, but a rank whose own shard is narrower than the halo
+    still raises (here every rank's is), never sends rows it does not have."""
+    monkeypatch.setattr(agreement, "_CHECK_ARGS", False)
+    mesh = mesh1d()
+    raises_all(ValueError, r"group rank \d+ holds 1 row", funcol.halo_exchange, to_device(np.ones((1, 2))), mesh, 0,
+               2, 0.0)
+    raises_all(ValueError, r"group rank \d+ holds 1 row", funcol.halo_update, to_device(np.ones((5, 2))), mesh, 0,
+               2, 0.0)
 
 
 def test_halo_argument_errors():
@@ -244,9 +267,13 @@ def test_halo_argument_errors():
     Y = distribute_tensor(to_device(np.ones((4 * W, 3))), m2, [Shard(0), Shard(0)])
     with pytest.raises(NotImplementedError, match="sharded over mesh dims \\[0, 1\\]"):
         funcol.halo_exchange(Y, 0, 0, 1)
-    if W > 1:  # ranks passing different widths: agreed, the same ValueError everywhere
-        with pytest.raises(ValueError, match="ranks pass different"):
-            funcol.halo_exchange(to_device(np.ones((3, 2))), mesh, 0, 1 + (RANK == 0))
+
+
+@needs_check
+@pytest.mark.skipif(W < 2, reason="ranks passing different arguments")
+def test_halo_rank_divergent_width_raises_everywhere():
+    raises_all(ValueError, "ranks pass different", funcol.halo_exchange, to_device(np.ones((3, 2))), mesh1d(), 0,
+               1 + (RANK == 0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,13 +336,24 @@ def test_permute_errors_everywhere():
         funcol.permute(to_device(np.ones(2)), [(0, 0), (0, 0)], MPI.COMM_WORLD)
     with pytest.raises(ValueError, match="outside the group"):
         funcol.permute(to_device(np.ones(2)), [(0, W)], MPI.COMM_WORLD)
-    if W > 1:
-        with pytest.raises(ValueError, match="ranks pass different"):
-            funcol.permute(to_device(np.ones(2)), [(0, 1)] if RANK else [(1, 0)], MPI.COMM_WORLD)
-        with pytest.raises(ValueError, match="sends to rank"):  # everyone sends right, nobody receives
-            funcol.send_recv(to_device(np.ones(2)), (RANK + 1) % W, None, MPI.COMM_WORLD)
-        with pytest.raises(ValueError, match="group rank 0 passes shape"):
-            funcol.send_recv(to_device(np.ones(2 + (RANK == 1))), (RANK + 1) % W, (RANK - 1) % W, MPI.COMM_WORLD)
+    with pytest.raises(TypeError, match="perm must be a sequence"):
+        funcol.permute(to_device(np.ones(2)), [0, 1], MPI.COMM_WORLD)
+    with pytest.raises(ValueError, match="not a group rank"):
+        funcol.send_recv(to_device(np.ones(2)), W, None, MPI.COMM_WORLD)
+
+
+@needs_check
+@pytest.mark.skipif(W < 2, reason="ranks passing different arguments")
+def test_permute_and_send_recv_rank_divergent_errors_everywhere():
+    comm = MPI.COMM_WORLD
+    raises_all(ValueError, "ranks pass different", funcol.permute, to_device(np.ones(2)),
+               [(0, 1)] if RANK else [(1, 0)], comm)
+    # everyone sends right, nobody receives
+    raises_all(ValueError, "sends to rank", funcol.send_recv, to_device(np.ones(2)), (RANK + 1) % W, None, comm)
+    raises_all(ValueError, "group rank 0 passes shape", funcol.send_recv, to_device(np.ones(2 + (RANK == 1))),
+               (RANK + 1) % W, (RANK - 1) % W, comm)
+    raises_all(ValueError, "not a group rank", funcol.send_recv, to_device(np.ones(2)), W if RANK == 0 else None,
+               None, comm)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -487,8 +525,6 @@ def test_stencil_gradient():
 # diverges (width, shape, perm, a too narrow shard) after such a history replays the predicted
 # exchange, then every rank raises the same error, and the next call is right again
 # ------------------------------------------------------------------------------------------------
-from conftest import raises_all  # noqa: E402
-from mpilocal import agreement  # noqa: E402
 
 signature_path = pytest.mark.skipif(W < 2 or not agreement.signature_checks(),
                                     reason="needs 2 ranks and the signature path (not MPILOCAL_DEBUG=1 or "
@@ -599,3 +635,94 @@ def test_permute_divergence_after_good_calls_raises_everywhere(what):
         raises_all(ValueError, None, fc.permute, to_device(np.ones((3, 3))) if RANK == LAST else x, perm, mesh)
     out = to_host(fc.permute(x, perm, mesh))
     assert_all(np.array_equal(out, np.arange(6.0).reshape(2, 3) + (RANK - 1) % W), "permute after the error")
+
+
+# send_recv: every rank names its own peers; a pattern of pairs the ranks agreed once is then
+# checked by the signature alone, and any rank leaving it (even for an entry of another agreed
+# pattern) makes every rank take the full agreement
+def _sr(x, dst, src, mesh):
+    return to_host(fc.send_recv(to_device(x), dst, src, mesh))
+
+
+def _sr_expect(x_of, dst_of, src):
+    """What this rank gets: the array of ``src`` if ``src`` sends here (else zeros)."""
+    return x_of(src) if src is not None and dst_of(src) == RANK else np.zeros_like(x_of(RANK))
+
+
+@signature_path
+def test_send_recv_takes_the_signature_path_once_its_pattern_is_agreed():
+    mesh = mesh1d()
+    x = np.arange(6.0).reshape(2, 3) + RANK
+    right, left = (RANK + 1) % W, (RANK - 1) % W
+    with CommDebugMode() as mode:
+        got = _sr(x, right, left, mesh)
+    assert_all(np.array_equal(got, x - RANK + left), "ring")
+    meta = dict(mode.get_metadata_counts())
+    assert_all(meta.get("argument_check") == 1, f"a new pattern is agreed in full once: {meta}")
+    for _ in range(2):
+        _sr(x, right, left, mesh)
+    before = agreement.SIG_STATS["fast"]
+    with CommDebugMode() as mode:
+        for _ in range(3):
+            got = _sr(x, right, left, mesh)
+            assert_all(np.array_equal(got, x - RANK + left), "ring, fast")
+    meta = dict(mode.get_metadata_counts())
+    assert_all(meta == {"signature": 3}, f"metadata {meta}, expected only the signature")
+    assert_all(agreement.SIG_STATS["fast"] - before == 3, "not on the fast path")
+    assert_all(mode.get_comm_counts().get("send_recv") == 3, f"{dict(mode.get_comm_counts())}")
+
+
+def _line(r):
+    """A line 0 -> 1 -> ... -> W-1: (dst, src) of rank r."""
+    return (r + 1 if r < W - 1 else None), (r - 1 if r > 0 else None)
+
+
+@signature_path
+def test_send_recv_patterns_change_and_alternate():
+    """Ring, line, ring, line...: each call moves the right data (a rank's entry may belong to
+    several agreed patterns), and the shapes may change between calls."""
+    mesh = mesh1d()
+
+    def x_of(r, k=0):
+        return np.arange(4.0) + 10 * r + 1000 * k
+
+    for k in range(6):
+        if k % 2:
+            dst, src = _line(RANK)
+            got = _sr(x_of(RANK, k), dst, src, mesh)
+            exp = _sr_expect(lambda r: x_of(r, k), lambda r: _line(r)[0], src)
+        else:
+            got = _sr(x_of(RANK, k), (RANK + 1) % W, (RANK - 1) % W, mesh)
+            exp = x_of((RANK - 1) % W, k)
+        assert_all(np.array_equal(got, exp), f"call {k}: {got} vs {exp}")
+    got = _sr(np.ones((2, 2)) * RANK, (RANK + 1) % W, (RANK - 1) % W, mesh)  # a new shape, the ring again
+    assert_all(np.array_equal(got, np.ones((2, 2)) * ((RANK - 1) % W)), "new shape")
+
+
+@signature_path
+@pytest.mark.parametrize("what", ["new dst", "mixed patterns", "shape"])
+def test_send_recv_divergence_after_good_calls_raises_everywhere(what):
+    """After the ranks agreed the swap pattern (and another one), one rank leaves it: every rank
+    raises (no hang), and the next call is right. "mixed patterns": rank 0 passes its entry of
+    the swap while the others pass theirs of "0 sends to 1": each entry was agreed before, the
+    combination does not match."""
+    mesh = mesh1d()
+    x = np.arange(3.0) + RANK
+    swap = (1 - RANK, 1 - RANK) if RANK < 2 else (None, None)  # ranks 0 and 1 swap, the others idle
+    one_way = {0: (1, None), 1: (None, 0)}.get(RANK, (None, None))  # only 0 -> 1
+    for _ in range(3):
+        _sr(x, *one_way, mesh)
+    for _ in range(4):
+        _sr(x, *swap, mesh)
+    if what == "new dst":
+        new = (0 if swap[0] is None else None) if RANK == LAST else swap[0]  # sends elsewhere, or nowhere
+        raises_all(ValueError, "sends to rank|receives from rank", fc.send_recv, to_device(x), new, swap[1], mesh)
+    elif what == "mixed patterns":
+        raises_all(ValueError, "sends to rank|receives from rank", fc.send_recv, to_device(x),
+                   *(swap if RANK == 0 else one_way), mesh)
+    else:
+        raises_all(ValueError, "passes shape", fc.send_recv, to_device(np.ones(4) if RANK == LAST else x),
+                   *swap, mesh)
+    got = _sr(x, *swap, mesh)
+    exp = x - RANK + (1 - RANK) if RANK < 2 else np.zeros(3)
+    assert_all(np.array_equal(got, exp), f"swap after the error: {got} vs {exp}")
