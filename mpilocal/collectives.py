@@ -247,7 +247,23 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
 
     ``src_sizes``/``dst_sizes`` are every rank's sizes (the same on every rank), so rank r sends
     ``src_sizes[r] * dst_sizes[p] * other`` elements to rank p: the count matrix is uniform iff
-    its smallest and largest entries agree, which every rank computes alike."""
+    its smallest and largest entries agree, which every rank computes alike.
+
+    NumPy arrays go through the host transport's ``alltoall_dims``: the pieces are MPI derived
+    datatypes over ``x`` and the result (no pack copy in Python, no moveaxis copies)."""
+    t = transport_for(x, "all_to_all")
+    by_types = getattr(t, "alltoall_dims", None)
+    if by_types is not None:
+        send = contiguous(x)
+        shape = list(x.shape)
+        shape[src_dim] = sum(src_sizes)
+        shape[dst_dim] = dst_sizes[g.rank]
+        recv = empty(x, tuple(shape))
+        detail = _detail(dict(src_dim=src_dim, dst_dim=dst_dim, src_sizes=tuple(src_sizes),
+                              dst_sizes=tuple(dst_sizes)), placements) if deadline.DEBUG else _NO_DETAIL
+        with issue(COLLECTIVES["all_to_all"], send, g, **detail):
+            by_types(send, recv, src_dim, dst_dim, src_sizes, dst_sizes, g)
+        return recv
     xp = _arrays.namespace(x)
     xa = xp.moveaxis(x, src_dim, 0) if src_dim else x
     b = dst_dim + 1 if dst_dim < src_dim else dst_dim
@@ -258,8 +274,6 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
         from .transport.gpu_common import pack_pieces
 
         send_counts = pack_pieces(xa, b, dst_sizes, send)
-    elif type(xa) is np.ndarray and xa.flags.c_contiguous:  # CPU, src_dim 0: one strided copy (below)
-        send_counts, pos, off = _pack_equal_head(xa, b, dst_sizes, send, per_row)
     rest = dst_sizes[len(send_counts):] if send_counts else dst_sizes
     for s in rest:
         n = s * per_row
@@ -283,29 +297,6 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
         transport_for(x, "all_to_all").alltoallv(send, send_counts, recv.reshape(-1), [s * inner for s in src_sizes], g,
                                                  uniform, bound)
     return restore(recv, dim=src_dim)
-
-
-def _pack_equal_head(xa, b, dst_sizes, send, per_row):
-    """Pack the leading run of equal pieces of the C-contiguous NumPy ``xa`` (piece p: ``dst_sizes[p]``
-    entries along axis ``b``, all of them for an even split) into ``send`` with ONE copy: a piece's
-    rows along axis ``b`` are contiguous runs of ``s * inner`` elements, moved as single void items
-    (a strided copy of short rows costs several times a memcpy; per-piece copies add a Python loop
-    per rank). Returns (counts of the pieces packed, elements packed, entries packed along ``b``);
-    the caller packs the rest (the chunk rule's last, shorter pieces) one by one. Bytes are copied
-    as they are (bit-exact: NaN payloads, -0.0)."""
-    s0 = dst_sizes[0]
-    m = 1
-    while m < len(dst_sizes) and dst_sizes[m] == s0:
-        m += 1
-    unit = s0 * (math.prod(xa.shape[b + 1:]) if b + 1 < xa.ndim else 1) * xa.dtype.itemsize
-    if m < 2 or unit == 0 or xa.size == 0:
-        return [], 0, 0
-    outer = math.prod(xa.shape[:b])
-    vt = np.dtype((np.void, unit))
-    src = xa.reshape(outer, -1)[:, :m * (unit // xa.dtype.itemsize)].view(vt)  # (outer, m) units
-    n = m * s0 * per_row
-    send[:n].view(vt).reshape(m, outer)[...] = src.T
-    return [s0 * per_row] * m, n, m * s0
 
 
 def bcast(x, root: int, g: Group, placements=None):

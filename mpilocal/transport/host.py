@@ -21,14 +21,18 @@ Every choice between calls (plain vs v-variant, whole vs pieces) comes from grou
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
+
 import numpy as np
 from mpi4py import MPI
 
-from .. import deadline
+from .. import _pool, deadline
 from ..names import op_tables
 from . import count_limit, counts_key, displs, equal_counts, issuing
 
-__all__ = ["HostTransport", "narrow_sums_saturate", "p2p", "alltoallw_allgatherv", "alltoallw_scatterv"]
+__all__ = ["HostTransport", "narrow_sums_saturate", "p2p", "alltoallw_allgatherv", "alltoallw_scatterv",
+           "dims_unit", "dims_pieces"]
 
 _OPS, _BOOL_OPS = op_tables(sum=MPI.SUM, max=MPI.MAX, min=MPI.MIN, product=MPI.PROD,
                             logical_or=MPI.LOR, logical_and=MPI.LAND)
@@ -178,6 +182,221 @@ def alltoallw_scatterv(group, send, recv, b, root, limit):
     _alltoallw(group.comm, send if me == root else recv, s_spans, recv, r_spans, limit)
 
 
+# ------------------------------------------------------------------------------------------------
+# S(a) -> S(b): strided pieces described by MPI derived datatypes (no Python pack copies)
+# ------------------------------------------------------------------------------------------------
+# Data moves as unsigned-free fixed-size integers (a plain copy: bit-exact for any dtype and byte
+# order): MPICH's datatype engine (yaksa) packs 8-byte integer elements at memcpy speed but
+# single bytes about 40x slower, so the unit is the widest of 8/4/2/1 bytes that divides every
+# contiguous run of every piece on every rank (group-wide: :func:`dims_unit`).
+_UNIT_TYPES = ((8, MPI.INT64_T), (4, MPI.INT32_T), (2, MPI.INT16_T), (1, MPI.BYTE))
+
+
+def dims_unit(shape, itemsize, a, b, src_sizes, dst_sizes) -> int:
+    """The widest unit (8, 4, 2 or 1 bytes) dividing every contiguous run of the S(a) -> S(b)
+    pieces of every rank of the group: from ``shape`` (this rank's, C order; only its dims other
+    than ``a`` matter, and those are the same on every rank of the group), ``itemsize`` and the
+    group-wide ``src_sizes``/``dst_sizes``, so every rank gets the same unit and the type
+    signatures of sender and receiver match."""
+    others_after_b = math.prod(n for i, n in enumerate(shape) if i > b and i != a)
+    others_after_a = math.prod(n for i, n in enumerate(shape) if i > a and i != b)
+    gs, gd = math.gcd(*src_sizes), math.gcd(*dst_sizes)
+    send_runs = others_after_b * gd * (gs if a > b else 1)  # rank r's run to p: dst[p] * inner(r)
+    recv_runs = others_after_a * gs * (gd if b > a else 1)
+    g = itemsize * math.gcd(send_runs, recv_runs)
+    for u, _ in _UNIT_TYPES:
+        if g % u == 0:
+            return u
+    return 1  # pragma: no cover - 1 divides everything
+
+
+def dims_pieces(shape, itemsize, a, b, src_sizes, dst_sizes, me):
+    """The byte geometry of S(a) -> S(b) on this rank: ``(send, recv, out_shape)`` where
+    ``send[p]``/``recv[p]`` are ``(offset, outer, run, stride)``: ``outer`` runs of ``run`` bytes,
+    ``stride`` bytes apart, from ``offset``, of the C-contiguous input (shape ``shape``) and output
+    (shape ``out_shape``: ``shape`` with ``a`` the sum of ``src_sizes``, ``b`` this rank's piece)."""
+    e = itemsize
+    in_b = math.prod(shape[b + 1:])
+    out_b = math.prod(shape[:b])
+    stride_b = shape[b] * in_b * e
+    send, off = [], 0
+    for s in dst_sizes:
+        send.append((off * in_b * e, out_b, s * in_b * e, stride_b))
+        off += s
+    t = list(shape)
+    t[a] = sum(src_sizes)
+    t[b] = dst_sizes[me]
+    in_a = math.prod(t[a + 1:])
+    out_a = math.prod(t[:a])
+    stride_a = t[a] * in_a * e
+    recv, off = [], 0
+    for s in src_sizes:
+        recv.append((off * in_a * e, out_a, s * in_a * e, stride_a))
+        off += s
+    return send, recv, tuple(t)
+
+
+def _contig(n: int, base, limit, made):
+    """A datatype of ``n`` consecutive ``base`` elements (any ``n``: pieces of at most ``limit``)."""
+    if limit is None or n <= limit:
+        t = base.Create_contiguous(n)
+        made.append(t)
+        return t
+    q, r = divmod(n, limit)
+    chunk = base.Create_contiguous(limit)
+    made.append(chunk)
+    blocks, disp, types = [q], [0], [chunk]
+    if r:
+        blocks.append(r)
+        disp.append(q * limit * base.Get_size())
+        types.append(base)
+    t = MPI.Datatype.Create_struct(blocks, disp, types)
+    made.append(t)
+    return t
+
+
+def _strided(piece, unit, base, extent, limit, made):
+    """A committed datatype of one piece ``(offset, outer, run, stride)`` (bytes; offsets and
+    strides are 64-bit in the type, every count at most ``limit``), resized to ``extent`` bytes
+    (the whole buffer: ``MPI_Pack``/``Unpack`` of one instance), or None when the piece is empty."""
+    off, outer, run, stride = piece
+    if not run or not outer:
+        return None
+    blk = _contig(run // unit, base, limit, made)
+    if outer == 1:
+        parts, disp = [blk], [off]
+    elif limit is None or outer <= limit:
+        hv = blk.Create_hvector(outer, 1, stride)
+        made.append(hv)
+        parts, disp = [hv], [off]
+    else:
+        parts, disp = [], []
+        for o in range(0, outer, limit):
+            hv = blk.Create_hvector(min(limit, outer - o), 1, stride)
+            made.append(hv)
+            parts.append(hv)
+            disp.append(off + o * stride)
+    st = MPI.Datatype.Create_struct([1] * len(parts), disp, parts)
+    made.append(st)
+    t = st.Create_resized(0, extent)
+    t.Commit()
+    return t
+
+
+def _union(types, extent, made):
+    """One committed datatype of several pieces (in order) of one buffer, or None if all are empty."""
+    types = [t for t in types if t is not None]
+    if not types:
+        return None
+    st = MPI.Datatype.Create_struct([1] * len(types), [0] * len(types), types)
+    made.append(st)
+    t = st.Create_resized(0, extent)
+    t.Commit()
+    return t
+
+
+class _DimsPlan:
+    """The datatypes of one S(a) -> S(b) shape on one rank; freed when evicted from the cache."""
+
+    __slots__ = ("mode", "send_types", "recv_types", "counts_s", "counts_r", "pack", "unpack", "pack_counts",
+                 "unpack_counts", "send_displs", "recv_displs", "made")
+
+    def free(self):
+        for t in self.made:
+            if t != MPI.DATATYPE_NULL:
+                t.Free()
+        self.made = []
+
+
+_PLANS: OrderedDict = OrderedDict()
+_PLANS_MAX = 64  # cached plans (their MPI datatypes): the least recently used beyond this are freed
+
+
+def dims_mode() -> str:
+    """How :meth:`HostTransport.alltoall_dims` moves the pieces here (the same on every rank: from
+    the MPI library and the count limit only):
+
+    * ``"types"``: one ``MPI_Alltoallw`` whose per-peer datatypes describe the pieces in place
+      (no copy outside MPI). Open MPI's datatype engine packs as it sends, at memcpy speed.
+    * ``"pack"``: MPICH sends non-contiguous data to another process through its 8 KiB shared-memory
+      cells (about 10x the time of a contiguous message, which goes in one CMA copy), so the pieces
+      for other ranks are packed by ``MPI_Pack`` of the same datatypes (one call, yaksa's
+      memcpy-speed kernels) and moved contiguous by ``MPI_Alltoallv``; this rank's own piece is
+      copied straight into the output (one copy, no MPI). Only on an MPI with large counts."""
+    if _FORCE_MODE[0] is not None:
+        return _FORCE_MODE[0]
+    if count_limit() is None and "mpich" in MPI.Get_library_version().lower():
+        return "pack"
+    return "types"
+
+
+_FORCE_MODE = [None]  # tests: cover both modes on any MPI
+
+
+def _dims_plan(shape, itemsize, a, b, src_sizes, dst_sizes, me, nbytes_in, nbytes_out):
+    limit = count_limit()
+    mode = dims_mode()
+    key = (shape, itemsize, a, b, src_sizes, dst_sizes, me, limit, mode)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+        return plan
+    unit = dims_unit(shape, itemsize, a, b, src_sizes, dst_sizes)
+    base = dict(_UNIT_TYPES)[unit]
+    send, recv, _ = dims_pieces(shape, itemsize, a, b, src_sizes, dst_sizes, me)
+    plan = _DimsPlan()
+    plan.mode = mode
+    plan.made = made = []
+    try:
+        st = [_strided(pc, unit, base, nbytes_in, limit, made) for pc in send]
+        rt = [_strided(pc, unit, base, nbytes_out, limit, made) for pc in recv]
+        if mode == "types":
+            plan.counts_s = [0 if t is None else 1 for t in st]
+            plan.counts_r = [0 if t is None else 1 for t in rt]
+            plan.send_types = [MPI.BYTE if t is None else t for t in st]
+            plan.recv_types = [MPI.BYTE if t is None else t for t in rt]
+        else:
+            k = len(send)
+            plan.send_displs = [pc[0] for pc in send]
+            plan.recv_displs = [pc[0] for pc in recv]
+            plan.pack_counts = [0 if p == me else pc[1] * pc[2] for p, pc in enumerate(send)]
+            plan.unpack_counts = [0 if p == me else pc[1] * pc[2] for p, pc in enumerate(recv)]
+            # the send side is packed unless each piece is one run (Shard(0) -> ...), the receive
+            # side unpacked unless each piece is one run (... -> from Shard(0))
+            plan.pack = None if all(pc[1] <= 1 for pc in send) else \
+                _union([st[p] for p in range(k) if p != me], nbytes_in, made)
+            plan.unpack = None if all(pc[1] <= 1 for pc in recv) else \
+                _union([rt[p] for p in range(k) if p != me], nbytes_out, made)
+    except BaseException:
+        plan.free()
+        raise
+    _PLANS[key] = plan
+    while len(_PLANS) > _PLANS_MAX:
+        _PLANS.popitem(last=False)[1].free()
+    return plan
+
+
+def _copy_piece(x, y, a, b, src_sizes, dst_sizes, me):
+    """This rank's own piece: ``y[... src rows of me along a ...] = x[... dst piece of me along b ...]``,
+    copied as unsigned integers of the dtype's width (bit-exact for any dtype)."""
+    so, do = sum(src_sizes[:me]), sum(dst_sizes[:me])
+    e = x.dtype.itemsize
+    v = math.gcd(e, 8)
+    w = e // v  # the last axis grows by w when viewed as v-byte integers
+    xs = [slice(None)] * x.ndim
+    ys = [slice(None)] * y.ndim
+    xs[b] = slice(do, do + dst_sizes[me])
+    ys[a] = slice(so, so + src_sizes[me])
+    last = x.ndim - 1
+    for sl, d in ((xs, b), (ys, a)):
+        if d == last and w > 1:
+            sl[d] = slice(sl[d].start * w, sl[d].stop * w)
+    ut = np.dtype(f"u{v}")
+    xv = x.view(ut) if x.ndim else x
+    yv = y.view(ut) if y.ndim else y
+    yv[tuple(ys)] = xv[tuple(xs)]
+
+
 def _pieces(n: int, limit: int):
     """(offset, length) pieces of at most ``limit`` covering ``n`` (the same on every rank for the
     same ``n``)."""
@@ -275,6 +494,46 @@ class HostTransport:
         sb, rb = _bytes(send_counts, it), _bytes(recv_counts, it)
         group.comm.Alltoallv([_as_bytes(send), (sb, displs(sb)), MPI.BYTE],
                              [_as_bytes(recv), (rb, displs(rb)), MPI.BYTE])
+
+    def alltoall_dims(self, send, recv, src_dim, dst_dim, src_sizes, dst_sizes, group):
+        """Shard(src_dim) -> Shard(dst_dim) between the C-contiguous arrays ``send`` (this rank's
+        shard) and ``recv`` (its result, :func:`dims_pieces`' ``out_shape``) without a Python pack
+        copy: the pieces are MPI derived datatypes (cached per shape, at most ``_PLANS_MAX``), moved
+        as :func:`dims_mode` says. Every choice (mode, unit, call) comes from group-wide values:
+        the MPI library, the count limit, the shape's dims other than ``src_dim``, the sizes."""
+        me = group.rank
+        plan = _dims_plan(send.shape, send.dtype.itemsize, src_dim, dst_dim, tuple(src_sizes), tuple(dst_sizes),
+                          me, send.nbytes, recv.nbytes)
+        sb, rb = _as_bytes(send), _as_bytes(recv)
+        comm = group.comm
+        if plan.mode == "types":
+            if deadline.DEBUG:
+                issuing(group, "MPI_Alltoallw", purpose="alltoall_dims")
+            k = group.size
+            comm.Alltoallw([sb, (plan.counts_s, [0] * k), plan.send_types],
+                           [rb, (plan.counts_r, [0] * k), plan.recv_types])
+            return
+        # "pack": pieces for the other ranks packed in rank order (or sent in place when each is
+        # one run), moved by MPI_Alltoallv, unpacked (or received in place); our own piece copied
+        if plan.pack is not None:
+            packed = _pool.empty((sum(plan.pack_counts),), np.uint8)
+            if send.nbytes:
+                plan.pack.Pack(sb, packed, 0, MPI.COMM_SELF)
+            s_spec = [packed, (plan.pack_counts, displs(plan.pack_counts)), MPI.BYTE]
+        else:
+            s_spec = [sb, (plan.pack_counts, plan.send_displs), MPI.BYTE]
+        if plan.unpack is not None:
+            staged = _pool.empty((sum(plan.unpack_counts),), np.uint8)
+            r_spec = [staged, (plan.unpack_counts, displs(plan.unpack_counts)), MPI.BYTE]
+        else:
+            staged = None
+            r_spec = [rb, (plan.unpack_counts, plan.recv_displs), MPI.BYTE]
+        if deadline.DEBUG:
+            issuing(group, "MPI_Alltoallv", datatype="BYTE", purpose="alltoall_dims")
+        comm.Alltoallv(s_spec, r_spec)
+        _copy_piece(send, recv, src_dim, dst_dim, src_sizes, dst_sizes, me)
+        if staged is not None and recv.nbytes:
+            plan.unpack.Unpack(staged, 0, rb, MPI.COMM_SELF)
 
     def bcast(self, buf, root, group):
         n = buf.nbytes
