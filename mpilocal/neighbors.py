@@ -11,6 +11,9 @@ watchdog, ``MPILOCAL_DEBUG=1`` fingerprints and :class:`~mpilocal.CommDebugMode`
 collective per call on every rank, as for the other collectives. The messages themselves go
 through the transport's point-to-point ``sendrecv`` (MPI ``Sendrecv``/``Isend``+``Irecv`` on the
 host and for a CUDA-aware MPI, grouped NCCL send/recv on GPUs, host copies for ``staged``).
+What a call works out from its arguments (checks, halo rows, peers, signature) is a plan cached
+per Group and per everything it depends on (:func:`_cached`); the first call builds it through the
+same code as every cache miss.
 
 Halo rule (one tensor dim ``d`` sharded over one mesh dim of ``k`` ranks, width ``w``): the shard
 of group rank ``r`` covers rows ``[o_r, o_r + n_r)`` of the global array ``A``; the result is
@@ -501,7 +504,8 @@ def _halo_dtensor(x, mesh_dim, tensor_dim, width, boundary, caller):
     if mesh._coordinate is None:
         _halo_lists(x, mesh_dim, tensor_dim, width, boundary, caller)
         return local
-    key = ("dtensor", mesh, x._placements, x.shape, _k(mesh_dim), _k(tensor_dim), _k(width), _k(boundary))
+    key = ("dtensor", mesh, x._placements, x.shape, x._local.shape, _k(mesh_dim), _k(tensor_dim), _k(width),
+           _k(boundary))
     plans = _cached(group_for(mesh.get_group(0)), key,
                     lambda: _halo_dtensor_plan(x, mesh, mesh_dim, tensor_dim, width, boundary, caller))
     for p in plans:
@@ -723,7 +727,7 @@ def _sr_agree(g, caller, err, data, d_, s_):
     known = g.cache.get(_SR_PATTERNS)
     if known is None or len(known) >= _MAX_PLANS:
         known = g.cache[_SR_PATTERNS] = {}
-    known[(dsts[g.rank], srcs[g.rank])] = zlib.crc32(repr((dsts, srcs)).encode())
+    known[(dsts[g.rank], srcs[g.rank])] = agreement.signature(("send_recv pattern", tuple(dsts), tuple(srcs)))
     return rows
 
 
@@ -801,7 +805,8 @@ def stencil(func=None, *, halo=1, boundary="periodic"):
 
     @functools.wraps(func)
     def wrapped(*args):
-        key = tuple((id(a._mesh), a._placements, a.shape) if type(a) is DTensor else None for a in args)
+        key = tuple((id(a._mesh), a._placements, a.shape, a._local.shape) if type(a) is DTensor else None
+                    for a in args)
         hit = cache.get(key)
         if hit is None or any(type(a) is DTensor and a._mesh is not hit[2] for a in args):
             hit = cache[key] = _stencil_build(func, args, halo, boundary)
