@@ -742,28 +742,34 @@ def send_recv(x, dst, src, group, tag: str = ""):
     caller = "send_recv"
     g = resolve_group(group, caller)
     data = _data(x)
-    k = g.size
+
+    def build():  # (dst, src) as group ranks (-1: None), the plan, the signature's text
+        d_, s_ = _sr_peer(dst, "dst", g.size, caller), _sr_peer(src, "src", g.size, caller)
+        me = g.rank
+        plan = _perm_plan(([(me, d_)] if d_ >= 0 else []) + ([(s_, me)] if s_ >= 0 else []), g, "send_recv")
+        return d_, s_, plan, repr((caller, type(data).__name__, str(data.dtype), data.shape))
+
     try:
         _arrays.require_array(data, caller)
-        d_, s_ = _sr_peer(dst, "dst", k, caller), _sr_peer(src, "src", k, caller)
+        d_, s_, plan, text = _cached(g, (caller, type(data), data.dtype, data.shape, _k(dst), _k(src)), build)
         err = None
     except (TypeError, ValueError) as e:
         d_ = s_ = -1
-        err = e
+        plan, err = None, e
     desc = None
     if err is None:
-        pattern = g.cache.get(_SR_PATTERNS, {}).get((d_, s_))
+        pattern = g.cache.get(_SR_PATTERNS, _NONE).get((d_, s_))
         if pattern is not None:  # this rank's entry of an agreed pattern: sign that pattern
-            desc = (caller, type(data).__name__, str(data.dtype), data.shape, pattern)
-    me = g.rank
-    plan = None if err else _cached(g, ("send_recv plan", d_, s_), lambda: _perm_plan(
-        ([(me, d_)] if d_ >= 0 else []) + ([(s_, me)] if s_ >= 0 else []), g, "send_recv"))
+            desc = (text, pattern)
 
     def run(a, rows):
         return _permute_any(x if a is data else a, plan)  # `a` is not `data` in a replay
 
     return functional.checked(g, caller, err, data, None, desc, run,
                               full=lambda: _sr_agree(g, caller, err, data, d_, s_))
+
+
+_NONE: dict = {}
 
 
 def _same_shapes(rows, caller):
