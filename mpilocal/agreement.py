@@ -21,6 +21,7 @@ agreement (layer 3; see docs/architecture.md).
 from __future__ import annotations
 
 import atexit
+import functools
 import zlib
 
 import numpy as np
@@ -268,15 +269,13 @@ class _PairMin:
     polled); ``Wait`` completes both and takes the elementwise minimum: the same vector as the
     all-reduce, on both ranks. Messages of one pair match in order (MPI's non-overtaking rule)."""
 
-    __slots__ = ("reqs", "send", "other", "recv")
+    __slots__ = ("reqs", "send", "other", "recv", "Start")
 
     def __init__(self, ctl, send, recv):
         peer = 1 - ctl.Get_rank()
         self.send, self.recv, self.other = send, recv, np.zeros_like(recv)
         self.reqs = [ctl.Send_init(send, peer, _PAIR_TAG), ctl.Recv_init(self.other, peer, _PAIR_TAG)]
-
-    def Start(self):
-        MPI.Prequest.Startall(self.reqs)
+        self.Start = functools.partial(MPI.Prequest.Startall, self.reqs)  # (no Python frame per call)
 
     def Wait(self):
         MPI.Request.Waitall(self.reqs)
@@ -479,7 +478,7 @@ def speculate(g, caller: str, h, run, x):
     v[0], v[1], v[2], v[3], v[4], v[5] = h, -h, _BIG, _BIG, 0, 0
     _start(g, st)
     out = run(x, None)
-    with deadline.waiting(_wait_name(caller), g):
+    with deadline.waiting(_WAIT_NAMES.get(caller) or _wait_name(caller), g):
         st.pending.Wait()
     st.pending = None
     if st.recv[4] == 0:  # every rank was fast: the result stands
@@ -496,7 +495,7 @@ def signature_checks() -> bool:
     """Whether the public collectives use the signature check (the default): off under
     ``MPILOCAL_CHECK_ARGS=0`` (no check) and under ``MPILOCAL_DEBUG=1`` (the full agreement on
     every call)."""
-    return _CHECK_ARGS and not deadline.debug_enabled()
+    return _CHECK_ARGS and not deadline.DEBUG
 
 
 _SIG_STATES: list = []

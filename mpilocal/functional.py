@@ -69,6 +69,24 @@ def normalize_op(op, caller: str) -> str:
 
 
 _OP_DTYPE_OK: set = set()  # (op, dtype) pairs that passed check_op_dtype
+_OP_FOR: dict = {}  # (reduce op string as given, dtype) -> the normalized op, once it passed both checks
+
+
+def reduce_op_for(reduceOp, dtype, caller: str) -> str:
+    """:func:`normalize_op` and :func:`check_op_dtype` of a public reduction, remembered for the
+    (string, dtype) pairs that passed (a loop of calls pays one dictionary lookup)."""
+    key = (reduceOp, dtype) if type(reduceOp) is str else None
+    if key is not None:
+        op = _OP_FOR.get(key)
+        if op is not None:
+            return op
+    op = normalize_op(reduceOp, caller)
+    check_op_dtype(op, dtype, caller)
+    if key is not None:
+        if len(_OP_FOR) >= 1024:
+            _OP_FOR.clear()
+        _OP_FOR[key] = op
+    return op
 
 
 def check_op_dtype(op: str, dtype, caller: str) -> None:
@@ -243,8 +261,7 @@ def all_reduce(x, reduceOp: str, group, tag: str = ""):
     g = resolve_group(group, caller)
     try:  # rank-local checks; the verdict (and shapes/dtypes) are agreed so every rank raises
         _arrays.require_array(x, caller)
-        op = normalize_op(reduceOp, caller)
-        check_op_dtype(op, x.dtype, caller)
+        op = reduce_op_for(reduceOp, x.dtype, caller)
         err = None
     except (TypeError, ValueError) as e:
         err = e
@@ -265,8 +282,7 @@ def reduce_scatter_tensor(x, reduceOp: str, scatter_dim: int, group, tag: str = 
     g = resolve_group(group, caller)
     try:  # rank-local checks; the verdict (and shapes/dtypes) are agreed so every rank raises
         _arrays.require_array(x, caller)
-        op = normalize_op(reduceOp, caller)
-        check_op_dtype(op, x.dtype, caller)
+        op = reduce_op_for(reduceOp, x.dtype, caller)
         dim = norm_dim(scatter_dim, x.ndim, caller, "scatter_dim")
         err = None
     except (TypeError, ValueError) as e:
