@@ -409,8 +409,9 @@ def local_map(func=None, out_placements=None, in_placements=None, in_grad_placem
             return out
         debug = on_mesh and deadline.DEBUG
         # 3) wrap outputs
-        if type(out) is np.ndarray and len(out_specs) == 1 and out_specs[0] is not None \
-                and mesh.device_type == "cpu" and on_mesh and not debug:  # fast path: one NumPy output
+        if len(out_specs) == 1 and out_specs[0] is not None and on_mesh and not debug and (
+                type(out) is np.ndarray if mesh.device_type == "cpu" else _arrays.is_cupy(out)):
+            # fast path: one array output of the mesh's kind (NumPy on 'cpu', CuPy on 'cuda')
             lo = last_out[0]
             if lo[0]() is not mesh or lo[1] != out.ndim:
                 lo = last_out[0] = (weakref.ref(mesh), out.ndim, norm_out(0, out_specs[0], mesh, out.ndim))
