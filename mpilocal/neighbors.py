@@ -275,10 +275,45 @@ def halo_1d(x, p, name="halo_exchange"):
     """The padded local array of plan ``p`` (a :class:`_Halo` for ``x``'s shape; plain arrays,
     checks already done). **Collective** over ``p.g``."""
     out = collectives.empty(x, p.padded)  # NumPy: pooled warm pages (large halos: no page faults)
-    out[p.inner] = x
-    if p.w:
-        _fill_halos(out, x, p, p.send_x, name)
+    join = _copy_into(out, p.inner, x, overlap=p.w > 0 and p.g.size > 1)
+    try:
+        if p.w:
+            _fill_halos(out, x, p, p.send_x, name)
+    finally:
+        join()
     return out
+
+
+#: CuPy interiors from this size on are copied on a side stream, overlapping the halo exchange
+OVERLAP_BYTES = 1 << 20
+_SIDE: dict = {}  # CUDA device id -> the side stream
+
+
+def _joined():
+    return None
+
+
+def _copy_into(out, idx, x, overlap):
+    """``out[idx] = x``; returns what completes it (call it before ``out`` is used). With
+    ``overlap`` (an exchange on the current stream follows, into other rows of ``out``), a CuPy
+    ``x`` of at least :data:`OVERLAP_BYTES` is copied on a side stream: after the current stream's
+    work so far, concurrent with what is enqueued next, and the current stream waits for it at the
+    join, so a new padded array costs about the larger of the copy and the exchange, not their sum."""
+    if not overlap or x.nbytes < OVERLAP_BYTES or type(x) is np.ndarray or not _arrays.is_cupy(x):
+        out[idx] = x
+        return _joined
+    import cupy as cp
+
+    cur = cp.cuda.get_current_stream()
+    dev = cp.cuda.Device().id
+    side = _SIDE.get(dev)
+    if side is None:
+        side = _SIDE[dev] = cp.cuda.Stream(non_blocking=True)
+    side.wait_event(cur.record())
+    with side:
+        out[idx] = x
+    done = side.record()
+    return lambda: cur.wait_event(done)
 
 
 def _fill_halos(out, src, p, sends, name):

@@ -94,6 +94,29 @@ def test_halo_dtensor_1d(boundary, width, n_rows, d):
     ck.done()
 
 
+@pytest.mark.parametrize("boundary", ["periodic", 0.5, "none"])
+@pytest.mark.parametrize("d", [0, 1])
+def test_halo_large_interior_copied_alongside_the_exchange(boundary, d):
+    """Interiors from neighbors.OVERLAP_BYTES on (CuPy: copied on a side stream while the halos
+    move on the current one, joined before the result is used), then an update in place of the
+    result: the same values as np.pad, from the first call and the next."""
+    from mpilocal import neighbors
+
+    mesh = mesh1d()
+    rows = neighbors.OVERLAP_BYTES // (8 * 128) + 3  # rows per shard of 128 float64: just over the size
+    shape = (rows * W, 128) if d == 0 else (128, rows * W)
+    ck = Check()
+    for k in range(2):
+        full = data(shape, seed=k)
+        X = distribute_tensor(to_device(full), mesh, [Shard(d)])
+        got = funcol.halo_exchange(X, 0, d, 2, boundary)
+        got += 1  # the stream that uses the result sees the whole copy
+        ck.close(to_host(got), oracle(full, d, rows * RANK, rows, 2, boundary) + 1, f"call {k} d={d} b={boundary}")
+    if DEVICE == "cuda" and W > 1:
+        ck(len(neighbors._SIDE) > 0, "the large interior was not copied on the side stream")
+    ck.done()
+
+
 @pytest.mark.parametrize("boundary", ["periodic", "none", 7])
 def test_halo_int_dtype_and_names(boundary):
     mesh = init_device_mesh(DEVICE, (W,), mesh_dim_names=("x",))
