@@ -299,7 +299,7 @@ class _DimsPlan:
     """The datatypes of one S(a) -> S(b) shape on one rank; freed when evicted from the cache."""
 
     __slots__ = ("mode", "send_types", "recv_types", "counts_s", "counts_r", "pack", "unpack", "pack_counts",
-                 "unpack_counts", "send_displs", "recv_displs", "made")
+                 "unpack_counts", "send_displs", "recv_displs", "own", "made")
 
     def free(self):
         for t in self.made:
@@ -358,6 +358,18 @@ def _dims_plan(shape, itemsize, a, b, src_sizes, dst_sizes, me, nbytes_in, nbyte
         else:
             k = len(send)
             plan.send_displs = [pc[0] for pc in send]
+            # our own piece, one copy by MPI's datatype engine when one side is a single run:
+            # packed from the input straight to its offset in the result, or unpacked from the
+            # input's run straight into the result; else copied by NumPy (_copy_piece)
+            s_me, r_me = send[me], recv[me]
+            if not (s_me[1] and s_me[2]):
+                plan.own = None
+            elif r_me[1] == 1:
+                plan.own = ("pack", st[me], r_me[0])
+            elif s_me[1] == 1:
+                plan.own = ("unpack", rt[me], s_me[0])
+            else:
+                plan.own = ("numpy",)
             plan.recv_displs = [pc[0] for pc in recv]
             plan.pack_counts = [0 if p == me else pc[1] * pc[2] for p, pc in enumerate(send)]
             plan.unpack_counts = [0 if p == me else pc[1] * pc[2] for p, pc in enumerate(recv)]
@@ -531,7 +543,15 @@ class HostTransport:
         if deadline.DEBUG:
             issuing(group, "MPI_Alltoallv", datatype="BYTE", purpose="alltoall_dims")
         comm.Alltoallv(s_spec, r_spec)
-        _copy_piece(send, recv, src_dim, dst_dim, src_sizes, dst_sizes, me)
+        own = plan.own
+        if own is None:
+            pass
+        elif own[0] == "pack":
+            own[1].Pack(sb, rb, own[2], MPI.COMM_SELF)
+        elif own[0] == "unpack":
+            own[1].Unpack(sb, own[2], rb, MPI.COMM_SELF)
+        else:
+            _copy_piece(send, recv, src_dim, dst_dim, src_sizes, dst_sizes, me)
         if staged is not None and recv.nbytes:
             plan.unpack.Unpack(staged, 0, rb, MPI.COMM_SELF)
 
