@@ -132,10 +132,10 @@ def check_fingerprint(name, seq, g, send=None, detail=None) -> None:
     odd = next(i for i, h in enumerate(hashes) if h != hashes[0])
     w0, wo = _world_rank(g, 0), _world_rank(g, odd)
     all_lines = "\n".join(f"  rank {_world_rank(g, i)}: {t}" for i, t in enumerate(texts))
-    raise CollectiveMismatchError(
+    raise deadline.flight_verdict(g, control_comm(g), CollectiveMismatchError(  # + the ranks' flight recorders
         f"collective mismatch on {deadline.describe_group(g)}: rank {w0} runs {texts[0]} but rank {wo} runs {texts[odd]}; "
         f"every rank of a group must issue the same collectives in the same order (MPILOCAL_DEBUG=1).\n{all_lines}"
-    )
+    ))
 
 
 def check_call(g, call, detail=None) -> None:
@@ -181,13 +181,14 @@ def agree(g, caller: str, err, meta=None, what: str = "argument_check"):
     failed = np.flatnonzero(rows[:, META_WIDTH])
     if failed.size:
         if err is not None:
-            raise err
+            raise deadline.flight_verdict(g, control_comm(g), err)  # + the ranks' flight recorders
         r = int(failed[0])
         raw = rows[r, META_WIDTH + 1:].copy().view(np.uint8).tobytes().rstrip(b"\0").decode(errors="replace")
         tname, _, msg = raw.partition("\0")
         etype = _EXC_TYPES.get(tname, ValueError)
-        raise etype(f"{caller}: rank {_world_rank(g, r)} rejected its arguments ({len(failed)} rank(s) failed "
-                    f"the checks, so every rank raises): {msg}")
+        raise deadline.flight_verdict(g, control_comm(g), etype(
+            f"{caller}: rank {_world_rank(g, r)} rejected its arguments ({len(failed)} rank(s) failed "
+            f"the checks, so every rank raises): {msg}"))
     return rows[:, :META_WIDTH]
 
 

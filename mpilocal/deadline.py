@@ -54,11 +54,14 @@ import weakref
 
 from mpi4py import MPI
 
+from . import flight as _flight
+
 __all__ = [
     "install", "abort", "timeout", "set_timeout", "debug_enabled", "set_debug", "begin", "waiting", "in_flight",
     "sequence", "count_control", "watch_async", "watch_cuda", "register_abort_hook", "register_before_report",
     "register_describer", "register_fingerprint_check", "describe_group", "forget_group", "format_exception",
-    "exception_summary", "env_flag", "DEBUG",
+    "exception_summary", "env_flag", "DEBUG", "set_flight_recorder", "flight_records", "flight_dump", "flight_text",
+    "flight_verdict",
 ]
 
 _monotonic = time.monotonic
@@ -95,6 +98,29 @@ _EXIT_TIMEOUT = _env_seconds("MPILOCAL_EXIT_TIMEOUT", _TIMEOUT)
 # lookup), change it with set_debug()
 DEBUG = env_flag("MPILOCAL_DEBUG", False)
 _WATCH = _TIMEOUT is not None                              # record in-flight slots at all?
+
+
+def _env_count(name: str, default: int) -> int:
+    v = os.environ.get(name, "").strip().lower()
+    if not v:
+        return default
+    if v in ("off", "no", "false", "none"):
+        return 0
+    try:
+        n = int(v)
+    except ValueError:
+        sys.stderr.write(f"mpilocal: ignoring {name}={v!r} (not a whole number); using {default}\n")
+        return default
+    return max(0, n)
+
+
+# the flight recorder (docs/failures.md, "Flight recorder"): this rank's last _FR_SIZE collectives, as
+# raw tuples in a preallocated ring written by begin(); formatted only when dumped (mpilocal.flight)
+_FR_SIZE = _env_count("MPILOCAL_FLIGHT_RECORDER", 64)      # 0: off
+_FR_DIR = os.environ.get("MPILOCAL_FLIGHT_DIR", "").strip() or None  # also write DIR/rank<R>.json
+_FR_SITE = env_flag("MPILOCAL_FLIGHT_CALLSITE", False)     # the call site of every record (also in debug mode)
+_FR_RING: list = [None] * _FR_SIZE
+_fr_n = 0                                                  # collectives recorded so far (the next slot: _fr_n % size)
 
 
 def timeout():
@@ -195,6 +221,9 @@ def abort(code: int = 1, message: str = "", where: str = "") -> None:
         except Exception:
             pass
     code = int(code) if isinstance(code, int) and code else 1
+    ring = flight_text("abort: " + (where or (message.strip().split("\n")[0] if message else ""))[:300])
+    if ring:
+        message = (message.rstrip("\n") + "\n" if message else "") + ring
     _emit(_prefix(message) if message else "")
     try:
         if MPI.Is_initialized() and not MPI.Is_finalized():
@@ -236,7 +265,10 @@ _INSTALLED = False
 
 
 def _excepthook(exc_type, exc, tb):
+    global _FR_DUMPED
     if _size() > 1 and not issubclass(exc_type, SystemExit):
+        if getattr(exc, "flight_report", None):  # its note already holds the ranks' compared rings
+            _FR_DUMPED = True
         text = format_exception(exc_type, exc, tb)
         code = 130 if issubclass(exc_type, KeyboardInterrupt) else 1
         abort(code, text + f"mpilocal: uncaught {exc_type.__name__} on rank {_rank()}; aborting the MPI job "
@@ -712,19 +744,167 @@ def begin(name: str, g, send=None, detail=None) -> _Clear:
     the ranks first agree on the collective's fingerprint (the check registered with
     :func:`register_fingerprint_check`; raises :class:`mpilocal.agreement.CollectiveMismatchError`).
     """
-    global _slot
+    global _slot, _fr_n
     c = g.cache
     seq = c.get(_SEQ, 0) + 1
     c[_SEQ] = seq
     if seq == 1:
-        _USED.add(g)  # for the notice this rank sends when it leaves
+        _first_use(g)
+    now = _monotonic()
+    if _FR_SIZE:  # the flight recorder: one tuple stored in the preallocated ring (no array, no frame)
+        n = _fr_n
+        _FR_RING[n % _FR_SIZE] = (name, c.get(_KEY), seq, now, None if send is None else send.nbytes,
+                                  None if send is None else send.dtype, None if send is None else send.shape,
+                                  detail or None, _call_site() if _FR_SITE or DEBUG else None)
+        _fr_n = n + 1
     if DEBUG and _FINGERPRINT is not None:
         _FINGERPRINT(name, seq, g, send, detail)
+        now = _monotonic()
     if _WATCH:
-        _slot = (name, seq, g, _monotonic(), None)
+        _slot = (name, seq, g, now, None)
         if not _started:
             _ensure_watchdog()
     return _CLEAR
+
+
+def _first_use(g) -> None:
+    """The first collective on Group ``g``: remember it for the leave notices, and name it (world
+    ranks and mesh, the same on every member) for the flight recorder's records."""
+    _USED.add(g)  # for the notice this rank sends when it leaves
+    key = _group_key(g)
+    if key not in _FR_GROUPS:
+        _FR_GROUPS[key] = _world_ranks(g)
+
+
+_FR_GROUPS: dict = {}  # group key -> its world ranks (every group this rank issued a collective on)
+_PKG = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_getframe = sys._getframe
+
+
+def _call_site():
+    """(code object, line) of the innermost frame outside the mpilocal package: the user's call
+    (MPILOCAL_FLIGHT_CALLSITE=1 or debug mode; a frame walk, about a microsecond). No frame is kept."""
+    try:
+        f = _getframe(2)
+        while f is not None and f.f_code.co_filename.startswith(_PKG):
+            f = f.f_back
+    except ValueError:  # pragma: no cover - shallower than 2 frames
+        return None
+    return None if f is None else (f.f_code, f.f_lineno)
+
+
+def set_flight_recorder(size: int, directory=None, call_site=None) -> None:
+    """Set the flight recorder's ring size (``0``: off; ``MPILOCAL_FLIGHT_RECORDER``), optionally its
+    dump directory (``MPILOCAL_FLIGHT_DIR``; ``""``: none) and whether every record has its call site
+    (``MPILOCAL_FLIGHT_CALLSITE``). Empties the ring. Local to this rank."""
+    global _FR_SIZE, _FR_RING, _fr_n, _FR_DIR, _FR_SITE
+    size = max(0, int(size))
+    _FR_RING = [None] * size
+    _fr_n = 0
+    _FR_SIZE = size
+    if directory is not None:
+        _FR_DIR = directory or None
+    if call_site is not None:
+        _FR_SITE = bool(call_site)
+
+
+def flight_records() -> list:
+    """This rank's flight recorder records, oldest first, as dicts (:func:`mpilocal.flight.record_dict`:
+    group, op, seq, nbytes, dtype, shape, time, age_s, and detail / site where recorded)."""
+    return flight_dump("records")["records"]
+
+
+def flight_dump(reason: str) -> dict:
+    """This rank's flight recorder as a JSON-ready dict (docs/failures.md, "Flight recorder")."""
+    size, n, ring = _FR_SIZE, _fr_n, list(_FR_RING)
+    now_m, now_w = _monotonic(), time.time()
+    k = min(n, size)
+    raw = [ring[i % size] for i in range(n - k, n)] if size else []
+    groups = {}
+    for g in list(_USED):
+        try:
+            key = g.cache.get(_KEY)
+            if key is not None:
+                groups[key] = {"members": _FR_GROUPS.get(key) or _world_ranks(g), "issued": g.cache.get(_SEQ, 0)}
+        except Exception:
+            pass
+    s = _slot
+    waiting = None
+    if s is not None:
+        g = s[2]
+        key = g.cache.get(_KEY) if g is not None else None
+        waiting = {"op": s[0], "seq": s[1], "group": key or (describe_group(g) if g is not None else None),
+                   "for_s": now_m - s[3]}
+    records = [_flight.record_dict(r, now_m, now_w) for r in raw if r is not None]
+    for r in records:  # groups released since: members from their first use, count from the ring
+        if r["group"] not in groups and r["group"] in _FR_GROUPS:
+            groups[r["group"]] = {"members": _FR_GROUPS[r["group"]]}
+    return {"format": _flight.FORMAT, "rank": _rank(), "world": _size(), "pid": os.getpid(),
+            "host": socket.gethostname(), "reason": reason, "time": now_w, "ring_size": size,
+            "issued_total": n, "waiting": waiting, "groups": groups, "records": records}
+
+
+def _flight_write(dump) -> str:
+    """Write ``dump`` to MPILOCAL_FLIGHT_DIR (when set); a line saying where, or why not."""
+    if _FR_DIR is None:
+        return ""
+    try:
+        return f"flight recorder written to {_flight.write(_FR_DIR, dump)} (compare the ranks: python -m mpilocal flight {_FR_DIR})"
+    except Exception as e:
+        return f"flight recorder: could not write to {_FR_DIR}: {type(e).__name__}: {e}"
+
+
+_FR_DUMPED = False  # this rank's ring was printed (or written) for the abort in progress
+
+
+def flight_text(reason: str) -> str:
+    """This rank's ring as text for a report (and written to MPILOCAL_FLIGHT_DIR); "" when off."""
+    global _FR_DUMPED
+    if not _FR_SIZE or _FR_DUMPED:
+        return ""
+    _FR_DUMPED = True
+    try:
+        dump = flight_dump(reason)
+        where = _flight_write(dump)
+        hint = "" if _FR_DIR else "set MPILOCAL_FLIGHT_DIR=dir to compare the ranks with python -m mpilocal flight dir"
+        return _flight.format_dump(dump, note=hint) + ("\n" + where if where else "")
+    except Exception as e:  # pragma: no cover - a report must never fail
+        return f"mpilocal flight recorder: could not dump ({type(e).__name__}: {e})"
+
+
+def flight_verdict(g, comm, exc):
+    """After a failed cross-rank check on Group ``g`` (a collective mismatch, an agreed argument
+    error), with every rank of ``g`` at this call: all-gather the rings over ``comm`` (``g``'s
+    control communicator), and attach to ``exc`` the report of where the ranks' collectives first
+    differ, with this rank's ring (a note, printed with the traceback; also ``exc.flight_report``).
+    Writes this rank's file to MPILOCAL_FLIGHT_DIR. **Collective** over ``g``, even with the
+    recorder off (the ranks' settings may differ). Returns ``exc``."""
+    dump = flight_dump(f"{type(exc).__name__} after a failed check on {_group_key(g)}") if _FR_SIZE else None
+    count_control(g)
+    try:
+        with in_flight("flight recorder (all-gather of the rings after a failed check)", g):
+            dumps = comm.allgather(dump)
+    except Exception:  # pragma: no cover - the error itself is what matters
+        return exc
+    dumps = [d for d in dumps if d is not None]
+    if dump is None or not dumps:
+        return exc
+    try:
+        text = _flight.verdict_report(dumps, _rank(), _group_key(g))
+        where = _flight_write(dump)
+        if where:
+            text += "\n" + where
+    except Exception as e:  # pragma: no cover
+        text = f"mpilocal flight recorder: could not compare the rings ({type(e).__name__}: {e})"
+    try:
+        exc.flight_report = text
+        if hasattr(exc, "add_note"):
+            exc.add_note(text)
+        else:  # Python 3.10: notes are not printed; the report stays on exc.flight_report
+            exc.__notes__ = list(getattr(exc, "__notes__", [])) + [text]
+    except Exception:
+        pass
+    return exc
 
 
 def waiting(name: str, g) -> _Clear:
