@@ -200,6 +200,39 @@ def bench_halo(args, xp, cp):
     return rows
 
 
+def profile_small(args, xp, cp, calls=2000, top=25):
+    """cProfile of ``calls`` back-to-back small halo calls (8 x 1, 64 rows) of each mpilocal variant:
+    the functions (and CuPy/MPI/NCCL methods) by own time, rank 0's view. Profiling slows every
+    Python call, so read the shares, not the totals."""
+    import cProfile
+    import io
+    import pstats
+
+    mesh = init_device_mesh(args.device, (W,))
+    X = DTensor.from_local(xp.ones((64, 8)), mesh, [Shard(0)], shape=(64 * W, 8))
+    P = funcol.halo_exchange(X, 0, 0, 1, "periodic")
+    sync = (lambda: cp.cuda.get_current_stream().synchronize()) if cp is not None else (lambda: None)
+    out = []
+    for name, fn in (("halo_exchange", lambda: funcol.halo_exchange(X, 0, 0, 1, "periodic")),
+                     ("halo_update", lambda: funcol.halo_update(P, mesh, 0, 1, "periodic"))):
+        for _ in range(200):
+            fn()
+        sync()
+        COMM.Barrier()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(calls):
+            fn()
+        sync()
+        pr.disable()
+        s = io.StringIO()
+        st = pstats.Stats(pr, stream=s).strip_dirs()
+        st.sort_stats("tottime").print_stats(top)
+        out.append(f"\n### profile: {name}, 64 B halo, {calls} calls ({st.total_calls / calls:.0f} function calls "
+                   f"per call)\n\n```\n" + "\n".join(l for l in s.getvalue().splitlines() if l.strip()) + "\n```")
+    return "\n".join(out)
+
+
 def heat_mesh(n):
     p0 = int(math.isqrt(n))
     while n % p0:
@@ -319,6 +352,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the best of each variant")
     ap.add_argument("--heat-sizes", type=int, nargs="*", default=[128, 1024])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where the time of a small halo call goes (cProfile, rank 0, by own time)")
     args = ap.parse_args(argv)
     cp = None
     xp = np
@@ -328,6 +363,7 @@ def main(argv=None):
         xp = cp
     halo = bench_halo(args, xp, cp)
     heat = bench_heat(args, xp, cp)
+    prof = profile_small(args, xp, cp) if args.profile else ""
     if RANK:
         return 0
     try:
@@ -367,7 +403,7 @@ def main(argv=None):
         t_st, t_up, t_hand = res["mpilocal.stencil"], res["mpilocal halo_update"], res[hand_name]
         lines.append(f"| {N} x {N} | {p[0]} x {p[1]} | {1e6 * t_st:.1f} | {1e6 * t_up:.1f} | {1e6 * t_hand:.1f} | "
                      f"{t_st / t_hand:.2f}x | {t_up / t_hand:.2f}x |")
-    text = "\n".join(lines)
+    text = "\n".join(lines) + prof
     print(text)
     if args.out:
         with open(args.out, "w") as f:
