@@ -519,7 +519,8 @@ def test_periodic_halo_values(width):
 
 def test_signature_requests_are_freed_at_exit(monkeypatch):
     """agreement's at-exit hook (run before mpi4py's MPI_Finalize) frees every group's argument-signature
-    request: the persistent MPI request (MPI-4) becomes MPI.REQUEST_NULL and the state holds none."""
+    request: the persistent MPI request (MPI-4; at 2 ranks the pair of point-to-point ones) becomes
+    MPI.REQUEST_NULL and the state holds none."""
     from mpi4py import MPI
 
     from mpilocal import agreement
@@ -534,7 +535,9 @@ def test_signature_requests_are_freed_at_exit(monkeypatch):
     monkeypatch.setattr(agreement, "_SIG_STATES", [st])  # only this group's state: the others stay usable
     agreement._free_sig_states()
     ok = st.req is None and st.pending is None and agreement._SIG_STATES == []
-    ok = ok and (req is None or req == MPI.REQUEST_NULL) and (req is not None) == st.persistent
+    # a 2-rank group's request is agreement._PairMin: its two persistent point-to-point requests
+    reqs = [req] if req is None or isinstance(req, MPI.Request) else req.reqs
+    ok = ok and all(r is None or r == MPI.REQUEST_NULL for r in reqs) and (req is not None) == st.persistent
     g.cache.pop(agreement._SIG_KEY, None)
     assert_all(ok, f"req {st.req!r} (was {req!r}, persistent {st.persistent}), states {agreement._SIG_STATES}")
 
