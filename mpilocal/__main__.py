@@ -1,4 +1,6 @@
 """``python -m mpilocal info``: the MPI library, CUDA-awareness, NCCL, GPUs and chosen transports.
+``python -m mpilocal flight DIR``: where the ranks' flight recorder files first differ
+(:func:`mpilocal.flight.main`; docs/failures.md, "Flight recorder").
 
 Run it under your launcher (``mpiexec -n 2 python -m mpilocal info``, ``srun ...``) to see what the
 job will use; rank 0 prints, and ``--all`` prints every rank's GPU binding (the one ``"cuda"`` meshes
@@ -88,9 +90,17 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd")
     p = sub.add_parser("info", help="print MPI, CUDA-awareness, NCCL, GPUs and transport choices")
     p.add_argument("--all", action="store_true", help="also list every rank's host and GPU binding")
+    p = sub.add_parser("flight", help="compare the ranks' flight recorder files (MPILOCAL_FLIGHT_DIR): where their "
+                                      "collectives first differ, per group (docs/failures.md)")
+    p.add_argument("dir", help="the directory of rank<R>.json files")
+    p.add_argument("--rings", action="store_true", help="also print every rank's ring, first differences marked")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         return _info(args.all)
+    if args.cmd == "flight":
+        from mpilocal import flight
+
+        return flight.main(args.dir, args.rings)
     parser.print_help()
     return 2
 

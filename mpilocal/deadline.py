@@ -121,6 +121,7 @@ _FR_DIR = os.environ.get("MPILOCAL_FLIGHT_DIR", "").strip() or None  # also writ
 _FR_SITE = env_flag("MPILOCAL_FLIGHT_CALLSITE", False)     # the call site of every record (also in debug mode)
 _FR_RING: list = [None] * _FR_SIZE
 _fr_n = 0                                                  # collectives recorded so far (the next slot: _fr_n % size)
+_FR_CALLS = _FR_SITE or DEBUG                              # record call sites (set_debug and set_flight_recorder keep it)
 
 
 def timeout():
@@ -146,8 +147,9 @@ def debug_enabled() -> bool:
 def set_debug(on: bool) -> None:
     """Turn collective fingerprinting on/off. **Must be the same on every rank**, switched between
     collectives (it changes which collectives run)."""
-    global DEBUG
+    global DEBUG, _FR_CALLS
     DEBUG = bool(on)
+    _FR_CALLS = _FR_SITE or DEBUG
 
 
 def _rank() -> int:
@@ -221,7 +223,7 @@ def abort(code: int = 1, message: str = "", where: str = "") -> None:
         except Exception:
             pass
     code = int(code) if isinstance(code, int) and code else 1
-    ring = flight_text("abort: " + (where or (message.strip().split("\n")[0] if message else ""))[:300])
+    ring = flight_text(_reason(where or (message.strip().split("\n")[0] if message else "")))
     if ring:
         message = (message.rstrip("\n") + "\n" if message else "") + ring
     _emit(_prefix(message) if message else "")
@@ -236,6 +238,11 @@ def abort(code: int = 1, message: str = "", where: str = "") -> None:
     except Exception:
         pass
     os._exit(code)
+
+
+def _reason(text: str) -> str:
+    """A report's first line, short, as the reason of a flight recorder dump."""
+    return text.removeprefix("mpilocal: ").split("; ")[0][:300]
 
 
 def format_exception(exc_type, exc, tb) -> str:
@@ -753,9 +760,12 @@ def begin(name: str, g, send=None, detail=None) -> _Clear:
     now = _monotonic()
     if _FR_SIZE:  # the flight recorder: one tuple stored in the preallocated ring (no array, no frame)
         n = _fr_n
-        _FR_RING[n % _FR_SIZE] = (name, c.get(_KEY), seq, now, None if send is None else send.nbytes,
-                                  None if send is None else send.dtype, None if send is None else send.shape,
-                                  detail or None, _call_site() if _FR_SITE or DEBUG else None)
+        if send is None:
+            _FR_RING[n % _FR_SIZE] = (name, c.get(_KEY), seq, now, None, None, None, detail or None,
+                                      _call_site() if _FR_CALLS else None)
+        else:
+            _FR_RING[n % _FR_SIZE] = (name, c.get(_KEY), seq, now, send.nbytes, send.dtype, send.shape,
+                                      detail or None, _call_site() if _FR_CALLS else None)
         _fr_n = n + 1
     if DEBUG and _FINGERPRINT is not None:
         _FINGERPRINT(name, seq, g, send, detail)
@@ -797,7 +807,7 @@ def set_flight_recorder(size: int, directory=None, call_site=None) -> None:
     """Set the flight recorder's ring size (``0``: off; ``MPILOCAL_FLIGHT_RECORDER``), optionally its
     dump directory (``MPILOCAL_FLIGHT_DIR``; ``""``: none) and whether every record has its call site
     (``MPILOCAL_FLIGHT_CALLSITE``). Empties the ring. Local to this rank."""
-    global _FR_SIZE, _FR_RING, _fr_n, _FR_DIR, _FR_SITE
+    global _FR_SIZE, _FR_RING, _fr_n, _FR_DIR, _FR_SITE, _FR_CALLS
     size = max(0, int(size))
     _FR_RING = [None] * size
     _fr_n = 0
@@ -806,6 +816,7 @@ def set_flight_recorder(size: int, directory=None, call_site=None) -> None:
         _FR_DIR = directory or None
     if call_site is not None:
         _FR_SITE = bool(call_site)
+    _FR_CALLS = _FR_SITE or DEBUG
 
 
 def flight_records() -> list:
@@ -1156,10 +1167,30 @@ def _watchdog():
                     left = _left_rank_for(s) if _LEFT else None
                     if left is not None and _slot is s:
                         _fire_left(s, *left)
+            elif _FR_DIR is not None and _chan is not None and not _FR_DUMPED:
+                _flight_on_abort_notice()
             if _ASYNC or _STREAM_WATCHES:
                 _poll_async()
         except Exception:  # pragma: no cover - the watchdog must never die
             pass
+
+
+def _flight_on_abort_notice() -> None:
+    """With MPILOCAL_FLIGHT_DIR set, the watchdog also reads the leave channel while the main thread
+    runs Python code: when another rank aborts the job, this rank (which may be the one that skipped
+    a collective: it waits in none) prints its ring and writes its file before MPI_Abort ends it."""
+    _receive_notices()
+    for r, note in sorted(_LEFT.items()):
+        if note.get("kind") == "abort" and _slot is None:
+            for fn in list(_BEFORE_REPORT):
+                try:
+                    fn()
+                except Exception:
+                    pass
+            ring = flight_text(f"rank {r} ended the job: {_reason(note.get('where', '?'))}")
+            _emit(_prefix(f"mpilocal: rank {r} is ending the job ({note.get('where', '?')}); this rank is not waiting "
+                          f"in a collective\n" + ring))
+            return
 
 
 _POLL_LOCK = threading.Lock()  # held while the watchdog polls: forget_group waits for a poll to end

@@ -110,6 +110,11 @@ def format_dump(dump: dict, marks=(), note: str = "") -> str:
         tail = "  (waiting in it)" if w.get("group") == r["group"] and w.get("seq") == r["seq"] and \
             w.get("op") == r["op"] else ""
         lines.append(f"{mark} {names[r['group']]:>3} {_what(r)}  {age}{tail}")
+    have = set((r["group"], r["seq"]) for r in recs)
+    for k, s in sorted(m for m in marks if m not in have):  # this rank never issued the marked collective
+        issued = groups.get(k, {}).get("issued")
+        if issued is not None and issued < s:
+            lines.append(f">> {names.get(k, k):>3} #{s}: never issued by this rank (it issued {issued} on this group)")
     if not recs:
         lines.append("  (no collective issued yet)")
     if w and not any(w.get("group") == r["group"] and w.get("seq") == r["seq"] and w.get("op") == r["op"]
