@@ -416,6 +416,10 @@ def test_close_makes_the_mesh_and_its_sub_meshes_unusable():
     mesh = DeviceMesh("cpu", np.arange(W).reshape(1, W), mesh_dim_names=("a", "b"))
     sub = mesh["b"]
     d = distribute_tensor(np.arange(2.0 * W), mesh, [Replicate(), Shard(0)])
+    # warm what is cached per mesh for a loop of calls (the compiled redistribute, the checked target,
+    # funcol's group of a 1-D mesh): close() must drop it, so that the calls below raise
+    assert_all(np.array_equal(d.redistribute(mesh, [Replicate(), Replicate()]).to_local(), np.arange(2.0 * W)))
+    assert_all(funcol.all_reduce(np.ones(2), "sum", sub).tolist() == [W, W])
     assert not mesh.closed and not sub.closed
     mesh.close()
     assert mesh.closed and sub.closed
