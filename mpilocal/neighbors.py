@@ -35,6 +35,7 @@ permutation is the inverse permutation.
 
 from __future__ import annotations
 
+import math
 import numbers
 import zlib
 
@@ -114,12 +115,13 @@ class _Sent:
         self.nbytes, self.dtype, self.shape = nbytes, dtype, shape
 
 
-def _exchange(name, like, sends, recvs, g, detail, accumulate=False):
+def _exchange(name, like, sends, recvs, g, detail, accumulate=False, flat=False):
     """One logical neighbour collective over Group ``g``. ``sends``: ``[(group rank, array)]``;
     ``recvs``: ``[(group rank, target view)]``, matched per pair of ranks in list order. Each target
     receives a copy of its message (``accumulate``: the message is added to it). Messages to this
     rank itself are local copies. Issued on every rank of ``g`` (when ``g`` has more than one
-    rank), whether or not it has messages. ``detail``: what fingerprints compare (dict)."""
+    rank), whether or not it has messages. ``detail``: what fingerprints compare (dict).
+    ``flat``: every buffer is a 1-D C-contiguous view already (what the transports take)."""
     me = g.rank
     fs, fr, back = [], [], []
     mine = None
@@ -131,6 +133,8 @@ def _exchange(name, like, sends, recvs, g, detail, accumulate=False):
                 t += next(mine)
             else:
                 t[...] = next(mine)
+        elif flat and not accumulate:
+            fr.append((p, t))
         elif not accumulate and t.flags.c_contiguous:
             fr.append((p, t.reshape(-1)))  # straight into the target (a view)
         else:
@@ -142,11 +146,12 @@ def _exchange(name, like, sends, recvs, g, detail, accumulate=False):
     nbytes = 0
     for p, a in sends:
         if p != me:
-            if not a.flags.c_contiguous:
-                a = _arrays.namespace(a).ascontiguousarray(a)
-            f = a.reshape(-1)
-            nbytes += f.nbytes
-            fs.append((p, f))
+            if not flat:
+                if not a.flags.c_contiguous:
+                    a = _arrays.namespace(a).ascontiguousarray(a)
+                a = a.reshape(-1)
+            nbytes += a.nbytes
+            fs.append((p, a))
     collectives.sendrecv(name, like, _Sent(nbytes, like.dtype, like.shape), fs, fr, g, **detail)
     for t, tmp in back:
         if accumulate:
@@ -216,10 +221,14 @@ class _Halo:
     in the padded array), ``send_x`` / ``send_p`` (``[(peer, rows)]`` of the interior alone / of
     the padded array), ``recv`` (``[(peer, halo rows)]``), ``const`` (halo rows set to ``bnd``),
     ``adj_send`` / ``adj_recv`` (the adjoint's, into the padded gradient / the interior one);
-    ``detail`` / ``adj_detail``: what fingerprints compare."""
+    ``detail`` / ``adj_detail``: what fingerprints compare. ``row``: elements per row along ``d``;
+    where every dim before ``d`` has size 1 (``flat``), rows are runs of the flattened array and
+    ``send_x_f`` / ``send_p_f`` / ``recv_f`` are the same messages as ``[(peer, start, stop)]``
+    element ranges of it."""
 
     __slots__ = ("g", "d", "w", "bnd", "shape", "n", "padded", "wl", "wr", "inner", "send_x", "send_p", "recv",
-                 "const", "adj_send", "adj_recv", "detail", "adj_detail")
+                 "const", "adj_send", "adj_recv", "detail", "adj_detail", "row", "flat", "send_x_f", "send_p_f",
+                 "recv_f")
 
 
 def _halo_plan(shape, d, g, w, bnd, padded=False):
@@ -266,6 +275,14 @@ def _halo_plan(shape, d, g, w, bnd, padded=False):
             if right is None:
                 cs.append(at(wl + n, wl + n + w))
     p.send_x, p.send_p, p.recv, p.const, p.adj_send, p.adj_recv = sx, sp, rv, cs, asd, arv
+    p.row, p.flat = math.prod(shape[d + 1:]), math.prod(shape[:d]) == 1
+    p.send_x_f = p.send_p_f = p.recv_f = None
+    if p.flat:  # the same rows as runs of the flattened array
+
+        def runs(msgs):
+            return [(q, idx[d].start * p.row, idx[d].stop * p.row) for q, idx in msgs]
+
+        p.send_x_f, p.send_p_f, p.recv_f = runs(sx), runs(sp), runs(rv)
     p.detail = dict(dim=d, width=w, boundary=str(bnd))
     p.adj_detail = dict(p.detail, adjoint=True)
     return p
@@ -275,10 +292,10 @@ def halo_1d(x, p, name="halo_exchange"):
     """The padded local array of plan ``p`` (a :class:`_Halo` for ``x``'s shape; plain arrays,
     checks already done). **Collective** over ``p.g``."""
     out = collectives.empty(x, p.padded)  # NumPy: pooled warm pages (large halos: no page faults)
-    join = _copy_into(out, p.inner, x, overlap=p.w > 0 and p.g.size > 1)
+    join = _copy_into(out, x, p, overlap=p.w > 0 and p.g.size > 1)
     try:
         if p.w:
-            _fill_halos(out, x, p, p.send_x, name)
+            _fill_halos(out, x, p, p.send_x, p.send_x_f, name)
     finally:
         join()
     return out
@@ -293,35 +310,56 @@ def _joined():
     return None
 
 
-def _copy_into(out, idx, x, overlap):
-    """``out[idx] = x``; returns what completes it (call it before ``out`` is used). With
-    ``overlap`` (an exchange on the current stream follows, into other rows of ``out``), a CuPy
-    ``x`` of at least :data:`OVERLAP_BYTES` is copied on a side stream: after the current stream's
-    work so far, concurrent with what is enqueued next, and the current stream waits for it at the
-    join, so a new padded array costs about the larger of the copy and the exchange, not their sum."""
-    if not overlap or x.nbytes < OVERLAP_BYTES or type(x) is np.ndarray or not _arrays.is_cupy(x):
-        out[idx] = x
+def _copy_into(out, x, p, overlap):
+    """``out[p.inner] = x`` for a new padded ``out`` (plan ``p``); returns what completes it (call
+    it before ``out`` is used). CuPy: one device-to-device ``cudaMemcpyAsync`` where the interior
+    is one run of ``out`` (``p.flat``, ``x`` C-contiguous), else the copy kernel; with ``overlap``
+    (an exchange on the current stream follows, into other rows of ``out``), an ``x`` of at least
+    :data:`OVERLAP_BYTES` is copied on a side stream: after the current stream's work so far,
+    concurrent with what is enqueued next, and the current stream waits for it at the join, so a
+    new padded array costs about the larger of the copy and the exchange, not their sum."""
+    if type(x) is np.ndarray or not _arrays.is_cupy(x):
+        out[p.inner] = x
         return _joined
     import cupy as cp
 
-    cur = cp.cuda.get_current_stream()
-    dev = cp.cuda.Device().id
-    side = _SIDE.get(dev)
-    if side is None:
-        side = _SIDE[dev] = cp.cuda.Stream(non_blocking=True)
-    side.wait_event(cur.record())
-    with side:
-        out[idx] = x
-    done = side.record()
+    cur = stream = cp.cuda.get_current_stream()
+    if overlap and x.nbytes >= OVERLAP_BYTES:
+        dev = cp.cuda.Device().id
+        stream = _SIDE.get(dev)
+        if stream is None:
+            stream = _SIDE[dev] = cp.cuda.Stream(non_blocking=True)
+        stream.wait_event(cur.record())
+    if p.flat and x.flags.c_contiguous:
+        if x.nbytes:
+            rt = cp.cuda.runtime
+            rt.memcpyAsync(out.data.ptr + p.wl * p.row * x.itemsize, x.data.ptr, x.nbytes, rt.memcpyDeviceToDevice,
+                           stream.ptr)
+    elif stream is cur:
+        out[p.inner] = x
+    else:
+        with stream:
+            out[p.inner] = x
+    if stream is cur:
+        return _joined
+    done = stream.record()
     return lambda: cur.wait_event(done)
 
 
-def _fill_halos(out, src, p, sends, name):
+def _fill_halos(out, src, p, sends, sends_f, name):
     """Fill the halo rows of the padded ``out`` from the neighbours' edge rows of ``src`` (the
-    interior alone with ``p.send_x``, or ``out`` itself with ``p.send_p``); constants at the edges."""
+    interior alone with ``p.send_x`` / ``p.send_x_f``, or ``out`` itself with ``p.send_p`` /
+    ``p.send_p_f``); constants at the edges. Where the rows are runs of the flattened arrays
+    (``p.flat``, C-contiguous arrays) the messages are slices of one flat view of each."""
     for idx in p.const:
         out[idx] = p.bnd
-    _exchange(name, src, [(q, src[i]) for q, i in sends], [(q, out[i]) for q, i in p.recv], p.g, p.detail)
+    if sends_f is not None and out.flags.c_contiguous and (src is out or src.flags.c_contiguous):
+        fo = out.reshape(-1)
+        fs = fo if src is out else src.reshape(-1)
+        _exchange(name, src, [(q, fs[a:b]) for q, a, b in sends_f], [(q, fo[a:b]) for q, a, b in p.recv_f], p.g,
+                  p.detail, flat=True)
+    else:
+        _exchange(name, src, [(q, src[i]) for q, i in sends], [(q, out[i]) for q, i in p.recv], p.g, p.detail)
 
 
 def halo_1d_adjoint(gy, p, name="halo_exchange"):
@@ -428,7 +466,7 @@ def halo_update(padded, group, tensor_dim, width, boundary="periodic"):
 
     def run_plan(a, p):  # in a replay `a` is a scratch copy, not `padded`
         if p.w:
-            _fill_halos(a, a, p, p.send_p, "halo_exchange")
+            _fill_halos(a, a, p, p.send_p, p.send_p_f, "halo_exchange")
         return a
 
     return _checked_halo(padded, padded, g, caller, err, call, sizes_from, run_plan)
