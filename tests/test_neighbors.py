@@ -170,6 +170,33 @@ def test_halo_non_contiguous_input():
     assert_all(np.allclose(got, oracle(full, 1, o, n, 2, "periodic"), equal_nan=True))
 
 
+@pytest.mark.parametrize("boundary", ["periodic", -1.5, "none"])
+def test_halo_dim0_of_non_contiguous_arrays(boundary):
+    """Halos along dim 0 of strided views (Fortran order, every other column): rows that are not
+    runs of memory, for halo_exchange and for halo_update into a strided padded view."""
+    mesh = mesh1d()
+    N = 3 * W
+    full = data((N, 5), seed=7)
+    o, n = chunk(N, W, RANK)
+    ck = Check()
+    local = to_device(np.asfortranarray(full[o:o + n]))
+    ck.close(to_host(fc.halo_exchange(local, mesh, 0, 2, boundary)), oracle(full, 0, o, n, 2, boundary), "F order")
+    wide = to_device(np.zeros((n, 10)))
+    wide[:, ::2] = to_device(full[o:o + n])
+    ck.close(to_host(fc.halo_exchange(wide[:, ::2], mesh, 0, 2, boundary)), oracle(full, 0, o, n, 2, boundary),
+             "strided")
+    exp = oracle(full, 0, o, n, 2, boundary)
+    big = to_device(np.zeros((exp.shape[0], 10)))
+    lo = 0 if (boundary == "none" and RANK == 0) else 2  # halo rows above the interior
+    big[lo:lo + n, ::2] = to_device(full[o:o + n])
+    view = big[:, ::2]
+    out = funcol.halo_update(view, mesh, 0, 2, boundary)
+    ck(out is view, "halo_update returns its argument")
+    ck.close(to_host(view), exp, "halo_update of a strided view")
+    ck.close(to_host(big[:, 1::2]), np.zeros((exp.shape[0], 5)), "the other columns are untouched")
+    ck.done()
+
+
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 @pytest.mark.parametrize("d", [0, 1])
 def test_halo_update_in_place_time_loop(boundary, d):
