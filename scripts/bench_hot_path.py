@@ -11,7 +11,10 @@ input size for all_reduce/reduce_scatter and P->R/P->S0, the per-rank buffer for
   1-D mesh and the public ``funcol`` all_reduce, all_gather_tensor, reduce_scatter_tensor,
   all_to_all_single, beside raw mpi4py ``Allgather``/``Allreduce``/``Reduce_scatter_block``/``Alltoall``
   on preallocated buffers of the same sizes (and raw NCCL with ``--device cuda``);
-* ``pipelined``: the same at 1, 4 and 16 MiB (``--mid``), back-to-back calls, with busbw;
+* ``pipelined``: the same at 1, 4 and 16 MiB (``--mid``), back-to-back calls, with busbw; on CPU also
+  raw mpi4py into a new output per call (``raw_mpi_new``: what mpilocal returns) and S0->S1 done by
+  hand with raw mpi4py (``raw_mpi_by_hand``: one NumPy pack copy + ``MPI_Alltoall``, the same work as
+  the transition); the % column stays against raw ``raw_mpi`` on preallocated buffers;
 * ``new-output``: 64 MiB (``--big``) S0->R and P->R with a new output per call and a sync per call
   (how a user loop looks), beside raw into a preallocated and into a new output;
 * ``local_map``: dispatch cost of ``local_map`` (no grad, tiny matmul) over the raw call, Replicate
@@ -148,6 +151,26 @@ def raw_mpi(comm, xp, n, size, new_output=False):
     }
 
 
+def raw_s0s1_by_hand(comm, xp, n, size):
+    """S0->S1 of build()'s array with raw mpi4py, the way a user writes it: the pieces packed
+    by one NumPy copy, MPI_Alltoall into a new output (the same work as the transition; raw
+    MPI_Alltoall alone moves contiguous blocks and transposes nothing)."""
+    E = max(size // 4, n * n)
+    cols = 16 * n
+    rows = max(1, E // cols)
+    c = cols // n
+    x = xp.ones((rows, cols), xp.float32)
+    send = xp.empty((n, rows, c), xp.float32)
+
+    def f():
+        send[...] = x.reshape(rows, n, c).transpose(1, 0, 2)
+        out = xp.empty((n * rows, c), xp.float32)
+        comm.Alltoall(send, out)
+        return out
+
+    return f
+
+
 def raw_nccl(nc, cp, n, size, new_output=False):
     from cupy.cuda import nccl
 
@@ -208,8 +231,8 @@ def run(args):
     def report(section, size, res, ops):
         for op in ops:
             entry = dict(section=section, op=op, bytes=size)
-            for path in ("mpilocal", "raw_mpi", "raw_nccl"):
-                key = (path, op if path == "mpilocal" else RAW_OF.get(op, op))
+            for path in ("mpilocal", "raw_mpi", "raw_nccl", "raw_mpi_new", "raw_mpi_by_hand"):
+                key = (path, op if path in ("mpilocal", "raw_mpi_by_hand") else RAW_OF.get(op, op))
                 if key in res:
                     tmin, tmed, tbest = res[key]
                     entry[path] = dict(min_us=tmin * 1e6, med_us=tmed * 1e6, best_us=tbest * 1e6,
@@ -224,6 +247,11 @@ def run(args):
         if not args.no_raw_mpi and (cp is None or args.raw_mpi_device):
             for op, fn in raw_mpi(comm, xp, n, size).items():
                 todo.append((("raw_mpi", op), fn))
+            if cp is None and section == "pipelined":  # CPU: the raw side with a new output per call too
+                for op, fn in raw_mpi(comm, xp, n, size, new_output=True).items():
+                    todo.append((("raw_mpi_new", op), fn))
+                if "S0->S1" in ops:
+                    todo.append((("raw_mpi_by_hand", "S0->S1"), raw_s0s1_by_hand(comm, xp, n, size)))
         if nc is not None:
             for op, fn in raw_nccl(nc, cp, n, size).items():
                 todo.append((("raw_nccl", op), fn))
@@ -306,7 +334,7 @@ def table(runs, labels):
         rows0 = [r for r in first if r["section"] == section]
         allrows = [r for run in runs for r in run if r["section"] == section]
         raws = [p for p in ("raw_nccl", "raw_mpi", "raw_f") if any(p in r for r in allrows)]
-        extra = [p for p in ("raw_nccl_new", "raw_mpi_new") if any(p in r for r in allrows)]
+        extra = [p for p in ("raw_nccl_new", "raw_mpi_new", "raw_mpi_by_hand") if any(p in r for r in allrows)]
         base = raws[0] if raws else None
         lat = section in ("latency", "local_map")
         lines.append(f"\n### {section}\n")
