@@ -233,6 +233,51 @@ def profile_small(args, xp, cp, calls=2000, top=25):
     return "\n".join(out)
 
 
+def per_call(args, reps=100, calls=100):
+    """The per-call cost of each neighbour collective without its data exchange: the host
+    transport's ``sendrecv`` replaced by a no-op (this mode only), so what is timed is mpilocal's
+    own work per call (checks, plans, accounting, the signature reduction where there is one); and
+    the Python function calls per call (cProfile). 64 x 8 float64 per rank, width 1, periodic.
+    Best of ``reps`` x ``calls`` calls, the slowest rank's."""
+    import cProfile
+    import pstats
+
+    from mpilocal.transport.host import HostTransport
+
+    HostTransport.sendrecv = lambda self, sends, recvs, group: None
+    mesh = init_device_mesh("cpu", (W,))
+    X = DTensor.from_local(np.ones((64, 8)), mesh, [Shard(0)], shape=(64 * W, 8))
+    x = X.to_local()
+    P = funcol.halo_exchange(X, 0, 0, 1, "periodic")
+    perm = [(i, (i + 1) % W) for i in range(W)]
+    cases = {
+        "halo_exchange(DTensor)": lambda: funcol.halo_exchange(X, 0, 0, 1, "periodic"),
+        "halo_exchange(local array)": lambda: funcol.halo_exchange(x, mesh, 0, 1, "periodic"),
+        "halo_update": lambda: funcol.halo_update(P, mesh, 0, 1, "periodic"),
+        "permute": lambda: funcol.permute(x, perm, mesh),
+        "shift": lambda: funcol.shift(x, 1, mesh),
+        "send_recv": lambda: funcol.send_recv(x, (RANK + 1) % W, (RANK - 1) % W, mesh),
+    }
+    rows = []
+    for name, f in cases.items():
+        for _ in range(500):
+            f()
+        best = 1e9
+        for _ in range(reps):
+            COMM.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            best = min(best, (time.perf_counter() - t0) / calls)
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(100):
+            f()
+        pr.disable()
+        rows.append((name, COMM.allreduce(best, op=MPI.MAX), pstats.Stats(pr).total_calls / 100 - 1))
+    return rows
+
+
 def heat_mesh(n):
     p0 = int(math.isqrt(n))
     while n % p0:
@@ -352,9 +397,23 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the best of each variant")
     ap.add_argument("--heat-sizes", type=int, nargs="*", default=[128, 1024])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--per-call", action="store_true",
+                    help="only: each neighbour collective's own per-call cost with the data exchange a no-op (CPU)")
     ap.add_argument("--profile", action="store_true",
                     help="also print where the time of a small halo call goes (cProfile, rank 0, by own time)")
     args = ap.parse_args(argv)
+    if args.per_call:
+        rows = per_call(args)
+        if RANK == 0:
+            try:
+                load = "load average %.2f %.2f %.2f" % os.getloadavg()
+            except OSError:
+                load = "load average unknown"
+            print(f"- {W} ranks, {MPI.Get_library_version().splitlines()[0].strip()}, {platform.node()}, "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {load} (at the end); host transport's "
+                  f"sendrecv a no-op\n\n| call | µs per call (no data exchange) | Python function calls per call |\n"
+                  "|---|---|---|\n" + "\n".join(f"| {n} | {1e6 * t:.2f} | {c:.0f} |" for n, t, c in rows))
+        return 0
     cp = None
     xp = np
     if args.device == "cuda":
