@@ -325,12 +325,13 @@ def dims_mode() -> str:
       copied straight into the output (one copy, no MPI). Only on an MPI with large counts."""
     if _FORCE_MODE[0] is not None:
         return _FORCE_MODE[0]
-    if count_limit() is None and "mpich" in MPI.Get_library_version().lower():
+    if _MPICH and count_limit() is None:
         return "pack"
     return "types"
 
 
 _FORCE_MODE = [None]  # tests: cover both modes on any MPI
+_MPICH = "mpich" in MPI.Get_library_version().lower()  # the library's name: the same on every rank
 
 
 def _dims_plan(shape, itemsize, a, b, src_sizes, dst_sizes, me, nbytes_in, nbytes_out):
