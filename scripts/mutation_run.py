@@ -440,6 +440,9 @@ def run_plan(plan, cfg, cache, work, args, t_start) -> bool:
             return True
         if cache_get(cache, m["key"], m) is not None:
             return False
+        old = cache_get(cache, m["key"])
+        if old is not None and old["outcome"] == "survived" and equivalent_reason(m, cfg):
+            return False  # argued equivalent: stays equivalent with other tests (as the report counts it)
         if args.rejudge:  # only verdicts that exist, reached with other tests, not argued equivalent
             old = cache_get(cache, m["key"])
             return old is not None and old["outcome"] != "killed" and not equivalent_reason(m, cfg)

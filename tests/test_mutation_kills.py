@@ -718,3 +718,44 @@ def test_cupy_buffers_keep_the_dtype(fake_cupy, dtype):
     e = collectives.empty(x, (2, 3), np.bool_)
     ok = ok and isinstance(e, fake_cupy.ndarray) and e.dtype == np.bool_ and e.shape == (2, 3)
     assert ok, (type(out), out.dtype, want.dtype, out.get(), want, e.dtype)
+
+
+def test_checkpoint_data_file_write_without_progress_is_an_error(tmp_path_factory, monkeypatch):
+    """checkpoint's DataFile.append writes every byte and returns where they start (read back equal to
+    NumPy's bytes); a write(2) that makes no progress (returns 0: nothing written, no errno) is an
+    OSError with errno EIO at once, leaving the file's offset where it was, not a retry loop that
+    spins for as long as the file system makes no progress. Rank-local."""
+    import errno
+    import os
+
+    from mpilocal.checkpoint import _format
+
+    d = tmp_path_factory.mktemp(f"datafile-r{R}")
+    f = _format.DataFile(str(d), "data")
+    try:
+        a, b = np.arange(5, dtype=np.int16), np.linspace(0, 1, 3)
+        offs = [f.append(memoryview(a.tobytes())), f.append(memoryview(b.tobytes()))]
+        real, calls = os.write, []
+
+        def stuck(fd, data):  # the data file's writes make no progress; others are untouched
+            if fd != f.fd:
+                return real(fd, data)
+            calls.append(len(data))
+            if len(calls) > 50:
+                raise RuntimeError("append kept retrying a write that makes no progress")
+            return 0
+
+        monkeypatch.setattr(_format.os, "write", stuck)
+        try:
+            f.append(memoryview(b"xyz"))
+            err = None
+        except Exception as e:  # noqa: BLE001 - compared below
+            err = e
+        monkeypatch.setattr(_format.os, "write", real)
+        end = f.offset
+    finally:
+        f.close(sync=False)
+    data = (d / "data").read_bytes()
+    assert offs == [0, a.nbytes] and data == a.tobytes() + b.tobytes(), (offs, len(data))
+    assert type(err) is OSError and err.errno == errno.EIO and end == a.nbytes + b.nbytes and len(calls) == 1, \
+        (repr(err), end, calls)
