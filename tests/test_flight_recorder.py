@@ -233,9 +233,12 @@ def test_compare_marks_the_first_difference_and_the_missing_rank():
 @rank0_only
 def test_deadline_dumps_every_ring_and_the_analyzer_names_the_skipping_rank(tmp_path):
     d = tmp_path / "flight"
-    rc, out, _, _ = run_job(3, ["flight_skip.py"], {"MPILOCAL_FLIGHT_DIR": d, "MPILOCAL_FLIGHT_RECORDER": 4})
+    # a deadline of 4 s: long enough for a loaded machine to start the job, far below the skipping rank's sleep
+    rc, out, _, _ = run_job(3, ["flight_skip.py"], {"MPILOCAL_FLIGHT_DIR": d, "MPILOCAL_FLIGHT_RECORDER": 4,
+                                                    "MPILOCAL_TIMEOUT": 4})
     assert rc not in (0, None), f"exit status {rc}:\n{out[-4000:]}"
-    assert "did not complete within 1 s" in out and "UNREACHABLE" not in out, out[-4000:]
+    assert "all_gather_into_tensor#6" in out and "did not complete within 4 s" in out and "UNREACHABLE" not in out, \
+        out[-4000:]
     for r in range(3):  # every rank prints its ring: the ring size from the environment, 4
         assert re.search(rf"\[rank {r}\] mpilocal flight recorder: the last 4 of the \d+ collective\(s\)", out), out
     assert re.search(r"\[rank [01]\] +g0 all_gather_into_tensor#6 float32 \(2, 3\) 24 B .*\(waiting in it\)", out), out
