@@ -14,7 +14,7 @@
 #                                            sample of 30 mutants per module (the same every run for the
 #                                            same code), round-robin over the modules (--round N per
 #                                            turn), scores with 95% Wilson intervals; --seed S
-#   scripts/mutation.sh ... --rejudge        only the survivors/timeouts judged by older tests
+#   scripts/mutation.sh ... --rejudge        only the survivors judged by older tests (not argued equivalent)
 #
 # A full run of the core (~4,600 mutants at 5-25 s each, survivors 20-150 s) is many hours on 2
 # cores; the issue asks for about an hour, so the full run is the sample (--sample 30: ~520 mutants,

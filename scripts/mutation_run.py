@@ -10,9 +10,10 @@ Cache: one JSON file per verdict in ``$MUTATION_CACHE`` (default .venv-mutation/
 module path, the operator, the source of the enclosing definition before and after the mutation (the
 innermost def, or the top-level statement) and the rank counts; the verdict records the digest of the
 module's test files (plus tests/conftest.py). A re-run skips every mutant whose definition is
-unchanged, even when other parts of the module changed, except that survivors and timeouts are run
-again when the tests changed (new tests may kill them; a killed verdict is kept: tests are added, not
-weakened, and ``--fresh`` re-judges everything).
+unchanged, even when other parts of the module changed, except that survivors are run again when the
+tests changed (new tests may kill them; a killed verdict or a confirmed timeout is kept: tests are
+added, not weakened, and ``--fresh`` re-judges everything). A survivor argued equivalent in
+scripts/mutation.toml is not run again.
 
 Sampling (``--sample K``): the core has ~3,450 mutants at 4-25 s each (every mutant runs whole test
 files under mpiexec at 2 then 3 ranks), many hours on 2 cores; the issue asks for about an hour. So a
@@ -306,8 +307,8 @@ def _legacy_index(cache: Path) -> dict:
 
 
 def cache_get(cache: Path, key: str, mut: dict | None = None):
-    """The cached verdict for ``key``, or None; with ``mut``, None also for a survivor or timeout
-    judged by other tests than ``mut``'s."""
+    """The cached verdict for ``key``, or None; with ``mut``, None also for a survivor judged by other
+    tests than ``mut``'s (a kill or a confirmed timeout stands: tests are added, not weakened)."""
     p = cache / key[:2] / f"{key}.json"
     v = None
     if p.exists():
@@ -318,7 +319,7 @@ def cache_get(cache: Path, key: str, mut: dict | None = None):
     if v is None and mut is not None:
         v = _legacy_index(cache).get((mut["module"], mut["function"], mut["operator"], mut["occurrence"],
                                       mut["line"], mut["mutated_line"]))
-    if v is not None and mut is not None and v["outcome"] != "killed" and v.get("tests_digest") != mut["tests_digest"]:
+    if v is not None and mut is not None and v["outcome"] == "survived" and v.get("tests_digest") != mut["tests_digest"]:
         return None
     return v
 
@@ -383,7 +384,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=16, help="seed of --sample's order")
     ap.add_argument("--round", type=int, default=4, help="mutants per module per round-robin round")
     ap.add_argument("--rejudge", action="store_true",
-                    help="only re-run the survivors and timeouts judged by older tests (new kill tests)")
+                    help="only re-run the survivors judged by older tests (new kill tests)")
     args = ap.parse_args(argv)
     global _REF
     _REF = args.ref
@@ -445,7 +446,7 @@ def run_plan(plan, cfg, cache, work, args, t_start) -> bool:
             return False  # argued equivalent: stays equivalent with other tests (as the report counts it)
         if args.rejudge:  # only verdicts that exist, reached with other tests, not argued equivalent
             old = cache_get(cache, m["key"])
-            return old is not None and old["outcome"] != "killed" and not equivalent_reason(m, cfg)
+            return old is not None and old["outcome"] == "survived" and not equivalent_reason(m, cfg)
         return True
 
     todo = {mod: [m for m in muts if wanted(m)] for mod, (mcfg, digest, muts, _) in plan.items()}
