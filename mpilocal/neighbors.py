@@ -87,19 +87,26 @@ def _k(v):
     return v if t is int or t is str else (t, repr(v))
 
 
-def _cached(g, key, build):
-    """``build()`` once per ``key`` in Group ``g``'s plan cache (every call, for an unhashable
-    ``key`` or None). A plan is only ever made by ``build``, on the first call as on a cache miss;
-    what ``build`` raises is not cached."""
-    if key is None:
-        return build()
+def _mesh_plans(mesh) -> dict:
+    """The plan cache of a DeviceMesh: its compiled-program cache (``_programs``, shared with
+    redistribute, under other keys), which ``close()`` drops, so a closed mesh finds no plan and its
+    error is raised by the build."""
+    c = mesh.__dict__.get("_programs")
+    if c is None or len(c) >= _MAX_PLANS:
+        c = mesh.__dict__["_programs"] = {}
+    return c
+
+
+def _cached(cache, key, build):
+    """``build()`` once per ``key`` in the plan cache ``cache`` (:func:`_plans`, :func:`_mesh_plans`;
+    every call, for an unhashable ``key``). A plan is only ever made by ``build``, on the first call
+    as on a cache miss; what ``build`` raises is not cached."""
     try:
-        c = _plans(g)
-        p = c.get(key)
+        p = cache.get(key)
     except TypeError:  # an unhashable argument: no cache (build checks, and rejects, it)
         return build()
     if p is None:
-        p = c[key] = build()
+        p = cache[key] = build()
     return p
 
 
@@ -409,7 +416,8 @@ def _halo_call(data, g, tensor_dim, width, boundary, caller, padded):
             desc = repr((caller, type(data).__name__, str(data.dtype), shape, d, w, repr(bnd)))
         return _Call(p, dict(tensor_dim=d, width=w, boundary=bnd), desc, d)
 
-    return _cached(g, (caller, type(data), data.dtype, data.shape, _k(tensor_dim), _k(width), _k(boundary)), build)
+    return _cached(_plans(g), (caller, type(data), data.dtype, data.shape, _k(tensor_dim), _k(width), _k(boundary)),
+                   build)
 
 
 def _checked_halo(x, data, g, caller, err, call, sizes_from, run_plan):
@@ -569,17 +577,15 @@ def _halo_local(x, group, tensor_dim, width, boundary, caller):
 
 def _halo_dtensor(x, mesh_dim, tensor_dim, width, boundary, caller):
     """DTensor input: every check is on global metadata (the same verdict on every rank). The plans
-    (one :class:`_Halo` per tensor dim) are cached per (mesh, placements, global shape, arguments)
-    in the cache of the mesh's first dim's Group (dropped with its communicator when the mesh is
-    closed)."""
+    (one :class:`_Halo` per tensor dim) are cached on the mesh (:func:`_mesh_plans`, dropped when
+    it is closed) per (placements, global and local shape, arguments)."""
     mesh = x._mesh
     local = x.to_local()  # Tracked when x requires grad: the halo is differentiable
     if mesh._coordinate is None:
         _halo_lists(x, mesh_dim, tensor_dim, width, boundary, caller)
         return local
-    key = ("dtensor", mesh, x._placements, x.shape, x._local.shape, _k(mesh_dim), _k(tensor_dim), _k(width),
-           _k(boundary))
-    plans = _cached(group_for(mesh.get_group(0)), key,
+    key = (caller, x._placements, x.shape, x._local.shape, _k(mesh_dim), _k(tensor_dim), _k(width), _k(boundary))
+    plans = _cached(_mesh_plans(mesh), key,
                     lambda: _halo_dtensor_plan(x, mesh, mesh_dim, tensor_dim, width, boundary, caller))
     for p in plans:
         local = _halo_any(local, p)
@@ -708,7 +714,7 @@ def _checked_permute(x, g, caller, key, check):
             desc = repr((caller, type(data).__name__, str(data.dtype), data.shape, params["perm"]))
             return _Call(_perm_plan(pairs, g, "permute"), params, desc)
 
-        call, err = _cached(g, (caller, type(data), data.dtype, data.shape, key), build), None
+        call, err = _cached(_plans(g), (caller, type(data), data.dtype, data.shape, key), build), None
     except (TypeError, ValueError) as e:
         call, err = None, e
 
@@ -824,7 +830,7 @@ def send_recv(x, dst, src, group, tag: str = ""):
 
     try:
         _arrays.require_array(data, caller)
-        d_, s_, plan, text = _cached(g, (caller, type(data), data.dtype, data.shape, _k(dst), _k(src)), build)
+        d_, s_, plan, text = _cached(_plans(g), (caller, type(data), data.dtype, data.shape, _k(dst), _k(src)), build)
         err = None
     except (TypeError, ValueError) as e:
         d_ = s_ = -1

@@ -284,6 +284,16 @@ def test_halo_shard_narrower_than_width_raises_everywhere():
         funcol.halo_exchange(X, 0, 0, 3, "periodic")
 
 
+def test_halo_on_a_closed_mesh_raises_everywhere():
+    """The DTensor halo plans are cached on the mesh: after close() the call raises the mesh's error
+    (on every rank), not an exchange over freed communicators."""
+    mesh = init_device_mesh(DEVICE, (W,))
+    X = distribute_tensor(to_device(np.arange(3.0 * W)), mesh, [Shard(0)])
+    funcol.halo_exchange(X, 0, 0, 1)
+    mesh.close()
+    raises_all(RuntimeError, "closed", funcol.halo_exchange, X, 0, 0, 1)
+
+
 @needs_check
 @pytest.mark.skipif(W < 2, reason="a ragged layout across ranks")
 def test_halo_local_ragged_narrow_shard_raises_everywhere():
