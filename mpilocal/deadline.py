@@ -831,8 +831,14 @@ def flight_dump(reason: str) -> dict:
     now_m, now_w = _monotonic(), time.time()
     k = min(n, size)
     raw = [ring[i % size] for i in range(n - k, n)] if size else []
-    groups = {}
-    for g in list(_USED):
+    groups, used = {}, []
+    for _ in range(3):  # the watchdog thread dumps while the main thread may add a group
+        try:
+            used = list(_USED)
+            break
+        except RuntimeError:
+            pass
+    for g in used:
         try:
             key = g.cache.get(_KEY)
             if key is not None:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import mpilocal.functional as funcol
-from conftest import RANK, W, assert_all, raises_all, rank0_only
+from conftest import DEVICE, RANK, W, assert_all, raises_all, rank0_only, to_device
 from mpilocal import DTensor, Partial, Replicate, Shard, agreement, deadline, flight, init_device_mesh
 from mpilocal.agreement import CollectiveMismatchError
 from test_failure import ROOT, _clean_env, run_job
@@ -52,19 +52,21 @@ def _dim_key():
 # ------------------------------------------------------------------------------------------------
 # the ring
 # ------------------------------------------------------------------------------------------------
-def test_ring_holds_the_calls_with_their_fields(mesh, ring):
+def test_ring_holds_the_calls_with_their_fields(ring):
     """The last records are the collectives just made: operation, dtype, shape, bytes, one per-group
-    sequence number after another, the group's world ranks, times in order."""
+    sequence number after another, the group's world ranks, times in order. On the test device
+    (MPILOCAL_TEST_DEVICE=cuda: CuPy arrays, the GPU transports)."""
+    mesh = init_device_mesh(DEVICE, (W,))
     calls = [  # (what we call, the c10d name of its collective, the array sent)
         (lambda a: funcol.all_reduce(a, "sum", mesh), "all_reduce", np.arange(12.0).reshape(3, 4)),
         (lambda a: funcol.all_gather_tensor(a, 0, mesh), "all_gather_into_tensor", np.ones((2, 5), np.int32)),
         (lambda a: funcol.reduce_scatter_tensor(a, "sum", 0, mesh), "reduce_scatter_tensor",
          np.ones((2 * W, 3), np.float32)),
-        (lambda a: funcol.all_reduce(a, "max", mesh), "all_reduce", np.array([1, -2, 3], np.int16)),
+        (lambda a: funcol.all_reduce(a, "sum", mesh), "all_reduce", np.array([1, -2, 3], np.int32)),
     ]
     n0 = deadline.flight_dump("test")["issued_total"]
     for fn, _, a in calls:
-        fn(a)
+        fn(to_device(a))
     dump = deadline.flight_dump("test")
     recs = dump["records"]
     got = recs[-len(calls):]
