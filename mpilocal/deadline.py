@@ -29,6 +29,14 @@ through :func:`register_describer`.
    register their in-flight work with :func:`watch_async` / :func:`watch_cuda` and abort hooks
    with :func:`register_abort_hook`.
 
+5. **The flight recorder** (docs/failures.md): :func:`begin` keeps this rank's last
+   ``MPILOCAL_FLIGHT_RECORDER`` collectives (64; ``0``: off) as raw tuples in a preallocated ring
+   (group, per-group sequence number, send dtype / shape / bytes, time; the detail and call site
+   under debug mode or ``MPILOCAL_FLIGHT_CALLSITE=1``). Every abort report adds the ring; after a
+   failed cross-rank check :func:`flight_verdict` compares the ranks' rings and attaches where they
+   first differ to the error; ``MPILOCAL_FLIGHT_DIR`` also writes ``rank<R>.json`` for ``python -m
+   mpilocal flight DIR``. Formatting and comparison: :mod:`mpilocal.flight`.
+
 The settings of debug mode (``MPILOCAL_DEBUG=1``, :func:`set_debug`) live here too; the checks
 themselves (collective fingerprints, argument agreement) are :mod:`mpilocal.agreement`'s, which
 registers its fingerprint check with :func:`register_fingerprint_check` so that :func:`begin`
@@ -747,7 +755,8 @@ _CLEAR = _Clear()
 def begin(name: str, g, send=None, detail=None) -> _Clear:
     """Record collective ``name`` on Group ``g`` as in flight; use as ``with begin(...): transport``.
 
-    Hot path: a sequence-number increment, a tuple and a clock read. Under ``MPILOCAL_DEBUG=1``
+    Hot path: a sequence-number increment, a clock read, the in-flight tuple and the flight
+    recorder's tuple stored in its ring (about 0.2 µs; docs/failures.md). Under ``MPILOCAL_DEBUG=1``
     the ranks first agree on the collective's fingerprint (the check registered with
     :func:`register_fingerprint_check`; raises :class:`mpilocal.agreement.CollectiveMismatchError`).
     """
