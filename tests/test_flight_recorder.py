@@ -167,12 +167,13 @@ def test_mismatch_carries_the_first_difference_on_every_rank(mesh, ring):
     b = DTensor.from_local(np.ones((4, 8), np.float32), mesh, [Partial()])
     funcol.all_reduce(np.ones(3), "sum", mesh)
     seq = [r for r in deadline.flight_records() if _dim_key() in r["group"]][-1]["seq"] + 1
+    was = deadline.debug_enabled()
     deadline.set_debug(True)
     try:
         err = raises_all(CollectiveMismatchError, "collective mismatch",
                          lambda: (a if RANK == 0 else b).redistribute(mesh, [Replicate()]))
     finally:
-        deadline.set_debug(False)
+        deadline.set_debug(was)
     rep = getattr(err, "flight_report", "")
     mine = "all_gather_into_tensor" if RANK == 0 else "all_reduce"
     others = ", ".join(str(r) for r in range(1, W))
