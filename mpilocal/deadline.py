@@ -68,7 +68,7 @@ __all__ = [
     "install", "abort", "timeout", "set_timeout", "debug_enabled", "set_debug", "begin", "waiting", "in_flight",
     "sequence", "count_control", "watch_async", "watch_cuda", "register_abort_hook", "register_before_report",
     "register_describer", "register_fingerprint_check", "describe_group", "forget_group", "format_exception",
-    "exception_summary", "env_flag", "DEBUG", "set_flight_recorder", "flight_records", "flight_dump", "flight_text",
+    "exception_summary", "env_flag", "DEBUG", "set_flight_recorder", "flight_settings", "flight_records", "flight_dump", "flight_text",
     "flight_verdict",
 ]
 
@@ -231,7 +231,7 @@ def abort(code: int = 1, message: str = "", where: str = "") -> None:
         except Exception:
             pass
     code = int(code) if isinstance(code, int) and code else 1
-    ring = flight_text(_reason(where or (message.strip().split("\n")[0] if message else "")))
+    ring = _flight_once(_reason(where or (message.strip().split("\n")[0] if message else "")))
     if ring:
         message = (message.rstrip("\n") + "\n" if message else "") + ring
     _emit(_prefix(message) if message else "")
@@ -828,6 +828,12 @@ def set_flight_recorder(size: int, directory=None, call_site=None) -> None:
     _FR_CALLS = _FR_SITE or DEBUG
 
 
+def flight_settings() -> tuple:
+    """``(size, directory or None, call sites on)``: the flight recorder's settings (for
+    :func:`set_flight_recorder`)."""
+    return _FR_SIZE, _FR_DIR, _FR_SITE
+
+
 def flight_records() -> list:
     """This rank's flight recorder records, oldest first, as dicts (:func:`mpilocal.flight.record_dict`:
     group, op, seq, nbytes, dtype, shape, time, age_s, and detail / site where recorded)."""
@@ -883,12 +889,19 @@ def _flight_write(dump) -> str:
 _FR_DUMPED = False  # this rank's ring was printed (or written) for the abort in progress
 
 
-def flight_text(reason: str) -> str:
-    """This rank's ring as text for a report (and written to MPILOCAL_FLIGHT_DIR); "" when off."""
+def _flight_once(reason: str) -> str:
+    """:func:`flight_text`, once per process (an abort's report)."""
     global _FR_DUMPED
-    if not _FR_SIZE or _FR_DUMPED:
+    if _FR_DUMPED:
         return ""
     _FR_DUMPED = True
+    return flight_text(reason)
+
+
+def flight_text(reason: str) -> str:
+    """This rank's ring as text for a report (and written to MPILOCAL_FLIGHT_DIR); "" when off."""
+    if not _FR_SIZE:
+        return ""
     try:
         dump = flight_dump(reason)
         where = _flight_write(dump)
@@ -1202,7 +1215,7 @@ def _flight_on_abort_notice() -> None:
                     fn()
                 except Exception:
                     pass
-            ring = flight_text(f"rank {r} ended the job: {_reason(note.get('where', '?'))}")
+            ring = _flight_once(f"rank {r} ended the job: {_reason(note.get('where', '?'))}")
             _emit(_prefix(f"mpilocal: rank {r} is ending the job ({note.get('where', '?')}); this rank is not waiting "
                           f"in a collective\n" + ring))
             return

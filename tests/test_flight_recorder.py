@@ -38,10 +38,11 @@ def mesh():
 
 @pytest.fixture
 def ring():
-    """A fresh ring of 64 (no call sites) for the test; the default again after it."""
-    deadline.set_flight_recorder(64, call_site=False)
+    """A fresh ring of 64 (no call sites) for the test; the settings of the run again after it."""
+    size, directory, site = deadline.flight_settings()
+    deadline.set_flight_recorder(64, directory="", call_site=False)
     yield
-    deadline.set_flight_recorder(64, call_site=False)
+    deadline.set_flight_recorder(size, directory=directory or "", call_site=site)
 
 
 def _dim_key():
@@ -94,14 +95,11 @@ def test_ring_holds_the_calls_with_their_fields(ring):
     assert_all(not problems, "; ".join(problems))
 
 
-def test_ring_wraps_around_and_keeps_the_last_n(mesh):
+def test_ring_wraps_around_and_keeps_the_last_n(mesh, ring):
     deadline.set_flight_recorder(5)
-    try:
-        for i in range(12):
-            funcol.all_reduce(np.ones(i + 1), "sum", mesh)
-        dump = deadline.flight_dump("test")
-    finally:
-        deadline.set_flight_recorder(64)
+    for i in range(12):
+        funcol.all_reduce(np.ones(i + 1), "sum", mesh)
+    dump = deadline.flight_dump("test")
     shapes = [r["shape"] for r in dump["records"]]
     seqs = [r["seq"] for r in dump["records"]]
     ok = (dump["ring_size"] == 5 and dump["issued_total"] == 12 and shapes == [[i + 1] for i in range(7, 12)]
@@ -111,15 +109,12 @@ def test_ring_wraps_around_and_keeps_the_last_n(mesh):
     assert_all("the last 5 of the 12 collective(s)" in text and text.count("all_reduce#") == 5, text)
 
 
-def test_ring_off_at_size_zero(mesh):
+def test_ring_off_at_size_zero(mesh, ring):
     deadline.set_flight_recorder(0)
-    try:
-        funcol.all_reduce(np.ones(3), "sum", mesh)
-        funcol.all_gather_tensor(np.ones(3), 0, mesh)
-        dump = deadline.flight_dump("test")
-        text = deadline.flight_text("test")
-    finally:
-        deadline.set_flight_recorder(64)
+    funcol.all_reduce(np.ones(3), "sum", mesh)
+    funcol.all_gather_tensor(np.ones(3), 0, mesh)
+    dump = deadline.flight_dump("test")
+    text = deadline.flight_text("test")
     assert_all(dump["records"] == [] and dump["issued_total"] == 0 and text == "",
                f"records {dump['records']}, total {dump['issued_total']}, text {text!r}")
 
@@ -146,14 +141,11 @@ def test_ring_keeps_no_array_alive(mesh, ring):
     assert_all(ref() is None and last["shape"] == [64, 8], f"alive: {ref() is not None}, record {last}")
 
 
-def test_call_site_on_request(mesh):
+def test_call_site_on_request(mesh, ring):
     deadline.set_flight_recorder(8, call_site=True)
-    try:
-        line = inspect.currentframe().f_lineno + 1
-        funcol.all_reduce(np.ones(2), "sum", mesh)
-        rec = deadline.flight_records()[-1]
-    finally:
-        deadline.set_flight_recorder(64, call_site=False)
+    line = inspect.currentframe().f_lineno + 1
+    funcol.all_reduce(np.ones(2), "sum", mesh)
+    rec = deadline.flight_records()[-1]
     want = f"test_flight_recorder.py:{line} in test_call_site_on_request"
     assert_all(rec.get("site") == want, f"site {rec.get('site')!r}, expected {want!r}")
 
