@@ -90,6 +90,9 @@ def format_dump(dump: dict, marks=(), note: str = "") -> str:
     total = dump.get("issued_total", len(recs))
     if not size:
         return "mpilocal flight recorder: off (MPILOCAL_FLIGHT_RECORDER=0)"
+    if not total:
+        return (f"mpilocal flight recorder: this rank issued no collective yet (MPILOCAL_FLIGHT_RECORDER={size})"
+                + (f"; {note}" if note else ""))
     head = (f"mpilocal flight recorder: the last {len(recs)} of the {total} collective(s) this rank issued, "
             f"oldest first (MPILOCAL_FLIGHT_RECORDER={size})" + (f"; {note}" if note else "") + ":")
     lines = [head]
@@ -115,8 +118,6 @@ def format_dump(dump: dict, marks=(), note: str = "") -> str:
         issued = groups.get(k, {}).get("issued")
         if issued is not None and issued < s:
             lines.append(f">> {names.get(k, k):>3} #{s}: never issued by this rank (it issued {issued} on this group)")
-    if not recs:
-        lines.append("  (no collective issued yet)")
     if w and not any(w.get("group") == r["group"] and w.get("seq") == r["seq"] and w.get("op") == r["op"]
                      for r in recs):
         lines.append(f"  waiting in: {w.get('op')} on {w.get('group')}")

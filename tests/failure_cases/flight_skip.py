@@ -10,6 +10,7 @@ import mpilocal
 import mpilocal.functional as funcol
 
 rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+MPI.COMM_WORLD.Barrier()  # raw, no deadline: ranks that start slowly on a loaded machine are not the case
 mesh = mpilocal.init_device_mesh("cpu", (size,))
 x = np.arange(6.0).reshape(2, 3)
 for step in range(3):
