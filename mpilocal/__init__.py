@@ -74,11 +74,12 @@ _EXPORTS = (
 )
 
 # Submodules that load without MPI (the pure floor of docs/architecture.md, the one-process
-# checkpoint reader and its CLI): importing them does not start the library.
+# checkpoint reader and its CLI, the flight recorder's reports and `python -m mpilocal`, whose `info`
+# starts the library itself): importing them does not start the library.
 # tests/test_layers.py holds this set to layer 0 of LAYERS.json.
 _PURE = ("placement", "layout", "names", "_arrays", "_pool", "debug")
 _NO_MPI = frozenset({__name__ + "." + m for m in _PURE + ("_launch", "checkpoint", "checkpoint._format",
-                                                         "checkpoint.__main__")})
+                                                         "checkpoint.__main__", "flight", "__main__")})
 
 _LOCK = _threading.RLock()
 _STATE = 0  # 0: not started; 1: starting; 2: started

@@ -250,6 +250,13 @@ def test_deadline_dumps_every_ring_and_the_analyzer_names_the_skipping_rank(tmp_
             r"issued: rank 0: 6, rank 1: 6, rank 2: 5", r">> +g0 #6: never issued by this rank \(it issued 5"]
     missing = [w for w in want if not re.search(w, p.stdout)]
     assert not missing, f"missing {missing}:\n{p.stdout}"
+    # the analyzer runs after the job, e.g. on a login node: it starts no MPI
+    code = ("import runpy, sys; sys.argv = ['mpilocal', 'flight', sys.argv[1]]\ntry:\n"
+            "    runpy.run_module('mpilocal', run_name='__main__', alter_sys=True)\nexcept SystemExit as e:\n"
+            "    print('status', e.code, 'MPI', 'mpi4py.MPI' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, env=_clean_env(),
+                       cwd=str(ROOT), timeout=60)
+    assert p.stdout.strip().endswith("status 1 MPI False"), p.stdout[-2000:] + p.stderr[-2000:]
 
 
 @rank0_only
