@@ -68,8 +68,8 @@ __all__ = [
     "install", "abort", "timeout", "set_timeout", "debug_enabled", "set_debug", "begin", "waiting", "in_flight",
     "sequence", "count_control", "watch_async", "watch_cuda", "register_abort_hook", "register_before_report",
     "register_describer", "register_fingerprint_check", "describe_group", "forget_group", "format_exception",
-    "exception_summary", "env_flag", "DEBUG", "set_flight_recorder", "flight_settings", "flight_records", "flight_dump", "flight_text",
-    "flight_verdict",
+    "exception_summary", "env_flag", "DEBUG", "set_flight_recorder", "flight_settings", "flight_records",
+    "flight_dump", "flight_text", "flight_verdict",
 ]
 
 _monotonic = time.monotonic
@@ -129,7 +129,7 @@ _FR_DIR = os.environ.get("MPILOCAL_FLIGHT_DIR", "").strip() or None  # also writ
 _FR_SITE = env_flag("MPILOCAL_FLIGHT_CALLSITE", False)     # the call site of every record (also in debug mode)
 _FR_RING: list = [None] * _FR_SIZE
 _fr_n = 0                                                  # collectives recorded so far (the next slot: _fr_n % size)
-_FR_CALLS = _FR_SITE or DEBUG                              # record call sites (set_debug and set_flight_recorder keep it)
+_FR_CALLS = _FR_SITE or DEBUG                              # record call sites (kept by set_debug, set_flight_recorder)
 
 
 def timeout():
@@ -881,7 +881,8 @@ def _flight_write(dump) -> str:
     if _FR_DIR is None:
         return ""
     try:
-        return f"flight recorder written to {_flight.write(_FR_DIR, dump)} (compare the ranks: python -m mpilocal flight {_FR_DIR})"
+        path = _flight.write(_FR_DIR, dump)
+        return f"flight recorder written to {path} (compare the ranks: python -m mpilocal flight {_FR_DIR})"
     except Exception as e:
         return f"flight recorder: could not write to {_FR_DIR}: {type(e).__name__}: {e}"
 

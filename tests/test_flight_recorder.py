@@ -218,7 +218,8 @@ def test_compare_marks_the_first_difference_and_the_missing_rank():
     assert diff["seq"] == 4 and diff["never"] == [0]
     # a rank that is not a member of the group is left out
     outside = _dump(1, same, key="H", members=(1,))
-    assert flight.first_difference("G", [_dump(0, same, members=(0, 2)), outside, _dump(2, same, members=(0, 2))]) is None
+    inside = [_dump(0, same, members=(0, 2)), _dump(2, same, members=(0, 2))]
+    assert flight.first_difference("G", [inside[0], outside, inside[1]]) is None
     text = flight.analyze([d0, d1, d2])
     assert "first difference on G at collective #3" in text and "rank 2: never issued it (issued only 2)" in text
 
@@ -266,7 +267,8 @@ def test_uncaught_mismatch_prints_the_first_difference_on_every_rank():
     for r in range(3):
         mine = "all_gather_into_tensor" if r == 0 else "all_reduce"
         for pat in (rf"\[rank {r}\] first difference on group of world ranks \[0, 1, 2\].* at collective #3:",
-                    rf"\[rank {r}\]   rank 0: all_gather_into_tensor#3 float32 \(4, 8\) 128 B .*at flight_mismatch\.py:\d+",
+                    rf"\[rank {r}\]   rank 0: all_gather_into_tensor#3 float32 \(4, 8\) 128 B "
+                    r".*at flight_mismatch\.py:\d+",
                     rf"\[rank {r}\]   ranks 1, 2: all_reduce#3 float32 \(4, 8\) 128 B",
                     rf"\[rank {r}\] >> +g0 {mine}#3 float32 \(4, 8\)"):
             assert re.search(pat, out), f"{pat!r} not in:\n{out[-6000:]}"
