@@ -759,3 +759,27 @@ def test_checkpoint_data_file_write_without_progress_is_an_error(tmp_path_factor
     assert offs == [0, a.nbytes] and data == a.tobytes() + b.tobytes(), (offs, len(data))
     assert type(err) is OSError and err.errno == errno.EIO and end == a.nbytes + b.nbytes and len(calls) == 1, \
         (repr(err), end, calls)
+
+
+@pytest.mark.parametrize("shape", [(W,), (1, W)])
+def test_mesh_dim_index_range_is_numpys(shape):
+    """DeviceMesh.size / get_local_rank / get_group take a mesh dim in range(-ndim, ndim), as NumPy's
+    shape indexing does (the values: the mesh array's shape and this rank's coordinate); ndim and
+    -ndim - 1 are out of range and refused (PyTorch: IndexError; mpilocal: ValueError), never wrapped
+    around to another dim. Rank-local: no communication."""
+    mesh = init_device_mesh("cpu", shape)
+    full = np.arange(W).reshape(shape)
+    coord = [int(c[0]) for c in np.nonzero(full == R)]
+    nd = len(shape)
+    ok = all(mesh.size(d) == full.shape[d] and mesh.get_local_rank(d) == coord[d]
+             and mesh.get_group(d).Get_size() == full.shape[d] for d in range(-nd, nd))
+    refused = []
+    for d in (nd, -nd - 1):
+        for f in (mesh.size, mesh.get_local_rank, mesh.get_group):
+            try:
+                f(d)
+            except (ValueError, IndexError):
+                refused.append(True)
+                continue
+            refused.append(False)
+    assert ok and refused == [True] * 6, (ok, refused)
