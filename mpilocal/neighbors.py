@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import zlib
 
 import numpy as np
@@ -328,8 +329,7 @@ def _copy_into(out, x, p, overlap):
     if type(x) is np.ndarray or not _arrays.is_cupy(x):
         out[p.inner] = x
         return _joined
-    import cupy as cp
-
+    cp = sys.modules["cupy"]  # loaded: x is a CuPy array
     cur = stream = cp.cuda.get_current_stream()
     if overlap and x.nbytes >= OVERLAP_BYTES:
         dev = cp.cuda.Device().id
