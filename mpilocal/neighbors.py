@@ -47,7 +47,7 @@ from .dtensor import DTensor
 from .functional import resolve_group
 from .layout import local_shape_and_offset
 from .local_map import local_map
-from .metadata import meta_shape, meta_vector
+from .metadata import check_same, meta_vector
 from .transport import group_for
 
 __all__ = ["halo_exchange", "halo_update", "permute", "send_recv", "shift", "stencil", "shard_rows"]
@@ -413,7 +413,7 @@ def _halo_call(data, g, tensor_dim, width, boundary, caller, padded):
         desc = None
         if not (p.n < w and (g.size > 1 or bnd == "periodic")):  # the signature leaves out this rank's size
             shape = data.shape[:d] + (-1,) + data.shape[d + 1:]
-            desc = repr((caller, type(data).__name__, str(data.dtype), shape, d, w, repr(bnd)))
+            desc = repr((caller, type(data), str(data.dtype), shape, d, w, repr(bnd)))
         return _Call(p, dict(tensor_dim=d, width=w, boundary=bnd), desc, d)
 
     return _cached(_plans(g), (caller, type(data), data.dtype, data.shape, _k(tensor_dim), _k(width), _k(boundary)),
@@ -711,7 +711,7 @@ def _checked_permute(x, g, caller, key, check):
         def build():
             pairs = check()
             params = dict(perm=repr(pairs))
-            desc = repr((caller, type(data).__name__, str(data.dtype), data.shape, params["perm"]))
+            desc = repr((caller, type(data), str(data.dtype), data.shape, params["perm"]))
             return _Call(_perm_plan(pairs, g, "permute"), params, desc)
 
         call, err = _cached(_plans(g), (caller, type(data), data.dtype, data.shape, key), build), None
@@ -787,7 +787,7 @@ def _sr_agree(g, caller, err, data, d_, s_):
     agreed pattern (the same on every rank). Returns the rows (None: one rank, or no agreement)."""
     meta = None
     if err is None:
-        meta = meta_vector(data.shape, data.dtype)
+        meta = meta_vector(data.shape, data.dtype, _arrays.is_cupy(data))  # the kind too: it picks the transport
         meta[-3], meta[-2] = d_, s_  # past any real ndim
     rows = agreement.agree(g, caller, err, meta)
     if rows is None:
@@ -826,7 +826,7 @@ def send_recv(x, dst, src, group, tag: str = ""):
         d_, s_ = _sr_peer(dst, "dst", g.size, caller), _sr_peer(src, "src", g.size, caller)
         me = g.rank
         plan = _perm_plan(([(me, d_)] if d_ >= 0 else []) + ([(s_, me)] if s_ >= 0 else []), g, "send_recv")
-        return d_, s_, plan, repr((caller, type(data).__name__, str(data.dtype), data.shape))
+        return d_, s_, plan, repr((caller, type(data), str(data.dtype), data.shape))
 
     try:
         _arrays.require_array(data, caller)
@@ -852,12 +852,11 @@ _NONE: dict = {}
 
 
 def _same_shapes(rows, caller):
-    ref = rows[0]
-    for r, row in enumerate(rows):
-        if row[0] != ref[0] or row[1] != ref[1] or \
-                meta_shape(row) != meta_shape(ref):
-            raise ValueError(f"{caller}: group rank 0 passes shape {meta_shape(ref)} but rank {r} passes "
-                             f"{meta_shape(row)} (or another dtype); every rank must pass one shape and dtype")
+    """Every rank passes one kind (NumPy or CuPy), dtype and shape: :func:`metadata.check_same` on
+    the rows without the peers' columns (which differ by design)."""
+    rows = rows.copy()
+    rows[:, -3:-1] = 0
+    check_same(rows, caller)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -410,7 +410,7 @@ def test_permute_and_send_recv_rank_divergent_errors_everywhere():
                [(0, 1)] if RANK else [(1, 0)], comm)
     # everyone sends right, nobody receives
     raises_all(ValueError, "sends to rank", funcol.send_recv, to_device(np.ones(2)), (RANK + 1) % W, None, comm)
-    raises_all(ValueError, "group rank 0 passes shape", funcol.send_recv, to_device(np.ones(2 + (RANK == 1))),
+    raises_all(ValueError, "group rank 0 has shape", funcol.send_recv, to_device(np.ones(2 + (RANK == 1))),
                (RANK + 1) % W, (RANK - 1) % W, comm)
     raises_all(ValueError, "not a group rank", funcol.send_recv, to_device(np.ones(2)), W if RANK == 0 else None,
                None, comm)
@@ -781,8 +781,32 @@ def test_send_recv_divergence_after_good_calls_raises_everywhere(what):
         raises_all(ValueError, "sends to rank|receives from rank", fc.send_recv, to_device(x),
                    *(swap if RANK == 0 else one_way), mesh)
     else:
-        raises_all(ValueError, "passes shape", fc.send_recv, to_device(np.ones(4) if RANK == LAST else x),
+        raises_all(ValueError, "has shape", fc.send_recv, to_device(np.ones(4) if RANK == LAST else x),
                    *swap, mesh)
     got = _sr(x, *swap, mesh)
     exp = x - RANK + (1 - RANK) if RANK < 2 else np.zeros(3)
     assert_all(np.array_equal(got, exp), f"swap after the error: {got} vs {exp}")
+
+
+@signature_path
+@pytest.mark.skipif(DEVICE != "cuda", reason="NumPy on one rank and CuPy on the others")
+@pytest.mark.parametrize("what", ["halo_exchange", "halo_update", "permute", "send_recv"])
+def test_mixed_array_kinds_after_good_calls_raise_everywhere(what):
+    """NumPy and CuPy arrays have the same class name: the signature must still tell them apart
+    (they move through different transports), so the last rank passing a NumPy array after calls
+    with CuPy arrays raises TypeError on every rank instead of a hang."""
+    mesh = mesh1d()
+    x = np.arange(8.0).reshape(4, 2) + RANK
+    perm = [(i, (i + 1) % W) for i in range(W)]
+    right, left = (RANK + 1) % W, (RANK - 1) % W
+    P = to_device(np.zeros((6, 2)))
+    calls = {"halo_exchange": lambda a: funcol.halo_exchange(a, mesh, 0, 1, 0.0),
+             "halo_update": lambda a: funcol.halo_update(a, mesh, 0, 1, 0.0),
+             "permute": lambda a: funcol.permute(a, perm, mesh),
+             "send_recv": lambda a: funcol.send_recv(a, right, left, mesh)}
+    arg = P if what == "halo_update" else to_device(x)
+    for _ in range(4):
+        calls[what](arg)
+    host = np.array(to_host(arg))  # a plain NumPy array (also where tests/fake_cupy's arrays subclass it)
+    raises_all(TypeError, "NumPy|CuPy|kind", calls[what], host if RANK == LAST else arg)
+    calls[what](arg)
