@@ -783,3 +783,33 @@ def test_mesh_dim_index_range_is_numpys(shape):
                 continue
             refused.append(False)
     assert ok and refused == [True] * 6, (ok, refused)
+
+
+@pytest.mark.skipif(W == 1, reason="data parallelism needs two ranks")
+def test_local_map_debug_checks_a_dtensor_inputs_gradient_replicas():
+    """MPILOCAL_DEBUG=1 checks the gradient of each DTensor input of a differentiated local_map: a
+    weight replicated over the data-parallel dim but used with data sharded over it gets a partial sum
+    on each rank, which the default in_grad_placements labels Replicate: backward raises a RuntimeError
+    on every rank. Labelled Partial() it passes, and the gradient is NumPy's d/dW sum((XW)^2)."""
+    from conftest import assert_close_all, debug_mode, raises_all
+
+    from mpilocal import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (W,))
+    rng = np.random.default_rng(16)
+    x, w = rng.standard_normal((2 * W + 1, 3)), rng.standard_normal((3, 2))
+
+    def step(grads):
+        X = distribute_tensor(x, mesh, [Shard(0)])
+        Wt = distribute_tensor(w, mesh, [Replicate()], requires_grad=True)
+        f = local_map(lambda a, b: (a @ b) ** 2, out_placements=[Shard(0)], in_placements=([Shard(0)], [Replicate()]),
+                      in_grad_placements=grads)
+        return f(X, Wt), Wt
+
+    with debug_mode():
+        Y, _ = step(None)
+        raises_all(RuntimeError, None, Y.backward)
+        Y, Wt = step((None, [Partial()]))
+        Y.backward()
+    assert_all(Wt.grad.placements == (Partial(),), f"{Wt.grad.placements}")
+    assert_close_all(Wt.grad.full_tensor(), x.T @ (2 * (x @ w)), rtol=1e-12)
