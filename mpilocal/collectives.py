@@ -34,6 +34,7 @@ from .transport.select import transport_for
 
 __all__ = ["issue", "empty", "contiguous", "leading", "restore", "all_gather", "all_reduce", "reduce_scatter",
            "all_to_all_dims", "all_to_all_rows", "bcast", "scatter", "sendrecv", "post_shape_agreement",
+           "prepared", "prepared_all_gather", "prepared_all_reduce", "prepared_reduce_scatter",
            "post_meta_allgather", "meta_allgather", "exchange_splits"]
 
 
@@ -239,6 +240,84 @@ def reduce_scatter(x, op: str, dim: int, g: Group, sizes, placements=None):
     if finish is not None:
         recv = finish(recv, g)
     return restore(recv if send.ndim == 1 else recv.reshape((sizes[g.rank],) + send.shape[1:]), dim)
+
+
+# -- prepared collectives: the steps of a compiled redistribute (mpilocal.redistribute) ----------
+# A loop of redistributes calls one step again and again on arrays of one shape, dtype and kind. Its
+# first call runs the collective above; then, where the transport offers the call prepared (NCCL:
+# mpilocal.transport.nccl, ``*_fn``) and the collective is that one call on the arrays themselves
+# (dim 0, equal sizes, a reduction _reduce_input leaves as it is), later calls allocate the result in
+# its shape and hand the transport the two arrays: no flat views, shape arithmetic or lookups per
+# call. Anything else (another shape, a strided input, MPILOCAL_DEBUG=1, which fingerprints the
+# transport's call) takes the collective above.
+def prepared(generic, prepare):
+    """``f(y)``: ``generic(y)``, then (from the second call) ``fast(y)`` where ``prepare(y)`` (called
+    once, after the first call, with its input) gave ``(fast, shape)`` and ``y`` has that shape and
+    is C-contiguous outside debug mode."""
+    state = [None]
+
+    def f(y):
+        st = state[0]
+        if st is not None and st is not False and y.shape == st[1] and not deadline.DEBUG and y.flags.c_contiguous:
+            return st[0](y)
+        out = generic(y)
+        if st is None:
+            state[0] = prepare(y) or False
+        return out
+
+    return f
+
+
+def _fast(name, g, out_shape, run):
+    def fast(y):
+        recv = type(y)(out_shape, y.dtype)
+        with issue(name, y, g):
+            run(y, recv)
+        return recv
+
+    return fast
+
+
+def prepared_all_gather(dim: int, g: Group, sizes, placements=None):
+    """:func:`all_gather` of one shape, prepared (see above)."""
+    def prepare(x):
+        fn = getattr(transport_for(x, "all_gather"), "allgather_fn", None)
+        if fn is None or dim != 0 or not x.size or len(set(sizes)) != 1 or not x.flags.c_contiguous:
+            return None
+        return _fast(COLLECTIVES["all_gather"], g, (sum(sizes),) + x.shape[1:], fn(x.nbytes, g)), x.shape
+
+    return prepared(lambda y: all_gather(y, dim, g, sizes, placements), prepare)
+
+
+def _direct(x, op):
+    """Whether the reduction of ``x`` by ``op`` is the transport's on ``x`` itself (no conversion,
+    keys or division: the one rule of _reduce_input)."""
+    send, top, finish = _reduce_input(x, op)
+    return send is x and top == op and finish is None
+
+
+def prepared_all_reduce(op: str, g: Group, placements=None):
+    """:func:`all_reduce` of one shape, prepared (see above)."""
+    def prepare(x):
+        fn = getattr(transport_for(x, "all_reduce"), "allreduce_fn", None)
+        run = fn(x.size, x.dtype, op, g) if fn is not None and x.size and _direct(x, op) else None
+        return None if run is None else (_fast(COLLECTIVES["all_reduce"], g, x.shape, run), x.shape)
+
+    return prepared(lambda y: all_reduce(y, op, g, placements), prepare)
+
+
+def prepared_reduce_scatter(op: str, dim: int, g: Group, sizes, placements=None):
+    """:func:`reduce_scatter` of one shape, prepared (see above)."""
+    def prepare(x):
+        fn = getattr(transport_for(x, "reduce_scatter"), "reduce_scatter_fn", None)
+        if fn is None or dim != 0 or not x.size or len(set(sizes)) != 1 or not _direct(x, op):
+            return None
+        inner = math.prod(x.shape[1:])
+        run = fn(sizes[0] * inner, x.dtype, op, g)
+        return None if run is None else (_fast(COLLECTIVES["reduce_scatter"], g, (sizes[g.rank],) + x.shape[1:], run),
+                                          x.shape)
+
+    return prepared(lambda y: reduce_scatter(y, op, dim, g, sizes, placements), prepare)
 
 
 def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_sizes, placements=None):

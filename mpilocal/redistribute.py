@@ -45,14 +45,17 @@ def redistribute_local(local, mesh, global_shape, src, dst):
     progs = mesh.__dict__.get("_programs")
     if progs is None:
         progs = mesh.__dict__["_programs"] = {}
-    key = (global_shape, src, dst, type(local), local.dtype)
-    run = progs.get(key)
-    if run is None or mesh._root._closed:  # a closed mesh: mesh_groups raises its error
-        run = _compile(local.dtype, mesh, tuple(global_shape), tuple(src), tuple(dst))
+    # keyed by the placement tuples' identity (the DTensor's and the checked target's, the same objects
+    # in a loop: no Python-level hashing of placements per call), which the entry holds and checks
+    key = (global_shape, id(src), id(dst), type(local), local.dtype)
+    hit = progs.get(key)
+    if hit is None or hit[0] is not src or hit[1] is not dst or mesh._root._closed:
+        # (a closed mesh: mesh_groups raises its error)
+        hit = (src, dst, _compile(local.dtype, mesh, tuple(global_shape), tuple(src), tuple(dst)))
         if len(progs) >= _PROGRAMS_MAX:
             progs.clear()
-        progs[key] = run
-    return run(local)
+        progs[key] = hit
+    return hit[2](local)
 
 
 def _copy(x):
@@ -84,14 +87,11 @@ def _step(step, g, coord, pl):
     """One plan step as ``f(x) -> x``."""
     op = step.op
     if op == "all_gather":
-        dim, sizes = step.tensor_dim, step.sizes
-        return lambda x: collectives.all_gather(x, dim, g, sizes, placements=pl)
+        return collectives.prepared_all_gather(step.tensor_dim, g, step.sizes, placements=pl)
     if op == "all_reduce":
-        rop = step.reduce_op
-        return lambda x: collectives.all_reduce(x, rop, g, placements=pl)
+        return collectives.prepared_all_reduce(step.reduce_op, g, placements=pl)
     if op == "reduce_scatter":
-        rop, dim, sizes = step.reduce_op, step.tensor_dim, step.sizes
-        return lambda x: collectives.reduce_scatter(x, rop, dim, g, sizes, placements=pl)
+        return collectives.prepared_reduce_scatter(step.reduce_op, step.tensor_dim, g, step.sizes, placements=pl)
     if op == "all_to_all":
         a, b, sa, sb = step.tensor_dim, step.dst_dim, step.sizes, step.dst_sizes
         return lambda x: collectives.all_to_all_dims(x, a, b, g, sa, sb, placements=pl)

@@ -829,3 +829,36 @@ def test_partial_to_partial_forward_backward():
     chk(pt.grad.placements == (R,), f"{pt.grad.placements}")
     chk(np.array_equal(to_host(pt.grad.to_local()), np.full((12, 3), float(W))), "grad values")
     chk.done()
+
+
+# ------------------------------------------------------------------------------------------------
+# a loop of redistributes: the compiled transition (mpilocal.redistribute) and its prepared steps
+# (mpilocal.collectives.prepared: the transport's call made once, then pointers only) give each call
+# its own data's result, for every kind of step and for inputs the steps do not prepare for
+@pytest.mark.parametrize("dtype", [np.float64, np.int32, np.bool_])
+def test_a_loop_of_redistributes_gives_each_call_its_result(dtype):
+    mesh = make_mesh("1d")
+    if dtype == np.bool_:
+        cases = [("S0->R", [S0], [R])]  # (a bool Partial's sum is OR: checked elsewhere)
+    else:
+        cases = [("S0->R", [S0], [R]), ("P->R", [Partial()], [R]), ("P->S0", [Partial()], [S0]),
+                 ("S0->S1", [S0], [S1])]
+    for name, src, dst in cases:
+        for shape in [(4 * W, 3), (2 * W + 1, 5)]:  # equal shards (prepared) and uneven ones (generic)
+            for it in range(4):
+                G = global_array(shape, dtype, seed=it)
+                if src[0].is_partial():  # rank 0 holds G, the others zeros: the sum is G
+                    loc = G if RANK == 0 else np.zeros_like(G)
+                    d = DTensor.from_local(to_device(loc), mesh, src, shape=shape)
+                else:
+                    d = distribute_tensor(to_device(G), mesh, src)
+                if it == 3:  # a strided local array of the same shape: the prepared step falls back
+                    loc = d.to_local()
+                    wide = to_device(np.zeros((loc.shape[0], 2 * loc.shape[1]), dtype=loc.dtype))
+                    wide[:, ::2] = loc
+                    d = DTensor.from_local(wide[:, ::2], mesh, src, shape=shape)
+                out = d.redistribute(mesh, dst)
+                want = G[local_slices(shape, mesh.shape, tuple(dst), mesh.get_coordinate())]
+                got = to_host(out.to_local())
+                assert_all(on_device(out.to_local()) and got.dtype == G.dtype and np.array_equal(got, want),
+                           f"{name} {shape} call {it}: {got.tolist()} != {want.tolist()}")

@@ -290,6 +290,48 @@ class NcclTransport:
         finally:
             n.groupEnd()
 
+    # -- prepared calls (the steps of a compiled redistribute; mpilocal.collectives.prepared) ----
+    # The communicator, codes and counts are looked up once; each call reads only the two arrays'
+    # pointers (C-contiguous arrays of any shape: no flat views). Callers keep the generic methods for
+    # MPILOCAL_DEBUG=1 (they fingerprint the NCCL call) and make the communicator first (a generic call).
+    def allgather_fn(self, nbytes, group):
+        """``run(send, recv)``: :meth:`allgatherv` with ``nbytes`` bytes from every rank."""
+        comm, code, watch = nccl_comm(group), _nccl().NCCL_UINT8, deadline.watch_cuda
+
+        def run(send, recv):
+            comm.allGather(send.data.ptr, recv.data.ptr, nbytes, code, _stream())
+            watch("allgatherv", group, None, comm)
+
+        return run
+
+    def allreduce_fn(self, count, dtype, op, group):
+        """``run(send, recv)``: :meth:`allreduce` of ``count`` elements, or None where that needs more
+        than one NCCL call on the buffers themselves (widening, gathering)."""
+        view, code, opc, factor, wide = self._plan(dtype, op)
+        if view == "gather" or wide is not None:
+            return None
+        comm, watch, n = nccl_comm(group), deadline.watch_cuda, count * factor
+
+        def run(send, recv):  # (a view's pointer is the array's: no view needed)
+            comm.allReduce(send.data.ptr, recv.data.ptr, n, code, opc, _stream())
+            watch("allreduce", group, None, comm)
+
+        return run
+
+    def reduce_scatter_fn(self, count, dtype, op, group):
+        """``run(send, recv)``: :meth:`reduce_scatterv` of ``count`` elements to every rank, or None
+        (as :meth:`allreduce_fn`)."""
+        view, code, opc, factor, wide = self._plan(dtype, op)
+        if view == "gather" or wide is not None:
+            return None
+        comm, watch, n = nccl_comm(group), deadline.watch_cuda, count * factor
+
+        def run(send, recv):
+            comm.reduceScatter(send.data.ptr, recv.data.ptr, n, code, opc, _stream())
+            watch("reduce_scatterv", group, None, comm)
+
+        return run
+
     # -- reductions ----------------------------------------------------------------------------
     def _plan(self, dtype, op):
         """(view dtype or None, NCCL dtype code, NCCL op code, element factor, widen dtype or None),
