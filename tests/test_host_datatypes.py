@@ -158,7 +158,7 @@ def test_past_the_count_limit(monkeypatch):
     host._PLANS.clear()
     g = group_for(MPI.COMM_WORLD)
     chk = Check()
-    chk(host.dims_mode() == "types", f"a count limit uses one MPI_Alltoallw, not {host.dims_mode()}")
+    chk(host.dims_mode(1 << 30) == "types", f"past the count limit: one MPI_Alltoallw, not {host.dims_mode(1 << 30)}")
     for shape, dtype in [((W * 50 + 3, 7), "<f8"), ((6, 45 * W + 1), "?"), ((W * 45, 3, 50), ">i4"),
                          ((50, W * 2, 45), "u1")]:
         G = _global(shape, dtype, 8)
@@ -225,3 +225,39 @@ def test_unit_is_group_wide_and_divides_every_run():
         assert len(units) == 1, (full, a, b, itemsize, src, dst, units)
         seen |= units
     assert seen == {1, 2, 4, 8}, seen
+
+
+@rank0_only
+def test_mode_choice_and_bound(monkeypatch):
+    """The mode comes from the library, the count limit and the group-wide byte bound only, and the
+    bound is the most bytes any rank sends or receives (checked against every rank's pieces)."""
+    monkeypatch.setattr(host, "_FORCE_MODE", [None])
+    big, small = host.PACK_FROM, host.PACK_FROM - 1
+    cases = {  # (MPICH?, count limit, bound) -> mode
+        (True, None, small): "pack", (True, None, big): "pack", (True, 2**31 - 1, small): "types",
+        (False, None, small): "types", (False, None, big): "pack", (False, 2**31 - 1, big): "pack",
+        (False, 2**31 - 1, 2**31): "types", (True, 2**31 - 1, 2**31): "types",
+    }
+    got = {}
+    for (mpich, limit, bound), want in cases.items():
+        monkeypatch.setattr(host, "_MPICH", mpich)
+        monkeypatch.setattr(tr, "_COUNT_LIMIT", limit)
+        got[(mpich, limit, bound)] = host.dims_mode(bound)
+    assert got == cases, got
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        k = int(rng.integers(1, 6))
+        nd = int(rng.integers(2, 4))
+        full = [int(n) for n in rng.integers(0, 7, nd)]
+        a, b = (int(v) for v in rng.choice(nd, 2, replace=False))
+        src = [int(v) for v in rng.integers(0, 5, k)]
+        dst = [int(v) for v in rng.integers(0, 5, k)]
+        full[b] = sum(dst)
+        most = 0
+        for r in range(k):
+            shape = list(full)
+            shape[a] = src[r]
+            send, recv, _ = host.dims_pieces(tuple(shape), 4, a, b, src, dst, r)
+            most = max(most, sum(pc[1] * pc[2] for pc in send), sum(pc[1] * pc[2] for pc in recv))
+            assert host.dims_bound(tuple(shape), 4, a, b, src, dst) == host.dims_bound(tuple(full), 4, a, b, src, dst)
+        assert host.dims_bound(tuple(full), 4, a, b, src, dst) == most, (full, a, b, src, dst, most)

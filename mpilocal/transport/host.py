@@ -32,7 +32,7 @@ from ..names import op_tables
 from . import count_limit, counts_key, displs, equal_counts, issuing
 
 __all__ = ["HostTransport", "narrow_sums_saturate", "p2p", "alltoallw_allgatherv", "alltoallw_scatterv",
-           "dims_unit", "dims_pieces"]
+           "dims_unit", "dims_pieces", "dims_mode", "dims_bound"]
 
 _OPS, _BOOL_OPS = op_tables(sum=MPI.SUM, max=MPI.MAX, min=MPI.MIN, product=MPI.PROD,
                             logical_or=MPI.LOR, logical_and=MPI.LAND)
@@ -312,22 +312,40 @@ _PLANS: OrderedDict = OrderedDict()
 _PLANS_MAX = 64  # cached plans (their MPI datatypes): the least recently used beyond this are freed
 
 
-def dims_mode() -> str:
-    """How :meth:`HostTransport.alltoall_dims` moves the pieces here (the same on every rank: from
-    the MPI library and the count limit only):
+def dims_mode(bound: int) -> str:
+    """How :meth:`HostTransport.alltoall_dims` moves the pieces here, from the MPI library, the count
+    limit and ``bound`` (the largest number of bytes any rank of the group sends or receives: every
+    rank computes the same, :func:`dims_bound`):
 
     * ``"types"``: one ``MPI_Alltoallw`` whose per-peer datatypes describe the pieces in place
-      (no copy outside MPI). Open MPI's datatype engine packs as it sends, at memcpy speed.
-    * ``"pack"``: MPICH sends non-contiguous data to another process through its 8 KiB shared-memory
-      cells (about 10x the time of a contiguous message, which goes in one CMA copy), so the pieces
-      for other ranks are packed by ``MPI_Pack`` of the same datatypes (one call, yaksa's
-      memcpy-speed kernels) and moved contiguous by ``MPI_Alltoallv``; this rank's own piece is
-      copied straight into the output (one copy, no MPI). Only on an MPI with large counts."""
+      (no copy outside MPI). Open MPI's datatype engine packs as it sends; the best on Open MPI
+      up to a few MiB per rank, and the only mode past the count limit of an MPI-3.1 library.
+    * ``"pack"``: the pieces for the other ranks packed by ``MPI_Pack`` of the same datatypes (one
+      call) and moved contiguous by ``MPI_Alltoallv``; this rank's own piece copied once, straight
+      into the result. Always on MPICH (it sends non-contiguous data to another process through
+      its 8 KiB shared-memory cells, 2-3x slower than packing first: a contiguous message goes in one
+      CMA copy); on Open MPI from :data:`PACK_FROM` bytes per rank up to the count limit.
+
+    Measured at 2 ranks, S0->S1 of float32 rows of 32 (64-byte runs):
+    benchmarks/results/2026-11-30b-cpu2core-bandwidth.md."""
     if _FORCE_MODE[0] is not None:
         return _FORCE_MODE[0]
-    if _MPICH and count_limit() is None:
+    limit = count_limit()
+    if _MPICH and limit is None:
+        return "pack"
+    if not _MPICH and bound >= PACK_FROM and (limit is None or bound <= limit):
         return "pack"
     return "types"
+
+
+PACK_FROM = 8 << 20
+
+
+def dims_bound(shape, itemsize, a, b, src_sizes, dst_sizes) -> int:
+    """The most bytes any rank sends or receives in S(a) -> S(b) (group-wide values only: the
+    shape's dims other than ``a`` and ``b``, and every rank's sizes)."""
+    other = math.prod(n for i, n in enumerate(shape) if i != a and i != b)
+    return itemsize * other * max(max(src_sizes) * sum(dst_sizes), sum(src_sizes) * max(dst_sizes))
 
 
 _FORCE_MODE = [None]  # tests: cover both modes on any MPI
@@ -336,12 +354,12 @@ _MPICH = "mpich" in MPI.Get_library_version().lower()  # the library's name: the
 
 def _dims_plan(shape, itemsize, a, b, src_sizes, dst_sizes, me, nbytes_in, nbytes_out):
     limit = count_limit()
-    mode = dims_mode()
-    key = (shape, itemsize, a, b, src_sizes, dst_sizes, me, limit, mode)
+    key = (shape, itemsize, a, b, src_sizes, dst_sizes, me, limit, _FORCE_MODE[0])  # fixes the mode too
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
         return plan
+    mode = dims_mode(dims_bound(shape, itemsize, a, b, src_sizes, dst_sizes))
     unit = dims_unit(shape, itemsize, a, b, src_sizes, dst_sizes)
     base = dict(_UNIT_TYPES)[unit]
     send, recv, _ = dims_pieces(shape, itemsize, a, b, src_sizes, dst_sizes, me)
