@@ -34,7 +34,8 @@ from .transport.select import transport_for
 
 __all__ = ["issue", "empty", "contiguous", "leading", "restore", "all_gather", "all_reduce", "reduce_scatter",
            "all_to_all_dims", "all_to_all_rows", "bcast", "scatter", "sendrecv", "post_shape_agreement",
-           "prepared", "prepared_all_gather", "prepared_all_reduce", "prepared_reduce_scatter",
+           "prepared", "prepared_all_gather", "prepared_all_reduce", "prepared_reduce_scatter", "all_gather_looped",
+           "all_reduce_looped", "reduce_scatter_looped",
            "post_meta_allgather", "meta_allgather", "exchange_splits"]
 
 
@@ -318,6 +319,46 @@ def prepared_reduce_scatter(op: str, dim: int, g: Group, sizes, placements=None)
                                           x.shape)
 
     return prepared(lambda y: reduce_scatter(y, op, dim, g, sizes, placements), prepare)
+
+
+_LOOPED = "mpilocal.looped"  # Group.cache: key -> prepared collective of the public calls on that group
+
+
+def _looped(g: Group, key, make):
+    d = g.cache.get(_LOOPED)
+    if d is None:
+        d = g.cache[_LOOPED] = {}
+    f = d.get(key)
+    if f is None:
+        if len(d) >= 64:
+            d.clear()
+        f = d[key] = make()
+    return f
+
+
+def all_gather_looped(x, dim: int, g: Group, sizes):
+    """:func:`all_gather` for the public collectives: device arrays take the prepared collective of
+    their (shape, dtype, dim, sizes) on ``g`` (see :func:`prepared`), NumPy ones the generic one."""
+    if type(x) is np.ndarray:
+        return all_gather(x, dim, g, sizes)
+    sizes = tuple(sizes)
+    return _looped(g, ("all_gather", x.shape, x.dtype, dim, sizes), lambda: prepared_all_gather(dim, g, sizes))(x)
+
+
+def all_reduce_looped(x, op: str, g: Group):
+    """:func:`all_reduce` for the public collectives (as :func:`all_gather_looped`)."""
+    if type(x) is np.ndarray:
+        return all_reduce(x, op, g)
+    return _looped(g, ("all_reduce", x.shape, x.dtype, op), lambda: prepared_all_reduce(op, g))(x)
+
+
+def reduce_scatter_looped(x, op: str, dim: int, g: Group, sizes):
+    """:func:`reduce_scatter` for the public collectives (as :func:`all_gather_looped`)."""
+    if type(x) is np.ndarray:
+        return reduce_scatter(x, op, dim, g, sizes)
+    sizes = tuple(sizes)
+    return _looped(g, ("reduce_scatter", x.shape, x.dtype, op, dim, sizes),
+                   lambda: prepared_reduce_scatter(op, dim, g, sizes))(x)
 
 
 def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_sizes, placements=None):

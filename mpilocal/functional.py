@@ -243,7 +243,7 @@ def all_gather_tensor(x, gather_dim: int, group, tag: str = ""):
             # argument agreement is off (MPILOCAL_CHECK_ARGS=0): sizes still needed
             rows = collectives.meta_allgather(g.comm, meta_with(x, caller, gather_dim=dim), "gather_sizes")
         sizes = [int(r[2 + dim]) for r in rows] if rows is not None else [x.shape[dim]] * g.size
-        return collectives.all_gather(x, dim, g, sizes)
+        return collectives.all_gather_looped(x, dim, g, sizes)
 
     return checked(g, caller, err, x, None if err else dict(gather_dim=dim),
                    None if err else (caller, type(x), x.dtype, x.shape, dim), run,
@@ -269,7 +269,7 @@ def all_reduce(x, reduceOp: str, group, tag: str = ""):
         op = None
     return checked(g, caller, err, x, None if err else dict(reduceOp=op),
                    None if err else (caller, type(x), x.dtype, x.shape, op),
-                   lambda x, rows: collectives.all_reduce(x, op, g))
+                   lambda x, rows: collectives.all_reduce_looped(x, op, g))
 
 
 def reduce_scatter_tensor(x, reduceOp: str, scatter_dim: int, group, tag: str = ""):
@@ -291,7 +291,7 @@ def reduce_scatter_tensor(x, reduceOp: str, scatter_dim: int, group, tag: str = 
         op = dim = None
     return checked(g, caller, err, x, None if err else dict(reduceOp=op, scatter_dim=dim),
                    None if err else (caller, type(x), x.dtype, x.shape, op, dim),
-                   lambda x, rows: collectives.reduce_scatter(x, op, dim, g, chunk_sizes(x.shape[dim], g.size)))
+                   lambda x, rows: collectives.reduce_scatter_looped(x, op, dim, g, chunk_sizes(x.shape[dim], g.size)))
 
 
 def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str = ""):

@@ -522,3 +522,23 @@ def test_all_to_all_single_output_sizes_on_some_ranks_only():
     out = funcol.all_to_all_single(x, outs if RANK == 0 else None, ins, MPI.COMM_WORLD)
     ref = np.concatenate([np.full(outs[q], 10 * q + RANK, np.float64) for q in range(W)])
     assert_all(np.array_equal(out, ref), f"{out} vs {ref}")
+
+
+# ------------------------------------------------------------------------------------------------
+# a loop of public calls of one shape: device arrays take the prepared collective after the first
+# call (mpilocal.collectives.*_looped); each call must still give its own data's result
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_a_loop_of_funcol_calls_gives_each_call_its_result(dtype):
+    mesh = init_device_mesh("cpu", (W,))  # DeviceFunctional moves the inputs and results
+    n = 3 * W
+    for it in range(4):
+        xs = [np.random.default_rng(100 * it + r).integers(-50, 50, size=(n, 2)).astype(dtype) for r in range(W)]
+        total = sum(xs)
+        ar = funcol.all_reduce(xs[RANK], "sum", mesh)
+        ag = funcol.all_gather_tensor(xs[RANK], 0, mesh)
+        rs = funcol.reduce_scatter_tensor(xs[RANK], "sum", 0, mesh)
+        mx = funcol.all_reduce(xs[RANK], "max", mesh)
+        ok = (np.array_equal(ar, total) and np.array_equal(ag, np.concatenate(xs))
+              and np.array_equal(rs, total[3 * RANK:3 * RANK + 3]) and np.array_equal(mx, np.maximum.reduce(xs))
+              and ar.dtype == rs.dtype == ag.dtype == np.dtype(dtype))
+        assert_all(ok, f"call {it}: {ar.tolist()} {ag.tolist()} {rs.tolist()} {mx.tolist()}")
