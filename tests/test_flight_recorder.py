@@ -29,6 +29,10 @@ from mpilocal.agreement import CollectiveMismatchError
 from test_failure import ROOT, _clean_env, run_job
 
 LAST = W - 1
+# the tests that start processes (a plain `python -c` singleton, mpiexec jobs) run where the suite runs on
+# CPU: the GPU host's Open MPI cannot start a nested job or a singleton's orted (no rsh agent; the GPU runs
+# ignore tests/test_failure.py for the same reason). The recorder itself is the same on every device.
+spawns = pytest.mark.skipif(DEVICE == "cuda", reason="starts nested MPI processes: run on CPU (see tests/test_failure.py)")
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +123,7 @@ def test_ring_off_at_size_zero(mesh, ring):
                f"records {dump['records']}, total {dump['issued_total']}, text {text!r}")
 
 
+@spawns
 @rank0_only
 def test_ring_size_from_the_environment():
     code = ("import numpy as np, mpilocal, mpilocal.functional as f; from mpilocal import deadline as d; "
@@ -227,6 +232,7 @@ def test_compare_marks_the_first_difference_and_the_missing_rank():
 # ------------------------------------------------------------------------------------------------
 # jobs
 # ------------------------------------------------------------------------------------------------
+@spawns
 @rank0_only
 def test_deadline_dumps_every_ring_and_the_analyzer_names_the_skipping_rank(tmp_path):
     d = tmp_path / "flight"
@@ -260,6 +266,7 @@ def test_deadline_dumps_every_ring_and_the_analyzer_names_the_skipping_rank(tmp_
     assert p.stdout.strip().endswith("status 1 MPI False"), p.stdout[-2000:] + p.stderr[-2000:]
 
 
+@spawns
 @rank0_only
 def test_uncaught_mismatch_prints_the_first_difference_on_every_rank():
     rc, out, _, _ = run_job(3, ["flight_mismatch.py"], {"MPILOCAL_DEBUG": 1, "MPILOCAL_TIMEOUT": 30})
