@@ -53,7 +53,7 @@ from .transport import group_for
 __all__ = ["halo_exchange", "halo_update", "permute", "send_recv", "shift", "stencil", "shard_rows"]
 
 #: Autograd's rules, registered by :mod:`mpilocal.autograd.neighbors` when it is imported (as
-#: ``engine.ADDERS``): ``"Tracked"`` (the type of tracked local arrays), ``"halo_1d"``, ``"permute"``.
+#: ``engine.ADDERS``): ``"Tracked"`` (the type of tracked local arrays), ``"halo"``, ``"permute"``.
 AUTOGRAD: dict = {}
 
 
@@ -239,17 +239,16 @@ class _Halo:
                  "recv_f")
 
 
-def _halo_plan(shape, d, g, w, bnd, padded=False):
-    """The :class:`_Halo` of an array of ``shape`` (the interior; ``padded``: the padded array, whose
-    interior is what the halo rows leave; ValueError when they do not fit). Plain arithmetic on
-    arguments every rank checked: the one place that places halo rows."""
+def _halo_plan(shape, d, g, w, bnd):
+    """The :class:`_Halo` of a padded array of ``shape`` along ``d``: its interior is what the halo
+    rows leave (ValueError when they do not fit). Plain arithmetic on arguments every rank checked:
+    the one place that places halo rows."""
     left, right, wl, wr = _side_widths(g.rank, g.size, w, bnd)
     shape = list(shape)
-    if padded:
-        n = shape[d] - wl - wr
-        if n < 0:
-            raise ValueError(f"halo_update: dim {d} of size {shape[d]} cannot hold {wl} + {wr} halo rows")
-        shape[d] = n
+    n = shape[d] - wl - wr
+    if n < 0:
+        raise ValueError(f"halo_update: dim {d} of size {shape[d]} cannot hold {wl} + {wr} halo rows")
+    shape[d] = n
     p = _Halo()
     n = shape[d]
     p.g, p.d, p.w, p.bnd, p.shape, p.n, p.wl, p.wr = g, d, w, bnd, tuple(shape), n, wl, wr
@@ -296,16 +295,58 @@ def _halo_plan(shape, d, g, w, bnd, padded=False):
     return p
 
 
-def halo_1d(x, p, name="halo_exchange"):
-    """The padded local array of plan ``p`` (a :class:`_Halo` for ``x``'s shape; plain arrays,
-    checks already done). **Collective** over ``p.g``."""
-    out = collectives.empty(x, p.padded)  # NumPy: pooled warm pages (large halos: no page faults)
-    join = _copy_into(out, x, p, overlap=p.w > 0 and p.g.size > 1)
-    try:
+class _Chain:
+    """Halos along one or more dims of one local array (:func:`_chain`): ``plans`` (one
+    :class:`_Halo` per dim, each of the final padded array), ``padded`` (its shape), ``inner`` (the
+    interior's index tuple in it), ``off`` (the interior's first element where it is one run of
+    the padded array, else None)."""
+
+    __slots__ = ("plans", "padded", "inner", "off")
+
+
+def _chain(shape, dims):
+    """The :class:`_Chain` of halos along ``dims`` (``[(d, group, w, bnd)]``, distinct dims) of a
+    local array of ``shape``: the dims are padded one after the other, each including the previous
+    halos (so corners come from the diagonal neighbours: the nested ``np.pad``)."""
+    padded = list(shape)
+    for d, g, w, b in dims:
+        padded[d] += sum(_side_widths(g.rank, g.size, w, b)[2:])
+    c = _Chain()
+    c.plans = [_halo_plan(tuple(padded), d, g, w, b) for d, g, w, b in dims]
+    c.padded = tuple(padded)
+    inner = [slice(None)] * len(padded)
+    for p in c.plans:
+        inner[p.d] = slice(p.wl, p.wl + p.n)
+    c.inner = tuple(inner)
+    p = c.plans[0] if len(c.plans) == 1 else None
+    c.off = p.wl * p.row if p is not None and p.flat else None
+    return c
+
+
+def halo(x, c, name="halo_exchange"):
+    """The padded local array of chain ``c`` (a :class:`_Chain` for ``x``'s shape; plain arrays,
+    checks already done). **Collective** over each dim's group. One dim: the halos move from ``x``
+    itself while the interior is copied (alongside, for large CuPy arrays). Several: the interior is
+    copied once, then each dim's halos are filled in place from whole rows of the padded array,
+    including the halos of the dims before it (and not yet valid cells of the dims after it, which
+    those dims then overwrite)."""
+    out = collectives.empty(x, c.padded)  # NumPy: pooled warm pages (large halos: no page faults)
+    if len(c.plans) == 1:
+        p = c.plans[0]
+        join = _copy_into(out, x, c, overlap=p.w > 0 and p.g.size > 1)
+        try:
+            if p.w:
+                _fill_halos(out, x, p, p.send_x, p.send_x_f, name)
+        finally:
+            join()
+        return out
+    _copy_into(out, x, c, overlap=False)()
+    for p in c.plans:
         if p.w:
-            _fill_halos(out, x, p, p.send_x, p.send_x_f, name)
-    finally:
-        join()
+            _fill_halos(out, out, p, p.send_p, p.send_p_f, name)
+        else:
+            for idx in p.const:
+                out[idx] = p.bnd
     return out
 
 
@@ -318,16 +359,16 @@ def _joined():
     return None
 
 
-def _copy_into(out, x, p, overlap):
-    """``out[p.inner] = x`` for a new padded ``out`` (plan ``p``); returns what completes it (call
+def _copy_into(out, x, c, overlap):
+    """``out[c.inner] = x`` for a new padded ``out`` (chain ``c``); returns what completes it (call
     it before ``out`` is used). CuPy: one device-to-device ``cudaMemcpyAsync`` where the interior
-    is one run of ``out`` (``p.flat``, ``x`` C-contiguous), else the copy kernel; with ``overlap``
+    is one run of ``out`` (``c.off``, ``x`` C-contiguous), else the copy kernel; with ``overlap``
     (an exchange on the current stream follows, into other rows of ``out``), an ``x`` of at least
     :data:`OVERLAP_BYTES` is copied on a side stream: after the current stream's work so far,
     concurrent with what is enqueued next, and the current stream waits for it at the join, so a
     new padded array costs about the larger of the copy and the exchange, not their sum."""
     if type(x) is np.ndarray or not _arrays.is_cupy(x):
-        out[p.inner] = x
+        out[c.inner] = x
         return _joined
     cp = sys.modules["cupy"]  # loaded: x is a CuPy array
     cur = stream = cp.cuda.get_current_stream()
@@ -337,16 +378,16 @@ def _copy_into(out, x, p, overlap):
         if stream is None:
             stream = _SIDE[dev] = cp.cuda.Stream(non_blocking=True)
         stream.wait_event(cur.record())
-    if p.flat and x.flags.c_contiguous:
+    if c.off is not None and x.flags.c_contiguous:
         if x.nbytes:
             rt = cp.cuda.runtime
-            rt.memcpyAsync(out.data.ptr + p.wl * p.row * x.itemsize, x.data.ptr, x.nbytes, rt.memcpyDeviceToDevice,
+            rt.memcpyAsync(out.data.ptr + c.off * x.itemsize, x.data.ptr, x.nbytes, rt.memcpyDeviceToDevice,
                            stream.ptr)
     elif stream is cur:
-        out[p.inner] = x
+        out[c.inner] = x
     else:
         with stream:
-            out[p.inner] = x
+            out[c.inner] = x
     if stream is cur:
         return _joined
     done = stream.record()
@@ -369,21 +410,35 @@ def _fill_halos(out, src, p, sends, sends_f, name):
         _exchange(name, src, [(q, src[i]) for q, i in sends], [(q, out[i]) for q, i in p.recv], p.g, p.detail)
 
 
-def halo_1d_adjoint(gy, p, name="halo_exchange"):
-    """The adjoint of :func:`halo_1d` (plan ``p``): the interior of ``gy`` plus the halo gradients
+def halo_adjoint(gy, c, name="halo_exchange"):
+    """The adjoint of :func:`halo` (chain ``c``): the interior of ``gy`` plus the halo gradients
     sent back to (and added into) the rows they came from; constant halos get no gradient.
-    **Collective.**"""
-    gx = gy[p.inner].copy()  # C order (NumPy and CuPy), one copy
-    if p.w:  # the forward's messages reversed, in the forward's order per pair
-        _exchange(name, gy, [(q, gy[i]) for q, i in p.adj_send], [(q, gx[i]) for q, i in p.adj_recv], p.g,
-                  p.adj_detail, accumulate=True)
-    return gx
+    Several dims: in reverse order, each dim's halo gradients (whole rows, as in the forward) go
+    back into the padded gradient's rows they came from, then count no more (zeroed: the forward
+    overwrote what earlier dims had put there). **Collective.**"""
+    if len(c.plans) == 1:
+        p = c.plans[0]
+        gx = gy[c.inner].copy()  # C order (NumPy and CuPy), one copy
+        if p.w:  # the forward's messages reversed, in the forward's order per pair
+            _exchange(name, gy, [(q, gy[i]) for q, i in p.adj_send], [(q, gx[i]) for q, i in p.adj_recv], p.g,
+                      p.adj_detail, accumulate=True)
+        return gx
+    G = gy.copy()
+    for p in reversed(c.plans):
+        if p.w:
+            _exchange(name, G, [(q, G[i]) for q, i in p.adj_send], [(q, G[i]) for q, i in p.send_p], p.g,
+                      p.adj_detail, accumulate=True)
+            for _, i in p.adj_send:
+                G[i] = 0
+        for i in p.const:
+            G[i] = 0
+    return G[c.inner].copy()
 
 
-def _halo_any(x, p):
+def _halo_any(x, c):
     if _is_tracked(x):
-        return AUTOGRAD["halo_1d"](x, p)
-    return halo_1d(x, p)
+        return AUTOGRAD["halo"](x, c)
+    return halo(x, c)
 
 
 class _Call:
@@ -392,10 +447,10 @@ class _Call:
     signature's text: None where only every rank's metadata can judge this rank's arguments, e.g.
     a shard narrower than the halo), ``d`` (the tensor dim whose size may differ between ranks)."""
 
-    __slots__ = ("plan", "params", "desc", "d")
+    __slots__ = ("plan", "params", "desc", "d", "chain")
 
-    def __init__(self, plan, params, desc, d=None):
-        self.plan, self.params, self.desc, self.d = plan, params, desc, d
+    def __init__(self, plan, params, desc, d=None, chain=None):
+        self.plan, self.params, self.desc, self.d, self.chain = plan, params, desc, d, chain
 
 
 def _halo_call(data, g, tensor_dim, width, boundary, caller, padded):
@@ -409,12 +464,17 @@ def _halo_call(data, g, tensor_dim, width, boundary, caller, padded):
             raise ValueError(f"{caller}: a 0-d array has no dim to exchange halos along")
         d = functional.norm_dim(tensor_dim, data.ndim, caller, "tensor_dim")
         w, bnd = _width(width, caller), _boundary(boundary, caller)
-        p = _halo_plan(data.shape, d, g, w, bnd, padded)
+        if padded:
+            chain = None
+            p = _halo_plan(data.shape, d, g, w, bnd)
+        else:
+            chain = _chain(data.shape, [(d, g, w, bnd)])
+            p = chain.plans[0]
         desc = None
         if not (p.n < w and (g.size > 1 or bnd == "periodic")):  # the signature leaves out this rank's size
             shape = data.shape[:d] + (-1,) + data.shape[d + 1:]
             desc = repr((caller, type(data), str(data.dtype), shape, d, w, repr(bnd)))
-        return _Call(p, dict(tensor_dim=d, width=w, boundary=bnd), desc, d)
+        return _Call(p, dict(tensor_dim=d, width=w, boundary=bnd), desc, d, chain)
 
     return _cached(_plans(g), (caller, type(data), data.dtype, data.shape, _k(tensor_dim), _k(width), _k(boundary)),
                    build)
@@ -570,7 +630,7 @@ def _halo_local(x, group, tensor_dim, width, boundary, caller):
         return [int(r[2 + call.d]) for r in rows]
 
     def run_plan(a, p):  # `a` is not `data` in a replay
-        return _halo_any(x if a is data else a, p)
+        return _halo_any(x if a is data else a, call.chain)
 
     return _checked_halo(x, data, g, caller, err, call, sizes_from, run_plan)
 
@@ -587,9 +647,7 @@ def _halo_dtensor(x, mesh_dim, tensor_dim, width, boundary, caller):
     key = (caller, x._placements, x.shape, x._local.shape, _k(mesh_dim), _k(tensor_dim), _k(width), _k(boundary))
     plans = _cached(_mesh_plans(mesh), key,
                     lambda: _halo_dtensor_plan(x, mesh, mesh_dim, tensor_dim, width, boundary, caller))
-    for p in plans:
-        local = _halo_any(local, p)
-    return local
+    return _halo_any(local, plans)
 
 
 def _halo_dtensor_plan(x, mesh, mesh_dim, tensor_dim, width, boundary, caller):
@@ -616,22 +674,14 @@ def _halo_dtensor_plan(x, mesh, mesh_dim, tensor_dim, width, boundary, caller):
         if any(p.is_partial() for p in pl):
             raise ValueError(f"{caller}: x has a Partial placement ({list(pl)}); halos of partial values are not "
                              f"defined. Redistribute the Partial mesh dims to Replicate() first")
+        if any(d == e for _, e, _, _ in plan):
+            raise ValueError(f"{caller}: tensor dim {d} is given twice in tensor_dim={tensor_dim!r}; give each "
+                             f"tensor dim once (with its width and boundary)")
         plan.append((m, d, w, b))
     shape = x.shape
     for m, d, w, b in plan:
         _check_rows(shard_rows(shape, mesh, x._placements, m, d), w, mesh.mesh.shape[m], b == "periodic", d, caller)
     return _chain(tuple(x._local.shape), [(d, group_for(mesh.get_group(m)), w, b) for m, d, w, b in plan])
-
-
-def _chain(shape, dims):
-    """The :class:`_Halo` plans of halos along ``dims`` (``[(d, group, w, bnd)]``) one after the
-    other, starting from a local array of ``shape`` (each includes the previous halos)."""
-    out = []
-    for d, g, w, b in dims:
-        p = _halo_plan(shape, d, g, w, b)
-        out.append(p)
-        shape = p.padded
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -914,16 +964,13 @@ def _stencil_build(func, args, halo, boundary):
             continue
         if a._mesh != mesh:
             raise ValueError("stencil: every DTensor argument must live on the same device mesh")
-        plans.append(_chain(tuple(a._local.shape), _stencil_plan(a, halo, boundary, caller)))
+        dims = _stencil_plan(a, halo, boundary, caller)
+        plans.append(_chain(tuple(a._local.shape), dims) if dims else None)
     i0 = next(i for i, a in enumerate(args) if a is first)
     local_shape = tuple(first._local.shape)
 
     def local(*xs):
-        padded = []
-        for x, p in zip(xs, plans):
-            for h in p or ():
-                x = _halo_any(x, h)
-            padded.append(x)
+        padded = [x if c is None else _halo_any(x, c) for x, c in zip(xs, plans)]
         res = func(*padded)
         if isinstance(res, (tuple, list)):
             raise TypeError(f"stencil: {name} must return one array (the new field); for several outputs use "
@@ -970,21 +1017,19 @@ def _self_group():
     return group_for(MPI.COMM_SELF)
 
 
-def _interior(o, local_shape, plans, caller):
-    """The local-shape interior of a stencil output (padded outputs are cropped by ``plans``, the
-    :class:`_Halo` chain of the first DTensor argument)."""
+def _interior(o, local_shape, c, caller):
+    """The local-shape interior of a stencil output (padded outputs are cropped by ``c``, the
+    :class:`_Chain` of the first DTensor argument, or None)."""
     data = _data(o)
     shape = tuple(data.shape)
     if shape == local_shape:
         return o
-    idx = [slice(None)] * len(local_shape)
-    padded = plans[-1].padded if plans else local_shape
-    for p in plans or ():
-        idx[p.d] = slice(p.wl, p.wl + p.n)
+    padded = local_shape if c is None else c.padded
+    idx = (slice(None),) * len(local_shape) if c is None else c.inner
     if shape != tuple(padded):
         raise ValueError(f"{caller}: the stencil function returned shape {shape}; return the local shape "
                          f"{local_shape} (the interior) or the padded input shape {tuple(padded)}")
-    return o[tuple(idx)]
+    return o[idx]
 
 
 # the neighbour collectives are funcol functions too (see the module docstring)

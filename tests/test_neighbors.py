@@ -323,6 +323,8 @@ def test_halo_argument_errors():
         funcol.halo_exchange(X, 0, 0, 1, "reflect")
     with pytest.raises(ValueError, match="width must be a non-negative int"):
         funcol.halo_exchange(X, 0, 0, -1)
+    with pytest.raises(ValueError, match="tensor dim 0 is given twice"):
+        funcol.halo_exchange(X, (0, 0), (0, 0), 1)
     m2 = _mesh2d()
     Y = distribute_tensor(to_device(np.ones((4 * W, 3))), m2, [Shard(0), Shard(0)])
     with pytest.raises(NotImplementedError, match="sharded over mesh dims \\[0, 1\\]"):
@@ -429,7 +431,9 @@ def test_comm_debug_mode_counts():
     ck = Check()
     ck(cm.get_comm_counts().get("halo_exchange", 0) == exp, f"{dict(cm.get_comm_counts())} vs {exp}")
     ck(cm.get_total_counts() == exp, f"total {cm.get_total_counts()}")
-    nbytes = 8 * (2 * 3 + 2 * 5)  # 2x2 mesh: two rows of 3, then two padded columns of 5 (float64)
+    # 2x2 mesh, float64: two whole rows of the padded array (5: their corner cells are overwritten by the
+    # column exchange that follows), then two padded columns of 5
+    nbytes = 8 * (2 * 5 + 2 * 5)
     if W > 1 and k0 > 1 and k1 > 1:
         ck(cm.get_comm_bytes()["halo_exchange"] == nbytes, f"bytes {dict(cm.get_comm_bytes())} vs {nbytes}")
     with CommDebugMode() as cm:
@@ -531,6 +535,38 @@ def test_permute_gradient():
 def _heat_np(u, nu, b):
     p = np.pad(u, 1, mode="wrap") if b == "periodic" else np.pad(u, 1, constant_values=b)
     return u + nu * (p[2:, 1:-1] + p[:-2, 1:-1] + p[1:-1, 2:] + p[1:-1, :-2] - 4 * u)
+
+
+@pytest.mark.parametrize("bnds", [("none", "periodic"), (0.5, "none"), ("periodic", -1.0)])
+def test_halo_3d_two_dims_in_reverse_order_and_gradient(bnds):
+    """A 3-D array, halos along tensor dims 2 then 0 (sharded over mesh dims 1 and 0), widths 2 and
+    1: the nested np.pad in that order (corners from the diagonal neighbours), and its gradient
+    against finite differences."""
+    mesh = _mesh2d()
+    k0, k1 = mesh.shape
+    x = data((2 * k0 + 2, 2, 2 * k1 + 3), seed=21, nans=False)
+    c = mesh.get_coordinate()
+    rng = np.random.default_rng(22)
+
+    def piece(xf, i, j):
+        o0, n0 = chunk(xf.shape[0], k0, i)
+        o2, n2 = chunk(xf.shape[2], k1, j)
+        return oracle(oracle(xf, 2, o2, n2, 2, bnds[0]), 0, o0, n0, 1, bnds[1])
+
+    weights = {(i, j): rng.standard_normal(piece(x, i, j).shape) for i in range(k0) for j in range(k1)}
+
+    def np_loss(xf):
+        return sum(float(np.sum(wt * piece(xf, i, j) ** 2)) for (i, j), wt in weights.items())
+
+    ck = Check()
+    X = distribute_tensor(to_device(x), mesh, [Shard(0), Shard(2)])
+    ck.close(to_host(funcol.halo_exchange(X, (1, 0), (2, 0), (2, 1), bnds)), piece(x, *c), f"3-D halo {bnds}")
+    X = distribute_tensor(to_device(x), mesh, [Shard(0), Shard(2)], requires_grad=True)
+    h = funcol.halo_exchange(X, (1, 0), (2, 0), (2, 1), bnds)  # Tracked: X requires grad
+    loss = (to_device(weights[tuple(c)]) * h ** 2).sum()
+    DTensor.from_local(loss, mesh, [Partial(), Partial()]).backward()
+    ck.close(X.grad.full_tensor(), _fd_grad(np_loss, x), f"3-D grad {bnds}", rtol=1e-5, atol=1e-5)
+    ck.done()
 
 
 @pytest.mark.parametrize("boundary", ["periodic", 0.0, 1.0])

@@ -5,8 +5,8 @@
 Backward rules (each is itself one neighbour collective, run on every rank in reverse creation
 order):
 
-* ``halo_exchange`` along one dim  <->  the halo gradients sent back to the ranks they came from
-  and added to the rows they copied (constant halos beyond the edges get no gradient);
+* ``halo_exchange`` along one or more dims  <->  the halo gradients sent back to the ranks they came
+  from and added to the rows they copied, the last dim first (constant halos get no gradient);
 * ``permute`` / ``shift`` / ``send_recv`` with pairs ``(src, dst)``  <->  the same with ``(dst, src)``.
 """
 
@@ -15,13 +15,14 @@ from __future__ import annotations
 from .. import neighbors
 from .tracked import Tracked, _record
 
-__all__ = ["halo_1d", "permute"]
+__all__ = ["halo", "permute"]
 
 
-def halo_1d(x, p):
-    """``neighbors.halo_1d`` with plan ``p`` (a ``neighbors._Halo``), recorded."""
-    out = neighbors.halo_1d(x.data, p)
-    return _record("HaloExchange", out, (x,), lambda gr, n: (neighbors.halo_1d_adjoint(gr, p),))
+def halo(x, c):
+    """``neighbors.halo`` with chain ``c`` (a ``neighbors._Chain``: halos along one or more dims),
+    recorded."""
+    out = neighbors.halo(x.data, c)
+    return _record("HaloExchange", out, (x,), lambda gr, n: (neighbors.halo_adjoint(gr, c),))
 
 
 def permute(x, p):
@@ -31,4 +32,4 @@ def permute(x, p):
 
 
 # registration (nothing below autograd imports it)
-neighbors.AUTOGRAD.update(Tracked=Tracked, halo_1d=halo_1d, permute=permute)
+neighbors.AUTOGRAD.update(Tracked=Tracked, halo=halo, permute=permute)
