@@ -39,16 +39,17 @@ __all__ = ["issue", "empty", "contiguous", "leading", "restore", "all_gather", "
            "post_meta_allgather", "meta_allgather", "exchange_splits"]
 
 
-def issue(name: str, send, g: Group, **detail):
+def issue(name: str, send, g: Group, note=None, **detail):
     """Account one logical collective. Every array-data collective calls this exactly once, just
     before handing buffers to the transport: ``send`` is this rank's send buffer (or None),
-    ``detail`` names what must agree across ranks (reduce op, root, dims, sizes).
+    ``detail`` names what must agree across ranks (reduce op, root, dims, sizes); ``note``, the
+    ``(reduce op, placements)`` the flight recorder keeps outside debug mode (docs/failures.md).
 
     Use as ``with issue(...): transport call`` — the context marks the collective in flight for
     the deadline watchdog (mpilocal.deadline), which also checks fingerprints under MPILOCAL_DEBUG=1."""
     if debug.ACTIVE:
         debug.record(name, 0 if send is None else send.nbytes)
-    return deadline.begin(name, g, send, detail)  # in-flight slot / fingerprint
+    return deadline.begin(name, g, send, detail, note)  # in-flight slot / fingerprint / flight recorder
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def all_gather(x, dim: int, g: Group, sizes, placements=None):
     total = sum(sizes)
     recv = empty(x, (total * inner,))  # flat: the transport's buffer; shaped once below
     detail = _detail(dict(dim=dim, sizes=tuple(sizes)), placements) if deadline.DEBUG else _NO_DETAIL
-    with issue(COLLECTIVES["all_gather"], send, g, **detail):
+    with issue(COLLECTIVES["all_gather"], send, g, None if placements is None else (None, placements), **detail):
         transport_for(x, "all_gather").allgatherv(_flat(send), recv, [s * inner for s in sizes], g)
     return restore(recv if not tail else recv.reshape((total,) + tail), dim)
 
@@ -214,7 +215,7 @@ def all_reduce(x, op: str, g: Group, placements=None):
     ``x``'s dtype in native byte order."""
     send, top, finish = _reduce_input(x, op)
     detail = _detail(dict(op=op), placements) if deadline.DEBUG else _NO_DETAIL
-    with issue(COLLECTIVES["all_reduce"], send, g, **detail):
+    with issue(COLLECTIVES["all_reduce"], send, g, (op, placements), **detail):
         if top.startswith("gather:"):
             return _gather_reduce(send, top[7:], g, "all_gather").reshape(x.shape)
         recv = empty(send, (send.size,))  # flat: the transport's buffer; shaped once below
@@ -230,7 +231,7 @@ def reduce_scatter(x, op: str, dim: int, g: Group, sizes, placements=None):
     inner = math.prod(send.shape[1:])
     counts = [s * inner for s in sizes]
     detail = _detail(dict(op=op, dim=dim, sizes=tuple(sizes)), placements) if deadline.DEBUG else _NO_DETAIL
-    with issue(COLLECTIVES["reduce_scatter"], send, g, **detail):
+    with issue(COLLECTIVES["reduce_scatter"], send, g, (op, placements), **detail):
         if top.startswith("gather:"):
             off = sum(counts[:g.rank])
             full = _gather_reduce(send, top[7:], g, "all_gather")
@@ -269,10 +270,10 @@ def prepared(generic, prepare):
     return f
 
 
-def _fast(name, g, out_shape, run):
+def _fast(name, g, out_shape, run, note):
     def fast(y):
         recv = type(y)(out_shape, y.dtype)
-        with issue(name, y, g):
+        with issue(name, y, g, note):
             run(y, recv)
         return recv
 
@@ -285,7 +286,8 @@ def prepared_all_gather(dim: int, g: Group, sizes, placements=None):
         fn = getattr(transport_for(x, "all_gather"), "allgather_fn", None)
         if fn is None or dim != 0 or not x.size or len(set(sizes)) != 1 or not x.flags.c_contiguous:
             return None
-        return _fast(COLLECTIVES["all_gather"], g, (sum(sizes),) + x.shape[1:], fn(x.nbytes, g)), x.shape
+        return _fast(COLLECTIVES["all_gather"], g, (sum(sizes),) + x.shape[1:], fn(x.nbytes, g),
+                     None if placements is None else (None, placements)), x.shape
 
     return prepared(lambda y: all_gather(y, dim, g, sizes, placements), prepare)
 
@@ -302,7 +304,7 @@ def prepared_all_reduce(op: str, g: Group, placements=None):
     def prepare(x):
         fn = getattr(transport_for(x, "all_reduce"), "allreduce_fn", None)
         run = fn(x.size, x.dtype, op, g) if fn is not None and x.size and _direct(x, op) else None
-        return None if run is None else (_fast(COLLECTIVES["all_reduce"], g, x.shape, run), x.shape)
+        return None if run is None else (_fast(COLLECTIVES["all_reduce"], g, x.shape, run, (op, placements)), x.shape)
 
     return prepared(lambda y: all_reduce(y, op, g, placements), prepare)
 
@@ -315,8 +317,8 @@ def prepared_reduce_scatter(op: str, dim: int, g: Group, sizes, placements=None)
             return None
         inner = math.prod(x.shape[1:])
         run = fn(sizes[0] * inner, x.dtype, op, g)
-        return None if run is None else (_fast(COLLECTIVES["reduce_scatter"], g, (sizes[g.rank],) + x.shape[1:], run),
-                                          x.shape)
+        return None if run is None else (_fast(COLLECTIVES["reduce_scatter"], g, (sizes[g.rank],) + x.shape[1:], run,
+                                                (op, placements)), x.shape)
 
     return prepared(lambda y: reduce_scatter(y, op, dim, g, sizes, placements), prepare)
 
@@ -381,7 +383,7 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
         recv = empty(x, tuple(shape))
         detail = _detail(dict(src_dim=src_dim, dst_dim=dst_dim, src_sizes=tuple(src_sizes),
                               dst_sizes=tuple(dst_sizes)), placements) if deadline.DEBUG else _NO_DETAIL
-        with issue(COLLECTIVES["all_to_all"], send, g, **detail):
+        with issue(COLLECTIVES["all_to_all"], send, g, None if placements is None else (None, placements), **detail):
             by_types(send, recv, src_dim, dst_dim, src_sizes, dst_sizes, g)
         return recv
     xp = _arrays.namespace(x)
@@ -413,7 +415,7 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
     bound = other * max(max(src_sizes) * sum(dst_sizes), sum(src_sizes) * max(dst_sizes))
     detail = _detail(dict(src_dim=src_dim, dst_dim=dst_dim, src_sizes=tuple(src_sizes), dst_sizes=tuple(dst_sizes)),
                      placements)
-    with issue(COLLECTIVES["all_to_all"], send, g, **detail):
+    with issue(COLLECTIVES["all_to_all"], send, g, None if placements is None else (None, placements), **detail):
         transport_for(x, "all_to_all").alltoallv(send, send_counts, recv.reshape(-1), [s * inner for s in src_sizes], g,
                                                  uniform, bound)
     return restore(recv, dim=src_dim)

@@ -752,13 +752,15 @@ class _Clear:
 _CLEAR = _Clear()
 
 
-def begin(name: str, g, send=None, detail=None) -> _Clear:
+def begin(name: str, g, send=None, detail=None, note=None) -> _Clear:
     """Record collective ``name`` on Group ``g`` as in flight; use as ``with begin(...): transport``.
 
     Hot path: a sequence-number increment, a clock read, the in-flight tuple and the flight
     recorder's tuple stored in its ring (about 0.2 µs; docs/failures.md). Under ``MPILOCAL_DEBUG=1``
     the ranks first agree on the collective's fingerprint (the check registered with
     :func:`register_fingerprint_check`; raises :class:`mpilocal.agreement.CollectiveMismatchError`).
+    ``note``: what the flight recorder keeps outside debug mode (``detail`` is empty there): a tuple
+    ``(reduce op or None, placements or None)``, built by the caller without formatting.
     """
     global _slot, _fr_n
     c = g.cache
@@ -770,11 +772,11 @@ def begin(name: str, g, send=None, detail=None) -> _Clear:
     if _FR_SIZE:  # the flight recorder: one tuple stored in the preallocated ring (no array, no frame)
         n = _fr_n
         if send is None:
-            _FR_RING[n % _FR_SIZE] = (name, c.get(_KEY), seq, now, None, None, None, detail or None,
+            _FR_RING[n % _FR_SIZE] = (name, c.get(_KEY), seq, now, None, None, None, detail or note,
                                       _call_site() if _FR_CALLS else None)
         else:
             _FR_RING[n % _FR_SIZE] = (name, c.get(_KEY), seq, now, send.nbytes, send.dtype, send.shape,
-                                      detail or None, _call_site() if _FR_CALLS else None)
+                                      detail or note, _call_site() if _FR_CALLS else None)
         _fr_n = n + 1
     if DEBUG and _FINGERPRINT is not None:
         _FINGERPRINT(name, seq, g, send, detail)

@@ -48,6 +48,8 @@ def record_dict(raw, now_mono: float, now_wall: float) -> dict:
     d = {"group": key if key is not None else "?", "op": op, "seq": seq, "nbytes": nbytes,
          "dtype": _dtype_name(dtype), "shape": list(shape) if shape is not None else None,
          "time": now_wall - (now_mono - t), "age_s": now_mono - t}
+    if isinstance(detail, tuple):  # the note outside debug mode: (reduce op or None, placements or None)
+        detail = {k: v for k, v in zip(("op", "placements"), detail) if v is not None}
     if detail:
         d["detail"] = ", ".join(f"{k}={v}" for k, v in sorted(detail.items()))
     if site is not None:

@@ -85,6 +85,8 @@ def test_ring_holds_the_calls_with_their_fields(ring):
             problems.append(f"record {have} for the call {want}")
         if _dim_key() not in r["group"]:
             problems.append(f"group {r['group']!r} does not name world ranks {list(range(W))}")
+        if name in ("all_reduce", "reduce_scatter_tensor") and "op=sum" not in r.get("detail", ""):
+            problems.append(f"record {r} does not name its reduce op")
     seqs = [r["seq"] for r in got]
     if seqs != list(range(seqs[0], seqs[0] + len(calls))):
         problems.append(f"sequence numbers {seqs} are not consecutive")
@@ -97,6 +99,12 @@ def test_ring_holds_the_calls_with_their_fields(ring):
     if times != sorted(times) or any(r["age_s"] < 0 for r in got) or sites != [deadline.DEBUG] * len(got):
         problems.append(f"times {times}, ages {[r['age_s'] for r in got]}, sites {[r.get('site') for r in got]}")
     assert_all(not problems, "; ".join(problems))
+    if W > 1:  # a redistribute's collective carries its placements (src, dst)
+        d = DTensor.from_local(to_device(np.ones((2, 3))), mesh, [Shard(0)], shape=(2 * W, 3))
+        d.redistribute(mesh, [Replicate()])
+        r = deadline.flight_dump("test")["records"][-1]
+        assert_all(r["op"] == "all_gather_into_tensor" and "placements=((Shard(dim=0),), (Replicate(),))"
+                   in r.get("detail", ""), f"{r}")
 
 
 def test_ring_wraps_around_and_keeps_the_last_n(mesh, ring):
