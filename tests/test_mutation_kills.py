@@ -813,3 +813,34 @@ def test_local_map_debug_checks_a_dtensor_inputs_gradient_replicas():
         Y.backward()
     assert_all(Wt.grad.placements == (Partial(),), f"{Wt.grad.placements}")
     assert_close_all(Wt.grad.full_tensor(), x.T @ (2 * (x @ w)), rtol=1e-12)
+
+
+def test_local_map_fast_path_follows_the_mesh():
+    """One local_map with one NumPy output (its fast path remembers the last mesh's normalized
+    out_placements) called on a 1-D mesh gives NumPy's values; then on a 2-D mesh with the same output
+    ndim its one placement no longer fits and is refused with a ValueError on every rank (never the
+    1-D mesh's placements on the 2-D mesh); then on the 1-D mesh again the values are right."""
+    from conftest import raises_all
+
+    from mpilocal import distribute_tensor
+
+    m1, m2 = init_device_mesh("cpu", (W,)), init_device_mesh("cpu", (1, W))
+    x = np.arange(6.0 * W).reshape(3 * W, 2) - 2.5
+    f = local_map(lambda a: a * 2, out_placements=[Shard(0)])
+    Y = f(distribute_tensor(x, m1, [Shard(0)]))
+    ok = Y.placements == (Shard(0),) and np.array_equal(Y.full_tensor(), 2 * x)
+    raises_all(ValueError, None, f, distribute_tensor(x, m2, [Replicate(), Shard(0)]))
+    Y = f(distribute_tensor(x + 1, m1, [Shard(0)]))
+    ok = ok and Y.shape == x.shape and np.array_equal(Y.full_tensor(), 2 * (x + 1))
+    assert_all(ok, f"{Y.placements} {Y.shape}")
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 48), (5, 37), (47, 48), (8, 8)])
+def test_checkpoint_device_to_host_bytes(fake_cupy, lo, hi):
+    """checkpoint's device -> host read of bytes lo..hi of a C-contiguous CuPy array without a pinned
+    slot: equal to NumPy's bytes of the same array (tests/fake_cupy on the CPU). Rank-local."""
+    from mpilocal.checkpoint import _format
+
+    host = (np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5) * (R + 1)
+    got = _format._d2h(fake_cupy, 0, None, fake_cupy.asarray(host), lo, hi)
+    assert bytes(got) == host.tobytes()[lo:hi], (bytes(got), host.tobytes()[lo:hi])
