@@ -184,7 +184,13 @@ def test_plans_are_cached_and_freed(monkeypatch, mode):
                                 _chunks(G.shape[1]))
     first = next(iter(host._PLANS.values()))
     types = list(first.made)
-    chk(types, "the first plan made no datatypes")
+    used = [t for t in (getattr(first, "send_types", None) or []) + (getattr(first, "recv_types", None) or [])
+            if t != MPI.BYTE]  # types mode: the committed per-peer types
+    if first.mode == "pack":
+        used = [t for t in (first.pack, first.unpack) if t is not None]
+        if first.own is not None and first.own[0] != "numpy":
+            used.append(first.own[1])
+    chk(types and used, f"the first plan made no datatypes ({first.mode})")
     collectives.all_to_all_dims(_piece(G, 0, _chunks(G.shape[0]), RANK), 0, 1, g, _chunks(G.shape[0]),
                                 _chunks(G.shape[1]))
     chk(len(host._PLANS) == 1 and next(iter(host._PLANS.values())) is first, "the same shape did not reuse its plan")
@@ -194,6 +200,7 @@ def test_plans_are_cached_and_freed(monkeypatch, mode):
         collectives.all_to_all_dims(_piece(H, 0, src, RANK), 0, 1, g, src, dst)
     chk(len(host._PLANS) == 2, f"{len(host._PLANS)} plans kept, the bound is 2")
     chk(first.made == [] and all(t == MPI.DATATYPE_NULL for t in types), "an evicted plan's datatypes were not freed")
+    chk(all(t == MPI.DATATYPE_NULL for t in used), f"{first.mode}: the committed datatypes of an evicted plan were not freed")
     host._PLANS.clear()
     chk.done()
 

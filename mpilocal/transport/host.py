@@ -279,6 +279,7 @@ def _strided(piece, unit, base, extent, limit, made):
     st = MPI.Datatype.Create_struct([1] * len(parts), disp, parts)
     made.append(st)
     t = st.Create_resized(0, extent)
+    made.append(t)
     t.Commit()
     return t
 
@@ -291,6 +292,7 @@ def _union(types, extent, made):
     st = MPI.Datatype.Create_struct([1] * len(types), [0] * len(types), types)
     made.append(st)
     t = st.Create_resized(0, extent)
+    made.append(t)
     t.Commit()
     return t
 
