@@ -303,15 +303,28 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str 
     if f is not None:  # differentiable (inside local_map with inputs that require grad)
         return f(x, output_split_sizes, input_split_sizes, group)
     g = resolve_group(group, caller)
-    try:  # rank-local checks; the verdict (and dtypes/trailing dims) are agreed so every rank raises
-        splits = _a2a_splits(x, output_split_sizes, input_split_sizes, g, caller)
-        check_movable(x.dtype, caller)
+    # equal splits (both None): the checks' outcome depends only on the group and the array's shape,
+    # dtype and kind, so a loop of calls looks it up (_A2A_EQUAL)
+    key = (g, x.shape, x.dtype, type(x)) if output_split_sizes is None is input_split_sizes \
+        and _arrays.is_array(x) else None
+    hit = None if key is None else _A2A_EQUAL.get(key)
+    if hit is not None:
+        splits, flags = hit
         err = None
-    except (TypeError, ValueError) as e:
-        err = e
-    # flags that choose the MPI call, agreed with the checks: bit 0 "my splits are not all equal",
-    # bit 1 "a total of mine passes the MPI count limit", bit 2 "my receive sizes are agreed later"
-    flags = 0 if err else _a2a_flags(x, splits, g)
+    else:
+        try:  # rank-local checks; the verdict (and dtypes/trailing dims) are agreed so every rank raises
+            splits = _a2a_splits(x, output_split_sizes, input_split_sizes, g, caller)
+            check_movable(x.dtype, caller)
+            err = None
+        except (TypeError, ValueError) as e:
+            err = e
+        # flags that choose the MPI call, agreed with the checks: bit 0 "my splits are not all equal",
+        # bit 1 "a total of mine passes the MPI count limit", bit 2 "my receive sizes are agreed later"
+        flags = 0 if err else _a2a_flags(x, splits, g)
+        if key is not None and err is None:
+            if len(_A2A_EQUAL) >= 256:
+                _A2A_EQUAL.clear()
+            _A2A_EQUAL[key] = ((tuple(splits[0]), tuple(splits[1])), flags)  # (immutable: shared by later calls)
     if err is None:
         ins, outs = splits
     inner = math.prod(x.shape[1:]) if err is None else 0
@@ -351,6 +364,9 @@ def all_to_all_single(x, output_split_sizes, input_split_sizes, group, tag: str 
 
     return checked(g, caller, err, x, None, None if err else (
         caller, type(x), x.dtype, x.shape, tuple(ins), None if outs is None else tuple(outs), flags), run, full=full)
+
+
+_A2A_EQUAL: dict = {}  # (group, shape, dtype, kind) -> (splits, flags) of all_to_all_single's equal splits
 
 
 def _a2a_flags(x, splits, g):
