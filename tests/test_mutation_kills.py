@@ -844,3 +844,30 @@ def test_checkpoint_device_to_host_bytes(fake_cupy, lo, hi):
     host = (np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5) * (R + 1)
     got = _format._d2h(fake_cupy, 0, None, fake_cupy.asarray(host), lo, hi)
     assert bytes(got) == host.tobytes()[lo:hi], (bytes(got), host.tobytes()[lo:hi])
+
+
+def test_deadline_abort_survives_failing_abort_hooks(monkeypatch):
+    """When the deadline fires, the abort hooks (e.g. a NCCL communicator's abort) run first, and one
+    that raises must not stop the abort: every hook is called once, then the job is aborted with exit
+    code 1 and the report. deadline.abort is replaced by a recorder (the real one ends the MPI job);
+    rank-local."""
+    calls, ended = [], []
+
+    def bad_fn():
+        calls.append("abort_fn")
+        raise RuntimeError("the communicator is already broken")
+
+    def bad_hook(g):
+        calls.append(("hook", g))
+        raise OSError("hook failed too")
+
+    monkeypatch.setattr(deadline, "_INTERCEPT", None)
+    monkeypatch.setattr(deadline, "_ABORT_HOOKS", [bad_hook])
+    monkeypatch.setattr(deadline, "abort", lambda code=1, message="", where="": ended.append((code, message)))
+    try:
+        deadline._fire("all_reduce", 7, None, 2.5, None, bad_fn)
+        err = None
+    except Exception as e:  # noqa: BLE001 - compared below
+        err = e
+    assert err is None and calls == ["abort_fn", ("hook", None)] and [c for c, _ in ended] == [1], (err, calls, ended)
+    assert ended[0][1].startswith("mpilocal: all_reduce#7 did not complete within 2.5 s"), ended
