@@ -251,7 +251,7 @@ def reduce_scatter(x, op: str, dim: int, g: Group, sizes, placements=None):
 # (dim 0, equal sizes, a reduction _reduce_input leaves as it is), later calls allocate the result in
 # its shape and hand the transport the two arrays: no flat views, shape arithmetic or lookups per
 # call. Anything else (another shape, a strided input, MPILOCAL_DEBUG=1, which fingerprints the
-# transport's call) takes the collective above.
+# transport's call) takes the collective above. docs/architecture.md, "A loop of the same redistribute".
 def prepared(generic, prepare):
     """``f(y)``: ``generic(y)``, then (from the second call) ``fast(y)`` where ``prepare(y)`` (called
     once, after the first call, with its input) gave ``(fast, shape)`` and ``y`` has that shape and

@@ -40,7 +40,8 @@ def redistribute_local(local, mesh, global_shape, src, dst):
 
     **Collective** over the mesh; one logical collective per communicating step. The transition is
     compiled once per (global shape, placements, array type, dtype) and mesh (:func:`_compile`: the
-    checks, the plan and the groups), then each call runs its steps.
+    checks, the plan and the groups), then each call runs its steps (docs/architecture.md, "A loop of
+    the same redistribute").
     """
     progs = mesh.__dict__.get("_programs")
     if progs is None:
