@@ -34,7 +34,8 @@ from mpilocal.transport import group_for, host
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=lambda s: [int(float(v)) for v in s.split(",")], default=[1 << 20, 4 << 20, 16 << 20])
+    p.add_argument("--sizes", type=lambda s: [int(float(v)) for v in s.split(",")],
+                   default=[1 << 20, 4 << 20, 16 << 20])
     p.add_argument("--cols", type=int, default=None)
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--calls", type=int, default=30, help="calls per case per round")

@@ -76,7 +76,8 @@ def _check_pairs(chk, G, g, label, noncontig=False):
                 x = np.asfortranarray(x)
             want = _piece(G, b, dst, RANK)
             got = collectives.all_to_all_dims(x, a, b, g, src, dst)
-            chk(_same_bytes(got, want), f"{label} S({a})->S({b}) shape {G.shape} {G.dtype}: {got.shape} vs {want.shape}")
+            chk(_same_bytes(got, want),
+                f"{label} S({a})->S({b}) shape {G.shape} {G.dtype}: {got.shape} vs {want.shape}")
             chk(got.flags.c_contiguous, f"{label} S({a})->S({b}): result not C-contiguous")
 
 
@@ -200,7 +201,8 @@ def test_plans_are_cached_and_freed(monkeypatch, mode):
         collectives.all_to_all_dims(_piece(H, 0, src, RANK), 0, 1, g, src, dst)
     chk(len(host._PLANS) == 2, f"{len(host._PLANS)} plans kept, the bound is 2")
     chk(first.made == [] and all(t == MPI.DATATYPE_NULL for t in types), "an evicted plan's datatypes were not freed")
-    chk(all(t == MPI.DATATYPE_NULL for t in used), f"{first.mode}: the committed datatypes of an evicted plan were not freed")
+    chk(all(t == MPI.DATATYPE_NULL for t in used),
+        f"{first.mode}: the committed datatypes of an evicted plan were not freed")
     host._PLANS.clear()
     chk.done()
 
