@@ -863,9 +863,9 @@ def test_all_to_all_backward_split_agreement_is_accounted(monkeypatch):
     seen = []
     begin = _deadline.begin
 
-    def spy(name, g, send=None, detail=None):
+    def spy(name, g, send=None, detail=None, note=None):
         seen.append(name)
-        return begin(name, g, send, detail)
+        return begin(name, g, send, detail, note)
 
     ins = [RANK + 1 if q % 2 == 0 else 0 for q in range(W)]  # uneven: output splits must be agreed
     x = rand(130 + RANK, sum(ins), 2)
