@@ -871,3 +871,35 @@ def test_deadline_abort_survives_failing_abort_hooks(monkeypatch):
         err = e
     assert err is None and calls == ["abort_fn", ("hook", None)] and [c for c, _ in ended] == [1], (err, calls, ended)
     assert ended[0][1].startswith("mpilocal: all_reduce#7 did not complete within 2.5 s"), ended
+
+
+@pytest.mark.skipif(W == 1, reason="uneven splits need two ranks")
+def test_all_to_all_single_uneven_without_argument_agreement(monkeypatch):
+    """With argument agreement off (MPILOCAL_CHECK_ARGS=0) each rank chooses the MPI call from its own
+    arguments: uneven splits (rank r sends j + 1 rows to rank j and receives r + 1 from each, both given)
+    must still take the variable-count path at every group size: values against NumPy's concatenation."""
+    import mpilocal.agreement as agreement
+
+    monkeypatch.setattr(agreement, "_CHECK_ARGS", False)
+    mesh = init_device_mesh("cpu", (W,))
+
+    def rows(src, dst, n):
+        return np.full((n, 3), 100.0 * src + dst) - np.arange(n)[:, None] * 0.5
+
+    x = np.concatenate([rows(R, j, j + 1) for j in range(W)])
+    got = funcol.all_to_all_single(x, [R + 1] * W, [j + 1 for j in range(W)], mesh)
+    want = np.concatenate([rows(j, R, R + 1) for j in range(W)])
+    assert_all(got.shape == want.shape and np.array_equal(got, want), f"{got.shape} vs {want.shape}")
+
+
+def test_checkpoint_relays_an_oserror_without_errno():
+    """checkpoint's error relay (one rank's exception, encoded, decoded on every rank) keeps an OSError
+    without an errno an OSError (errno None), with its text and the rank that raised it; with an errno,
+    the errno. Rank-local (the encoding and decoding, without the communication)."""
+    from mpilocal.checkpoint import _dist
+
+    e0 = _dist._decode(_dist._encode(OSError("the disk went away")), 1, 1)
+    e1 = _dist._decode(_dist._encode(OSError(28, "No space left on device")), 2, 3)
+    ok = type(e0) is OSError and e0.errno is None and str(e0).startswith("the disk went away")
+    ok = ok and "rank 1" in str(e0) and type(e1) is OSError and e1.errno == 28
+    assert ok, (repr(e0), repr(e1))
