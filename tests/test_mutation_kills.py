@@ -903,3 +903,25 @@ def test_checkpoint_relays_an_oserror_without_errno():
     ok = type(e0) is OSError and e0.errno is None and str(e0).startswith("the disk went away")
     ok = ok and "rank 1" in str(e0) and type(e1) is OSError and e1.errno == 28
     assert ok, (repr(e0), repr(e1))
+
+
+@pytest.mark.parametrize("op", ["max", "min"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_float_max_min_nan_bits_are_numpys(op, dtype):
+    """all_reduce max/min of floats (reduced as order-preserving integer keys) give NumPy's result bit
+    for bit, NaN included: where a rank holds NaN (np.nan, NumPy's default NaN) the result is that NaN,
+    not a NaN with the sign bit set; -0.0 and 0.0, inf and -inf as NumPy orders them."""
+    mesh = init_device_mesh("cpu", (W,))
+    base = np.array([1.5, -2.0, 0.0, -0.0, np.inf, -np.inf, 3.0, -7.25], dtype=dtype)
+    xs = []
+    for r in range(W):
+        x = base * (r + 1)
+        x[r % 3] = np.nan  # a NaN at a rank-dependent position
+        xs.append(x)
+    got = funcol.all_reduce(xs[R].copy(), op, mesh)
+    want = getattr(np, op)(np.stack(xs), axis=0)
+    u = {2: np.uint16, 4: np.uint32, 8: np.uint64}[np.dtype(dtype).itemsize]
+    nan = np.isnan(want)
+    ok = got.dtype == want.dtype and np.array_equal(np.isnan(got), nan)
+    ok = ok and np.array_equal(got.view(u)[nan], want.view(u)[nan]) and np.array_equal(got[~nan], want[~nan])
+    assert_all(ok, f"{op}: {got} ({got.view(u)}) vs NumPy {want} ({want.view(u)})")
