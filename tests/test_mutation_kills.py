@@ -925,3 +925,21 @@ def test_float_max_min_nan_bits_are_numpys(op, dtype):
     ok = got.dtype == want.dtype and np.array_equal(np.isnan(got), nan)
     ok = ok and np.array_equal(got.view(u)[nan], want.view(u)[nan]) and np.array_equal(got[~nan], want[~nan])
     assert_all(ok, f"{op}: {got} ({got.view(u)}) vs NumPy {want} ({want.view(u)})")
+
+
+@pytest.mark.skipif(W == 1, reason="neighbours")
+def test_halo_constant_boundary_is_a_number():
+    """A constant halo boundary is a number (np.pad's constant_values for the global edges: values
+    against NumPy's padding of the full array); a list, a 1-element array or None is not, and is refused
+    with a TypeError on every rank (never taken as the constant)."""
+    from conftest import raises_all
+
+    mesh = init_device_mesh("cpu", (W,))
+    n = 3 * W
+    full = np.arange(n * 2, dtype=np.float64).reshape(n, 2) - 4.0
+    X = mpilocal.distribute_tensor(full, mesh, [Shard(0)])
+    got = funcol.halo_exchange(X, 0, 0, 1, 2.5)
+    padded = np.pad(full, ((1, 1), (0, 0)), constant_values=2.5)
+    assert_all(np.array_equal(got, padded[3 * R:3 * R + 5]), f"{got}")
+    for bad in ([2.5], np.array([2.5]), None):
+        raises_all(TypeError, None, funcol.halo_exchange, X, 0, 0, 1, bad)
