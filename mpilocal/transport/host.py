@@ -215,25 +215,23 @@ def dims_pieces(shape, itemsize, a, b, src_sizes, dst_sizes, me):
     ``send[p]``/``recv[p]`` are ``(offset, outer, run, stride)``: ``outer`` runs of ``run`` bytes,
     ``stride`` bytes apart, from ``offset``, of the C-contiguous input (shape ``shape``) and output
     (shape ``out_shape``: ``shape`` with ``a`` the sum of ``src_sizes``, ``b`` this rank's piece)."""
-    e = itemsize
-    in_b = math.prod(shape[b + 1:])
-    out_b = math.prod(shape[:b])
-    stride_b = shape[b] * in_b * e
-    send, off = [], 0
-    for s in dst_sizes:
-        send.append((off * in_b * e, out_b, s * in_b * e, stride_b))
-        off += s
     t = list(shape)
     t[a] = sum(src_sizes)
     t[b] = dst_sizes[me]
-    in_a = math.prod(t[a + 1:])
-    out_a = math.prod(t[:a])
-    stride_a = t[a] * in_a * e
-    recv, off = [], 0
-    for s in src_sizes:
-        recv.append((off * in_a * e, out_a, s * in_a * e, stride_a))
+    return _runs(shape, b, dst_sizes, itemsize), _runs(t, a, src_sizes, itemsize), tuple(t)
+
+
+def _runs(shape, d, sizes, e):
+    """``(offset, outer, run, stride)`` in bytes of each piece (``sizes[p]`` wide along dim ``d``) of
+    a C-contiguous array of ``shape`` with ``e``-byte elements."""
+    inner = math.prod(shape[d + 1:])
+    outer = math.prod(shape[:d])
+    stride = shape[d] * inner * e
+    pieces, off = [], 0
+    for s in sizes:
+        pieces.append((off * inner * e, outer, s * inner * e, stride))
         off += s
-    return send, recv, tuple(t)
+    return pieces
 
 
 def _contig(n: int, base, limit, made):
