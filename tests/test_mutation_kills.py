@@ -943,3 +943,28 @@ def test_halo_constant_boundary_is_a_number():
     assert_all(np.array_equal(got, padded[3 * R:3 * R + 5]), f"{got}")
     for bad in ([2.5], np.array([2.5]), None):
         raises_all(TypeError, None, funcol.halo_exchange, X, 0, 0, 1, bad)
+
+
+@pytest.mark.skipif(W == 1, reason="splits need two ranks")
+def test_all_to_all_single_even_on_some_ranks_uneven_on_others():
+    """all_to_all_single where rank 0 splits its rows evenly and the other ranks do not (so the ranks'
+    call flags differ: only the dtype, ndim and trailing dims must agree): values against NumPy's
+    concatenation, twice (the second call takes the remembered signature), and in debug mode."""
+    from conftest import debug_mode
+
+    mesh = init_device_mesh("cpu", (W,))
+
+    def send_rows(src, dst):
+        return 1 if src == 0 else dst + 1
+
+    def rows(src, dst):
+        return np.full((send_rows(src, dst), 2), 10.0 * src + dst) + np.arange(send_rows(src, dst))[:, None]
+
+    x = np.concatenate([rows(R, j) for j in range(W)])
+    want = np.concatenate([rows(j, R) for j in range(W)])
+    ok = True
+    for dbg in (False, False, True):
+        with debug_mode(dbg):
+            got = funcol.all_to_all_single(x, None, [send_rows(R, j) for j in range(W)], mesh)
+        ok = ok and got.shape == want.shape and np.array_equal(got, want)
+    assert_all(ok, f"{got.shape} vs {want.shape}")
