@@ -968,3 +968,42 @@ def test_all_to_all_single_even_on_some_ranks_uneven_on_others():
             got = funcol.all_to_all_single(x, None, [send_rows(R, j) for j in range(W)], mesh)
         ok = ok and got.shape == want.shape and np.array_equal(got, want)
     assert_all(ok, f"{got.shape} vs {want.shape}")
+
+
+def test_gpu_stream_watch_busy_while_a_call_is_pending():
+    """deadline._StreamWatch.busy() (SIGINT's "is asynchronous GPU work pending?") is True exactly
+    while a watched call has not completed on its stream: none issued: False; one issued: True; it
+    completed: False; two more, the first completed: True (the latest is pending); all done: False.
+    Fake in-order stream and events, as tests/test_gpu_watch.py (rank-local)."""
+
+    class Stream:
+        enqueued = finished = 0
+
+    class Event:
+        at = None
+
+        def record(self, stream):
+            self.at = (stream, stream.enqueued)
+
+        @property
+        def done(self):
+            return self.at[0].finished >= self.at[1]
+
+    s, w = Stream(), deadline._StreamWatch(Event(), Event(), None, None, None)
+
+    def call(name, t):
+        s.enqueued += 1
+        w.issued(name, s.enqueued, None, s, t)
+
+    seen = [w.busy()]
+    call("allreduce", 0.0)
+    seen.append(w.busy())
+    s.finished = 1
+    seen.append(w.busy())
+    call("allgatherv", 1.0)
+    call("allreduce", 2.0)
+    s.finished = 2
+    seen.append(w.busy())
+    s.finished = 3
+    seen.append(w.busy())
+    assert seen == [False, True, False, True, False], seen
