@@ -43,7 +43,7 @@
 #
 # A module's `extra_ranks` (mutation.toml) adds rank counts after 2 and 3 for mutants still alive there
 # (ragged.py: 4, a mesh with two dims of size >= 2). Measured on 2026-11-30 at load 7-17 from other jobs,
-# under nice 19: 1.5-2.5 mutants a minute, so the report of that day samples 12 per module, not 30.
+# under nice 19: 1.5-2.5 mutants a minute, so the report of that day samples 15 per module, not 30.
 #
 # Environment: MUTATION_CACHE, MUTATION_WORK (directories), MUTATION_PYTHON / MUTATION_MPIEXEC (the
 # interpreter and launcher the tests run with; default .venv's).
