@@ -46,6 +46,7 @@ def control_comm(g):
     c = g.cache.get(_CTL)
     if c is None:
         deadline.count_control(g)
+        deadline.settle_channel()
         with deadline.in_flight("creating the control communicator", g):
             c = g.cache[_CTL] = g.comm.Dup()
     return c

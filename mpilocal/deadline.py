@@ -68,7 +68,7 @@ __all__ = [
     "install", "abort", "timeout", "set_timeout", "debug_enabled", "set_debug", "begin", "waiting", "in_flight",
     "sequence", "count_control", "watch_async", "watch_cuda", "register_abort_hook", "register_before_report",
     "register_describer", "register_fingerprint_check", "describe_group", "forget_group", "format_exception",
-    "exception_summary", "env_flag", "DEBUG", "set_flight_recorder", "flight_settings", "flight_records",
+    "exception_summary", "env_flag", "DEBUG", "settle_channel", "set_flight_recorder", "flight_settings", "flight_records",
     "flight_dump", "flight_text", "flight_verdict",
 ]
 
@@ -368,7 +368,9 @@ def _channel():
     if ch is None or not (_MT or threading.current_thread() is threading.main_thread()):
         return None
     if ch[1] is not None:
-        with _CHAN_LOCK:
+        if not _CHAN_LOCK.acquire(blocking=False):  # (settle_channel may be waiting with it: not yet)
+            return None
+        try:
             if ch[1] is not None:
                 try:
                     if not ch[1].Test():
@@ -376,7 +378,28 @@ def _channel():
                 except Exception:
                     return None
                 ch[1] = None
+        finally:
+            _CHAN_LOCK.release()
     return ch[0]
+
+
+def settle_channel() -> None:
+    """Complete the leave channel's ``MPI_Comm_idup`` of ``MPI_COMM_WORLD`` (posted at import) before
+    mpilocal makes another communicator: Open MPI 4.1 can hang a blocking communicator creation
+    issued while that idup is pending (with mpi4py alone, an idup then a barrier, a dup and an
+    all-gather hung 2 of 6 runs at 3 ranks; ``init_device_mesh`` hung the same way). Every
+    communicator mpilocal creates calls this first. Blocking, under the deadline; every rank posted
+    the idup at import, so it completes once every rank is in MPI. Main thread only."""
+    ch = _chan
+    if ch is None or ch[1] is None or threading.current_thread() is not threading.main_thread():
+        return
+    with _CHAN_LOCK:
+        req = ch[1]
+        if req is not None:
+            with in_flight("completing the leave channel (the MPI_Comm_idup of MPI_COMM_WORLD made at import)",
+                           members=MPI.COMM_WORLD):
+                req.Wait()
+            ch[1] = None
 
 
 def _world_ranks(g) -> list:

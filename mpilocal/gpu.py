@@ -7,6 +7,8 @@ import os
 
 from mpi4py import MPI
 
+from . import deadline
+
 __all__ = ["cupy_or_none", "node_local_rank", "bind_device", "binding", "device_index"]
 
 _node_comm = None
@@ -28,6 +30,7 @@ def node_local_rank() -> tuple[int, int]:
     """(rank among the processes of this node, processes on this node). Collective on first call."""
     global _node_comm
     if _node_comm is None:
+        deadline.settle_channel()
         _node_comm = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED, key=MPI.COMM_WORLD.Get_rank())
     return _node_comm.Get_rank(), _node_comm.Get_size()
 

@@ -301,6 +301,7 @@ class DeviceMesh:
         if comm is None:
             ranks = self.mesh.ravel().tolist()
             group = _world().Get_group().Incl(ranks)
+            deadline.settle_channel()
             with deadline.in_flight(f"creating the communicator of {self!r} (MPI_Comm_create_group)", members=ranks):  # deadline
                 comm = _world().Create_group(group, tag=7)
             group.Free()
@@ -317,6 +318,7 @@ class DeviceMesh:
             comm = rec.extra.get(key)
             if comm is None:
                 base = self.get_comm()
+                deadline.settle_channel()
                 with deadline.in_flight(f"creating the metadata communicator of {self!r} (MPI_Comm_dup)",
                                members=base):  # deadline
                     comm = base.Dup()
@@ -490,6 +492,7 @@ def release_unused() -> int:
     communicators this rank freed."""
     world = _world()
     if not _AGREE_COMM:
+        deadline.settle_channel()
         # the one communicator made outside the deadline: in most programs this is the first collective
         # over the world, so it absorbs the ranks' start-up skew (seconds on a loaded machine), which a
         # short MPILOCAL_TIMEOUT would report as a hang (the failure jobs, MPILOCAL_TIMEOUT=1, under
@@ -600,6 +603,7 @@ def _dim_comms(arr: np.ndarray, coordinate) -> _Comms:
         return rec
     ranks = arr.ravel().tolist()
     world = _world()
+    deadline.settle_channel()
     with deadline.in_flight(f"creating the communicators of a mesh over world ranks {ranks} (MPI_Comm_create_group, "
                    f"MPI_Comm_split)", members=ranks):  # deadline
         if arr.size == world.Get_size() and ranks == list(range(world.Get_size())):

@@ -412,6 +412,7 @@ def ensure_diag(g) -> None:
     communicator of the shape agreement: its point-to-point sums and :func:`diag_allgather` run on it."""
     if _DIAG_KEY not in g.cache:
         with deadline.in_flight("creating the metadata diagnostics communicator", g):
+            deadline.settle_channel()
             g.cache[_DIAG_KEY] = g.comm.Dup()
 
 

@@ -244,9 +244,10 @@ def test_compare_marks_the_first_difference_and_the_missing_rank():
 @rank0_only
 def test_deadline_dumps_every_ring_and_the_analyzer_names_the_skipping_rank(tmp_path):
     d = tmp_path / "flight"
-    # a deadline of 4 s: long enough for a loaded machine to start the job, far below the skipping rank's sleep
+    # the job starts under a 60 s deadline (a loaded machine may start 3 ranks slowly) and sets 4 s just before
+    # the collective the last rank skips (FLIGHT_SKIP_TIMEOUT), far below that rank's sleep
     rc, out, _, _ = run_job(3, ["flight_skip.py"], {"MPILOCAL_FLIGHT_DIR": d, "MPILOCAL_FLIGHT_RECORDER": 4,
-                                                    "MPILOCAL_TIMEOUT": 4})
+                                                    "MPILOCAL_TIMEOUT": 60, "FLIGHT_SKIP_TIMEOUT": 4})
     assert rc not in (0, None), f"exit status {rc}:\n{out[-4000:]}"
     assert "all_gather_into_tensor#6" in out and "did not complete within 4 s" in out and "UNREACHABLE" not in out, \
         out[-4000:]

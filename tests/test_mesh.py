@@ -1,8 +1,9 @@
 """DeviceMesh and init_device_mesh: shape, names, sub-meshes, groups, coordinates, identity."""
 
+import re
 import numpy as np
 import pytest
-from conftest import RANK, W, assert_all
+from conftest import DEVICE, RANK, W, assert_all, rank0_only
 from mpi4py import MPI
 
 from mpilocal import DeviceMesh, init_device_mesh
@@ -570,3 +571,18 @@ def test_close_releases_transport_state():
         ok = ok and not any(g in transport._GROUPS.values() for g in groups)
         assert_all(ok, f"mesh {i}: results or released state ({[sorted(g.cache) for g in groups]})")
     assert_all(_live() == before, f"{_live()} != {before}")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="starts MPI jobs: run on CPU (see tests/test_failure.py)")
+@rank0_only
+def test_a_mesh_right_after_import_does_not_hang():
+    """The first communicator mpilocal makes completes the leave channel's MPI_Comm_idup of the world
+    first (deadline.settle_channel): under Open MPI 4.1 a blocking dup issued while it was pending hung
+    init_device_mesh in about half of the 3-rank runs. Four 3-rank jobs must each finish, every rank
+    with the channel settled and the right sum."""
+    from test_failure import run_job
+
+    for i in range(4):
+        rc, out, _, _ = run_job(3, ["mesh_after_idup.py"], {"MPILOCAL_TIMEOUT": 30})
+        oks = sorted(re.findall(r"MESH OK (\d) (True|False) \[3\.0, 3\.0\]", out))
+        assert rc == 0 and oks == [("0", "True"), ("1", "True"), ("2", "True")], f"job {i}: exit {rc}\n{out[-3000:]}"

@@ -21,6 +21,7 @@ import zlib
 import numpy as np
 from mpi4py import MPI
 
+from .. import deadline
 from .. import functional as funcol
 from .._arrays import host_to_cupy
 from ..dtensor import DTensor
@@ -52,6 +53,7 @@ def _comm(process_group, caller):
     ``MPI.COMM_WORLD`` made once (collective on first use), so that they never match user messages."""
     if process_group is None:
         if not _COMM:
+            deadline.settle_channel()
             _COMM.append(MPI.COMM_WORLD.Dup())
         return _COMM[0]
     if not isinstance(process_group, MPI.Comm) or process_group == MPI.COMM_NULL:

@@ -140,6 +140,7 @@ class StagedTransport(ExchangeReduce):
         if w is False:
             w = None
             if _SHM:
+                deadline.settle_channel()
                 node = group.comm.Split_type(MPI.COMM_TYPE_SHARED, key=group.rank)
                 if node.Get_size() == group.size:
                     w = _NodeWindow(group.comm, self._cp)
