@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # docs/scaling.md's metadata model against CommDebugMode at 2..64 ranks (oversubscribed on a small
 # machine): one scripts/check_scaling.py run per P, then a markdown table. Exit 1 if any P differs.
-#   scripts/check_scaling.sh [OUT.md] [P ...]        (default P: 2 4 8 16 32 64)
+#   scripts/check_scaling.sh [OUT.md|-] [P ...]      (default: - = standard output; P: 2 4 8 16 32 64)
 set -u
 cd "$(dirname "$0")/.."
-out=${1:-/dev/stdout}; shift || true
+out=${1:--}; shift || true
+# (never "> /dev/stdout": where standard output is a file, that reopens and truncates it)
+[ "$out" = "-" ] || exec 3>"$out"
+[ "$out" != "-" ] || exec 3>&1
 ps=${*:-2 4 8 16 32 64}
 py=${PYTHON:-.venv/bin/python}; mpiexec=${MPIEXEC:-.venv/bin/mpiexec}  # e.g. MPIEXEC="/usr/bin/mpirun --oversubscribe"
 tmp=$(mktemp -d); status=0
@@ -13,7 +16,7 @@ for p in $ps; do
     status=1; echo "P=$p failed: $(tail -3 "$tmp/$p.log")" >&2
   fi
 done
-"$py" - "$tmp" $ps > "$out" <<'PY'
+"$py" - "$tmp" $ps >&3 <<'PY'
 import json, sys, os
 tmp, ps = sys.argv[1], sys.argv[2:]
 keys = ["shape_agreement_count", "shape_agreement_bytes", "received_bytes", "signature_count", "signature_bytes",
