@@ -446,13 +446,18 @@ def post_signature(g, caller: str, h) -> SigCheck:
     fast = h is not None and h == st.pred
     v = st.send
     if fast:
-        v[0], v[1], v[2], v[3], v[4], v[5] = h, -h, _BIG, _BIG, 0, 0
+        _fast_vector(v, h)
     elif h is None:
         v[0], v[1], v[2], v[3], v[4], v[5] = _BIG, _BIG, _BIG, _BIG, -1, -1
     else:
         v[0], v[1], v[2], v[3], v[4], v[5] = _BIG, _BIG, h, -h, -1, 0
     _start(g, st)
     return SigCheck(g, st, h, fast, caller)
+
+
+def _fast_vector(v, h) -> None:
+    """A fast rank's vector: its signature in the fast slot, nothing slow, no error."""
+    v[0], v[1], v[2], v[3], v[4], v[5] = h, -h, _BIG, _BIG, 0, 0
 
 
 def _start(g, st) -> None:
@@ -476,8 +481,7 @@ def speculate(g, caller: str, h, run, x):
     st = g.cache.get(_SIG_KEY)
     if st is None or h is None or h != st.pred or st.pending is not None:
         return False, None
-    v = st.send
-    v[0], v[1], v[2], v[3], v[4], v[5] = h, -h, _BIG, _BIG, 0, 0
+    _fast_vector(st.send, h)
     _start(g, st)
     out = run(x, None)
     with deadline.waiting(_WAIT_NAMES.get(caller) or _wait_name(caller), g):

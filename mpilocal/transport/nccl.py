@@ -307,28 +307,23 @@ class NcclTransport:
     def allreduce_fn(self, count, dtype, op, group):
         """``run(send, recv)``: :meth:`allreduce` of ``count`` elements, or None where that needs more
         than one NCCL call on the buffers themselves (widening, gathering)."""
-        view, code, opc, factor, wide = self._plan(dtype, op)
-        if view == "gather" or wide is not None:
-            return None
-        comm, watch, n = nccl_comm(group), deadline.watch_cuda, count * factor
-
-        def run(send, recv):  # (a view's pointer is the array's: no view needed)
-            comm.allReduce(send.data.ptr, recv.data.ptr, n, code, opc, _stream())
-            watch("allreduce", group, None, comm)
-
-        return run
+        return self._reduction_fn("allreduce", "allReduce", count, dtype, op, group)
 
     def reduce_scatter_fn(self, count, dtype, op, group):
         """``run(send, recv)``: :meth:`reduce_scatterv` of ``count`` elements to every rank, or None
         (as :meth:`allreduce_fn`)."""
+        return self._reduction_fn("reduce_scatterv", "reduceScatter", count, dtype, op, group)
+
+    def _reduction_fn(self, name, call, count, dtype, op, group):
         view, code, opc, factor, wide = self._plan(dtype, op)
         if view == "gather" or wide is not None:
             return None
         comm, watch, n = nccl_comm(group), deadline.watch_cuda, count * factor
+        f = getattr(comm, call)
 
-        def run(send, recv):
-            comm.reduceScatter(send.data.ptr, recv.data.ptr, n, code, opc, _stream())
-            watch("reduce_scatterv", group, None, comm)
+        def run(send, recv):  # (a view's pointer is the array's: no view needed)
+            f(send.data.ptr, recv.data.ptr, n, code, opc, _stream())
+            watch(name, group, None, comm)
 
         return run
 
