@@ -42,7 +42,7 @@ import zlib
 
 import numpy as np
 
-from . import _arrays, agreement, collectives, functional
+from . import _arrays, agreement, collectives, deadline, functional
 from .dtensor import DTensor
 from .functional import resolve_group
 from .layout import local_shape_and_offset
@@ -232,11 +232,12 @@ class _Halo:
     ``detail`` / ``adj_detail``: what fingerprints compare. ``row``: elements per row along ``d``;
     where every dim before ``d`` has size 1 (``flat``), rows are runs of the flattened array and
     ``send_x_f`` / ``send_p_f`` / ``recv_f`` are the same messages as ``[(peer, start, stop)]``
-    element ranges of it."""
+    element ranges of it (``const_f``: the constant rows'). ``fast``: the prepared in-place fill
+    per (name, kind, dtype) (:func:`_fill_in_place`)."""
 
     __slots__ = ("g", "d", "w", "bnd", "shape", "n", "padded", "wl", "wr", "inner", "send_x", "send_p", "recv",
                  "const", "adj_send", "adj_recv", "detail", "adj_detail", "row", "flat", "send_x_f", "send_p_f",
-                 "recv_f")
+                 "recv_f", "const_f", "fast")
 
 
 def _halo_plan(shape, d, g, w, bnd):
@@ -283,13 +284,15 @@ def _halo_plan(shape, d, g, w, bnd):
                 cs.append(at(wl + n, wl + n + w))
     p.send_x, p.send_p, p.recv, p.const, p.adj_send, p.adj_recv = sx, sp, rv, cs, asd, arv
     p.row, p.flat = math.prod(shape[d + 1:]), math.prod(shape[:d]) == 1
-    p.send_x_f = p.send_p_f = p.recv_f = None
+    p.send_x_f = p.send_p_f = p.recv_f = p.const_f = None
+    p.fast = {}
     if p.flat:  # the same rows as runs of the flattened array
 
         def runs(msgs):
             return [(q, idx[d].start * p.row, idx[d].stop * p.row) for q, idx in msgs]
 
         p.send_x_f, p.send_p_f, p.recv_f = runs(sx), runs(sp), runs(rv)
+        p.const_f = [(a, b) for _, a, b in runs([(None, i) for i in cs])]
     p.detail = dict(dim=d, width=w, boundary=str(bnd))
     p.adj_detail = dict(p.detail, adjoint=True)
     return p
@@ -299,9 +302,10 @@ class _Chain:
     """Halos along one or more dims of one local array (:func:`_chain`): ``plans`` (one
     :class:`_Halo` per dim, each of the final padded array), ``padded`` (its shape), ``inner`` (the
     interior's index tuple in it), ``off`` (the interior's first element where it is one run of
-    the padded array, else None)."""
+    the padded array, else None), ``fast``: the prepared exchange into a new padded array per
+    (name, kind, dtype) (:func:`halo`)."""
 
-    __slots__ = ("plans", "padded", "inner", "off")
+    __slots__ = ("plans", "padded", "inner", "off", "fast")
 
 
 def _chain(shape, dims):
@@ -320,34 +324,128 @@ def _chain(shape, dims):
     c.inner = tuple(inner)
     p = c.plans[0] if len(c.plans) == 1 else None
     c.off = p.wl * p.row if p is not None and p.flat else None
+    c.fast = {}
     return c
 
 
 def halo(x, c, name="halo_exchange"):
     """The padded local array of chain ``c`` (a :class:`_Chain` for ``x``'s shape; plain arrays,
     checks already done). **Collective** over each dim's group. One dim: the halos move from ``x``
-    itself while the interior is copied (alongside, for large CuPy arrays). Several: the interior is
-    copied once, then each dim's halos are filled in place from whole rows of the padded array,
-    including the halos of the dims before it (and not yet valid cells of the dims after it, which
-    those dims then overwrite)."""
-    out = collectives.empty(x, c.padded)  # NumPy: pooled warm pages (large halos: no page faults)
+    itself while the interior is copied (alongside, for large CuPy arrays); from the second call of
+    a kind and dtype, through the prepared exchange where there is one (:func:`_new_halo_fn`).
+    Several: the interior is copied once, then each dim's halos are filled in place from whole rows
+    of the padded array, including the halos of the dims before it (and not yet valid cells of the
+    dims after it, which those dims then overwrite)."""
     if len(c.plans) == 1:
+        key = (name, type(x), x.dtype)
+        f = c.fast.get(key) if not deadline.DEBUG and x.flags.c_contiguous else False
+        if f:
+            return f(x)
         p = c.plans[0]
+        out = collectives.empty(x, c.padded)  # NumPy: pooled warm pages (large halos: no page faults)
         join = _copy_into(out, x, c, overlap=p.w > 0 and p.g.size > 1)
         try:
             if p.w:
                 _fill_halos(out, x, p, p.send_x, p.send_x_f, name)
         finally:
             join()
+        if f is None:  # the first call of this kind and dtype: the generic path made the communicator
+            c.fast[key] = _new_halo_fn(x, c, name) or False
         return out
+    out = collectives.empty(x, c.padded)
     _copy_into(out, x, c, overlap=False)()
     for p in c.plans:
         if p.w:
-            _fill_halos(out, out, p, p.send_p, p.send_p_f, name)
+            _fill_in_place(out, p, name)
         else:
             for idx in p.const:
                 out[idx] = p.bnd
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# prepared exchanges: a plan's messages as byte ranges of the arrays, one transport call per call
+# ------------------------------------------------------------------------------------------------
+#: CuPy interiors below this size are copied by the prepared exchange inside its NCCL group (no
+#: separate copy call); larger ones as :func:`_copy_into` copies them
+SELF_COPY_BYTES = 1 << 20
+
+
+def _prepared_fill(like, p, sends_f, src_slot, name, extra_sends=(), extra_recvs=()):
+    """The transport's prepared call (:func:`collectives.prepared_sendrecv`) of plan ``p``'s halo
+    messages for arrays like ``like`` (CuPy, C-contiguous), as byte ranges: the padded array is
+    slot 0, the rows sent come from slot ``src_slot`` (``sends_f``: their element runs), the
+    constant rows from a buffer of the boundary value (the last slot, made here once); ``extra_*``:
+    more messages (this rank's own interior). Returns ``(f, const buffer or None)``, or None where
+    there is no prepared path (NumPy, one rank, rows not runs of the arrays, another transport)."""
+    g = p.g
+    if type(like) is np.ndarray or not _arrays.is_cupy(like) or not p.flat or g.size == 1 or not p.w:
+        return None
+    it, me = like.itemsize, g.rank
+    sends = [(q, src_slot, a * it, (b - a) * it) for q, a, b in sends_f] + list(extra_sends)
+    recvs = [(q, 0, a * it, (b - a) * it) for q, a, b in p.recv_f] + list(extra_recvs)
+    cb = None
+    if p.const_f:
+        cb = _arrays.namespace(like).empty(p.w * p.row, dtype=like.dtype)
+        cb[...] = p.bnd  # the assignment of the generic path (_fill_halos), so the same value
+        slot = max(src_slot, 0) + 1
+        for a, b in p.const_f:
+            sends.append((me, slot, 0, (b - a) * it))
+            recvs.append((me, 0, a * it, (b - a) * it))
+    nbytes = sum(b - a for q, a, b in sends_f if q != me) * it
+    f = collectives.prepared_sendrecv(name, like, _Sent(nbytes, like.dtype, like.shape), sends, recvs, g,
+                                      **p.detail)
+    return None if f is None else (f, cb)
+
+
+def _fill_in_place(a, p, name):
+    """``_fill_halos(a, a, p, p.send_p, p.send_p_f, name)``: the halo rows of the padded ``a`` from
+    the neighbours' rows of theirs; from the second call of a kind and dtype, through the prepared
+    exchange where there is one (one transport call on ``a``'s pointer)."""
+    key = (name, type(a), a.dtype)
+    f = p.fast.get(key) if not deadline.DEBUG and a.flags.c_contiguous else False
+    if f:
+        f(a)
+        return
+    _fill_halos(a, a, p, p.send_p, p.send_p_f, name)
+    if f is None:
+        pf = _prepared_fill(a, p, p.send_p_f, 0, name)
+        if pf is None:
+            p.fast[key] = False
+        else:
+            run, cb = pf
+            p.fast[key] = run if cb is None else (lambda a: run(a, cb))
+
+
+def _new_halo_fn(x, c, name):
+    """The prepared :func:`halo` of one-dim chain ``c`` for arrays like ``x``: a new padded array,
+    then one transport call that moves the halos from ``x`` and (interiors below
+    :data:`SELF_COPY_BYTES`) copies the interior and the constant rows in; or None."""
+    p = c.plans[0]
+    it, me = x.itemsize, p.g.rank
+    inner = c.off is not None and x.nbytes < SELF_COPY_BYTES
+    ex = ([(me, 1, 0, x.nbytes)], [(me, 0, c.off * it, x.nbytes)]) if inner else ((), ())
+    pf = _prepared_fill(x, p, p.send_x_f, 1, name, *ex)
+    if pf is None:
+        return None
+    run, cb = pf
+    new, shape, dt = type(x), c.padded, x.dtype
+    tail = () if cb is None else (cb,)
+    if inner:
+        def f(x):
+            out = new(shape, dt)
+            run(out, x, *tail)
+            return out
+    else:
+        def f(x):
+            out = new(shape, dt)
+            join = _copy_into(out, x, c, overlap=True)
+            try:
+                run(out, x, *tail)
+            finally:
+                join()
+            return out
+    return f
 
 
 #: CuPy interiors from this size on are copied on a side stream, overlapping the halo exchange
@@ -534,7 +632,7 @@ def halo_update(padded, group, tensor_dim, width, boundary="periodic"):
 
     def run_plan(a, p):  # in a replay `a` is a scratch copy, not `padded`
         if p.w:
-            _fill_halos(a, a, p, p.send_p, p.send_p_f, "halo_exchange")
+            _fill_in_place(a, p, "halo_exchange")
         return a
 
     return _checked_halo(padded, padded, g, caller, err, call, sizes_from, run_plan)

@@ -117,6 +117,50 @@ def test_halo_large_interior_copied_alongside_the_exchange(boundary, d):
     ck.done()
 
 
+@pytest.mark.parametrize("self_copy", ["in the exchange", "copied apart"])
+@pytest.mark.parametrize("dtype,boundary", [(np.float64, "periodic"), (np.float64, float("nan")),
+                                            (np.float32, "none"), (np.int8, -3), (np.complex128, 2.5),
+                                            (np.bool_, True), (np.dtype(">f8"), 1.5)])
+def test_halo_loop_new_data_each_call(dtype, boundary, self_copy, monkeypatch):
+    """A loop of halo exchanges of one layout on new data each call (from the second call, the
+    prepared exchange on GPUs: one NCCL group that moves the halos and copies the interior and the
+    constant rows), then halo_update in place on the result: np.pad of each call's global array,
+    bit for bit, dtype and byte order kept. Rows of dim 0 (runs of the array) and of dim 1."""
+    from mpilocal import neighbors
+
+    if self_copy == "copied apart":
+        monkeypatch.setattr(neighbors, "SELF_COPY_BYTES", 0)
+    mesh = mesh1d()
+    N = 4 * W - 1  # every torch.chunk shard holds >= 3 rows
+    ck = Check()
+    for d in (0, 1):
+        shape = (N, 5) if d == 0 else (4, N)
+        o, n = chunk(N, W, RANK)
+        for k in range(4):
+            full = data(shape, np.float64, seed=40 + k, nans=np.dtype(dtype).kind in "fc")
+            full = (full > 0) if np.dtype(dtype) == np.bool_ else full.astype(dtype)
+            X = distribute_tensor(to_device(full), mesh, [Shard(d)])
+            got = funcol.halo_exchange(X, 0, d, 2, boundary)
+            want = oracle(full, d, o, n, 2, boundary)
+            dt = to_device(full).dtype  # CuPy holds native byte order only
+            ck(to_host(got).dtype == dt, f"dtype {to_host(got).dtype} for {dt}")
+            ck(np.array_equal(to_host(got), want, equal_nan=True), f"call {k} d={d} {np.dtype(dtype)} b={boundary}: "
+                                                                 f"{to_host(got).ravel()[:6]} != {want.ravel()[:6]}")
+            inner = [slice(None)] * 2
+            wl = 2 if (boundary != "none" or RANK > 0) else 0
+            inner[d] = slice(wl, wl + n)
+            got[tuple(inner)] = to_device(np.ascontiguousarray(np.flip(want[tuple(inner)], 1 - d)))
+            funcol.halo_update(got, mesh, d, 2, boundary)
+            ref = oracle(np.flip(full, 1 - d), d, o, n, 2, boundary)
+            ck(np.array_equal(to_host(got), ref, equal_nan=True), f"update after call {k} d={d} {np.dtype(dtype)} "
+                                                                f"b={boundary}")
+    if (DEVICE == "cuda" and W > 1 and not deadline.DEBUG
+            and mpilocal.transport.select.choose_gpu("sendrecv")[0].name == "nccl"):
+        chains = [v for v in mesh._programs.values() if isinstance(v, neighbors._Chain)]
+        ck(any(callable(f) for c in chains for f in c.fast.values()), "the prepared exchange was never made")
+    ck.done()
+
+
 @pytest.mark.parametrize("boundary", ["periodic", "none", 7])
 def test_halo_int_dtype_and_names(boundary):
     mesh = init_device_mesh(DEVICE, (W,), mesh_dim_names=("x",))

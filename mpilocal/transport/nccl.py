@@ -327,6 +327,33 @@ class NcclTransport:
 
         return run
 
+    def sendrecv_fn(self, sends, recvs, group):
+        """``run(*arrays)``: :meth:`sendrecv` of fixed messages, prepared (the neighbour collectives'
+        plans, :mod:`mpilocal.neighbors`). ``sends`` / ``recvs``: ``[(group rank, slot, byte offset,
+        nbytes)]`` in ``arrays[slot]`` (C-contiguous), posted in list order as :meth:`sendrecv` posts
+        them (NCCL pairs two ranks' messages in posting order). A message to this rank itself is a
+        copy NCCL makes inside the same grouped kernel."""
+        n = _nccl()
+        comm, code, watch = nccl_comm(group), n.NCCL_UINT8, deadline.watch_cuda
+        start, end, send, recv = n.groupStart, n.groupEnd, comm.send, comm.recv
+        ss = [(p, s, o, b) for p, s, o, b in sends if b]
+        rr = [(p, s, o, b) for p, s, o, b in recvs if b]
+
+        def run(*arrays):
+            ptr = [a.data.ptr for a in arrays]
+            st = _stream()
+            start()
+            try:
+                for p, s, o, b in ss:
+                    send(ptr[s] + o, b, code, p, st)
+                for p, s, o, b in rr:
+                    recv(ptr[s] + o, b, code, p, st)
+            finally:
+                end()
+            watch("sendrecv", group, None, comm)
+
+        return run
+
     # -- reductions ----------------------------------------------------------------------------
     def _plan(self, dtype, op):
         """(view dtype or None, NCCL dtype code, NCCL op code, element factor, widen dtype or None),
