@@ -187,10 +187,14 @@ def checked(g, caller, err, x, params, desc, run, *, skip_dim=None, what="argume
     (:func:`agree_args`) when a rank failed its checks or the ranks differ, and on every call under
     ``MPILOCAL_DEBUG=1``. ``full()``: that full agreement, when not :func:`agree_args`.
     **Collective.** Package API (neighbors)."""
+    if g.size == 1:  # nobody to agree with (agree's rule for one rank: its own verdict, no rows)
+        if err is not None:
+            raise err
+        return run(x, None)
     if full is None:
         def full():
             return agree_args(g, caller, err, x, params, skip_dim=skip_dim, what=what)
-    if g.size == 1 or not agreement.signature_checks():
+    if not agreement.signature_checks():
         return run(x, full())
     h = None if err is not None or desc is None else agreement.signature(desc)
     done, chk = agreement.speculate(g, caller, h, run, x)  # the steady state: one posted reduction
