@@ -788,9 +788,10 @@ def _halo_dtensor_plan(x, mesh, mesh_dim, tensor_dim, width, boundary, caller):
 class _Perm:
     """A permutation worked out for this rank (:func:`_perm_plan`): ``pairs`` ``[(src, dst)]``
     (checked), ``dsts`` (where this rank sends), ``srcs`` (where it receives from), ``name`` (what
-    is counted), ``detail`` (what fingerprints compare), over Group ``g``."""
+    is counted), ``detail`` (what fingerprints compare), over Group ``g``; ``fast``: the prepared
+    permutation per (kind, dtype, shape) (:func:`permute_raw`)."""
 
-    __slots__ = ("g", "pairs", "dsts", "srcs", "name", "detail", "_inverse")
+    __slots__ = ("g", "pairs", "dsts", "srcs", "name", "detail", "_inverse", "fast")
 
     def inverse(self):
         """The plan of the inverse permutation (the adjoint's), made once."""
@@ -806,17 +807,50 @@ def _perm_plan(pairs, g, name):
     p.dsts = [dst for src, dst in pairs if src == me]
     p.srcs = [src for src, dst in pairs if dst == me]
     p.detail = dict(pairs=zlib.crc32(repr(sorted(pairs)).encode()) if name != "send_recv" else 0)
+    p.fast = {}
     return p
 
 
 def permute_raw(x, p):
     """``x`` moved along the pairs of plan ``p`` (a :class:`_Perm`); zeros where nothing arrives.
-    **Collective** over ``p.g``."""
+    **Collective** over ``p.g``. From the second call of a kind, dtype and shape, through the
+    prepared exchange where there is one (:func:`_permute_fn`)."""
+    key = (type(x), x.dtype, x.shape)
+    f = p.fast.get(key) if not deadline.DEBUG and x.flags.c_contiguous else False
+    if f:
+        return f(x)
     out = collectives.empty(x, x.shape)
     if not p.srcs:
         out[...] = 0
     _exchange(p.name, x, [(d, x) for d in p.dsts], [(s, out) for s in p.srcs], p.g, p.detail)
+    if f is None:  # the first call: the generic path made the communicator
+        p.fast[key] = _permute_fn(x, p) or False
     return out
+
+
+def _permute_fn(x, p):
+    """The prepared :func:`permute_raw` of plan ``p`` for arrays like ``x`` (CuPy, C-contiguous):
+    a new array, then one transport call on the two pointers (a pair of this rank with itself is a
+    copy inside it); or None (NumPy, one rank, a transport without a prepared send/recv)."""
+    g = p.g
+    if type(x) is np.ndarray or not _arrays.is_cupy(x) or g.size == 1:
+        return None
+    nb, me = x.nbytes, g.rank
+    run = collectives.prepared_sendrecv(p.name, x, _Sent(nb * sum(d != me for d in p.dsts), x.dtype, x.shape),
+                                        [(d, 1, 0, nb) for d in p.dsts], [(s, 0, 0, nb) for s in p.srcs], g,
+                                        **p.detail)
+    if run is None:
+        return None
+    new, shape, dt, zero = type(x), x.shape, x.dtype, not p.srcs
+
+    def f(x):
+        out = new(shape, dt)
+        if zero:
+            out[...] = 0
+        run(out, x)
+        return out
+
+    return f
 
 
 def _perm_key(perm):

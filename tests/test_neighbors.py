@@ -410,6 +410,26 @@ def test_permute_jax_semantics(which):
     ck.done()
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.int8, np.complex64, np.bool_])
+def test_permute_loop_new_data_each_call(dtype):
+    """Each permutation called four times on new data (from the second call, the prepared exchange
+    on GPUs: a pair of a rank with itself is a copy inside it, a rank that receives nothing gets
+    zeros): JAX's ppermute of each call's data, bit for bit, dtype kept."""
+    ck = Check()
+    for perm in [list(p) for p in _perms()] + [[(i, (i + 1) % W) for i in range(0, W, 2)]]:
+        srcs = [s for s, d in perm if d == RANK]
+        for k in range(4):
+            def of(r):
+                a = _rank_data(r) * (k + 1) - 7 * k
+                return (a > 50) if np.dtype(dtype) == np.bool_ else a.astype(dtype)
+            with np.errstate(invalid="ignore"):
+                mine, exp = of(RANK), (of(srcs[0]) if srcs else np.zeros((3, 2), dtype))
+            got = fc.permute(mine, perm, MPI.COMM_WORLD)
+            ck(got.dtype == exp.dtype and np.array_equal(got, exp, equal_nan=True),
+               f"perm {perm} call {k}: {got.dtype} {got.ravel()[:4]} vs {exp.ravel()[:4]}")
+    ck.done()
+
+
 @pytest.mark.parametrize("periodic", [True, False])
 @pytest.mark.parametrize("offset", [1, -1, 2])
 def test_shift_is_np_roll_of_ranks(offset, periodic):
