@@ -232,12 +232,13 @@ class _Halo:
     ``detail`` / ``adj_detail``: what fingerprints compare. ``row``: elements per row along ``d``;
     where every dim before ``d`` has size 1 (``flat``), rows are runs of the flattened array and
     ``send_x_f`` / ``send_p_f`` / ``recv_f`` are the same messages as ``[(peer, start, stop)]``
-    element ranges of it (``const_f``: the constant rows'). ``fast``: the prepared in-place fill
-    per (name, kind, dtype) (:func:`_fill_in_place`)."""
+    element ranges of it (``const_f``: the constant rows'); ``outer``: the product of the dims
+    before ``d`` (the rows of dim ``d`` are ``outer`` blocks, one run each where it is 1). ``fast``:
+    the prepared in-place fill per (name, kind, dtype) (:func:`_fill_in_place`)."""
 
     __slots__ = ("g", "d", "w", "bnd", "shape", "n", "padded", "wl", "wr", "inner", "send_x", "send_p", "recv",
                  "const", "adj_send", "adj_recv", "detail", "adj_detail", "row", "flat", "send_x_f", "send_p_f",
-                 "recv_f", "const_f", "fast")
+                 "recv_f", "const_f", "fast", "outer")
 
 
 def _halo_plan(shape, d, g, w, bnd):
@@ -283,7 +284,8 @@ def _halo_plan(shape, d, g, w, bnd):
             if right is None:
                 cs.append(at(wl + n, wl + n + w))
     p.send_x, p.send_p, p.recv, p.const, p.adj_send, p.adj_recv = sx, sp, rv, cs, asd, arv
-    p.row, p.flat = math.prod(shape[d + 1:]), math.prod(shape[:d]) == 1
+    p.row, p.outer = math.prod(shape[d + 1:]), math.prod(shape[:d])
+    p.flat = p.outer == 1
     p.send_x_f = p.send_p_f = p.recv_f = p.const_f = None
     p.fast = {}
     if p.flat:  # the same rows as runs of the flattened array
@@ -302,10 +304,12 @@ class _Chain:
     """Halos along one or more dims of one local array (:func:`_chain`): ``plans`` (one
     :class:`_Halo` per dim, each of the final padded array), ``padded`` (its shape), ``inner`` (the
     interior's index tuple in it), ``off`` (the interior's first element where it is one run of
-    the padded array, else None), ``fast``: the prepared exchange into a new padded array per
-    (name, kind, dtype) (:func:`halo`)."""
+    the padded array, else None), ``box``: the interior as ``(first element, pitch, width,
+    height)`` of the padded array in elements (``height`` runs of ``width`` elements, ``pitch``
+    apart: one 2-D copy from a C-contiguous interior), or None where it is not such a box;
+    ``fast``: the prepared exchange into a new padded array per (name, kind, dtype) (:func:`halo`)."""
 
-    __slots__ = ("plans", "padded", "inner", "off", "fast")
+    __slots__ = ("plans", "padded", "inner", "off", "box", "fast")
 
 
 def _chain(shape, dims):
@@ -324,8 +328,26 @@ def _chain(shape, dims):
     c.inner = tuple(inner)
     p = c.plans[0] if len(c.plans) == 1 else None
     c.off = p.wl * p.row if p is not None and p.flat else None
+    c.box = _box(tuple(shape), c.padded, c.inner)
     c.fast = {}
     return c
+
+
+def _box(shape, padded, inner):
+    """The interior ``inner`` (of ``shape``) of a C-contiguous array of ``padded`` as one 2-D box
+    (:class:`_Chain`), or None. It is one where at most two dims are padded and every dim before
+    the first of two has size 1: then the rows of the merged dims before the last padded dim are
+    evenly spaced in the padded array."""
+    dims = [k for k in range(len(shape)) if padded[k] != shape[k]]
+    if len(dims) > 2 or (len(dims) == 2 and math.prod(shape[:dims[0]]) != 1):
+        return None
+    last = dims[-1] if dims else 0
+    tail = math.prod(shape[last + 1:])
+    stride, first = 1, 0
+    for k in range(len(shape) - 1, -1, -1):
+        first += inner[k].indices(padded[k])[0] * stride
+        stride *= padded[k]
+    return first, padded[last] * tail, shape[last] * tail, math.prod(shape[:last])
 
 
 def halo(x, c, name="halo_exchange"):
@@ -366,42 +388,121 @@ def halo(x, c, name="halo_exchange"):
 # ------------------------------------------------------------------------------------------------
 # prepared exchanges: a plan's messages as byte ranges of the arrays, one transport call per call
 # ------------------------------------------------------------------------------------------------
-#: CuPy interiors below this size are copied by the prepared exchange inside its NCCL group (no
-#: separate copy call); larger ones as :func:`_copy_into` copies them
-SELF_COPY_BYTES = 1 << 20
+def _rows(sl, extent, p, it):
+    """Rows ``sl`` (a slice of dim ``p.d``) of a C-contiguous array with ``extent`` rows along it
+    (the other dims as plan ``p``'s arrays), as the 2-D byte region ``(offset, pitch, width,
+    height)``: ``p.outer`` blocks of the rows' bytes, a whole row block apart."""
+    rb = p.row * it
+    return sl.start * rb, extent * rb, (sl.stop - sl.start) * rb, p.outer
 
 
-def _prepared_fill(like, p, sends_f, src_slot, name, extra_sends=(), extra_recvs=()):
-    """The transport's prepared call (:func:`collectives.prepared_sendrecv`) of plan ``p``'s halo
-    messages for arrays like ``like`` (CuPy, C-contiguous), as byte ranges: the padded array is
-    slot 0, the rows sent come from slot ``src_slot`` (``sends_f``: their element runs), the
-    constant rows from a buffer of the boundary value (the last slot, made here once); ``extra_*``:
-    more messages (this rank's own interior). Returns ``(f, const buffer or None)``, or None where
-    there is no prepared path (NumPy, one rank, rows not runs of the arrays, another transport)."""
-    g = p.g
-    if type(like) is np.ndarray or not _arrays.is_cupy(like) or not p.flat or g.size == 1 or not p.w:
+def _one_run(r) -> bool:
+    """Whether 2-D region ``r`` is one run of bytes."""
+    return r[3] == 1 or r[1] == r[2]
+
+
+def _prepared_fill(like, p, sends, src_slot, src_extent, name, inner=None):
+    """Plan ``p``'s halo messages for arrays like ``like`` (CuPy, C-contiguous) prepared as byte
+    regions: ``f(out, [src])`` fills the halo rows of ``out`` (slot 0) from the rows ``sends``
+    (``[(peer, index tuple)]``) of slot ``src_slot`` (``out`` itself, or the interior ``x`` at slot
+    1, with ``src_extent`` rows along ``p.d``), the constant rows from a buffer of the boundary
+    value (made here once, with the assignment of the generic path, so the same value), and
+    ``inner`` (``(src slot, region, dst slot, region)``: the interior) into ``out``.
+
+    Messages to other ranks go through the transport's prepared send/recv
+    (:func:`collectives.prepared_sendrecv`; rows that are not one run of bytes through a staging
+    buffer, packed and unpacked by 2-D copies), this rank's own as NCCL's copies inside the same
+    group where they are runs, else as 2-D copies (``cudaMemcpy2DAsync``) on the current stream.
+    None where there is no prepared path (NumPy; other ranks without a prepared send/recv)."""
+    if type(like) is np.ndarray or not _arrays.is_cupy(like) or not p.w:
         return None
-    it, me = like.itemsize, g.rank
-    sends = [(q, src_slot, a * it, (b - a) * it) for q, a, b in sends_f] + list(extra_sends)
-    recvs = [(q, 0, a * it, (b - a) * it) for q, a, b in p.recv_f] + list(extra_recvs)
-    cb = None
-    if p.const_f:
-        cb = _arrays.namespace(like).empty(p.w * p.row, dtype=like.dtype)
-        cb[...] = p.bnd  # the assignment of the generic path (_fill_halos), so the same value
-        slot = max(src_slot, 0) + 1
-        for a, b in p.const_f:
-            sends.append((me, slot, 0, (b - a) * it))
-            recvs.append((me, 0, a * it, (b - a) * it))
-    nbytes = sum(b - a for q, a, b in sends_f if q != me) * it
-    f = collectives.prepared_sendrecv(name, like, _Sent(nbytes, like.dtype, like.shape), sends, recvs, g,
-                                      **p.detail)
-    return None if f is None else (f, cb)
+    g, it, xp = p.g, like.itemsize, _arrays.namespace(like)
+    me, E = g.rank, p.padded[p.d]
+    snd = [(q, src_slot, _rows(i[p.d], src_extent, p, it)) for q, i in sends]
+    rcv = [(q, 0, _rows(i[p.d], E, p, it)) for q, i in p.recv]
+    own = [(s, r) for q, s, r in snd if q == me]  # a periodic group of one rank: its own rows
+    copies = [(s, r, 0, d) for (s, r), (_, _, d) in zip(own, [m for m in rcv if m[0] == me])]
+    if inner is not None:
+        copies.append(inner)
+    fixed = []  # arrays made here, after the caller's slots
+    if p.const:
+        cb = xp.empty(p.w * p.row * p.outer, dtype=like.dtype)
+        cb[...] = p.bnd
+        fixed.append(cb)
+        w = p.w * p.row * it
+        copies += [(src_slot + 1, (0, w, w, p.outer), 0, _rows(i[p.d], E, p, it)) for i in p.const]
+    stage = src_slot + 1 + len(fixed)  # the slot of the staging buffer
+    ns, nr, packs, unpacks, local, at = [], [], [], [], [], 0
+    for q, s, r in snd:
+        if q == me or not r[2] * r[3]:
+            continue
+        if _one_run(r):
+            ns.append((q, s, r[0], r[2] * r[3]))
+        else:
+            packs.append((s, r, at))
+            ns.append((q, stage, at, r[2] * r[3]))
+            at += r[2] * r[3]
+    for q, s, r in rcv:
+        if q == me or not r[2] * r[3]:
+            continue
+        if _one_run(r):
+            nr.append((q, s, r[0], r[2] * r[3]))
+        else:
+            unpacks.append((s, r, at))
+            nr.append((q, stage, at, r[2] * r[3]))
+            at += r[2] * r[3]
+    for s, r, ds, d in copies:
+        if not r[2] * r[3]:
+            continue
+        if g.size > 1 and _one_run(r) and _one_run(d):  # inside the group (measured faster: docs/neighbors.md)
+            ns.append((me, s, r[0], r[2] * r[3]))
+            nr.append((me, ds, d[0], r[2] * r[3]))
+        else:
+            local.append((s, r, ds, d))
+    run = None
+    if ns or nr:
+        nbytes = sum(b for q, _, _, b in ns if q != me)
+        run = collectives.prepared_sendrecv(name, like, _Sent(nbytes, like.dtype, like.shape), ns, nr, g, **p.detail)
+        if run is None:
+            return None
+    return _regions_fn(run, tuple(fixed), at, packs, local, unpacks)
+
+
+def _regions_fn(run, fixed, stage_bytes, packs, local, unpacks):
+    """``f(*arrays)``: the 2-D copies ``packs`` (into the staging buffer) and ``local``, the
+    prepared send/recv ``run`` (or None) on ``arrays + fixed (+ the staging buffer)``, then the
+    copies ``unpacks`` (out of the staging buffer); all on the current CuPy stream."""
+    cp = sys.modules["cupy"]  # loaded: the arrays are CuPy arrays
+    rt, cur = cp.cuda.runtime, cp.cuda.get_current_stream
+    copy, kind = rt.memcpy2DAsync, rt.memcpyDeviceToDevice
+    u8 = np.dtype(np.uint8)
+    if not (packs or local or unpacks):
+        if not fixed:
+            return run
+        return lambda *arrays: run(*arrays, *fixed)
+
+    def f(*arrays):
+        arrays = arrays + fixed
+        if stage_bytes:
+            arrays += (cp.empty(stage_bytes, dtype=u8),)
+        ptr = [a.data.ptr for a in arrays]
+        st = cur().ptr
+        for s, (o, pitch, w, h), at in packs:
+            copy(ptr[-1] + at, w, ptr[s] + o, pitch, w, h, kind, st)
+        for s, (o, pitch, w, h), d, (do, dpitch, _, _) in local:
+            copy(ptr[d] + do, dpitch, ptr[s] + o, pitch, w, h, kind, st)
+        if run is not None:
+            run(*arrays)
+        for d, (o, pitch, w, h), at in unpacks:
+            copy(ptr[d] + o, pitch, ptr[-1] + at, w, w, h, kind, st)
+
+    return f
 
 
 def _fill_in_place(a, p, name):
     """``_fill_halos(a, a, p, p.send_p, p.send_p_f, name)``: the halo rows of the padded ``a`` from
     the neighbours' rows of theirs; from the second call of a kind and dtype, through the prepared
-    exchange where there is one (one transport call on ``a``'s pointer)."""
+    exchange where there is one (:func:`_prepared_fill`)."""
     key = (name, type(a), a.dtype)
     f = p.fast.get(key) if not deadline.DEBUG and a.flags.c_contiguous else False
     if f:
@@ -409,42 +510,28 @@ def _fill_in_place(a, p, name):
         return
     _fill_halos(a, a, p, p.send_p, p.send_p_f, name)
     if f is None:
-        pf = _prepared_fill(a, p, p.send_p_f, 0, name)
-        if pf is None:
-            p.fast[key] = False
-        else:
-            run, cb = pf
-            p.fast[key] = run if cb is None else (lambda a: run(a, cb))
+        p.fast[key] = _prepared_fill(a, p, p.send_p, 0, p.padded[p.d], name) or False
 
 
 def _new_halo_fn(x, c, name):
     """The prepared :func:`halo` of one-dim chain ``c`` for arrays like ``x``: a new padded array,
-    then one transport call that moves the halos from ``x`` and (interiors below
-    :data:`SELF_COPY_BYTES`) copies the interior and the constant rows in; or None."""
+    filled by :func:`_prepared_fill` (the interior too, where it is a box of it), or None."""
     p = c.plans[0]
-    it, me = x.itemsize, p.g.rank
-    inner = c.off is not None and x.nbytes < SELF_COPY_BYTES
-    ex = ([(me, 1, 0, x.nbytes)], [(me, 0, c.off * it, x.nbytes)]) if inner else ((), ())
-    pf = _prepared_fill(x, p, p.send_x_f, 1, name, *ex)
-    if pf is None:
+    if c.box is None:
         return None
-    run, cb = pf
+    it = x.itemsize
+    o, pitch, w, h = c.box
+    inner = (1, (0, w * it, w * it, h), 0, (o * it, pitch * it, w * it, h))
+    run = _prepared_fill(x, p, p.send_x, 1, p.n, name, inner)
+    if run is None:
+        return None
     new, shape, dt = type(x), c.padded, x.dtype
-    tail = () if cb is None else (cb,)
-    if inner:
-        def f(x):
-            out = new(shape, dt)
-            run(out, x, *tail)
-            return out
-    else:
-        def f(x):
-            out = new(shape, dt)
-            join = _copy_into(out, x, c, overlap=True)
-            try:
-                run(out, x, *tail)
-            finally:
-                join()
-            return out
+
+    def f(x):
+        out = new(shape, dt)
+        run(out, x)
+        return out
+
     return f
 
 
@@ -481,6 +568,12 @@ def _copy_into(out, x, c, overlap):
             rt = cp.cuda.runtime
             rt.memcpyAsync(out.data.ptr + c.off * x.itemsize, x.data.ptr, x.nbytes, rt.memcpyDeviceToDevice,
                            stream.ptr)
+    elif c.box is not None and x.flags.c_contiguous:
+        if x.nbytes:
+            rt, it = cp.cuda.runtime, x.itemsize
+            o, pitch, w, h = c.box
+            rt.memcpy2DAsync(out.data.ptr + o * it, pitch * it, x.data.ptr, w * it, w * it, h,
+                             rt.memcpyDeviceToDevice, stream.ptr)
     elif stream is cur:
         out[c.inner] = x
     else:

@@ -288,15 +288,16 @@ def heat_mesh(n):
 def bench_heat(args, xp, cp):
     """{variant: seconds per step} per grid size; the hand-written variant's label says how it moves
     device data (CUDA-aware MPI or host-staged)."""
-    p = heat_mesh(W)
-    mesh = init_device_mesh(args.device, p)
+    p0 = heat_mesh(W)
+    meshes = [p0] + ([p0[::-1]] if p0[::-1] != p0 else [])  # (W, 1) and (1, W): row halos, then column halos
     sync = (lambda: cp.cuda.get_current_stream().synchronize()) if cp is not None else (lambda: None)
     staged = cp is not None and not detect.mpi_cuda_aware()[0]
     hand_name = "hand-written mpi4py" + ("" if cp is None else " (host-staged)" if staged else " (CUDA-aware)")
     d2h, h2d = _host_copies(cp) if staged else (None, None)
     nu = 0.2
     out = []
-    for N in args.heat_sizes:
+    for N, p in [(N, p) for p in meshes for N in args.heat_sizes]:
+        mesh = init_device_mesh(args.device, p)
         u0 = np.random.default_rng(0).random((N, N))
         step = mpilocal.stencil(lambda u: u[1:-1, 1:-1] + nu * (u[2:, 1:-1] + u[:-2, 1:-1] + u[1:-1, 2:]
                                                                 + u[1:-1, :-2] - 4 * u[1:-1, 1:-1]), boundary=0.0)

@@ -117,19 +117,17 @@ def test_halo_large_interior_copied_alongside_the_exchange(boundary, d):
     ck.done()
 
 
-@pytest.mark.parametrize("self_copy", ["in the exchange", "copied apart"])
 @pytest.mark.parametrize("dtype,boundary", [(np.float64, "periodic"), (np.float64, float("nan")),
                                             (np.float32, "none"), (np.int8, -3), (np.complex128, 2.5),
                                             (np.bool_, True), (np.dtype(">f8"), 1.5)])
-def test_halo_loop_new_data_each_call(dtype, boundary, self_copy, monkeypatch):
+def test_halo_loop_new_data_each_call(dtype, boundary):
     """A loop of halo exchanges of one layout on new data each call (from the second call, the
     prepared exchange on GPUs: one NCCL group that moves the halos and copies the interior and the
-    constant rows), then halo_update in place on the result: np.pad of each call's global array,
-    bit for bit, dtype and byte order kept. Rows of dim 0 (runs of the array) and of dim 1."""
+    constant rows, 2-D copies for rows that are not runs), then halo_update in place on the result:
+    np.pad of each call's global array, bit for bit, dtype and byte order kept. Rows of dim 0 (runs
+    of the array) and of dim 1 (packed)."""
     from mpilocal import neighbors
 
-    if self_copy == "copied apart":
-        monkeypatch.setattr(neighbors, "SELF_COPY_BYTES", 0)
     mesh = mesh1d()
     N = 4 * W - 1  # every torch.chunk shard holds >= 3 rows
     ck = Check()
