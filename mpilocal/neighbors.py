@@ -510,13 +510,63 @@ def _fill_in_place(a, p, name):
         return
     _fill_halos(a, a, p, p.send_p, p.send_p_f, name)
     if f is None:
-        p.fast[key] = _prepared_fill(a, p, p.send_p, 0, p.padded[p.d], name) or False
+        if type(a) is np.ndarray:
+            run = _host_prepared(a, p, p.send_p, 0, p.padded[p.d], name)
+            p.fast[key] = False if run is None else _with_consts(p, run)
+        else:
+            p.fast[key] = _prepared_fill(a, p, p.send_p, 0, p.padded[p.d], name) or False
+
+
+def _host_prepared(like, p, sends, src_slot, src_extent, name):
+    """NumPy: plan ``p``'s messages to the other ranks (``sends``: ``[(peer, index tuple)]`` of
+    slot ``src_slot``, with ``src_extent`` rows along ``p.d``; the receives into slot 0) through
+    the host transport's prepared send/recv, where every message is one run of bytes; else None.
+    Zero-byte messages stay: the host transport numbers a pair's messages (its tags) in order."""
+    g = p.g
+    if g.size == 1 or not p.w:
+        return None
+    it, E = like.itemsize, p.padded[p.d]
+    ns = [(q, src_slot, _rows(i[p.d], src_extent, p, it)) for q, i in sends]
+    nr = [(q, 0, _rows(i[p.d], E, p, it)) for q, i in p.recv]
+    if not all(_one_run(r) for _, _, r in ns + nr):
+        return None
+    nbytes = sum(r[2] * r[3] for _, _, r in ns)
+    return collectives.prepared_sendrecv(name, like, _Sent(nbytes, like.dtype, like.shape),
+                                         [(q, s, r[0], r[2] * r[3]) for q, s, r in ns],
+                                         [(q, s, r[0], r[2] * r[3]) for q, s, r in nr], g, **p.detail)
+
+
+def _with_consts(p, run):
+    """``run`` after setting plan ``p``'s constant rows of its first argument (NumPy)."""
+    const, bnd = p.const, p.bnd
+    if not const:
+        return run
+
+    def f(a, *rest):
+        for idx in const:
+            a[idx] = bnd
+        run(a, *rest)
+
+    return f
 
 
 def _new_halo_fn(x, c, name):
     """The prepared :func:`halo` of one-dim chain ``c`` for arrays like ``x``: a new padded array,
     filled by :func:`_prepared_fill` (the interior too, where it is a box of it), or None."""
     p = c.plans[0]
+    if type(x) is np.ndarray:
+        run = _host_prepared(x, p, p.send_x, 1, p.n, name)
+        if run is None:
+            return None
+        run, shape, inner = _with_consts(p, run), c.padded, c.inner
+
+        def f(x):
+            out = collectives.empty(x, shape)
+            out[inner] = x
+            run(out, x)
+            return out
+
+        return f
     if c.box is None:
         return None
     it = x.itemsize

@@ -21,6 +21,7 @@ Every choice between calls (plain vs v-variant, whole vs pieces) comes from grou
 
 from __future__ import annotations
 
+import atexit
 import math
 from collections import OrderedDict
 
@@ -29,7 +30,7 @@ from mpi4py import MPI
 
 from .. import _pool, deadline
 from ..names import op_tables
-from . import count_limit, counts_key, displs, equal_counts, issuing
+from . import count_limit, counts_key, displs, equal_counts, issuing, register_release_hook
 
 __all__ = ["HostTransport", "narrow_sums_saturate", "p2p", "alltoallw_allgatherv", "alltoallw_scatterv",
            "dims_unit", "dims_pieces", "dims_mode", "dims_bound"]
@@ -89,6 +90,47 @@ def _name(t) -> str:
 
 
 _P2P_TAG = 7400
+
+
+#: the most bytes (sent plus received) a prepared send/recv of the host transport stages
+#: (:meth:`HostTransport.sendrecv_fn`); larger messages go straight from the arrays (:func:`p2p`)
+PREPARED_P2P_BYTES = 1 << 18
+_P2P_KEY = "host prepared p2p"  # Group.cache: the persistent requests of its prepared send/recvs
+_ALL_P2P: list = []  # every such list, freed at exit (before mpi4py's MPI_Finalize)
+
+
+def _keep_requests(group, reqs) -> None:
+    """Keep ``reqs`` (persistent) with ``group``: freed when it is released, or at exit."""
+    kept = group.cache.get(_P2P_KEY)
+    if kept is None:
+        kept = group.cache[_P2P_KEY] = []
+        _ALL_P2P.append(kept)
+    kept.extend(reqs)
+
+
+def _free_requests(kept) -> None:
+    for r in kept:
+        if r != MPI.REQUEST_NULL:
+            r.Free()
+    kept.clear()
+
+
+def _release_p2p(group) -> None:
+    kept = group.cache.pop(_P2P_KEY, None)
+    if kept is not None:
+        _free_requests(kept)
+        _ALL_P2P.remove(kept)
+
+
+@atexit.register
+def _free_all_p2p():  # registered after mpi4py's import, so it runs before MPI_Finalize
+    for kept in _ALL_P2P:
+        if not MPI.Is_finalized():
+            _free_requests(kept)
+    _ALL_P2P.clear()
+
+
+register_release_hook("06-host-p2p", _release_p2p)  # before the group's communicator is freed
 
 
 def p2p(comm, sends, recvs):
@@ -606,6 +648,42 @@ class HostTransport:
 
     def sendrecv(self, sends, recvs, group):
         p2p(group.comm, [(p, _as_bytes(b)) for p, b in sends], [(p, _as_bytes(b)) for p, b in recvs])
+
+    def sendrecv_fn(self, sends, recvs, group):
+        """``run(*arrays)``: :meth:`sendrecv` of fixed small messages, prepared (the neighbour
+        collectives' plans): ``sends`` / ``recvs`` are ``[(group rank, slot, byte offset, nbytes)]``
+        in ``arrays[slot]`` (C-contiguous, other ranks only). The messages go through persistent
+        requests on staging buffers made here (``MPI_Send_init`` / ``MPI_Recv_init``, tags as
+        :func:`p2p` numbers them, so they match its messages): per call the sent bytes are copied
+        in, ``Startall`` / ``Waitall``, the received bytes copied out. None above
+        :data:`PREPARED_P2P_BYTES` (then the copies would cost more than the requests save)."""
+        ns, nr = sum(m[3] for m in sends), sum(m[3] for m in recvs)
+        if ns + nr > PREPARED_P2P_BYTES:
+            return None
+        comm = group.comm
+        sbuf, rbuf = np.empty(ns, np.uint8), np.empty(nr, np.uint8)
+        reqs, cin, cout = [], [], []
+        for msgs, buf, init, io in ((recvs, rbuf, comm.Recv_init, cout), (sends, sbuf, comm.Send_init, cin)):
+            nth, at = {}, 0
+            for p, slot, off, n in msgs:
+                k = nth[p] = nth.get(p, -1) + 1
+                reqs.append(init([buf[at:at + n], MPI.BYTE], p, _P2P_TAG + k))
+                io.append((slot, off, off + n, buf[at:at + n]))
+                at += n
+        _keep_requests(group, reqs)
+        start, wait = MPI.Prequest.Startall, MPI.Request.Waitall
+        u8 = np.uint8
+
+        def run(*arrays):
+            b = [a.reshape(-1).view(u8) for a in arrays]
+            for s, lo, hi, v in cin:
+                v[...] = b[s][lo:hi]
+            start(reqs)
+            wait(reqs)
+            for s, lo, hi, v in cout:
+                b[s][lo:hi] = v
+
+        return run
 
     @staticmethod
     def _reducible(send, recv, op="sum"):
