@@ -232,13 +232,13 @@ class _Halo:
     ``detail`` / ``adj_detail``: what fingerprints compare. ``row``: elements per row along ``d``;
     where every dim before ``d`` has size 1 (``flat``), rows are runs of the flattened array and
     ``send_x_f`` / ``send_p_f`` / ``recv_f`` are the same messages as ``[(peer, start, stop)]``
-    element ranges of it (``const_f``: the constant rows'); ``outer``: the product of the dims
+    element ranges of it; ``outer``: the product of the dims
     before ``d`` (the rows of dim ``d`` are ``outer`` blocks, one run each where it is 1). ``fast``:
     the prepared in-place fill per (name, kind, dtype) (:func:`_fill_in_place`)."""
 
     __slots__ = ("g", "d", "w", "bnd", "shape", "n", "padded", "wl", "wr", "inner", "send_x", "send_p", "recv",
                  "const", "adj_send", "adj_recv", "detail", "adj_detail", "row", "flat", "send_x_f", "send_p_f",
-                 "recv_f", "const_f", "fast", "outer")
+                 "recv_f", "fast", "outer")
 
 
 def _halo_plan(shape, d, g, w, bnd):
@@ -286,7 +286,7 @@ def _halo_plan(shape, d, g, w, bnd):
     p.send_x, p.send_p, p.recv, p.const, p.adj_send, p.adj_recv = sx, sp, rv, cs, asd, arv
     p.row, p.outer = math.prod(shape[d + 1:]), math.prod(shape[:d])
     p.flat = p.outer == 1
-    p.send_x_f = p.send_p_f = p.recv_f = p.const_f = None
+    p.send_x_f = p.send_p_f = p.recv_f = None
     p.fast = {}
     if p.flat:  # the same rows as runs of the flattened array
 
@@ -294,7 +294,6 @@ def _halo_plan(shape, d, g, w, bnd):
             return [(q, idx[d].start * p.row, idx[d].stop * p.row) for q, idx in msgs]
 
         p.send_x_f, p.send_p_f, p.recv_f = runs(sx), runs(sp), runs(rv)
-        p.const_f = [(a, b) for _, a, b in runs([(None, i) for i in cs])]
     p.detail = dict(dim=d, width=w, boundary=str(bnd))
     p.adj_detail = dict(p.detail, adjoint=True)
     return p
@@ -972,24 +971,32 @@ def permute_raw(x, p):
 
 
 def _permute_fn(x, p):
-    """The prepared :func:`permute_raw` of plan ``p`` for arrays like ``x`` (CuPy, C-contiguous):
-    a new array, then one transport call on the two pointers (a pair of this rank with itself is a
-    copy inside it); or None (NumPy, one rank, a transport without a prepared send/recv)."""
+    """The prepared :func:`permute_raw` of plan ``p`` for arrays like ``x`` (C-contiguous): a new
+    array, then one prepared transport call on the two arrays (a pair of this rank with itself: a
+    copy inside the NCCL group, a NumPy copy on the host); or None (one rank, a transport without a
+    prepared send/recv, large NumPy messages)."""
     g = p.g
-    if type(x) is np.ndarray or not _arrays.is_cupy(x) or g.size == 1:
+    host = type(x) is np.ndarray
+    if g.size == 1 or not (host or _arrays.is_cupy(x)):
         return None
     nb, me = x.nbytes, g.rank
-    run = collectives.prepared_sendrecv(p.name, x, _Sent(nb * sum(d != me for d in p.dsts), x.dtype, x.shape),
-                                        [(d, 1, 0, nb) for d in p.dsts], [(s, 0, 0, nb) for s in p.srcs], g,
+    own = host and me in p.dsts  # (then also in p.srcs)
+    dsts, srcs = ([d for d in p.dsts if d != me], [s for s in p.srcs if s != me]) if own else (p.dsts, p.srcs)
+    run = collectives.prepared_sendrecv(p.name, x, _Sent(nb * sum(d != me for d in dsts), x.dtype, x.shape),
+                                        [(d, 1, 0, nb) for d in dsts], [(s, 0, 0, nb) for s in srcs], g,
                                         **p.detail)
     if run is None:
         return None
-    new, shape, dt, zero = type(x), x.shape, x.dtype, not p.srcs
+    shape, dt, zero = x.shape, x.dtype, not p.srcs
+    like = np.empty(0, dt) if host else None  # (not the first call's array: it is not kept)
+    new = (lambda: collectives.empty(like, shape)) if host else (lambda k=type(x): k(shape, dt))
 
     def f(x):
-        out = new(shape, dt)
+        out = new()
         if zero:
             out[...] = 0
+        elif own:
+            out[...] = x
         run(out, x)
         return out
 
