@@ -432,24 +432,16 @@ def _prepared_fill(like, p, sends, src_slot, src_extent, name, inner=None):
         copies += [(src_slot + 1, (0, w, w, p.outer), 0, _rows(i[p.d], E, p, it)) for i in p.const]
     stage = src_slot + 1 + len(fixed)  # the slot of the staging buffer
     ns, nr, packs, unpacks, local, at = [], [], [], [], [], 0
-    for q, s, r in snd:
-        if q == me or not r[2] * r[3]:
-            continue
-        if _one_run(r):
-            ns.append((q, s, r[0], r[2] * r[3]))
-        else:
-            packs.append((s, r, at))
-            ns.append((q, stage, at, r[2] * r[3]))
-            at += r[2] * r[3]
-    for q, s, r in rcv:
-        if q == me or not r[2] * r[3]:
-            continue
-        if _one_run(r):
-            nr.append((q, s, r[0], r[2] * r[3]))
-        else:
-            unpacks.append((s, r, at))
-            nr.append((q, stage, at, r[2] * r[3]))
-            at += r[2] * r[3]
+    for msgs, into, staged in ((snd, ns, packs), (rcv, nr, unpacks)):  # the other ranks' messages
+        for q, s, r in msgs:
+            if q == me or not r[2] * r[3]:
+                continue
+            if _one_run(r):
+                into.append((q, s, r[0], r[2] * r[3]))
+            else:  # through the staging buffer, at byte `at`
+                staged.append((s, r, at))
+                into.append((q, stage, at, r[2] * r[3]))
+                at += r[2] * r[3]
     for s, r, ds, d in copies:
         if not r[2] * r[3]:
             continue
