@@ -159,6 +159,31 @@ def test_halo_loop_new_data_each_call(dtype, boundary):
     ck.done()
 
 
+@pytest.mark.parametrize("boundary", ["periodic", -1.0])
+def test_halo_and_permute_loops_of_large_messages(boundary):
+    """Halo rows and permuted arrays above the host transport's prepared size
+    (transport.host.PREPARED_P2P_BYTES: those go straight from the arrays) and on GPUs well above
+    NCCL's small-message sizes, several calls each on new data: np.pad / ppermute bit for bit."""
+    from mpilocal.transport import host
+
+    mesh = mesh1d()
+    cols = host.PREPARED_P2P_BYTES // 8  # one halo message of 2 rows: 2x the prepared size
+    N = 3 * W
+    o, n = chunk(N, W, RANK)
+    ck = Check()
+    for k in range(3):
+        full = data((N, cols), seed=60 + k)
+        got = funcol.halo_exchange(distribute_tensor(to_device(full), mesh, [Shard(0)]), 0, 0, 2, boundary)
+        ck(np.array_equal(to_host(got), oracle(full, 0, o, n, 2, boundary), equal_nan=True), f"halo call {k}")
+        funcol.halo_update(got, mesh, 0, 2, boundary)
+        ck(np.array_equal(to_host(got), oracle(full, 0, o, n, 2, boundary), equal_nan=True), f"update call {k}")
+        mine = _rank_data(RANK, (cols // 2, 3)) + k
+        perm = [(i, (i + 1) % W) for i in range(W)]
+        ck(np.array_equal(fc.permute(mine, perm, MPI.COMM_WORLD), _rank_data((RANK - 1) % W, (cols // 2, 3)) + k,
+                          equal_nan=True), f"permute call {k}")
+    ck.done()
+
+
 @pytest.mark.parametrize("boundary", ["periodic", "none", 7])
 def test_halo_int_dtype_and_names(boundary):
     mesh = init_device_mesh(DEVICE, (W,), mesh_dim_names=("x",))
