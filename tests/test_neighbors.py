@@ -162,7 +162,7 @@ def test_halo_loop_new_data_each_call(dtype, boundary):
 @pytest.mark.parametrize("boundary", ["periodic", -1.0])
 def test_halo_and_permute_loops_of_large_messages(boundary):
     """Halo rows and permuted arrays above the host transport's prepared size
-    (transport.host.PREPARED_P2P_BYTES: those go straight from the arrays) and on GPUs well above
+    (transport.host.PREPARED_P2P_BYTES: those go straight from the arrays, not staged) and on GPUs well above
     NCCL's small-message sizes, several calls each on new data: np.pad / ppermute bit for bit."""
     from mpilocal.transport import host
 
