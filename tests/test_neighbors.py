@@ -933,3 +933,25 @@ def test_mixed_array_kinds_after_good_calls_raise_everywhere(what):
     host = np.array(to_host(arg))  # a plain NumPy array (also where tests/fake_cupy's arrays subclass it)
     raises_all(TypeError, "NumPy|CuPy|kind", calls[what], host if RANK == LAST else arg)
     calls[what](arg)
+
+
+def test_heat2d_example_matches_numpy(tmp_path, capsys):
+    """scripts/examples/heat2d.py, the documented 2-D heat example, run in this job (its mesh from
+    every rank): its exit code says whether the field matches NumPy's single-process solution, and
+    rank 0 writes the PNG."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "examples" / "heat2d.py"
+    spec = importlib.util.spec_from_file_location("heat2d_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    png = tmp_path / "heat.png"
+    rc = mod.main(["--n", "24", "20", "--steps", "6", "--device", DEVICE, "--png", str(png)])
+    out = capsys.readouterr().out
+    ck = Check()
+    ck(rc == 0, f"heat2d exit code {rc}: {out}")
+    if RANK == 0:
+        ck(png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "no PNG written")
+        ck("max |error| vs NumPy" in out, out)
+    ck.done()
