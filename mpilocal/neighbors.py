@@ -427,6 +427,7 @@ def _prepared_fill(like, p, sends, src_slot, src_extent, name, inner=None):
     if p.const:
         cb = xp.empty(p.w * p.row * p.outer, dtype=like.dtype)
         cb[...] = p.bnd
+        xp.cuda.get_current_stream().synchronize()  # once: later calls may run on other streams
         fixed.append(cb)
         w = p.w * p.row * it
         copies += [(src_slot + 1, (0, w, w, p.outer), 0, _rows(i[p.d], E, p, it)) for i in p.const]
