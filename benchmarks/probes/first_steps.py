@@ -1,10 +1,14 @@
-# the first steps of a GPU stencil one by one (synchronized): where the one-time costs land
+# The first steps of a GPU stencil one by one (synchronized): where the one-time costs land.
+# `python first_steps.py default`; round 27 also ran `no-self` on a tree with a private flag
+# neighbors._SELF_IN_GROUP (this rank's own copies outside the NCCL group), which the library does not keep.
 import sys, time, numpy as np, cupy as cp
 from mpi4py import MPI
 import mpilocal
 from mpilocal import Shard, distribute_tensor, init_device_mesh, neighbors
 mode = sys.argv[1]
 if mode == "no-self":
+    if not hasattr(neighbors, "_SELF_IN_GROUP"):
+        sys.exit("no-self needs the round-27 tree's neighbors._SELF_IN_GROUP")
     neighbors._SELF_IN_GROUP = False
 C = MPI.COMM_WORLD
 mesh = init_device_mesh("cuda", (C.size, 1))
