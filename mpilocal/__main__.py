@@ -49,7 +49,7 @@ def _info(all_ranks: bool) -> int:
         # MPICH's mpiexec starting an Open MPI build (or any launcher/library pair that do not speak the
         # same process-management protocol): every process is a world of its own, and each prints
         print(f"mpilocal info: {_launch.launcher() or 'the launcher'} started {started} processes but this one "
-              f"sees a world of {size}: mpi4py's MPI library ({MPI.Get_library_version().splitlines()[0].strip()}) "
+              f"sees a world of {size}: mpi4py's MPI library ({detect.mpi_library_name()}) "
               f"does not match the launcher. Use the mpiexec of the MPI that mpi4py was built for "
               f"(see README, 'On a cluster').", file=sys.stderr, flush=True)
     if rank != 0:
@@ -59,7 +59,7 @@ def _info(all_ranks: bool) -> int:
     lines = [
         f"mpilocal {mpilocal.__version__} (python {platform.python_version()}, numpy "
         f"{__import__('numpy').__version__}, mpi4py {__import__('mpi4py').__version__})",
-        f"MPI library: {MPI.Get_library_version().splitlines()[0].strip()}",
+        f"MPI library: {detect.mpi_library_name()}",
         f"  loaded from: {detect.mpi_library_path()}",
         f"  world size: {size}; processes on this node: {per_node}; launched by: "
         f"{_launch.launcher() or 'nothing recognised (a singleton, or a launcher that sets none of OMPI_*/PMI_*/SLURM_*)'}",

@@ -447,7 +447,7 @@ def main(argv=None):
         from mpilocal.transport import detect
 
         meta = dict(device=args.device, ranks=MPI.COMM_WORLD.Get_size(), argv=" ".join(sys.argv),
-                    mpi=MPI.Get_library_version().splitlines()[0].strip(), cuda_aware=detect.mpi_cuda_aware()[0],
+                    mpi=detect.mpi_library_name(), cuda_aware=detect.mpi_cuda_aware()[0],
                     nccl=detect.nccl_version()[0], time=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
         if args.json:
             json.dump(dict(meta=meta, rows=rows), open(args.json, "w"), indent=1)

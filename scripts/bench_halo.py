@@ -410,7 +410,7 @@ def main(argv=None):
                 load = "load average %.2f %.2f %.2f" % os.getloadavg()
             except OSError:
                 load = "load average unknown"
-            print(f"- {W} ranks, {MPI.Get_library_version().splitlines()[0].strip()}, {platform.node()}, "
+            print(f"- {W} ranks, {detect.mpi_library_name()}, {platform.node()}, "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {load} (at the end); host transport's "
                   f"sendrecv a no-op\n\n| call | µs per call (no data exchange) | Python function calls per call |\n"
                   "|---|---|---|\n" + "\n".join(f"| {n} | {1e6 * t:.2f} | {c:.0f} |" for n, t, c in rows))
@@ -430,7 +430,7 @@ def main(argv=None):
         load = "load average %.2f %.2f %.2f" % os.getloadavg()
     except OSError:
         load = "load average unknown"
-    lines = [f"- {W} ranks, {MPI.Get_library_version().splitlines()[0].strip()}, device {args.device}, "
+    lines = [f"- {W} ranks, {detect.mpi_library_name()}, device {args.device}, "
              f"{platform.node()}, Python {platform.python_version()}, NumPy {np.__version__}, "
              f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {load} (at the end)",
              f"- command: `mpiexec -n {W} python {' '.join(sys.argv)}`"

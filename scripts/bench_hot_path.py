@@ -399,10 +399,11 @@ def main(argv=None):
     rows = run(args)
     if MPI.COMM_WORLD.Get_rank() == 0:
         import mpilocal
+        from mpilocal.transport import detect
 
         meta = dict(device=args.device, ranks=MPI.COMM_WORLD.Get_size(), argv=" ".join(sys.argv),
                     mpilocal=os.path.dirname(mpilocal.__file__),
-                    mpi=MPI.Get_library_version().splitlines()[0].strip(),
+                    mpi=detect.mpi_library_name(),
                     time=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), load=os.getloadavg()[0])
         if args.json:
             json.dump(dict(meta=meta, rows=rows), open(args.json, "w"), indent=1)

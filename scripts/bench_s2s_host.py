@@ -29,7 +29,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpilocal import collectives
-from mpilocal.transport import group_for, host
+from mpilocal.transport import detect, group_for, host
 
 
 def main(argv=None):
@@ -101,7 +101,7 @@ def main(argv=None):
         p10 = {k: comm.allreduce(float(np.percentile(v, 10)), op=MPI.MAX) for k, v in res.items()}
         med = {k: comm.allreduce(float(np.median(v)), op=MPI.MAX) for k, v in res.items()}
         if me == 0:
-            lib = MPI.Get_library_version().splitlines()[0].strip()[:24]
+            lib = detect.mpi_library_name()[:24]
             mode_auto = host.dims_mode(host.dims_bound(x.shape, 4, 0, 1, src, dst))
             line = (f"{lib} n={n} {size >> 10} KiB run={c * 4} B auto={mode_auto} load={os.getloadavg()[0]:.1f} | "
                     "p10 (median) us, raw p10 as % of it:")

@@ -51,6 +51,7 @@ from mpilocal import (
     init_device_mesh,
     local_map,
 )
+from mpilocal.transport import detect
 
 COMM = MPI.COMM_WORLD
 RANK = COMM.Get_rank()
@@ -123,7 +124,7 @@ def main() -> int:
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
     say(f"mpilocal {getattr(mpilocal, '__version__', '?')}: {world} rank(s), "
         f"mesh {mesh.shape} with dims {mesh.mesh_dim_names}")
-    lib = MPI.Get_library_version().strip().splitlines()[0].split(",")[0].replace("Version:", "")
+    lib = detect.mpi_library_name().split(",")[0].replace("Version:", "")
     say("   " + " ".join(lib.split()))  # "MPICH 5.0.2", "Open MPI v4.1.4"
 
     # The same global arrays on every rank (same seed); distribute_tensor sends rank 0's copy.

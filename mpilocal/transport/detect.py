@@ -12,7 +12,17 @@ import ctypes
 import os
 from functools import lru_cache
 
-__all__ = ["mpi_library_path", "mpi_cuda_aware", "nccl_version"]
+__all__ = ["mpi_library_path", "mpi_library_name", "mpi_cuda_aware", "nccl_version"]
+
+
+@lru_cache(maxsize=None)
+def mpi_library_name() -> str:
+    """The first line of ``MPI_Get_library_version`` as printable text (Open MPI 4.1 ends it with a
+    NUL byte, which made the tables written with it binary files)."""
+    from mpi4py import MPI
+
+    lines = MPI.Get_library_version().replace("\x00", "").strip().splitlines()
+    return lines[0].strip() if lines else "unknown MPI"
 
 
 @lru_cache(maxsize=None)
