@@ -33,7 +33,8 @@ from .transport import Group, group_for
 from .transport.select import transport_for
 
 __all__ = ["issue", "empty", "contiguous", "leading", "restore", "all_gather", "all_reduce", "reduce_scatter",
-           "all_to_all_dims", "all_to_all_rows", "bcast", "scatter", "sendrecv", "post_shape_agreement",
+           "all_to_all_dims", "all_to_all_rows", "bcast", "scatter", "sendrecv", "prepared_sendrecv",
+           "post_shape_agreement",
            "prepared", "prepared_all_gather", "prepared_all_reduce", "prepared_reduce_scatter", "all_gather_looped",
            "all_reduce_looped", "reduce_scatter_looped",
            "post_meta_allgather", "meta_allgather", "exchange_splits"]
