@@ -53,6 +53,11 @@ def issue(name: str, send, g: Group, note=None, **detail):
     return deadline.begin(name, g, send, detail, note)  # in-flight slot / fingerprint / flight recorder
 
 
+def _moved(placements):
+    """The flight recorder's note of a collective that moves data without a reduction."""
+    return None if placements is None else (None, placements)
+
+
 # ------------------------------------------------------------------------------------------------
 # internal collectives with known sizes (used by redistribute and the public functions)
 # ------------------------------------------------------------------------------------------------
@@ -109,7 +114,7 @@ def all_gather(x, dim: int, g: Group, sizes, placements=None):
     total = sum(sizes)
     recv = empty(x, (total * inner,))  # flat: the transport's buffer; shaped once below
     detail = _detail(dict(dim=dim, sizes=tuple(sizes)), placements) if deadline.DEBUG else _NO_DETAIL
-    with issue(COLLECTIVES["all_gather"], send, g, None if placements is None else (None, placements), **detail):
+    with issue(COLLECTIVES["all_gather"], send, g, _moved(placements), **detail):
         transport_for(x, "all_gather").allgatherv(_flat(send), recv, [s * inner for s in sizes], g)
     return restore(recv if not tail else recv.reshape((total,) + tail), dim)
 
@@ -256,7 +261,8 @@ def reduce_scatter(x, op: str, dim: int, g: Group, sizes, placements=None):
 def prepared(generic, prepare):
     """``f(y)``: ``generic(y)``, then (from the second call) ``fast(y)`` where ``prepare(y)`` (called
     once, after the first call, with its input) gave ``(fast, shape)`` and ``y`` has that shape and
-    is C-contiguous outside debug mode."""
+    is C-contiguous outside debug mode. ``f.state[0]``: None before the first call, then that
+    ``(fast, shape)``, or False where ``prepare`` gave none."""
     state = [None]
 
     def f(y):
@@ -268,6 +274,7 @@ def prepared(generic, prepare):
             state[0] = prepare(y) or False
         return out
 
+    f.state = state
     return f
 
 
@@ -288,7 +295,7 @@ def prepared_all_gather(dim: int, g: Group, sizes, placements=None):
         if fn is None or dim != 0 or not x.size or len(set(sizes)) != 1 or not x.flags.c_contiguous:
             return None
         return _fast(COLLECTIVES["all_gather"], g, (sum(sizes),) + x.shape[1:], fn(x.nbytes, g),
-                     None if placements is None else (None, placements)), x.shape
+                     _moved(placements)), x.shape
 
     return prepared(lambda y: all_gather(y, dim, g, sizes, placements), prepare)
 
@@ -384,7 +391,7 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
         recv = empty(x, tuple(shape))
         detail = _detail(dict(src_dim=src_dim, dst_dim=dst_dim, src_sizes=tuple(src_sizes),
                               dst_sizes=tuple(dst_sizes)), placements) if deadline.DEBUG else _NO_DETAIL
-        with issue(COLLECTIVES["all_to_all"], send, g, None if placements is None else (None, placements), **detail):
+        with issue(COLLECTIVES["all_to_all"], send, g, _moved(placements), **detail):
             by_types(send, recv, src_dim, dst_dim, src_sizes, dst_sizes, g)
         return recv
     xp = _arrays.namespace(x)
@@ -416,7 +423,7 @@ def all_to_all_dims(x, src_dim: int, dst_dim: int, g: Group, src_sizes, dst_size
     bound = other * max(max(src_sizes) * sum(dst_sizes), sum(src_sizes) * max(dst_sizes))
     detail = _detail(dict(src_dim=src_dim, dst_dim=dst_dim, src_sizes=tuple(src_sizes), dst_sizes=tuple(dst_sizes)),
                      placements)
-    with issue(COLLECTIVES["all_to_all"], send, g, None if placements is None else (None, placements), **detail):
+    with issue(COLLECTIVES["all_to_all"], send, g, _moved(placements), **detail):
         transport_for(x, "all_to_all").alltoallv(send, send_counts, recv.reshape(-1), [s * inner for s in src_sizes], g,
                                                  uniform, bound)
     return restore(recv, dim=src_dim)

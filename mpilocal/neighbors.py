@@ -42,7 +42,7 @@ import zlib
 
 import numpy as np
 
-from . import _arrays, agreement, collectives, deadline, functional
+from . import _arrays, agreement, collectives, functional
 from .dtensor import DTensor
 from .functional import resolve_group
 from .layout import local_shape_and_offset
@@ -96,6 +96,18 @@ def _mesh_plans(mesh) -> dict:
     if c is None or len(c) >= _MAX_PLANS:
         c = mesh.__dict__["_programs"] = {}
     return c
+
+
+def _prepared(cache, key, generic, make, *args):
+    """The call of ``key`` in ``cache`` (a plan's ``fast``; callers look it up first), made:
+    :func:`collectives.prepared` of ``generic(y, *args)`` (the first call, and whatever the prepared
+    call does not take) and ``make(y, *args)`` (the prepared call for arrays like ``y``, or None)."""
+    def prepare(y):
+        fn = make(y, *args)
+        return None if fn is None else (fn, y.shape)
+
+    f = cache[key] = collectives.prepared(lambda y: generic(y, *args), prepare)
+    return f
 
 
 def _cached(cache, key, build):
@@ -302,13 +314,12 @@ def _halo_plan(shape, d, g, w, bnd):
 class _Chain:
     """Halos along one or more dims of one local array (:func:`_chain`): ``plans`` (one
     :class:`_Halo` per dim, each of the final padded array), ``padded`` (its shape), ``inner`` (the
-    interior's index tuple in it), ``off`` (the interior's first element where it is one run of
-    the padded array, else None), ``box``: the interior as ``(first element, pitch, width,
+    interior's index tuple in it), ``box``: the interior as ``(first element, pitch, width,
     height)`` of the padded array in elements (``height`` runs of ``width`` elements, ``pitch``
     apart: one 2-D copy from a C-contiguous interior), or None where it is not such a box;
     ``fast``: the prepared exchange into a new padded array per (name, kind, dtype) (:func:`halo`)."""
 
-    __slots__ = ("plans", "padded", "inner", "off", "box", "fast")
+    __slots__ = ("plans", "padded", "inner", "box", "fast")
 
 
 def _chain(shape, dims):
@@ -325,8 +336,6 @@ def _chain(shape, dims):
     for p in c.plans:
         inner[p.d] = slice(p.wl, p.wl + p.n)
     c.inner = tuple(inner)
-    p = c.plans[0] if len(c.plans) == 1 else None
-    c.off = p.wl * p.row if p is not None and p.flat else None
     c.box = _box(tuple(shape), c.padded, c.inner)
     c.fast = {}
     return c
@@ -359,20 +368,7 @@ def halo(x, c, name="halo_exchange"):
     dims after it, which those dims then overwrite)."""
     if len(c.plans) == 1:
         key = (name, type(x), x.dtype)
-        f = c.fast.get(key) if not deadline.DEBUG and x.flags.c_contiguous else False
-        if f:
-            return f(x)
-        p = c.plans[0]
-        out = collectives.empty(x, c.padded)  # NumPy: pooled warm pages (large halos: no page faults)
-        join = _copy_into(out, x, c, overlap=p.w > 0 and p.g.size > 1)
-        try:
-            if p.w:
-                _fill_halos(out, x, p, p.send_x, p.send_x_f, name)
-        finally:
-            join()
-        if f is None:  # the first call of this kind and dtype: the generic path made the communicator
-            c.fast[key] = _new_halo_fn(x, c, name) or False
-        return out
+        return (c.fast.get(key) or _prepared(c.fast, key, _halo_one, _new_halo_fn, c, name))(x)
     out = collectives.empty(x, c.padded)
     _copy_into(out, x, c, overlap=False)()
     for p in c.plans:
@@ -381,6 +377,20 @@ def halo(x, c, name="halo_exchange"):
         else:
             for idx in p.const:
                 out[idx] = p.bnd
+    return out
+
+
+def _halo_one(x, c, name):
+    """:func:`halo` of a one-dim chain, generic: the halos move from ``x`` itself while the
+    interior is copied (alongside, for large CuPy arrays)."""
+    p = c.plans[0]
+    out = collectives.empty(x, c.padded)  # NumPy: pooled warm pages (large halos: no page faults)
+    join = _copy_into(out, x, c, overlap=p.w > 0 and p.g.size > 1)
+    try:
+        if p.w:
+            _fill_halos(out, x, p, p.send_x, p.send_x_f, name)
+    finally:
+        join()
     return out
 
 
@@ -393,6 +403,15 @@ def _rows(sl, extent, p, it):
     height)``: ``p.outer`` blocks of the rows' bytes, a whole row block apart."""
     rb = p.row * it
     return sl.start * rb, extent * rb, (sl.stop - sl.start) * rb, p.outer
+
+
+def _messages(like, p, sends, src_slot, src_extent):
+    """Plan ``p``'s messages for arrays like ``like`` as ``[(peer, slot, region)]`` (:func:`_rows`):
+    the rows ``sends`` of slot ``src_slot`` (``src_extent`` rows along ``p.d``), and the receives
+    into the padded array, slot 0."""
+    it = like.itemsize
+    return ([(q, src_slot, _rows(i[p.d], src_extent, p, it)) for q, i in sends],
+            [(q, 0, _rows(i[p.d], p.padded[p.d], p, it)) for q, i in p.recv])
 
 
 def _one_run(r) -> bool:
@@ -417,8 +436,7 @@ def _prepared_fill(like, p, sends, src_slot, src_extent, name, inner=None):
         return None
     g, it, xp = p.g, like.itemsize, _arrays.namespace(like)
     me, E = g.rank, p.padded[p.d]
-    snd = [(q, src_slot, _rows(i[p.d], src_extent, p, it)) for q, i in sends]
-    rcv = [(q, 0, _rows(i[p.d], E, p, it)) for q, i in p.recv]
+    snd, rcv = _messages(like, p, sends, src_slot, src_extent)
     own = [(s, r) for q, s, r in snd if q == me]  # a periodic group of one rank: its own rows
     copies = [(s, r, 0, d) for (s, r), (_, _, d) in zip(own, [m for m in rcv if m[0] == me])]
     if inner is not None:
@@ -496,17 +514,19 @@ def _fill_in_place(a, p, name):
     the neighbours' rows of theirs; from the second call of a kind and dtype, through the prepared
     exchange where there is one (:func:`_prepared_fill`)."""
     key = (name, type(a), a.dtype)
-    f = p.fast.get(key) if not deadline.DEBUG and a.flags.c_contiguous else False
-    if f:
-        f(a)
-        return
+    (p.fast.get(key) or _prepared(p.fast, key, _in_place_generic, _in_place_fn, p, name))(a)
+
+
+def _in_place_generic(a, p, name):
     _fill_halos(a, a, p, p.send_p, p.send_p_f, name)
-    if f is None:
-        if type(a) is np.ndarray:
-            run = _host_prepared(a, p, p.send_p, 0, p.padded[p.d], name)
-            p.fast[key] = False if run is None else _with_consts(p, run)
-        else:
-            p.fast[key] = _prepared_fill(a, p, p.send_p, 0, p.padded[p.d], name) or False
+
+
+def _in_place_fn(a, p, name):
+    """The prepared in-place fill of plan ``p`` for arrays like ``a``, or None."""
+    if type(a) is np.ndarray:
+        run = _host_prepared(a, p, p.send_p, 0, p.padded[p.d], name)
+        return None if run is None else _with_consts(p, run)
+    return _prepared_fill(a, p, p.send_p, 0, p.padded[p.d], name)
 
 
 def _host_prepared(like, p, sends, src_slot, src_extent, name):
@@ -517,9 +537,7 @@ def _host_prepared(like, p, sends, src_slot, src_extent, name):
     g = p.g
     if g.size == 1 or not p.w:
         return None
-    it, E = like.itemsize, p.padded[p.d]
-    ns = [(q, src_slot, _rows(i[p.d], src_extent, p, it)) for q, i in sends]
-    nr = [(q, 0, _rows(i[p.d], E, p, it)) for q, i in p.recv]
+    ns, nr = _messages(like, p, sends, src_slot, src_extent)
     if not all(_one_run(r) for _, _, r in ns + nr):
         return None
     nbytes = sum(r[2] * r[3] for _, _, r in ns)
@@ -588,8 +606,8 @@ def _joined():
 
 def _copy_into(out, x, c, overlap):
     """``out[c.inner] = x`` for a new padded ``out`` (chain ``c``); returns what completes it (call
-    it before ``out`` is used). CuPy: one device-to-device ``cudaMemcpyAsync`` where the interior
-    is one run of ``out`` (``c.off``, ``x`` C-contiguous), else the copy kernel; with ``overlap``
+    it before ``out`` is used). CuPy: one device-to-device ``cudaMemcpy2DAsync`` where the interior
+    is a box of ``out`` (``c.box``, ``x`` C-contiguous), else the copy kernel; with ``overlap``
     (an exchange on the current stream follows, into other rows of ``out``), an ``x`` of at least
     :data:`OVERLAP_BYTES` is copied on a side stream: after the current stream's work so far,
     concurrent with what is enqueued next, and the current stream waits for it at the join, so a
@@ -605,12 +623,7 @@ def _copy_into(out, x, c, overlap):
         if stream is None:
             stream = _SIDE[dev] = cp.cuda.Stream(non_blocking=True)
         stream.wait_event(cur.record())
-    if c.off is not None and x.flags.c_contiguous:
-        if x.nbytes:
-            rt = cp.cuda.runtime
-            rt.memcpyAsync(out.data.ptr + c.off * x.itemsize, x.data.ptr, x.nbytes, rt.memcpyDeviceToDevice,
-                           stream.ptr)
-    elif c.box is not None and x.flags.c_contiguous:
+    if c.box is not None and x.flags.c_contiguous:
         if x.nbytes:
             rt, it = cp.cuda.runtime, x.itemsize
             o, pitch, w, h = c.box
@@ -951,15 +964,14 @@ def permute_raw(x, p):
     **Collective** over ``p.g``. From the second call of a kind, dtype and shape, through the
     prepared exchange where there is one (:func:`_permute_fn`)."""
     key = (type(x), x.dtype, x.shape)
-    f = p.fast.get(key) if not deadline.DEBUG and x.flags.c_contiguous else False
-    if f:
-        return f(x)
+    return (p.fast.get(key) or _prepared(p.fast, key, _permute_generic, _permute_fn, p))(x)
+
+
+def _permute_generic(x, p):
     out = collectives.empty(x, x.shape)
     if not p.srcs:
         out[...] = 0
     _exchange(p.name, x, [(d, x) for d in p.dsts], [(s, out) for s in p.srcs], p.g, p.detail)
-    if f is None:  # the first call: the generic path made the communicator
-        p.fast[key] = _permute_fn(x, p) or False
     return out
 
 

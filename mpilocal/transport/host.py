@@ -143,15 +143,20 @@ def p2p(comm, sends, recvs):
         (dst, sb), (src, rb) = sends[0], recvs[0]
         comm.Sendrecv([sb, MPI.BYTE], dst, _P2P_TAG, [rb, MPI.BYTE], src, _P2P_TAG)
         return
-    reqs, nth = [], {}
-    for p, b in recvs:
-        k = nth[p] = nth.get(p, -1) + 1
-        reqs.append(comm.Irecv([b, MPI.BYTE], source=p, tag=_P2P_TAG + k))
-    nth = {}
-    for p, b in sends:
-        k = nth[p] = nth.get(p, -1) + 1
-        reqs.append(comm.Isend([b, MPI.BYTE], dest=p, tag=_P2P_TAG + k))
+    reqs = [comm.Irecv([b, MPI.BYTE], source=p, tag=t) for (p, b), t in zip(recvs, _tags(recvs))]
+    reqs += [comm.Isend([b, MPI.BYTE], dest=p, tag=t) for (p, b), t in zip(sends, _tags(sends))]
     MPI.Request.Waitall(reqs)
+
+
+def _tags(msgs) -> list:
+    """The tag of each message (``[(peer, ...)]``) of :func:`p2p`: the k-th to or from one peer
+    carries ``_P2P_TAG + k``, so two ranks' messages match in list order (the single-pair
+    ``Sendrecv`` uses ``_P2P_TAG`` too)."""
+    nth, tags = {}, []
+    for m in msgs:
+        k = nth[m[0]] = nth.get(m[0], -1) + 1
+        tags.append(_P2P_TAG + k)
+    return tags
 
 
 # ------------------------------------------------------------------------------------------------
@@ -670,10 +675,9 @@ class HostTransport:
         sbuf, rbuf = np.empty(ns, np.uint8), np.empty(nr, np.uint8)
         reqs, cin, cout = [], [], []
         for msgs, buf, init, io in ((recvs, rbuf, comm.Recv_init, cout), (sends, sbuf, comm.Send_init, cin)):
-            nth, at = {}, 0
-            for p, slot, off, n in msgs:
-                k = nth[p] = nth.get(p, -1) + 1
-                reqs.append(init([buf[at:at + n], MPI.BYTE], p, _P2P_TAG + k))
+            at = 0
+            for (p, slot, off, n), tag in zip(msgs, _tags(msgs)):
+                reqs.append(init([buf[at:at + n], MPI.BYTE], p, tag))
                 io.append((slot, off, off + n, buf[at:at + n]))
                 at += n
         _keep_requests(group, reqs)
