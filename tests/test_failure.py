@@ -48,14 +48,18 @@ JOBS_AT_ONCE = max(1, 4 // W)  # jobs running at once, over all ranks: 4
 LEFT = r"\[rank \d\] mpilocal: rank \d left the program \(({})\)"
 OPEN_MPI = "Open MPI" in MPI.Get_library_version()
 FAR = {"MPILOCAL_TIMEOUT": 60, "MPILOCAL_EXIT_TIMEOUT": 60}  # deadlines out of the way
+# jobs whose subject is not the deadline: a 1 s deadline also times the ranks' start-up skew (the first
+# settle of the leave channel waits for every rank's import), and 4 jobs starting at once on 2 cores
+# from a fresh clone (no .pyc yet) start more than 1 s apart: Open MPI 4.1 runs failed 3-5 of 5
+STARTUP = {"MPILOCAL_TIMEOUT": 30}
 
 
 # ------------------------------------------------------------------------------------------------
 # the jobs: name -> (ranks, arguments after python, environment)
 # ------------------------------------------------------------------------------------------------
 JOBS = {
-    "raise plain": (3, ["raise_mid_collective.py"], {}),
-    "raise run": (3, ["-m", "mpilocal.run", "raise_mid_collective.py"], {}),
+    "raise plain": (3, ["raise_mid_collective.py"], STARTUP),
+    "raise run": (3, ["-m", "mpilocal.run", "raise_mid_collective.py"], STARTUP),
     "import plain": (2, ["import_error.py"], {}),
     "import run": (2, ["-m", "mpilocal.run", "import_error.py"], {}),
     "sys.exit run": (3, ["-m", "mpilocal.run", "exit_early.py", "3"], {}),
@@ -82,7 +86,7 @@ for _case, (_args, _, _) in NATURAL_MISTAKES.items():
         JOBS[f"{_case} at {_n} ranks"] = (_n, _args, FAR)
 # issue 9, item 8: every abort case, repeated; each job must print its message
 ABORT_CASES = {
-    "exception": (["raise_mid_collective.py"], {}, r"\[rank 1\] ValueError: boom on purpose"),
+    "exception": (["raise_mid_collective.py"], STARTUP, r"\[rank 1\] ValueError: boom on purpose"),
     "deadline": (["skip_collective.py"], {}, r"did not complete within 1 s"),
     "debug deadline": (["skip_collective.py"], {"MPILOCAL_DEBUG": 1}, r"did not complete within 1 s"),
     "leave": (["leave_full_tensor.py"], FAR, r"rank 1 left the program"),
@@ -120,11 +124,28 @@ def _cmd(n, args):
 _RUNNING = set()  # jobs in flight: killed (with their process group) when this module's tests end
 
 
-def _kill(p):
+GRACE = 5.0  # seconds between SIGTERM and SIGKILL when a job is ended from outside
+
+
+def _signal(p, sig):
     try:
-        os.killpg(p.pid, signal.SIGKILL)
+        os.killpg(p.pid, sig)
     except OSError:
         pass
+
+
+def _kill(procs):
+    """End jobs as a batch system does: SIGTERM to each process group, SIGKILL to those still running
+    ``GRACE`` s later. (A plain SIGKILL leaves MPICH's /dev/shm segment behind: one per job, in memory
+    until reboot.) Their output is read by the threads that run them."""
+    for p in procs:
+        _signal(p, signal.SIGTERM)
+    t_end = time.time() + GRACE
+    while time.time() < t_end and any(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            _signal(p, signal.SIGKILL)
 
 
 def run_job(n, args, env, timeout=JOB_TIMEOUT):
@@ -138,8 +159,12 @@ def run_job(n, args, env, timeout=JOB_TIMEOUT):
         out, _ = p.communicate(timeout=timeout)
         rc = p.returncode
     except subprocess.TimeoutExpired:
-        _kill(p)
-        out, _ = p.communicate()
+        _signal(p, signal.SIGTERM)
+        try:
+            out, _ = p.communicate(timeout=GRACE)
+        except subprocess.TimeoutExpired:
+            _signal(p, signal.SIGKILL)
+            out, _ = p.communicate()
         rc = None
     finally:
         _RUNNING.discard(p)
@@ -189,8 +214,7 @@ def _no_jobs_left_behind():
     yield
     if _JOBS:
         _JOBS[0].pool.shutdown(wait=False, cancel_futures=True)
-    for p in list(_RUNNING):
-        _kill(p)
+    _kill(list(_RUNNING))
 
 
 @pytest.fixture
@@ -223,6 +247,18 @@ def test_rank_raises_mid_collective(jobs, job):
     # the ranks waiting for rank 1 say where they wait (the leave channel)
     assert re.search(r"\[rank [02]\] mpilocal: rank 1 is ending the job \(uncaught ValueError: boom on purpose at "
                      r"raise_mid_collective\.py:\d+\); this rank was waiting in .*all_reduce", out), out[-3000:]
+    assert_segments_released(out)
+
+
+def assert_segments_released(out):
+    """The MPICH node segments the job's ranks printed (``SHM path``, tests/failure_cases/shm_names.py)
+    are gone from /dev/shm once the job has ended by MPI_Abort or a signal (README, "No memory left
+    behind"). Open MPI prints none: it removes its own."""
+    names = set(re.findall(r"SHM (/dev/shm/mpich_shm_[0-9a-f]+_\d+)", out))  # two ranks' lines may be joined
+    if not OPEN_MPI:
+        assert names, "the job printed no MPICH segment names:\n" + out[-3000:]
+    left = sorted(n for n in names if os.path.exists(n))
+    assert not left, f"the ended job left {left} in /dev/shm"
 
 
 @pytest.mark.parametrize("job", ["import plain", "import run"])
@@ -328,6 +364,31 @@ def test_abort_messages_are_never_lost(jobs):
     assert not bad, f"messages {counts} of {REPEAT} each; first bad job: {bad[0]}"
 
 
+def test_an_ending_rank_waits_until_its_report_is_read():
+    """A rank that ends the job waits until the launcher has read its stderr pipe before MPI_Abort
+    (README, "No lost messages"): one process writes a report, then ``deadline._before_end()`` and
+    says DONE on stdout; DONE must not come before this test reads the report pipe."""
+    import select
+
+    code = ("from mpilocal import deadline\n"
+            "deadline._emit('report ' * 2000)\n"
+            "deadline._before_end()\n"
+            "print('DONE', flush=True)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, env=_clean_env())
+    try:
+        early, _, _ = select.select([p.stdout], [], [], 1.5)  # the report sits unread in the pipe
+        assert not early, "the rank went on before its report was read: " + p.stdout.read(64).decode()
+        report = p.stderr.read1(1 << 20)
+        out, err = p.communicate(timeout=60)
+        assert (report + err).decode().startswith("report report"), (report + err)[:200]
+        assert out.decode().strip() == "DONE" and p.returncode == 0, (out, err[-2000:])
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 # -- 7. Ctrl-C (issue 9, item 7) -----------------------------------------------------------------------
 def _cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
@@ -403,6 +464,7 @@ def test_sigterm_to_a_rank_blocked_in_a_collective_says_where_it_waits(jobs, job
     assert rc != 0, out[-3000:]
     assert re.search(r"\[rank 0\] mpilocal: terminated \(SIGTERM\) while waiting in .*all_gather_tensor.* on group "
                      r"of world ranks \[0, 1\].*\n\[rank 0\] this rank is waiting at:", out), out[-3000:]
+    assert_segments_released(out)
 
 
 @pytest.mark.parametrize("job", ["Ctrl-C"])

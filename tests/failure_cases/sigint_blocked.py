@@ -10,10 +10,12 @@ from mpi4py import MPI
 
 import mpilocal
 import mpilocal.functional as funcol
+from shm_names import print_segments
 
 rank = MPI.COMM_WORLD.Get_rank()
 mesh = mpilocal.init_device_mesh("cpu", (MPI.COMM_WORLD.Get_size(),))
 funcol.all_reduce(np.ones(4), "sum", mesh)
+print_segments()
 print(f"PID {rank} {os.getpid()}", flush=True)
 if rank == 1:
     time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 60)  # "still computing"
