@@ -30,7 +30,7 @@ from mpi4py import MPI
 
 from .. import _pool, deadline
 from ..names import op_tables
-from . import count_limit, counts_key, displs, equal_counts, issuing, register_release_hook
+from . import count_limit, counts_key, detect, displs, equal_counts, issuing, register_release_hook
 
 __all__ = ["HostTransport", "narrow_sums_saturate", "p2p", "alltoallw_allgatherv", "alltoallw_scatterv",
            "dims_unit", "dims_pieces", "dims_mode", "dims_bound"]
@@ -44,7 +44,7 @@ _NARROW = {np.dtype(np.int8): np.int32, np.dtype(np.uint8): np.uint32,
 def narrow_sums_saturate() -> bool:
     """Whether this MPI's sums of 8/16-bit integers may saturate (Open MPI's AVX op component).
     From the library's name only, so the answer is the same on every rank of a job."""
-    return "open mpi" in MPI.Get_library_version().lower()
+    return "open mpi" in detect.mpi_library_name().lower()
 
 
 _SATURATES = narrow_sums_saturate()
@@ -398,7 +398,7 @@ def dims_bound(shape, itemsize, a, b, src_sizes, dst_sizes) -> int:
 
 
 _FORCE_MODE = [None]  # tests: cover both modes on any MPI
-_MPICH = "mpich" in MPI.Get_library_version().lower()  # the library's name: the same on every rank
+_MPICH = "mpich" in detect.mpi_library_name().lower()  # the library's name: the same on every rank
 
 
 def _dims_plan(shape, itemsize, a, b, src_sizes, dst_sizes, me, nbytes_in, nbytes_out):
