@@ -90,12 +90,23 @@ class Watchdog:
                                  f"{self.timeout:g} s; ending the job. Stacks of rank {RANK}:\n")
                 sys.stderr.flush()
                 faulthandler.dump_traceback(all_threads=True)
-                time.sleep(1.0)  # let the launcher forward the report
-                COMM.Abort(124)
-                os._exit(124)
+                _end_job(124, f"bench_checkpoint: step {step!r} ran longer than --timeout {self.timeout:g} s")
 
 
 WATCHDOG: Watchdog | None = None
+
+
+def _end_job(code: int, where: str) -> None:
+    """End the whole job with ``code`` through mpilocal's abort (the report read by the launcher, the
+    other ranks told, MPICH's /dev/shm segment released: README, "No lost messages"); plain
+    MPI_Abort where mpilocal cannot be imported. Never returns."""
+    try:
+        from mpilocal import deadline
+    except BaseException:
+        time.sleep(1.0)
+        COMM.Abort(code)
+        os._exit(code)
+    deadline.abort(code, "", where)
 
 
 class StepError(RuntimeError):
@@ -519,6 +530,5 @@ if __name__ == "__main__":
         traceback.print_exc()
         sys.stderr.flush()
         if N > 1:
-            time.sleep(0.5)
-            COMM.Abort(4)
+            _end_job(4, f"bench_checkpoint: {traceback.format_exc().strip().splitlines()[-1]}")
         raise

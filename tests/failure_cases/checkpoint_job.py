@@ -266,6 +266,7 @@ def main():
             print(f"LOADED OK at {n} ranks, {len(load_layouts(n))} layouts", flush=True)
     elif cmd == "crash":
         from mpilocal.checkpoint import _format
+        from shm_names import print_segments
 
         mesh = init_device_mesh("cpu", (n,))
         small = {"w": distribute_tensor(np.arange(12.0).reshape(4, 3), mesh, [Shard(0)], src_data_rank=None),
@@ -275,6 +276,7 @@ def main():
         if rank == 1:
             def kill(path_, offset, nbytes):
                 if offset >= (16 << 20):   # in the middle of this rank's 64 MiB
+                    print_segments()  # the test removes them: kill -9 leaves MPICH's behind
                     print("KILLING rank 1", flush=True)
                     os.kill(os.getpid(), signal.SIGKILL)
             _format.fault_hook = kill
