@@ -481,15 +481,13 @@ def prepared_sendrecv(name, like, sent, sends, recvs, g: Group, **detail):
     """:func:`sendrecv` of fixed messages, prepared: ``f(*arrays)`` issues them on the arrays'
     pointers (``sends`` / ``recvs``: ``[(group rank, slot, byte offset, nbytes)]`` in
     ``arrays[slot]``, messages to this rank itself included), or None where ``like``'s transport
-    has no prepared send/recv for them (then :func:`sendrecv`). Made after a generic call of the same
+    has no prepared send/recv (then :func:`sendrecv`). Made after a generic call of the same
     messages (the transport's communicator exists); callers keep :func:`sendrecv` under
     ``MPILOCAL_DEBUG=1``, which fingerprints the transport's call."""
     fn = getattr(transport_for(like, "sendrecv"), "sendrecv_fn", None)
     if fn is None:
         return None
     run = fn(sends, recvs, g)
-    if run is None:  # (e.g. the host transport's, for large messages)
-        return None
 
     def fast(*arrays):
         with issue(name, sent, g, **detail):

@@ -979,7 +979,7 @@ def _permute_fn(x, p):
     """The prepared :func:`permute_raw` of plan ``p`` for arrays like ``x`` (C-contiguous): a new
     array, then one prepared transport call on the two arrays (a pair of this rank with itself: a
     copy inside the NCCL group, a NumPy copy on the host); or None (one rank, a transport without a
-    prepared send/recv, large NumPy messages)."""
+    prepared send/recv)."""
     g = p.g
     host = type(x) is np.ndarray
     if g.size == 1 or not (host or _arrays.is_cupy(x)):
