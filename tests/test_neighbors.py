@@ -957,3 +957,43 @@ def test_heat2d_example_matches_numpy(tmp_path, capsys):
         ck(png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "no PNG written")
         ck("max |error| vs NumPy" in out, out)
     ck.done()
+
+
+@pytest.mark.parametrize("boundary", ["periodic", -1.0])
+def test_loops_with_contiguous_and_strided_arrays_on_different_ranks(boundary):
+    """From the second call, even ranks pass C-contiguous arrays (the prepared exchange) and odd ranks
+    Fortran-order copies (the generic path): each rank's choice is its own, so the two paths must
+    move the same messages. halo_exchange along dims 0 and 1, halo_update, permute: np.pad /
+    ppermute bit for bit."""
+    mesh = mesh1d()
+    N = 4 * W - 1
+    o, n = chunk(N, W, RANK)
+    strided = RANK % 2 == 1
+    ck = Check()
+    for d in (0, 1):
+        shape = (N, 6) if d == 0 else (5, N)
+        for k in range(4):
+            full = data(shape, seed=70 + k)
+            idx = [slice(None)] * 2
+            idx[d] = slice(o, o + n)
+            local = full[tuple(idx)]
+            local = np.asfortranarray(local) if strided and k else np.ascontiguousarray(local)
+            want = oracle(full, d, o, n, 2, boundary)
+            got = fc.halo_exchange(to_device(local), mesh, d, 2, boundary)
+            ck(np.array_equal(to_host(got), want, equal_nan=True), f"halo call {k} d={d} strided={strided}")
+            pad = to_device(np.asfortranarray(want) if strided and k else want.copy())
+            inner = [slice(None)] * 2
+            wl = 2 if (boundary != "none" or RANK > 0) else 0
+            inner[d] = slice(wl, wl + n)
+            pad[tuple(inner)] = pad[tuple(inner)] * 2
+            funcol.halo_update(pad, mesh, d, 2, boundary)
+            ck(np.array_equal(to_host(pad), oracle(full * 2, d, o, n, 2, boundary), equal_nan=True),
+               f"update call {k} d={d} strided={strided}")
+    perm = [(i, (i + 1) % W) for i in range(W)]
+    for k in range(4):
+        mine = _rank_data(RANK) * (k + 1)
+        exp = _rank_data((RANK - 1) % W) * (k + 1)
+        arg = np.asfortranarray(mine) if strided and k else mine
+        got = fc.permute(arg, perm, MPI.COMM_WORLD)
+        ck(np.array_equal(to_host(got), exp, equal_nan=True), f"permute call {k} strided={strided}")
+    ck.done()
